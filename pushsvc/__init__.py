@@ -1,0 +1,14 @@
+"""pushsvc: NATS subjects to authorised WebSocket subscribers.
+
+Public API::
+
+    from pushsvc import create_app, setup_app, Settings, Publisher
+"""
+
+__version__ = "0.1.0"
+
+from .app import Node, create_app, setup_app  # noqa: E402
+from .publisher import Publisher  # noqa: E402
+from .settings import Settings, SettingsError  # noqa: E402
+
+__all__ = ["Node", "Publisher", "Settings", "SettingsError", "__version__", "create_app", "setup_app"]

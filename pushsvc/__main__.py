@@ -1,0 +1,5 @@
+"""``python -m pushsvc``: same as the ``pushsvc`` console script."""
+
+from .cli import main
+
+raise SystemExit(main())

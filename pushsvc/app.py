@@ -1,0 +1,240 @@
+"""Wiring: ``create_app(settings)`` and ``setup_app(app, settings)``.
+
+This is the only module that connects the pieces: bus -> hub -> session. The
+:class:`Node` owns them for one process; its lifespan connects NATS (starting the
+bundled nats-server first when ``PUSHSVC_NATS_URL`` is unset), and on shutdown
+stops accepting, turns readiness false, closes sessions with 1012 and drains NATS.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from importlib import resources
+from typing import Any
+
+from fastapi import APIRouter, FastAPI, Query
+from fastapi.responses import FileResponse, JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.routing import WebSocketRoute
+
+from . import __version__
+from .auth import Authenticator, mint_token
+from .bus import Bus, Unavailable
+from .channels import InvalidChannel, validate_grant
+from .embedded import EmbeddedNats
+from .emit import emit_router
+from .endpoint import WebSocketEndpoint
+from .history import history_router
+from .hub import Hub
+from .logs import install_redaction
+from .protocol import CLOSE_SERVICE_RESTART
+from .ratelimit import BucketRegistry
+from .settings import Settings
+
+log = logging.getLogger("pushsvc")
+
+
+class Node:
+    """One pushsvc node: bus, hub, authenticator and limits for this process.
+
+    Attributes:
+        ready: True once NATS is connected and until shutdown starts.
+        embedded: the bundled nats-server when this node started one.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        if settings.dev and settings.jwt_secret is None and settings.jwt_public_key is None:
+            settings.jwt_secret = secrets.token_urlsafe(32)
+        self.settings = settings
+        self.auth = Authenticator(settings)
+        self.bus = Bus(settings, on_message=self._dispatch, on_control=self._control)
+        self.hub = Hub(self.bus)
+        self.command_buckets = BucketRegistry(settings.command_rate, settings.command_burst)
+        self.emit_buckets = BucketRegistry(settings.emit_rate, settings.emit_burst)
+        self.embedded: EmbeddedNats | None = None
+        self.draining = False
+        self.started = False
+
+    def _dispatch(self, channel: str, payload: bytes, seq: int | None) -> None:
+        self.hub.dispatch(channel, payload, seq)
+
+    def _control(self, payload: bytes) -> None:
+        self.hub.control(payload)
+
+    @property
+    def ready(self) -> bool:
+        """Ready to take traffic: started, NATS connected, not draining."""
+        return self.started and not self.draining and self.bus.is_connected
+
+    def accepting(self) -> bool:
+        """New WebSocket handshakes are accepted (False while draining)."""
+        return not self.draining
+
+    async def start(self) -> None:
+        """Start the bundled NATS if needed, then connect the bus.
+
+        Raises:
+            Unavailable: NATS not reachable within ``connect_timeout`` seconds.
+        """
+        if self.settings.nats_url is None:
+            self.embedded = EmbeddedNats(data_dir=self.settings.data_dir)
+            await asyncio.to_thread(self.embedded.start)
+            self.settings.nats_url = self.embedded.url
+            log.info("started bundled nats-server at %s", self.embedded.url)
+        await self.bus.start()
+        self.started = True
+
+    async def stop(self) -> None:
+        """Graceful drain: refuse new sessions, close open ones with 1012, drain NATS."""
+        self.draining = True
+        self.hub.close_all(CLOSE_SERVICE_RESTART, "service restart")
+        await asyncio.sleep(0.05)  # let close frames go out
+        await self.hub.wait_idle()
+        await self.bus.close()
+        if self.embedded is not None:
+            await asyncio.to_thread(self.embedded.cleanup)
+            self.embedded = None
+
+    @asynccontextmanager
+    async def lifespan(self) -> AsyncIterator[None]:
+        """Run the node for the duration of the block."""
+        await self.start()
+        try:
+            yield
+        finally:
+            await self.stop()
+
+    def router(self) -> APIRouter:
+        """All HTTP and WebSocket routes of the node (paths relative to the base path)."""
+        settings = self.settings
+        router = APIRouter()
+        endpoint = WebSocketEndpoint(
+            settings, self.hub, self.auth, self.command_buckets, self.accepting
+        )
+        router.routes.append(WebSocketRoute("/ws", endpoint))
+        router.include_router(emit_router(settings, self.hub, self.auth, self.emit_buckets))
+        router.include_router(history_router(settings, self.bus, self.auth))
+
+        @router.get("/healthz")
+        async def healthz() -> dict[str, Any]:
+            """Liveness: the process serves HTTP."""
+            return {"status": "ok", "version": __version__}
+
+        @router.get("/readyz")
+        async def readyz() -> JSONResponse:
+            """Readiness: NATS connected and not draining (503 otherwise)."""
+            body = {
+                "ready": self.ready,
+                "nats": self.bus.is_connected,
+                "draining": self.draining,
+                "history": self.bus.history_enabled,
+                "connections": len(self.hub.sessions),
+            }
+            return JSONResponse(body, status_code=200 if self.ready else 503)
+
+        @router.get("/metrics")
+        async def metrics_endpoint() -> Response:
+            """Prometheus metrics."""
+            return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+        @router.get("/static/pushsvc.js")
+        async def client_js() -> FileResponse:
+            """The browser client."""
+            return FileResponse(_static("pushsvc.js"), media_type="text/javascript")
+
+        if settings.dev:
+
+            @router.get("/")
+            async def index() -> FileResponse:
+                """Demo page (dev mode only)."""
+                return FileResponse(_static("index.html"), media_type="text/html")
+
+            @router.get("/dev/token")
+            async def dev_token(
+                user: str = Query("dev", min_length=1, max_length=64),
+                channels: str = Query(">"),
+                publish: str = Query(">"),
+                ttl: int = Query(3600, ge=1, le=86400),
+            ) -> JSONResponse:
+                """Mint a token (dev mode only; never enabled without ``--dev``)."""
+                try:
+                    grants = [validate_grant(c) for c in channels.split(",") if c]
+                    pub = [validate_grant(c) for c in publish.split(",") if c]
+                except InvalidChannel as exc:
+                    return JSONResponse({"error": "bad_request", "message": str(exc)}, 400)
+                token = self.dev_token(user, grants, pub, ttl)
+                return JSONResponse({"token": token, "user": user, "ttl": ttl})
+
+        return router
+
+    def dev_token(self, user: str, channels: list[str], publish: list[str], ttl: int) -> str:
+        """Mint a token with the node's secret (dev mode, tests)."""
+        return mint_token(
+            self.settings.jwt_secret or "",
+            user,
+            channels=channels,
+            publish=publish,
+            ttl=ttl,
+            audience=self.settings.jwt_audience,
+            issuer=self.settings.jwt_issuer,
+        )
+
+
+def _static(name: str) -> str:
+    return str(resources.files("pushsvc") / "static" / name)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """A standalone pushsvc ASGI app.
+
+    Args:
+        settings: defaults to :meth:`Settings.load` (``PUSHSVC_*`` environment).
+
+    Returns:
+        A FastAPI app; ``app.state.pushsvc`` is its :class:`Node`.
+
+    Raises:
+        SettingsError: invalid configuration (when loading from the environment).
+    """
+    settings = settings or Settings.load()
+    app = FastAPI(title="pushsvc", version=__version__, docs_url=None, redoc_url=None)
+    setup_app(app, settings, prefix=settings.base_path)
+    return app
+
+
+def setup_app(app: FastAPI, settings: Settings, prefix: str = "") -> Node:
+    """Mount pushsvc's routes into an existing FastAPI app under ``prefix``.
+
+    The node starts and stops with the app's lifespan (wrapped around the app's
+    own lifespan, so user startup code sees a connected node).
+
+    Args:
+        app: the host application.
+        settings: pushsvc settings.
+        prefix: base path, e.g. ``"/push"`` (``""`` for the root).
+
+    Returns:
+        The :class:`Node` (also at ``app.state.pushsvc``).
+    """
+    install_redaction()
+    node = Node(settings)
+    app.include_router(node.router(), prefix=prefix)
+    app.state.pushsvc = node
+    inner = app.router.lifespan_context
+
+    @asynccontextmanager
+    async def lifespan(a: Any) -> AsyncIterator[Any]:
+        try:
+            async with node.lifespan():
+                async with inner(a) as state:
+                    yield state
+        except Unavailable as exc:
+            log.error("pushsvc cannot start: %s", exc)
+            raise
+
+    app.router.lifespan_context = lifespan
+    return node

@@ -1,0 +1,232 @@
+"""JWT verification: token -> :class:`Principal`, plus a bounded verified-token cache.
+
+Rules (RFC 7519, RFC 8725 "JWT Best Current Practices"):
+
+- algorithms are pinned by configuration (``PUSHSVC_JWT_ALGORITHMS``; default
+  HS256 with ``PUSHSVC_JWT_SECRET``, RS256/ES256 with ``PUSHSVC_JWT_PUBLIC_KEY``);
+  ``alg: none`` and HS/asymmetric mixing are never accepted (RFC 8725 3.1, 3.2);
+- ``exp`` and ``sub`` are required; ``nbf``/``iat`` are honoured; ``aud`` and
+  ``iss`` are checked when configured (RFC 8725 3.9, 3.10); ``leeway`` seconds of
+  clock skew are tolerated (default 30);
+- unknown ``crit`` header parameters are rejected (RFC 7515 4.1.11, PyJWT);
+- ``kid``/``jku``/``x5u`` never trigger a fetch: keys come only from settings.
+
+Verification is PyJWT's; this module adds the claim shapes and the cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections import OrderedDict
+from typing import Any
+
+import jwt
+import msgspec
+
+from .channels import InvalidChannel, any_grant_matches, personal_channel, validate_grant
+from .settings import Settings
+
+
+class AuthError(Exception):
+    """The token is missing, malformed, expired or not signed by a trusted key.
+
+    ``str(exc)`` is a reason safe to show a client (it never contains the token).
+    """
+
+
+class Principal(msgspec.Struct, frozen=True):
+    """Who a verified token speaks for.
+
+    Attributes:
+        sub: the user id (JWT ``sub``).
+        exp: expiry, Unix seconds (JWT ``exp``); ``inf`` for API keys.
+        channels: subscribe grants (NATS wildcard patterns).
+        publish: publish grants (NATS wildcard patterns).
+        jti: token id (JWT ``jti``) or None; used for revocation.
+    """
+
+    sub: str
+    exp: float
+    channels: tuple[str, ...] = ()
+    publish: tuple[str, ...] = ()
+    jti: str | None = None
+
+    def can_subscribe(self, channel: str) -> bool:
+        """True when a grant covers ``channel`` or it is the user's personal channel."""
+        return channel == personal_channel(self.sub) or any_grant_matches(self.channels, channel)
+
+    def can_publish(self, channel: str) -> bool:
+        """True when a ``publish`` grant covers ``channel``."""
+        return any_grant_matches(self.publish, channel)
+
+
+class Authenticator:
+    """Verifies tokens with the configured key, caching verified ones.
+
+    Args:
+        settings: uses ``jwt_secret``/``jwt_public_key``, ``algorithms()``,
+            ``jwt_audience``, ``emit_audience``, ``jwt_issuer``, ``jwt_leeway``
+            (seconds), ``token_cache_size`` and ``api_keys``.
+
+    The cache maps SHA-256(token) -> Principal and is bounded (LRU,
+    ``token_cache_size`` entries). A cached entry is only used while
+    ``now < exp + leeway``, so a cached token stops being accepted at its expiry
+    exactly as an uncached one would.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.algorithms = settings.algorithms()
+        if settings.jwt_public_key is not None:
+            with open(settings.jwt_public_key) as f:
+                self._key: Any = f.read()
+        else:
+            self._key = settings.jwt_secret or ""
+        self.leeway = settings.jwt_leeway
+        self._cache: OrderedDict[tuple[bytes, str], Principal] = OrderedDict()
+        self._cache_size = settings.token_cache_size
+        self._api_keys: dict[str, str] = {}
+        for i, entry in enumerate(settings.api_keys):
+            key_id, sep, key = entry.rpartition(":")
+            self._api_keys[key if sep else entry] = key_id if sep else f"key{i}"
+        self.cache_hits = 0
+
+    def verify(self, token: object, *, purpose: str = "connect") -> Principal:
+        """Verify a connection (``purpose="connect"``) or emit (``"emit"``) token.
+
+        Returns:
+            The :class:`Principal`.
+
+        Raises:
+            AuthError: with a client-safe reason.
+        """
+        if not isinstance(token, str) or not token:
+            raise AuthError("missing token")
+        if len(token) > 8192:
+            raise AuthError("token too large")
+        key = (hashlib.sha256(token.encode()).digest(), purpose)
+        cached = self._cache.get(key)
+        if cached is not None:
+            if time.time() < cached.exp + self.leeway:
+                self._cache.move_to_end(key)
+                self.cache_hits += 1
+                return cached
+            del self._cache[key]
+            raise AuthError("token expired")
+        principal = self._decode(token, purpose)
+        self._cache[key] = principal
+        if len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+        return principal
+
+    def verify_emit(self, credential: str) -> Principal:
+        """Verify an emit credential: a configured API key or a JWT.
+
+        An API key yields a principal ``apikey:<id>`` allowed to publish anywhere.
+
+        Raises:
+            AuthError: unknown key or invalid token.
+        """
+        key_id = self._api_keys.get(credential)
+        if key_id is not None:
+            return Principal(sub=f"apikey:{key_id}", exp=float("inf"), publish=(">",))
+        return self.verify(credential, purpose="emit")
+
+    def expires_in(self, principal: Principal) -> float:
+        """Seconds until the session must close: ``exp + leeway - now`` (may be <= 0)."""
+        return principal.exp + self.leeway - time.time()
+
+    def _decode(self, token: str, purpose: str) -> Principal:
+        audience = self.settings.jwt_audience
+        if purpose == "emit" and self.settings.emit_audience is not None:
+            audience = self.settings.emit_audience
+        try:
+            claims = jwt.decode(
+                token,
+                self._key,
+                algorithms=self.algorithms,
+                audience=audience,
+                issuer=self.settings.jwt_issuer,
+                leeway=self.leeway,
+                options={"require": ["exp", "sub"]},
+            )
+        except jwt.ExpiredSignatureError:
+            raise AuthError("token expired") from None
+        except jwt.ImmatureSignatureError:
+            raise AuthError("token not yet valid") from None
+        except jwt.InvalidAudienceError:
+            raise AuthError("token audience not accepted") from None
+        except jwt.InvalidIssuerError:
+            raise AuthError("token issuer not accepted") from None
+        except jwt.MissingRequiredClaimError as exc:
+            raise AuthError(f"token lacks required claim {exc.claim!r}") from None
+        except jwt.InvalidAlgorithmError:
+            raise AuthError("token algorithm not accepted") from None
+        except jwt.InvalidSignatureError:
+            raise AuthError("token signature invalid") from None
+        except (jwt.InvalidTokenError, ValueError, TypeError):
+            raise AuthError("token invalid") from None
+        sub = claims.get("sub")
+        if not isinstance(sub, str) or not sub or len(sub) > 128:
+            raise AuthError("token 'sub' must be a non-empty string")
+        jti = claims.get("jti")
+        try:
+            return Principal(
+                sub=sub,
+                exp=float(claims["exp"]),
+                channels=_grants(claims.get("channels")),
+                publish=_grants(claims.get("publish")),
+                jti=jti if isinstance(jti, str) else None,
+            )
+        except InvalidChannel as exc:
+            raise AuthError(f"token grant invalid: {exc}") from None
+
+
+def _grants(value: object) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list):
+        raise InvalidChannel("grants must be a list of strings")
+    return tuple(validate_grant(v) for v in value)
+
+
+def mint_token(
+    secret: str,
+    sub: str,
+    *,
+    channels: list[str] | None = None,
+    publish: list[str] | None = None,
+    ttl: float = 3600.0,
+    algorithm: str = "HS256",
+    audience: str | None = None,
+    issuer: str | None = None,
+    jti: str | None = None,
+    extra: dict[str, Any] | None = None,
+) -> str:
+    """Mint a JWT for ``sub`` valid ``ttl`` seconds (used by ``pushsvc token`` and tests).
+
+    Args:
+        secret: HS* shared secret, or a PEM private key for RS*/ES*.
+        channels / publish: grant patterns (validated).
+
+    Raises:
+        InvalidChannel: a grant is malformed.
+    """
+    now = int(time.time())
+    claims: dict[str, Any] = {"sub": sub, "iat": now, "exp": now + int(ttl)}
+    if channels:
+        claims["channels"] = [validate_grant(c) for c in channels]
+    if publish:
+        claims["publish"] = [validate_grant(c) for c in publish]
+    if audience:
+        claims["aud"] = audience
+    if issuer:
+        claims["iss"] = issuer
+    if jti:
+        claims["jti"] = jti
+    if extra:
+        claims.update(extra)
+    return jwt.encode(claims, secret, algorithm=algorithm)

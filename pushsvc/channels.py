@@ -1,0 +1,113 @@
+"""Channel grammar, grant patterns and the channel <-> NATS subject mapping.
+
+A *channel* is 1..128 characters of dot-separated tokens, each token one or more
+of ``[A-Za-z0-9_-]`` (wire contract v1). Channels never contain wildcards, so a
+channel name can never widen a NATS subscription. A channel ``C`` lives on the
+NATS subject ``<prefix>.C``.
+
+A *grant* (JWT ``channels`` / ``publish`` claims) is a channel pattern with NATS
+wildcard semantics (NATS docs, "Subject-Based Messaging: Wildcards"): ``*``
+matches exactly one token, ``>`` matches one or more trailing tokens and may
+only be the last token.
+"""
+
+from __future__ import annotations
+
+import re
+from functools import lru_cache
+
+MAX_CHANNEL_LENGTH = 128
+
+_TOKEN = r"[A-Za-z0-9_-]+"
+_CHANNEL_RE = re.compile(rf"{_TOKEN}(?:\.{_TOKEN})*")
+_GRANT_TOKEN_RE = re.compile(r"[A-Za-z0-9_-]+|\*|>")
+
+#: First tokens that are reserved by NATS conventions and never valid channels.
+RESERVED_FIRST_TOKENS = frozenset({"_INBOX", "_R_", "_JS"})
+
+
+class InvalidChannel(ValueError):
+    """A channel name or grant breaks the grammar. ``str(exc)`` is safe to show a client."""
+
+
+def validate_channel(name: object) -> str:
+    """Return ``name`` if it is a valid channel, else raise.
+
+    Args:
+        name: candidate channel (any type; non-strings are rejected).
+
+    Raises:
+        InvalidChannel: not a string, empty, longer than 128 characters, has an
+            empty token, a wildcard, a ``$``, whitespace/control characters, or a
+            reserved first token (``_INBOX``...).
+    """
+    if not isinstance(name, str):
+        raise InvalidChannel("channel must be a string")
+    if not name:
+        raise InvalidChannel("channel must not be empty")
+    if len(name) > MAX_CHANNEL_LENGTH:
+        raise InvalidChannel(f"channel longer than {MAX_CHANNEL_LENGTH} characters")
+    if _CHANNEL_RE.fullmatch(name) is None:
+        raise InvalidChannel(
+            "channel must be dot-separated tokens of [A-Za-z0-9_-] (no wildcards, no '$')"
+        )
+    if name.split(".", 1)[0] in RESERVED_FIRST_TOKENS:
+        raise InvalidChannel("channel uses a reserved NATS prefix")
+    return name
+
+
+def validate_grant(pattern: str) -> str:
+    """Return ``pattern`` if it is a valid grant, else raise :class:`InvalidChannel`."""
+    if not isinstance(pattern, str) or not pattern or len(pattern) > MAX_CHANNEL_LENGTH:
+        raise InvalidChannel("grant must be a non-empty string of at most 128 characters")
+    tokens = pattern.split(".")
+    for i, token in enumerate(tokens):
+        if _GRANT_TOKEN_RE.fullmatch(token) is None:
+            raise InvalidChannel(f"invalid grant token {token!r}")
+        if token == ">" and i != len(tokens) - 1:
+            raise InvalidChannel("'>' must be the last token of a grant")
+    return pattern
+
+
+@lru_cache(maxsize=4096)
+def grant_matches(pattern: str, channel: str) -> bool:
+    """True when the grant ``pattern`` covers ``channel`` (NATS wildcard rules).
+
+    >>> grant_matches("chat.*", "chat.room1"), grant_matches("chat.*", "chat.a.b")
+    (True, False)
+    >>> grant_matches("chat.>", "chat.a.b"), grant_matches("chat.>", "chat")
+    (True, False)
+    """
+    p_tokens = pattern.split(".")
+    c_tokens = channel.split(".")
+    for i, p in enumerate(p_tokens):
+        if p == ">":
+            return len(c_tokens) > i
+        if i >= len(c_tokens):
+            return False
+        if p != "*" and p != c_tokens[i]:
+            return False
+    return len(p_tokens) == len(c_tokens)
+
+
+def any_grant_matches(patterns: tuple[str, ...], channel: str) -> bool:
+    """True when any of ``patterns`` covers ``channel``."""
+    return any(grant_matches(p, channel) for p in patterns)
+
+
+def subject_for(prefix: str, channel: str) -> str:
+    """NATS subject of ``channel``: ``<prefix>.<channel>``."""
+    return f"{prefix}.{channel}"
+
+
+def channel_for(prefix: str, subject: str) -> str | None:
+    """Channel carried by ``subject`` under ``prefix``, or None if it is not one of ours."""
+    head = prefix + "."
+    if subject.startswith(head):
+        return subject[len(head) :]
+    return None
+
+
+def personal_channel(sub: str) -> str:
+    """The personal channel of user ``sub``: ``user.<sub>``."""
+    return f"user.{sub}"

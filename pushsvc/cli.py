@@ -1,0 +1,253 @@
+"""Command line: ``pushsvc serve | token | publish | bench``.
+
+Every ``serve`` flag overrides the ``PUSHSVC_*`` variable of the same name;
+errors in configuration print one line naming the setting and exit with 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import secrets
+import sys
+from typing import Any
+
+import msgspec
+
+from . import __version__
+from .settings import ENV_PREFIX, Settings, SettingsError
+
+log = logging.getLogger("pushsvc")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``pushsvc`` console script; returns the exit code."""
+    parser = argparse.ArgumentParser(prog="pushsvc", description="Real-time push over NATS")
+    parser.add_argument("--version", action="version", version=f"pushsvc {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the WebSocket/HTTP server")
+    serve.add_argument("--host", help="listen address (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="listen port (default 8000)")
+    serve.add_argument("--dev", action="store_true", default=None, help="development mode")
+    serve.add_argument("--nats-url", help="NATS URL(s), comma-separated; unset = bundled server")
+    serve.add_argument("--data-dir", help="bundled nats-server store folder (default: temp)")
+    serve.add_argument("--workers", type=int, help="uvicorn worker processes (default 1)")
+    serve.add_argument("--history-ttl", type=float, help="seconds of history (0 = off)")
+    serve.add_argument("--base-path", help="mount routes under this path, e.g. /push")
+    serve.add_argument("--log-level", help="debug|info|warning|error")
+    serve.add_argument(
+        "--ws", default="websockets-sansio", help="uvicorn WebSocket implementation"
+    )
+
+    token = sub.add_parser("token", help="mint a JWT with the configured secret")
+    token.add_argument("--sub", required=True, help="user id (JWT sub)")
+    token.add_argument("--channel", action="append", default=[], help="subscribe grant")
+    token.add_argument("--publish", action="append", default=[], help="publish grant")
+    token.add_argument("--ttl", type=float, default=3600, help="lifetime in seconds")
+    token.add_argument("--secret", help="HS256 secret (default PUSHSVC_JWT_SECRET)")
+    token.add_argument("--private-key", help="PEM private key for RS256/ES256")
+    token.add_argument("--algorithm", help="signing algorithm (default HS256 or RS256)")
+    token.add_argument("--audience", help="aud claim (default PUSHSVC_JWT_AUDIENCE)")
+    token.add_argument("--jti", help="token id (for revocation)")
+
+    publish = sub.add_parser("publish", help="publish a message to a channel through NATS")
+    publish.add_argument("channel")
+    publish.add_argument("data", help="payload; JSON is delivered as JSON, else as a string")
+    publish.add_argument("--nats-url", help="NATS URL (default PUSHSVC_NATS_URL)")
+    publish.add_argument("--msg-id", help="idempotency key (Nats-Msg-Id)")
+    publish.add_argument("--core", action="store_true", help="core publish (no JetStream ack)")
+
+    bench = sub.add_parser("bench", help="load-test a running pushsvc")
+    from . import bench as bench_module
+
+    bench_module.add_arguments(bench)
+
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "serve":
+            return _serve(args)
+        if args.command == "token":
+            return _token(args)
+        if args.command == "publish":
+            return _publish(args)
+        return bench_module.main(args)
+    except SettingsError as exc:
+        print(f"pushsvc: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def settings_to_env(settings: Settings) -> dict[str, str]:
+    """``PUSHSVC_*`` variables reproducing ``settings`` (for worker processes)."""
+    env = {}
+    for name, value in msgspec.structs.asdict(settings).items():
+        if value is None:
+            continue
+        if isinstance(value, list):
+            value = ",".join(value)
+        elif isinstance(value, bool):
+            value = "true" if value else "false"
+        env[ENV_PREFIX + name.upper()] = str(value)
+    return env
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from .bus import Bus, Unavailable
+    from .embedded import EmbeddedNats, EmbeddedNatsError
+
+    settings = Settings.load(
+        host=args.host,
+        port=args.port,
+        dev=args.dev,
+        nats_url=args.nats_url,
+        data_dir=args.data_dir,
+        workers=args.workers,
+        history_ttl=args.history_ttl,
+        base_path=args.base_path,
+        log_level=args.log_level,
+    )
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    dev_secret = None
+    if settings.dev and settings.jwt_secret is None and settings.jwt_public_key is None:
+        dev_secret = settings.jwt_secret = secrets.token_urlsafe(32)
+    embedded = None
+    if settings.nats_url is None:
+        embedded = EmbeddedNats(data_dir=settings.data_dir)
+        try:
+            embedded.start()
+        except EmbeddedNatsError as exc:
+            print(f"pushsvc: cannot start the bundled nats-server: {exc}", file=sys.stderr)
+            return 1
+        settings.nats_url = embedded.url
+    try:
+        try:
+            asyncio.run(_probe_nats(settings, Bus))
+        except Unavailable as exc:
+            print(f"pushsvc: PUSHSVC_NATS_URL: {exc}", file=sys.stderr)
+            return 1
+        base = f"http://{settings.host}:{settings.port}{settings.base_path}"
+        ws = f"ws://{settings.host}:{settings.port}{settings.base_path}/ws"
+        print(f"pushsvc {__version__} serving {base}", flush=True)
+        print(f"  WebSocket: {ws}", flush=True)
+        print(f"  NATS:      {settings.nats_url}{' (bundled)' if embedded else ''}", flush=True)
+        if settings.dev:
+            from .auth import mint_token
+
+            token = mint_token(
+                settings.jwt_secret or "",
+                "dev",
+                channels=[">"],
+                publish=[">"],
+                ttl=86400,
+                audience=settings.jwt_audience,
+                issuer=settings.jwt_issuer,
+            )
+            print(f"  Demo page: {base}/", flush=True)
+            print(f"  Dev token (user 'dev', all channels, 24 h):\n    {token}", flush=True)
+            if dev_secret:
+                print("  JWT secret generated for this run (set PUSHSVC_JWT_SECRET to keep one)")
+        config: dict[str, Any] = dict(
+            host=settings.host,
+            port=settings.port,
+            ws=args.ws,
+            ws_max_size=settings.max_frame_bytes,
+            ws_per_message_deflate=False,
+            ws_ping_interval=20.0,
+            ws_ping_timeout=20.0,
+            http="httptools",
+            loop="uvloop" if sys.platform != "win32" else "asyncio",
+            log_level=settings.log_level,
+            lifespan="on",
+            timeout_graceful_shutdown=10,
+        )
+        os.environ.update(settings_to_env(settings))
+        if settings.workers > 1:
+            uvicorn.run("pushsvc.cli:app_from_env", factory=True, workers=settings.workers, **config)
+        else:
+            from .app import create_app
+
+            uvicorn.run(create_app(settings), **config)
+        return 0
+    finally:
+        if embedded is not None:
+            embedded.cleanup()
+
+
+def app_from_env() -> Any:
+    """uvicorn factory for ``--workers N``: each worker builds its app from the environment."""
+    from .app import create_app
+
+    return create_app(Settings.load())
+
+
+async def _probe_nats(settings: Settings, bus_cls: Any) -> None:
+    """Connect once to fail fast with one line (bounded by ``connect_timeout``)."""
+    bus = bus_cls(settings, on_message=lambda *a: None)
+    bus.history_enabled = False
+    await bus.start()
+    await bus.close()
+
+
+def _token(args: argparse.Namespace) -> int:
+    from .auth import mint_token
+
+    if args.private_key:
+        with open(args.private_key) as f:
+            key = f.read()
+        algorithm = args.algorithm or ("ES256" if "EC PRIVATE" in key else "RS256")
+        audience = args.audience or os.environ.get("PUSHSVC_JWT_AUDIENCE")
+    else:
+        key = args.secret or os.environ.get("PUSHSVC_JWT_SECRET")
+        if not key:
+            raise SettingsError("PUSHSVC_JWT_SECRET", "missing: needed to sign tokens")
+        algorithm = args.algorithm or "HS256"
+        audience = args.audience or os.environ.get("PUSHSVC_JWT_AUDIENCE")
+    print(
+        mint_token(
+            key,
+            args.sub,
+            channels=args.channel,
+            publish=args.publish,
+            ttl=args.ttl,
+            algorithm=algorithm,
+            audience=audience,
+            issuer=os.environ.get("PUSHSVC_JWT_ISSUER"),
+            jti=args.jti,
+        )
+    )
+    return 0
+
+
+def _publish(args: argparse.Namespace) -> int:
+    from .bus import Unavailable
+    from .channels import InvalidChannel
+    from .publisher import Publisher
+
+    url = args.nats_url or os.environ.get("PUSHSVC_NATS_URL") or "nats://127.0.0.1:4222"
+    prefix = os.environ.get("PUSHSVC_SUBJECT_PREFIX", "push")
+    try:
+        data: Any = json.loads(args.data)
+        payload = json.dumps(data).encode()
+    except ValueError:
+        payload = args.data.encode()
+
+    async def run() -> int | None:
+        async with Publisher(url, prefix=prefix, jetstream=not args.core) as pub:
+            return await pub.publish(args.channel, payload, msg_id=args.msg_id)
+
+    try:
+        seq = asyncio.run(run())
+    except (Unavailable, InvalidChannel) as exc:
+        print(f"pushsvc: publish failed: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps({"channel": args.channel, "seq": seq}))
+    return 0

@@ -1,0 +1,195 @@
+"""HTTP emit shim: ``POST /emit`` and ``POST /emit/{channel}`` publish into NATS.
+
+- ``POST /emit`` JSON ``{"channel": C, "data": ANY}`` (``payload`` is an alias of
+  ``data``) or a batch ``{"messages": [{"channel":..., "data":...}, ...]}``;
+- ``POST /emit/{channel}``: the raw request body is the payload (bytes as sent);
+- ``Authorization: Bearer <JWT with a matching publish grant | API key>``;
+- ``Idempotency-Key: K`` becomes the NATS header ``Nats-Msg-Id`` (batch item i:
+  ``K:i``), so a retried emit inside the dedupe window is stored and delivered once
+  and answered with the original ``seq``.
+
+Answers: 202 ``{"channel", "seq"}`` (batch: ``{"results": [...]}``) only after
+NATS (JetStream, with history on) acknowledged the message. Errors are JSON
+``{"error": code, "message": reason}``: 400 malformed, 401 no/bad credential,
+403 no publish grant, 413 body over ``PUSHSVC_MAX_EMIT_BYTES`` (also for chunked
+bodies), 422 invalid channel, 429 with ``Retry-After`` (per-principal token
+bucket), 503 with ``Retry-After`` when NATS did not take it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import msgspec
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+from . import metrics
+from .auth import Authenticator, AuthError, Principal
+from .bus import Unavailable
+from .channels import InvalidChannel, validate_channel
+from .hub import Hub
+from .ratelimit import BucketRegistry
+from .settings import Settings
+
+MAX_BATCH = 1000
+
+
+class EmitItem(msgspec.Struct):
+    """One message of an emit body."""
+
+    channel: str
+    data: msgspec.Raw = msgspec.Raw()  # empty when absent
+    payload: msgspec.Raw = msgspec.Raw()
+
+
+class EmitError(Exception):
+    """An emit refused with an HTTP ``status``, ``code`` and client-safe message."""
+
+    def __init__(
+        self, status: int, code: str, message: str, retry_after: float | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.retry_after = retry_after
+
+    def response(self) -> JSONResponse:
+        headers = {}
+        if self.retry_after is not None:
+            headers["Retry-After"] = str(max(1, math.ceil(self.retry_after)))
+        if self.status == 401:
+            headers["WWW-Authenticate"] = "Bearer"
+        metrics.EMITS.labels(str(self.status)).inc()
+        return JSONResponse(
+            {"error": self.code, "message": str(self), **_retry(self.retry_after)},
+            status_code=self.status,
+            headers=headers,
+        )
+
+
+def _retry(retry_after: float | None) -> dict[str, float]:
+    return {} if retry_after is None else {"retry_after": round(retry_after, 3)}
+
+
+def emit_router(
+    settings: Settings, hub: Hub, auth: Authenticator, buckets: BucketRegistry
+) -> APIRouter:
+    """Build the emit routes.
+
+    Args:
+        settings: ``max_emit_bytes`` (bytes) and limits.
+        hub: publishes through the node's bus.
+        auth: verifies API keys and emit JWTs.
+        buckets: per-principal emit token buckets.
+    """
+    router = APIRouter()
+
+    async def authorise(request: Request) -> Principal:
+        header = request.headers.get("authorization", "")
+        scheme, _, credential = header.partition(" ")
+        if scheme.lower() != "bearer" or not credential.strip():
+            raise EmitError(401, "unauthorized", "missing Authorization: Bearer credential")
+        try:
+            principal = auth.verify_emit(credential.strip())
+        except AuthError as exc:
+            raise EmitError(401, "unauthorized", str(exc)) from None
+        wait = buckets.take(principal.sub)
+        if wait:
+            metrics.RATE_LIMITED.inc()
+            raise EmitError(429, "rate_limited", "too many emits", retry_after=wait)
+        return principal
+
+    async def read_body(request: Request) -> bytes:
+        limit = settings.max_emit_bytes
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > limit:
+            raise EmitError(413, "too_large", f"body larger than {limit} bytes")
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise EmitError(413, "too_large", f"body larger than {limit} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def check(principal: Principal, channel: str) -> str:
+        try:
+            channel = validate_channel(channel)
+        except InvalidChannel as exc:
+            raise EmitError(422, "invalid_channel", str(exc)) from None
+        if not principal.can_publish(channel):
+            raise EmitError(403, "forbidden", f"not allowed to publish to {channel}")
+        return channel
+
+    async def publish(channel: str, payload: bytes, msg_id: str | None) -> int | None:
+        try:
+            return await hub.publish(channel, payload, msg_id)
+        except Unavailable as exc:
+            raise EmitError(503, "unavailable", str(exc), retry_after=exc.retry_after) from None
+
+    @router.post("/emit", status_code=202)
+    async def emit(request: Request) -> JSONResponse:
+        """Publish one JSON message, or a batch, into NATS."""
+        try:
+            principal = await authorise(request)
+            body = await read_body(request)
+            items, batch = _parse(body)
+            checked = [(check(principal, item.channel), _payload(item)) for item in items]
+            key = request.headers.get("idempotency-key")
+            results = []
+            for i, (channel, payload) in enumerate(checked):
+                msg_id = None if key is None else (f"{key}:{i}" if batch else key)
+                try:
+                    seq = await publish(channel, payload, msg_id)
+                except EmitError as exc:
+                    if results:  # say exactly what NATS already has
+                        exc.args = (f"{exc}; the first {len(results)} messages were accepted",)
+                    raise
+                results.append({"channel": channel, "seq": seq})
+        except EmitError as exc:
+            return exc.response()
+        metrics.EMITS.labels("202").inc(len(results))
+        return JSONResponse({"results": results} if batch else results[0], status_code=202)
+
+    @router.post("/emit/{channel}", status_code=202)
+    async def emit_raw(channel: str, request: Request) -> JSONResponse:
+        """Publish the raw request body to ``channel``."""
+        try:
+            principal = await authorise(request)
+            channel = check(principal, channel)
+            body = await read_body(request)
+            seq = await publish(channel, body, request.headers.get("idempotency-key"))
+        except EmitError as exc:
+            return exc.response()
+        metrics.EMITS.labels("202").inc()
+        return JSONResponse({"channel": channel, "seq": seq}, status_code=202)
+
+    return router
+
+
+def _parse(body: bytes) -> tuple[list[EmitItem], bool]:
+    """Decode an emit body into items; ``batch`` is True for ``{"messages": [...]}``."""
+    try:
+        obj = msgspec.json.decode(body, type=dict[str, msgspec.Raw])
+    except (msgspec.DecodeError, RecursionError):
+        raise EmitError(400, "bad_request", "body must be a JSON object") from None
+    try:
+        if "messages" in obj:
+            items = msgspec.json.decode(obj["messages"], type=list[EmitItem])
+            if not items or len(items) > MAX_BATCH:
+                raise EmitError(400, "bad_request", f"messages must hold 1..{MAX_BATCH} items")
+            return items, True
+        return [msgspec.json.decode(body, type=EmitItem)], False
+    except msgspec.ValidationError as exc:
+        raise EmitError(400, "bad_request", str(exc)) from None
+    except (msgspec.DecodeError, RecursionError):
+        raise EmitError(400, "bad_request", "body must be a JSON object") from None
+
+
+def _payload(item: EmitItem) -> bytes:
+    raw = item.data if len(item.data) else item.payload
+    if not len(raw):
+        raise EmitError(400, "bad_request", "missing field 'data'")
+    return bytes(raw)

@@ -1,0 +1,216 @@
+"""Wire contract v1: client commands, server frames, error codes and close codes.
+
+Sans-I/O: this module only turns bytes into Structs and back; docs/protocol.md is
+the human-readable version of the same contract.
+
+Client -> server: one JSON object per WebSocket text frame, tagged by ``op``.
+Server -> client: JSON objects tagged by ``type``; one text frame may carry
+several objects separated by ``\\n`` (the server batches), so every object the
+server encodes is guaranteed to contain no raw newline.
+"""
+
+from __future__ import annotations
+
+import base64
+from typing import Final
+
+import msgspec
+
+# --- close codes (RFC 6455 7.4.1 for 1xxx, 4000-4999 private use) ------------
+CLOSE_GOING_AWAY: Final = 1001
+CLOSE_TOO_BIG: Final = 1009
+CLOSE_INTERNAL_ERROR: Final = 1011
+CLOSE_SERVICE_RESTART: Final = 1012
+CLOSE_UNAUTHORIZED: Final = 4001
+CLOSE_FORBIDDEN: Final = 4003
+CLOSE_RATE_LIMITED: Final = 4008
+CLOSE_SLOW_CONSUMER: Final = 4009
+CLOSE_HEARTBEAT_TIMEOUT: Final = 4010
+
+# --- error codes carried by ``error`` frames ------------------------------------
+BAD_REQUEST: Final = "bad_request"
+UNAUTHORIZED: Final = "unauthorized"
+FORBIDDEN: Final = "forbidden"
+INVALID_CHANNEL: Final = "invalid_channel"
+RATE_LIMITED: Final = "rate_limited"
+LIMIT_EXCEEDED: Final = "limit_exceeded"
+UNAVAILABLE: Final = "unavailable"
+
+RequestId = int | str | None
+
+
+# --- client commands ------------------------------------------------------------
+class Auth(msgspec.Struct, tag_field="op", tag="auth"):
+    """``{"op":"auth","token":T}``: the first frame; answered by ``welcome``."""
+
+    token: str
+
+
+class Subscribe(msgspec.Struct, tag_field="op", tag="subscribe"):
+    """``{"op":"subscribe","channel":C,"since":N?,"id":I?}``.
+
+    ``since`` is a stream sequence: replay what came after it (history on).
+    """
+
+    channel: str
+    since: int | None = None
+    id: RequestId = None
+
+
+class Unsubscribe(msgspec.Struct, tag_field="op", tag="unsubscribe"):
+    """``{"op":"unsubscribe","channel":C,"id":I?}``."""
+
+    channel: str
+    id: RequestId = None
+
+
+class Publish(msgspec.Struct, tag_field="op", tag="publish"):
+    """``{"op":"publish","channel":C,"data":ANY,"id":I?}``; ``data`` is kept as raw JSON."""
+
+    channel: str
+    data: msgspec.Raw
+    id: RequestId = None
+
+
+class Refresh(msgspec.Struct, tag_field="op", tag="refresh"):
+    """``{"op":"refresh","token":T,"id":I?}``: replace the session's token (same ``sub``)."""
+
+    token: str
+    id: RequestId = None
+
+
+class Pong(msgspec.Struct, tag_field="op", tag="pong"):
+    """``{"op":"pong"}``: answer to a server ``ping``."""
+
+
+Command = Auth | Subscribe | Unsubscribe | Publish | Refresh | Pong
+
+
+# --- server frames ----------------------------------------------------------------
+class Welcome(msgspec.Struct, tag_field="type", tag="welcome", omit_defaults=True):
+    """Sent after a successful auth. ``ping_interval`` seconds, ``exp`` Unix seconds."""
+
+    client: str
+    user: str
+    ping_interval: float
+    exp: float
+
+
+class Message(msgspec.Struct, tag_field="type", tag="message", omit_defaults=True):
+    """A delivery. ``seq`` is the JetStream stream sequence (absent with history off)."""
+
+    channel: str
+    data: msgspec.Raw
+    seq: int | None = None
+    encoding: str | None = None
+
+
+class Ping(msgspec.Struct, tag_field="type", tag="ping"):
+    """Application heartbeat; the client answers ``{"op":"pong"}``."""
+
+
+class Error(msgspec.Struct, tag_field="type", tag="error", omit_defaults=True):
+    """A refused command. ``retry_after`` seconds (with ``rate_limited``)."""
+
+    code: str
+    message: str
+    id: RequestId = None
+    retry_after: float | None = None
+
+
+class Subscribed(msgspec.Struct, tag_field="type", tag="subscribed", omit_defaults=True):
+    """Answer to subscribe. ``recovered`` is set when ``since`` was given."""
+
+    channel: str
+    id: RequestId = None
+    recovered: bool | None = None
+
+
+class Unsubscribed(msgspec.Struct, tag_field="type", tag="unsubscribed", omit_defaults=True):
+    """Answer to unsubscribe, or a server-side removal (``reason``: e.g. ``forbidden``)."""
+
+    channel: str
+    id: RequestId = None
+    reason: str | None = None
+
+
+class Published(msgspec.Struct, tag_field="type", tag="published", omit_defaults=True):
+    """Answer to publish once NATS accepted it; ``seq`` with history on."""
+
+    id: RequestId = None
+    seq: int | None = None
+
+
+class Refreshed(msgspec.Struct, tag_field="type", tag="refreshed", omit_defaults=True):
+    """Answer to refresh: the new ``exp`` (Unix seconds)."""
+
+    exp: float
+    id: RequestId = None
+
+
+Frame = Welcome | Message | Ping | Error | Subscribed | Unsubscribed | Published | Refreshed
+
+_command_decoder = msgspec.json.Decoder(Command)
+_encoder = msgspec.json.Encoder()
+_frame_decoder = msgspec.json.Decoder(Frame)
+
+
+class ProtocolError(ValueError):
+    """A client frame is not a valid command. ``str(exc)`` is safe to show the client."""
+
+
+def decode_command(data: bytes | str) -> Command:
+    """Parse one client frame.
+
+    Raises:
+        ProtocolError: not JSON, not an object, unknown ``op``, wrong field types or
+            nesting deeper than msgspec's limit.
+    """
+    try:
+        return _command_decoder.decode(data)
+    except msgspec.DecodeError as exc:
+        raise ProtocolError(_short(str(exc))) from None
+    except RecursionError:
+        raise ProtocolError("JSON nested too deeply") from None
+
+
+def _short(message: str) -> str:
+    return message if len(message) <= 200 else message[:200] + "..."
+
+
+def encode_frame(frame: Frame) -> bytes:
+    """Encode a server frame to compact JSON bytes (no raw newline)."""
+    return _encoder.encode(frame)
+
+
+def decode_frame(data: bytes | str) -> Frame:
+    """Parse one server frame (used by clients, tests and the bench)."""
+    return _frame_decoder.decode(data)
+
+
+PING_FRAME: Final = encode_frame(Ping()).decode()
+
+
+def payload_to_data(payload: bytes) -> tuple[msgspec.Raw, str | None]:
+    """Map NATS payload bytes to the ``data`` field of a ``message`` frame.
+
+    Wire contract v1: valid JSON is embedded as JSON (re-encoded compactly when it
+    contains newlines, so frames can be joined by ``\\n``); other UTF-8 text becomes
+    a JSON string; other bytes are base64 with ``encoding: "base64"``.
+
+    Returns:
+        ``(raw_json, encoding)`` where ``encoding`` is None or ``"base64"``.
+    """
+    if payload:
+        try:
+            if b"\n" in payload or b"\r" in payload:
+                return msgspec.Raw(_encoder.encode(msgspec.json.decode(payload))), None
+            msgspec.json.decode(payload, type=msgspec.Raw)
+            return msgspec.Raw(payload), None
+        except (msgspec.DecodeError, RecursionError):
+            pass
+    try:
+        text = payload.decode("utf-8")
+    except UnicodeDecodeError:
+        return msgspec.Raw(_encoder.encode(base64.b64encode(payload).decode())), "base64"
+    return msgspec.Raw(_encoder.encode(text)), None

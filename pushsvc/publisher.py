@@ -1,0 +1,118 @@
+"""A small async publisher for Python producers.
+
+No SDK is needed to publish (any NATS client can publish to ``push.<channel>``);
+this adds channel validation, JSON encoding and idempotency::
+
+    async with Publisher("nats://127.0.0.1:4222") as pub:
+        seq = await pub.publish("news", {"title": "hi"}, msg_id="news-42")
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import msgspec
+import nats
+import nats.errors
+import nats.js.errors
+
+from .bus import Unavailable
+from .channels import subject_for, validate_channel
+
+
+class Publisher:
+    """Publishes to pushsvc channels over NATS.
+
+    Args:
+        servers: NATS URL or list of URLs.
+        prefix: subject prefix (``PUSHSVC_SUBJECT_PREFIX``, default ``push``).
+        jetstream: wait for the JetStream ack and return the stream sequence
+            (history on); False = core publish + flush, returns None.
+        timeout: seconds to wait for NATS.
+    """
+
+    def __init__(
+        self,
+        servers: str | list[str] = "nats://127.0.0.1:4222",
+        *,
+        prefix: str = "push",
+        jetstream: bool = True,
+        timeout: float = 2.0,
+    ) -> None:
+        self.servers = servers
+        self.prefix = prefix
+        self.jetstream = jetstream
+        self.timeout = timeout
+        self._nc: Any = None
+        self._encoder = msgspec.json.Encoder()
+
+    async def connect(self) -> Publisher:
+        """Connect to NATS.
+
+        Raises:
+            Unavailable: NATS not reachable within ``timeout`` seconds.
+        """
+        try:
+            self._nc = await asyncio.wait_for(
+                nats.connect(
+                    self.servers,
+                    connect_timeout=max(1, int(self.timeout)),
+                    max_reconnect_attempts=-1,
+                    error_cb=_quiet,
+                ),
+                timeout=self.timeout,
+            )
+        except (nats.errors.Error, OSError, TimeoutError) as exc:
+            raise Unavailable(f"cannot reach NATS ({type(exc).__name__})") from None
+        return self
+
+    async def close(self) -> None:
+        """Flush and close the connection."""
+        if self._nc is not None:
+            await self._nc.drain()
+            self._nc = None
+
+    async def __aenter__(self) -> Publisher:
+        return await self.connect()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def publish(self, channel: str, data: Any, *, msg_id: str | None = None) -> int | None:
+        """Publish ``data`` to ``channel``.
+
+        Args:
+            channel: a valid channel name (no wildcards).
+            data: ``bytes`` are sent as they are; anything else is JSON-encoded.
+            msg_id: idempotency key (``Nats-Msg-Id``): duplicates within the
+                stream's dedupe window are stored and delivered once.
+
+        Returns:
+            The stream sequence (JetStream mode), else None.
+
+        Raises:
+            InvalidChannel: bad channel name.
+            Unavailable: NATS did not take the message.
+        """
+        if self._nc is None:
+            raise Unavailable("publisher is not connected")
+        channel = validate_channel(channel)
+        payload = data if isinstance(data, bytes) else self._encoder.encode(data)
+        subject = subject_for(self.prefix, channel)
+        headers = {"Nats-Msg-Id": msg_id} if msg_id else None
+        try:
+            if self.jetstream:
+                ack = await self._nc.jetstream().publish(
+                    subject, payload, timeout=self.timeout, headers=headers
+                )
+                return ack.seq
+            await self._nc.publish(subject, payload, headers=headers)
+            await self._nc.flush(timeout=self.timeout)
+            return None
+        except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
+            raise Unavailable(f"NATS did not take the message ({type(exc).__name__})") from None
+
+
+async def _quiet(exc: Exception) -> None:
+    """nats-py error callback: connection errors surface as :class:`Unavailable`."""

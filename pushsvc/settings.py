@@ -1,0 +1,269 @@
+"""Settings: ``PUSHSVC_*`` environment variables, overridden by CLI flags, validated at start.
+
+Every field of :class:`Settings` is read from the environment variable named
+``PUSHSVC_`` + the field name in upper case (``jwt_secret`` <- ``PUSHSVC_JWT_SECRET``).
+Types are converted by msgspec (``"30"`` -> ``30``, ``"true"`` -> ``True``); list
+fields take comma-separated values. :meth:`Settings.load` raises
+:class:`SettingsError` naming the offending setting, which the CLI prints as one
+line (no traceback).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import msgspec
+
+ENV_PREFIX = "PUSHSVC_"
+
+
+class SettingsError(ValueError):
+    """A setting is missing or invalid.
+
+    Attributes:
+        setting: the environment variable name, e.g. ``PUSHSVC_JWT_SECRET``.
+    """
+
+    def __init__(self, setting: str, message: str) -> None:
+        self.setting = setting
+        super().__init__(f"{setting}: {message}")
+
+
+class Settings(msgspec.Struct, kw_only=True):
+    """Validated runtime configuration. Durations are seconds, sizes are bytes.
+
+    Build with :meth:`load` (environment + overrides, validated) rather than the
+    constructor, which does not validate cross-field rules.
+    """
+
+    # --- network -------------------------------------------------------------
+    host: str = "127.0.0.1"
+    port: int = 8000
+    workers: int = 1
+    dev: bool = False
+    base_path: str = ""
+
+    # --- NATS ----------------------------------------------------------------
+    nats_url: str | None = None  # None: start the bundled nats-server
+    data_dir: str | None = None  # bundled nats-server JetStream store
+    subject_prefix: str = "push"
+    connect_timeout: float = 5.0  # bound on reaching NATS at start-up
+    publish_timeout: float = 2.0  # JetStream publish ack wait
+    history_ttl: float = 300.0  # 0 = history off (live only)
+    history_size: int = 1000  # messages kept per channel
+    stream: str = "PUSHSVC"
+    stream_replicas: int = 1
+    dedupe_window: float = 120.0
+
+    # --- tokens --------------------------------------------------------------
+    jwt_secret: str | None = None
+    jwt_public_key: str | None = None  # path to a PEM file
+    jwt_algorithms: list[str] = msgspec.field(default_factory=list)
+    jwt_audience: str | None = None
+    jwt_issuer: str | None = None
+    jwt_leeway: float = 30.0
+    emit_audience: str | None = None  # aud required of emit tokens (default: jwt_audience)
+    api_keys: list[str] = msgspec.field(default_factory=list)  # "id:key" or "key"
+    token_cache_size: int = 10000
+    auth_cookie: str | None = None
+
+    # --- sessions ------------------------------------------------------------
+    ping_interval: float = 25.0
+    pong_timeout: float = 10.0
+    auth_timeout: float = 5.0
+    max_frame_bytes: int = 65536
+    max_emit_bytes: int = 65536
+    send_queue_bytes: int = 1048576
+    send_timeout: float = 10.0
+    coalesce_bytes: int = 65536
+    allowed_origins: list[str] = msgspec.field(default_factory=list)
+
+    # --- limits --------------------------------------------------------------
+    command_rate: float = 20.0
+    command_burst: int = 50
+    rate_limit_strikes: int = 10
+    emit_rate: float = 200.0
+    emit_burst: int = 400
+    max_connections_per_user: int = 10
+    max_subscriptions: int = 128
+    max_connections: int = 20000
+
+    log_level: str = "info"
+
+    @classmethod
+    def load(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Read ``PUSHSVC_*`` from ``env`` (default ``os.environ``), apply ``overrides``.
+
+        Overrides whose value is ``None`` are ignored, so argparse namespaces can be
+        passed straight through.
+
+        Raises:
+            SettingsError: a value has the wrong type or breaks a rule (see
+                :meth:`validate`); the message names the setting.
+        """
+        env = os.environ if env is None else env
+        raw: dict[str, Any] = {}
+        fields = {f.name: f for f in msgspec.structs.fields(cls)}
+        for name, field in fields.items():
+            key = ENV_PREFIX + name.upper()
+            if key in env and env[key] != "":
+                value: Any = env[key]
+                if _is_list(field.type):
+                    value = [v.strip() for v in value.split(",") if v.strip()]
+                raw[name] = value
+        for name, value in overrides.items():
+            if value is None:
+                continue
+            if name not in fields:
+                raise SettingsError(ENV_PREFIX + name.upper(), "unknown setting")
+            raw[name] = value
+        try:
+            settings = msgspec.convert(raw, cls, strict=False)
+        except msgspec.ValidationError as exc:
+            raise SettingsError(_setting_from_error(str(exc)), str(exc)) from None
+        settings.validate()
+        return settings
+
+    @property
+    def history(self) -> bool:
+        """True when JetStream history is on (``history_ttl`` > 0)."""
+        return self.history_ttl > 0
+
+    @property
+    def nats_servers(self) -> list[str]:
+        """``nats_url`` split on commas (cluster seed servers)."""
+        return [u.strip() for u in (self.nats_url or "").split(",") if u.strip()]
+
+    def validate(self) -> None:
+        """Check cross-field rules.
+
+        Raises:
+            SettingsError: naming the first setting that is wrong.
+        """
+        if self.nats_url is not None:
+            for url in self.nats_servers or [""]:
+                parts = urlsplit(url if "://" in url else "nats://" + url)
+                if parts.scheme not in ("nats", "tls", "ws", "wss") or not parts.hostname:
+                    raise SettingsError("PUSHSVC_NATS_URL", f"not a NATS URL: {url!r}")
+                try:
+                    parts.port  # noqa: B018 - raises on a bad port
+                except ValueError:
+                    raise SettingsError("PUSHSVC_NATS_URL", f"bad port in {url!r}") from None
+        if self.jwt_public_key is not None:
+            path = Path(self.jwt_public_key)
+            try:
+                text = path.read_text()
+            except OSError as exc:
+                raise SettingsError(
+                    "PUSHSVC_JWT_PUBLIC_KEY", f"cannot read {path}: {exc.strerror}"
+                ) from None
+            if "BEGIN" not in text:
+                raise SettingsError("PUSHSVC_JWT_PUBLIC_KEY", f"{path} is not a PEM file")
+        if self.jwt_secret is None and self.jwt_public_key is None and not self.dev:
+            raise SettingsError(
+                "PUSHSVC_JWT_SECRET",
+                "missing: set PUSHSVC_JWT_SECRET (HS256) or PUSHSVC_JWT_PUBLIC_KEY "
+                "(RS256/ES256), or run with --dev",
+            )
+        for alg in self.jwt_algorithms:
+            if alg.lower() == "none" or alg not in _KNOWN_ALGORITHMS:
+                raise SettingsError("PUSHSVC_JWT_ALGORITHMS", f"unsupported algorithm {alg!r}")
+        families = {alg[:2] for alg in self.jwt_algorithms}
+        if "HS" in families and len(families) > 1:
+            raise SettingsError(
+                "PUSHSVC_JWT_ALGORITHMS", "HS* and RS*/ES*/PS* must not be mixed (RFC 8725 3.1)"
+            )
+        if self.stream and not self.stream.replace("_", "").replace("-", "").isalnum():
+            raise SettingsError("PUSHSVC_STREAM", f"invalid stream name {self.stream!r}")
+        if not _is_token(self.subject_prefix):
+            raise SettingsError(
+                "PUSHSVC_SUBJECT_PREFIX", "must be one token of [A-Za-z0-9_-], e.g. 'push'"
+            )
+        positive = {
+            "port": self.port,
+            "max_frame_bytes": self.max_frame_bytes,
+            "max_emit_bytes": self.max_emit_bytes,
+            "send_queue_bytes": self.send_queue_bytes,
+            "coalesce_bytes": self.coalesce_bytes,
+            "ping_interval": self.ping_interval,
+            "pong_timeout": self.pong_timeout,
+            "auth_timeout": self.auth_timeout,
+            "send_timeout": self.send_timeout,
+            "connect_timeout": self.connect_timeout,
+            "history_size": self.history_size,
+            "command_rate": self.command_rate,
+            "command_burst": self.command_burst,
+            "emit_rate": self.emit_rate,
+            "emit_burst": self.emit_burst,
+            "max_connections_per_user": self.max_connections_per_user,
+            "max_subscriptions": self.max_subscriptions,
+            "max_connections": self.max_connections,
+            "workers": self.workers,
+        }
+        for name, value in positive.items():
+            if value <= 0:
+                raise SettingsError(ENV_PREFIX + name.upper(), f"must be > 0, got {value}")
+        if self.history_ttl < 0:
+            raise SettingsError("PUSHSVC_HISTORY_TTL", "must be >= 0 (0 turns history off)")
+        if self.ping_interval < 0.1:
+            raise SettingsError("PUSHSVC_PING_INTERVAL", "must be >= 0.1 s")
+        if self.auth_cookie and not self.allowed_origins:
+            raise SettingsError(
+                "PUSHSVC_AUTH_COOKIE",
+                "cookie auth requires PUSHSVC_ALLOWED_ORIGINS (cross-site WebSocket hijacking)",
+            )
+        for origin in self.allowed_origins:
+            if "://" not in origin:
+                raise SettingsError(
+                    "PUSHSVC_ALLOWED_ORIGINS", f"{origin!r} must include the scheme"
+                )
+        for entry in self.api_keys:
+            if not entry.rsplit(":", 1)[-1]:
+                raise SettingsError("PUSHSVC_API_KEYS", "empty API key")
+        if self.base_path and (not self.base_path.startswith("/") or self.base_path.endswith("/")):
+            raise SettingsError("PUSHSVC_BASE_PATH", "must start with '/' and not end with '/'")
+
+    def algorithms(self) -> list[str]:
+        """JWT algorithms accepted: configured ones, else HS256 for a secret, else RS256+ES256."""
+        if self.jwt_algorithms:
+            return list(self.jwt_algorithms)
+        if self.jwt_public_key is not None:
+            return ["RS256", "ES256"]
+        return ["HS256"]
+
+
+_KNOWN_ALGORITHMS = {
+    "HS256",
+    "HS384",
+    "HS512",
+    "RS256",
+    "RS384",
+    "RS512",
+    "ES256",
+    "ES384",
+    "ES512",
+    "PS256",
+    "PS384",
+    "PS512",
+    "EdDSA",
+}
+
+
+def _is_token(value: str) -> bool:
+    return bool(value) and all(c.isascii() and (c.isalnum() or c in "_-") for c in value)
+
+
+def _is_list(tp: Any) -> bool:
+    return getattr(tp, "__origin__", None) is list
+
+
+def _setting_from_error(message: str) -> str:
+    # msgspec says e.g. "Expected `int`, got `str` - at `$.port`"
+    if "$." in message:
+        name = message.rsplit("$.", 1)[1].split("[")[0].strip("` ")
+        return ENV_PREFIX + name.upper()
+    return "PUSHSVC"
