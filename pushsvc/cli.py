@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import secrets
+import signal
 import sys
 from typing import Any
 
@@ -170,6 +171,9 @@ def _serve(args: argparse.Namespace) -> int:
             timeout_graceful_shutdown=10,
         )
         os.environ.update(settings_to_env(settings))
+        # uvicorn re-raises SIGTERM after its graceful shutdown; turn it into a normal
+        # exit so the bundled nats-server is stopped by the `finally` below.
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
         if settings.workers > 1:
             uvicorn.run("pushsvc.cli:app_from_env", factory=True, workers=settings.workers, **config)
         else:
@@ -180,6 +184,10 @@ def _serve(args: argparse.Namespace) -> int:
     finally:
         if embedded is not None:
             embedded.cleanup()
+
+
+def _exit_on_sigterm(signum: int, frame: Any) -> None:
+    raise SystemExit(0)
 
 
 def app_from_env() -> Any:

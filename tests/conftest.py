@@ -49,7 +49,7 @@ def nats_url() -> Iterator[str]:
     if external:
         yield external
         return
-    if os.environ.get("PUSHSVC_TEST_USE_DOCKER") == "1" and docker_available():
+    if os.environ.get("PUSHSVC_TEST_NO_DOCKER") != "1" and docker_available():
         from testcontainers.nats import NatsContainer
 
         with NatsContainer().with_command("-js") as container:
@@ -114,10 +114,14 @@ class Running:
 
 @pytest.fixture
 async def start_server(nats_url: str) -> AsyncIterator[Any]:
-    """Factory: ``await start_server(**settings_overrides) -> Running``."""
+    """Factory: ``await start_server(app_factory=None, **settings_overrides) -> Running``.
+
+    ``app_factory(settings) -> ASGI app`` defaults to :func:`pushsvc.create_app`; the app
+    must expose its node as ``app.state.pushsvc``.
+    """
     running: list[Running] = []
 
-    async def start(**overrides: Any) -> Running:
+    async def start(app_factory: Any = None, **overrides: Any) -> Running:
         values: dict[str, Any] = {
             "jwt_secret": SECRET,
             "nats_url": nats_url,
@@ -125,7 +129,7 @@ async def start_server(nats_url: str) -> AsyncIterator[Any]:
         }
         values.update(overrides)
         settings = Settings.load(env={}, **values)
-        app = create_app(settings)
+        app = (app_factory or create_app)(settings)
         config = uvicorn.Config(
             app,
             host="127.0.0.1",
