@@ -26,7 +26,11 @@ async def test_emit_json_and_raw_are_delivered(start_server, http, channel):
     assert r3.status_code == 202
     m1, m2, m3 = await sub.messages(3)
     assert (m1["data"], m2["data"], m3["data"]) == ({"n": 1}, "raw text", [1])
-    assert [m1["seq"], m2["seq"], m3["seq"]] == [r.json()["seq"], r2.json()["seq"], r3.json()["seq"]]
+    assert [m1["seq"], m2["seq"], m3["seq"]] == [
+        r.json()["seq"],
+        r2.json()["seq"],
+        r3.json()["seq"],
+    ]
 
 
 async def test_emit_batch(start_server, http, channel):

@@ -1,0 +1,106 @@
+"""Settings loading/validation, channel grammar and grants, and the README's config table."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from pushsvc.channels import InvalidChannel, grant_matches, validate_channel, validate_grant
+from pushsvc.settings import Settings, SettingsError
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def test_env_and_overrides():
+    s = Settings.load(
+        env={
+            "PUSHSVC_JWT_SECRET": "x",
+            "PUSHSVC_PORT": "9001",
+            "PUSHSVC_HISTORY_TTL": "0",
+            "PUSHSVC_ALLOWED_ORIGINS": "https://a.example, https://b.example",
+            "PUSHSVC_DEV": "true",
+        },
+        port=9002,
+        host=None,
+    )
+    assert s.port == 9002 and s.host == "127.0.0.1" and not s.history and s.dev
+    assert s.allowed_origins == ["https://a.example", "https://b.example"]
+
+
+@pytest.mark.parametrize(
+    ("env", "setting"),
+    [
+        ({}, "PUSHSVC_JWT_SECRET"),
+        ({"PUSHSVC_JWT_SECRET": "x", "PUSHSVC_PORT": "-1"}, "PUSHSVC_PORT"),
+        ({"PUSHSVC_JWT_SECRET": "x", "PUSHSVC_NATS_URL": "nats://:4222"}, "PUSHSVC_NATS_URL"),
+        ({"PUSHSVC_JWT_SECRET": "x", "PUSHSVC_SUBJECT_PREFIX": "a.b"}, "PUSHSVC_SUBJECT_PREFIX"),
+        ({"PUSHSVC_JWT_SECRET": "x", "PUSHSVC_AUTH_COOKIE": "t"}, "PUSHSVC_AUTH_COOKIE"),
+        (
+            {"PUSHSVC_JWT_SECRET": "x", "PUSHSVC_JWT_ALGORITHMS": "HS256,RS256"},
+            "PUSHSVC_JWT_ALGORITHMS",
+        ),
+        (
+            {"PUSHSVC_JWT_SECRET": "x", "PUSHSVC_ALLOWED_ORIGINS": "a.example"},
+            "PUSHSVC_ALLOWED_ORIGINS",
+        ),
+    ],
+)
+def test_invalid_settings_name_the_setting(env, setting):
+    with pytest.raises(SettingsError) as info:
+        Settings.load(env=env)
+    assert info.value.setting == setting
+
+
+def test_cluster_urls():
+    s = Settings.load(env={"PUSHSVC_JWT_SECRET": "x", "PUSHSVC_NATS_URL": "nats://a:1,nats://b:2"})
+    assert s.nats_servers == ["nats://a:1", "nats://b:2"]
+
+
+def test_readme_documents_every_setting():
+    text = README.read_text()
+    missing = [
+        f.name
+        for f in msgspec.structs.fields(Settings)
+        if f"`PUSHSVC_{f.name.upper()}`" not in text
+    ]
+    assert not missing, f"README configuration table lacks: {missing}"
+
+
+@pytest.mark.parametrize("name", ["news", "chat.room-1", "a_b.C.9", "user.alice", "x" * 128])
+def test_valid_channels(name):
+    assert validate_channel(name) == name
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["", ".a", "a.", "a..b", "a.*", "a.>", "$SYS", "a b", "a\tb", "é", "x" * 129, "_INBOX.x"],
+)
+def test_invalid_channels(name):
+    with pytest.raises(InvalidChannel):
+        validate_channel(name)
+
+
+@pytest.mark.parametrize(
+    ("pattern", "channel", "expected"),
+    [
+        ("chat.*", "chat.a", True),
+        ("chat.*", "chat.a.b", False),
+        ("chat.*", "chat", False),
+        ("chat.>", "chat.a.b", True),
+        ("chat.>", "chat", False),
+        (">", "anything.at.all", True),
+        ("*.x", "a.x", True),
+        ("news", "news", True),
+        ("news", "news2", False),
+    ],
+)
+def test_grants(pattern, channel, expected):
+    assert grant_matches(validate_grant(pattern), channel) is expected
+
+
+@pytest.mark.parametrize("pattern", ["a.>.b", "", "a..b", "a.b*"])
+def test_invalid_grants(pattern):
+    with pytest.raises(InvalidChannel):
+        validate_grant(pattern)
