@@ -7,8 +7,16 @@ Public API::
 
 __version__ = "0.1.0"
 
-from .app import Node, create_app, setup_app  # noqa: E402
-from .publisher import Publisher  # noqa: E402
-from .settings import Settings, SettingsError  # noqa: E402
+from .app import Node, create_app, setup_app
+from .publisher import Publisher
+from .settings import Settings, SettingsError
 
-__all__ = ["Node", "Publisher", "Settings", "SettingsError", "__version__", "create_app", "setup_app"]
+__all__ = [
+    "Node",
+    "Publisher",
+    "Settings",
+    "SettingsError",
+    "__version__",
+    "create_app",
+    "setup_app",
+]

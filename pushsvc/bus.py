@@ -124,6 +124,7 @@ class Bus:
         self.history_enabled = settings.history
         self._subs: dict[str, _LiveSub] = {}
         self._control_sub: Subscription | None = None
+        self._tasks: set[asyncio.Future[None]] = set()
         self.connected = asyncio.Event()
         self.closing = False
         self.on_state_change: Callable[[bool], None] | None = None
@@ -301,7 +302,9 @@ class Bus:
         live.ready = None
         live.refs -= 1
         if live.sub is not None:
-            asyncio.ensure_future(self._unsubscribe(live.sub))
+            task = asyncio.ensure_future(self._unsubscribe(live.sub))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
             live.sub = None
         if live.refs <= 0:
             self._subs.pop(channel, None)
@@ -387,7 +390,7 @@ class Bus:
 
     # --- history -------------------------------------------------------------------
     async def history(self, channel: str, since: int, limit: int | None = None) -> History:
-        """Stored messages of ``channel`` with sequence > ``since``, oldest first, at most ``limit``.
+        """Stored messages of ``channel`` with seq > ``since``, oldest first, at most ``limit``.
 
         ``recovered`` is False when something after ``since`` may be gone: the
         stream's first sequence is past ``since + 1`` (max age), or the channel is

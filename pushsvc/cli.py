@@ -40,9 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--history-ttl", type=float, help="seconds of history (0 = off)")
     serve.add_argument("--base-path", help="mount routes under this path, e.g. /push")
     serve.add_argument("--log-level", help="debug|info|warning|error")
-    serve.add_argument(
-        "--ws", default="websockets-sansio", help="uvicorn WebSocket implementation"
-    )
+    serve.add_argument("--ws", default="websockets-sansio", help="uvicorn WebSocket implementation")
 
     token = sub.add_parser("token", help="mint a JWT with the configured secret")
     token.add_argument("--sub", required=True, help="user id (JWT sub)")
@@ -175,7 +173,9 @@ def _serve(args: argparse.Namespace) -> int:
         # exit so the bundled nats-server is stopped by the `finally` below.
         signal.signal(signal.SIGTERM, _exit_on_sigterm)
         if settings.workers > 1:
-            uvicorn.run("pushsvc.cli:app_from_env", factory=True, workers=settings.workers, **config)
+            uvicorn.run(
+                "pushsvc.cli:app_from_env", factory=True, workers=settings.workers, **config
+            )
         else:
             from .app import create_app
 

@@ -22,8 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Coroutine
-from typing import Any
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
@@ -33,7 +32,6 @@ from .protocol import (
     CLOSE_UNAUTHORIZED,
     Message,
     Subscribed,
-    Unsubscribed,
     encode_frame,
     payload_to_data,
 )

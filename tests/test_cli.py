@@ -32,7 +32,7 @@ def run(args: list[str], **extra: str) -> subprocess.CompletedProcess[str]:
 
 async def test_serve_dev_as_in_readme(tmp_path):
     port = free_port()
-    proc = subprocess.Popen(
+    proc = subprocess.Popen(  # noqa: ASYNC220 - the server under test, read from a thread
         [*PUSHSVC, "serve", "--dev", "--port", str(port), "--data-dir", str(tmp_path)],
         env=clean_env(),
         stdout=subprocess.PIPE,
