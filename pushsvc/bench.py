@@ -1326,23 +1326,31 @@ class _Publisher:
         self.http: list[_HttpConnection] = []
 
     async def open(self, wait_s: float) -> None:
-        """Connect to NATS (``--via nats``) or prepare the emit connections, within timeout s."""
+        """Connect to NATS (``--via nats``) or prepare the emit connections, within wait_s s."""
         cfg = self.cfg
         if cfg["via"] == "nats":
+            seen: list[Exception] = []
+
+            async def on_error(exc: Exception) -> None:  # instead of nats-py's tracebacks
+                seen.append(exc)
+
             try:
                 self.nc = await asyncio.wait_for(
                     nats.connect(
                         servers=[u.strip() for u in cfg["nats_url"].split(",") if u.strip()],
                         connect_timeout=min(5.0, max(0.5, wait_s)),
                         allow_reconnect=False,
-                        max_reconnect_attempts=0,
+                        max_reconnect_attempts=1,  # one try per server (0 would mean forever)
+                        reconnect_time_wait=0.1,
+                        error_cb=on_error,
                         name="pushsvc-bench",
                     ),
                     max(0.5, wait_s),
                 )
             except Exception as exc:
+                reason = seen[-1] if seen else exc
                 raise _BenchFailed(
-                    f"cannot connect to NATS at {cfg['nats_url']}: {exc!r}"
+                    f"cannot connect to NATS at {cfg['nats_url']}: {reason!r}"
                 ) from None
         else:
             n = max(1, min(EMIT_CONNECTIONS, cfg["messages"]))
