@@ -53,6 +53,9 @@ class Node:
         self.auth = Authenticator(settings)
         self.bus = Bus(settings, on_message=self._dispatch, on_control=self._control)
         self.hub = Hub(self.bus)
+        # NATS outage: buffer live frames, then fill the gap from the stream (history on)
+        self.bus.on_disconnected = self.hub.suspend
+        self.bus.on_resumed = self.hub.resume
         self.command_buckets = BucketRegistry(settings.command_rate, settings.command_burst)
         self.emit_buckets = BucketRegistry(settings.emit_rate, settings.emit_burst)
         self.embedded: EmbeddedNats | None = None
@@ -181,6 +184,7 @@ class Node:
             ttl=ttl,
             audience=self.settings.jwt_audience,
             issuer=self.settings.jwt_issuer,
+            headers={"typ": self.settings.jwt_type} if self.settings.jwt_type else None,
         )
 
 
@@ -220,14 +224,16 @@ def setup_app(app: FastAPI, settings: Settings, prefix: str = "") -> Node:
     Returns:
         The :class:`Node` (also at ``app.state.pushsvc``).
     """
-    install_redaction()
-    node = Node(settings)
+    node = Node(settings)  # (generates the dev secret, if any, first)
+    api_keys = [entry.rsplit(":", 1)[-1] for entry in settings.api_keys]
+    install_redaction([settings.jwt_secret, *api_keys])
     app.include_router(node.router(), prefix=prefix)
     app.state.pushsvc = node
     inner = app.router.lifespan_context
 
     @asynccontextmanager
     async def lifespan(a: Any) -> AsyncIterator[Any]:
+        install_redaction()  # again: the server may have configured logging since
         try:
             async with node.lifespan():
                 async with inner(a) as state:

@@ -9,7 +9,16 @@ Rules (RFC 7519, RFC 8725 "JWT Best Current Practices"):
   ``iss`` are checked when configured (RFC 8725 3.9, 3.10); ``leeway`` seconds of
   clock skew are tolerated (default 30);
 - unknown ``crit`` header parameters are rejected (RFC 7515 4.1.11, PyJWT);
-- ``kid``/``jku``/``x5u`` never trigger a fetch: keys come only from settings.
+- ``kid``/``jku``/``x5u``/``jwk`` never trigger a fetch: keys come only from settings
+  (RFC 8725 3.10);
+- explicit typing (RFC 8725 3.11): with ``PUSHSVC_JWT_TYPE`` / ``PUSHSVC_EMIT_TYPE``
+  set, the header ``typ`` must name that type (compared as RFC 7515 4.1.9 says:
+  case-insensitively, ``application/`` optional), so a connection token can never
+  be replayed as an emit token or the other way round; ``PUSHSVC_EMIT_AUDIENCE``
+  does the same job with ``aud`` (RFC 8725 3.9);
+- another user's personal channel ``user.<sub>`` is only reachable through a grant
+  whose first token is literally ``user`` (e.g. ``user.*``): a catch-all ``>`` or a
+  leading ``*`` never grants a subscription to someone else's private channel.
 
 Verification is PyJWT's; this module adds the claim shapes and the cache.
 """
@@ -26,6 +35,8 @@ import msgspec
 
 from .channels import InvalidChannel, any_grant_matches, personal_channel, validate_grant
 from .settings import Settings
+
+PERSONAL_PREFIX = personal_channel("")  # "user."
 
 
 class AuthError(Exception):
@@ -53,8 +64,19 @@ class Principal(msgspec.Struct, frozen=True):
     jti: str | None = None
 
     def can_subscribe(self, channel: str) -> bool:
-        """True when a grant covers ``channel`` or it is the user's personal channel."""
-        return channel == personal_channel(self.sub) or any_grant_matches(self.channels, channel)
+        """True when a grant covers ``channel`` or it is the user's personal channel.
+
+        Personal channels of *other* users (``user.<x>``) need a grant that names
+        ``user`` as its first token (``user.*``, ``user.bob``, ``user.>``): wildcard
+        grants such as ``>`` or ``*.bob`` do not reach them (least privilege).
+        """
+        if channel == personal_channel(self.sub):
+            return True
+        if channel.startswith(PERSONAL_PREFIX):
+            return any_grant_matches(
+                tuple(g for g in self.channels if g.startswith(PERSONAL_PREFIX)), channel
+            )
+        return any_grant_matches(self.channels, channel)
 
     def can_publish(self, channel: str) -> bool:
         """True when a ``publish`` grant covers ``channel``."""
@@ -133,15 +155,24 @@ class Authenticator:
             return Principal(sub=f"apikey:{key_id}", exp=float("inf"), publish=(">",))
         return self.verify(credential, purpose="emit")
 
+    def is_api_key(self, credential: str) -> bool:
+        """True when ``credential`` is one of the configured API keys (``PUSHSVC_API_KEYS``)."""
+        return credential in self._api_keys
+
     def expires_in(self, principal: Principal) -> float:
         """Seconds until the session must close: ``exp + leeway - now`` (may be <= 0)."""
         return principal.exp + self.leeway - time.time()
 
     def _decode(self, token: str, purpose: str) -> Principal:
         audience = self.settings.jwt_audience
-        if purpose == "emit" and self.settings.emit_audience is not None:
-            audience = self.settings.emit_audience
+        expected_type = self.settings.jwt_type
+        if purpose == "emit":
+            if self.settings.emit_audience is not None:
+                audience = self.settings.emit_audience
+            expected_type = self.settings.emit_type
         try:
+            if expected_type is not None:
+                _check_type(jwt.get_unverified_header(token).get("typ"), expected_type)
             claims = jwt.decode(
                 token,
                 self._key,
@@ -165,7 +196,8 @@ class Authenticator:
             raise AuthError("token algorithm not accepted") from None
         except jwt.InvalidSignatureError:
             raise AuthError("token signature invalid") from None
-        except (jwt.InvalidTokenError, ValueError, TypeError):
+        except (jwt.InvalidTokenError, ValueError, TypeError, ArithmeticError):
+            # ArithmeticError: PyJWT's int() of an "exp"/"nbf" of Infinity (json allows it)
             raise AuthError("token invalid") from None
         sub = claims.get("sub")
         if not isinstance(sub, str) or not sub or len(sub) > 128:
@@ -181,6 +213,21 @@ class Authenticator:
             )
         except InvalidChannel as exc:
             raise AuthError(f"token grant invalid: {exc}") from None
+
+
+def _normalise_type(value: str) -> str:
+    value = value.lower()
+    return value[len("application/") :] if value.startswith("application/") else value
+
+
+def _check_type(actual: object, expected: str) -> None:
+    """Compare a JOSE ``typ`` header with the configured type (RFC 7515 4.1.9).
+
+    Raises:
+        AuthError: ``typ`` absent, not a string, or another type.
+    """
+    if not isinstance(actual, str) or _normalise_type(actual) != _normalise_type(expected):
+        raise AuthError("token type not accepted")
 
 
 def _grants(value: object) -> tuple[str, ...]:
@@ -205,12 +252,14 @@ def mint_token(
     issuer: str | None = None,
     jti: str | None = None,
     extra: dict[str, Any] | None = None,
+    headers: dict[str, Any] | None = None,
 ) -> str:
     """Mint a JWT for ``sub`` valid ``ttl`` seconds (used by ``pushsvc token`` and tests).
 
     Args:
         secret: HS* shared secret, or a PEM private key for RS*/ES*.
         channels / publish: grant patterns (validated).
+        headers: extra JOSE header fields, e.g. ``{"typ": "pushsvc+jwt"}``.
 
     Raises:
         InvalidChannel: a grant is malformed.
@@ -229,4 +278,4 @@ def mint_token(
         claims["jti"] = jti
     if extra:
         claims.update(extra)
-    return jwt.encode(claims, secret, algorithm=algorithm)
+    return jwt.encode(claims, secret, algorithm=algorithm, headers=headers)

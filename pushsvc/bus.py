@@ -49,6 +49,9 @@ log = logging.getLogger("pushsvc.bus")
 
 MessageHandler = Callable[[str, bytes, int | None], None]
 ControlHandler = Callable[[bytes], None]
+ResumeHandler = Callable[[bool], Awaitable[None]]
+
+STREAM_RETRY_MAX = 2.0  # s, longest pause between stream set-up attempts after a reconnect
 
 
 class Unavailable(Exception):
@@ -61,6 +64,18 @@ class Unavailable(Exception):
     def __init__(self, message: str, retry_after: float = 1.0) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class StreamConfigError(Unavailable):
+    """The history stream exists with settings that cannot be changed in place.
+
+    Examples: another storage type, subjects overlapping another stream. Raised at
+    start (the node does not start) with a message naming the stream and the reason.
+    """
+
+
+class _NoJetStream(Exception):
+    """Nothing answers the JetStream API: JetStream is not enabled on this NATS."""
 
 
 @dataclass
@@ -128,6 +143,15 @@ class Bus:
         self.connected = asyncio.Event()
         self.closing = False
         self.on_state_change: Callable[[bool], None] | None = None
+        #: called (synchronously) when the NATS connection drops.
+        self.on_disconnected: Callable[[], None] | None = None
+        #: awaited after a reconnect once the stream is verified, with ``True`` when
+        #: the stream was re-created (NATS lost its store: sequences restarted).
+        self.on_resumed: ResumeHandler | None = None
+        #: True once this process saw the stream re-created under it.
+        self.stream_reset = False
+        self._stream_created: object = None
+        self._resume_task: asyncio.Task[None] | None = None
 
     # --- lifecycle -------------------------------------------------------------
     async def start(self) -> None:
@@ -165,7 +189,11 @@ class Bus:
         self.connected.set()
         self.js = self.nc.jetstream(timeout=self.settings.publish_timeout)
         if self.history_enabled:
-            self.history_enabled = await self._ensure_stream()
+            try:
+                self.history_enabled = await self._setup_stream()
+            except Unavailable:
+                await self.close()
+                raise
         if self._on_control is not None:
             self._control_sub = await self.nc.subscribe(self.control_subject, cb=self._control_cb)
 
@@ -174,16 +202,69 @@ class Bus:
 
     async def _disconnected_cb(self) -> None:
         self.connected.clear()
-        if not self.closing:
-            log.warning("NATS disconnected; reconnecting (emits answer 503 meanwhile)")
+        if self.closing:
+            return
+        log.warning("NATS disconnected; reconnecting (emits answer 503 meanwhile)")
+        if self._resume_task is not None:
+            self._resume_task.cancel()
+            self._resume_task = None
+        if self.on_disconnected is not None:
+            self.on_disconnected()
 
     async def _reconnected_cb(self) -> None:
+        """nats-py has reconnected and re-sent every SUB (confirmed by a flush).
+
+        Runs inside nats-py's reconnect loop, so it must neither raise nor wait:
+        stream verification and the hub's catch-up run in a task.
+        """
         self.connected.set()
         url = self.nc.connected_url.netloc if self.nc and self.nc.connected_url else "?"
         log.info("NATS reconnected to %s; subscriptions restored", url)
-        if self.settings.history and self.js is not None:
-            # A restarted server with a fresh store has no stream: create it again.
-            self.history_enabled = await self._ensure_stream() or self.history_enabled
+        if self._resume_task is not None:
+            self._resume_task.cancel()
+        task = self._resume_task = asyncio.ensure_future(self._resume())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _resume(self) -> None:
+        """After a reconnect: verify (or re-create) the stream, then tell the hub.
+
+        Retries the stream set-up with backoff (up to ``STREAM_RETRY_MAX`` s between
+        attempts) while connected: right after a NATS restart JetStream may need a
+        moment to recover its store. A stream whose creation time changed was
+        re-created: NATS lost its store and sequences restarted at 1.
+        """
+        reset = False
+        s = self.settings
+        if self.history_enabled:
+            created = self._stream_created
+            delay = 0.05
+            while True:
+                if self.closing or not self.is_connected:
+                    return  # the next reconnect starts a new resume
+                try:
+                    await self._ensure_stream()
+                    break
+                except StreamConfigError as exc:
+                    log.error("%s; history keeps the old stream settings", exc)
+                    break
+                except (Unavailable, _NoJetStream) as exc:
+                    log.warning("stream %s not ready after reconnect: %s", s.stream, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, STREAM_RETRY_MAX)
+            reset = created is not None and self._stream_created != created
+            if reset:
+                self.stream_reset = True
+                log.error(
+                    "stream %s was re-created (NATS lost its store): sequences restarted; "
+                    "history from before is gone",
+                    s.stream,
+                )
+        if self.on_resumed is not None:
+            try:
+                await self.on_resumed(reset)
+            except Exception:
+                log.exception("resume after reconnect failed")
 
     async def _closed_cb(self) -> None:
         self.connected.clear()
@@ -191,6 +272,9 @@ class Bus:
     async def close(self) -> None:
         """Drain the NATS connection (pending deliveries finish, then close)."""
         self.closing = True
+        if self._resume_task is not None:
+            self._resume_task.cancel()
+            self._resume_task = None
         nc, self.nc = self.nc, None
         if nc is not None and not nc.is_closed:
             try:
@@ -204,10 +288,49 @@ class Bus:
         """True while the NATS connection is up."""
         return self.nc is not None and self.nc.is_connected
 
-    async def _ensure_stream(self) -> bool:
-        """Create or update the history stream; False when JetStream is unavailable."""
+    async def _setup_stream(self) -> bool:
+        """Create or update the stream at start; False when NATS has no JetStream.
+
+        Retries for up to ``connect_timeout`` s while JetStream is reachable but not
+        ready (timeouts, "temporarily unavailable", e.g. a cluster electing its
+        leader), so a node never silently runs without the history it was
+        configured with.
+
+        Raises:
+            StreamConfigError: the stream exists with settings that cannot change.
+            Unavailable: JetStream did not become ready within ``connect_timeout`` s.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.connect_timeout
+        delay = 0.05
+        while True:
+            try:
+                await self._ensure_stream()
+                return True
+            except _NoJetStream:
+                log.warning("JetStream is not enabled on this NATS: history is off (live only)")
+                return False
+            except StreamConfigError:
+                raise
+            except Unavailable as exc:
+                if loop.time() + delay > deadline:
+                    raise Unavailable(
+                        f"JetStream did not set up stream {self.settings.stream} within "
+                        f"{self.settings.connect_timeout:g} s: {exc}"
+                    ) from None
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 1.0)
+
+    def stream_config(self) -> StreamConfig:
+        """The history stream's configuration as derived from the settings.
+
+        ``max_age`` = ``history_ttl`` s, ``max_msgs_per_subject`` = ``history_size``,
+        ``duplicate_window`` = ``min(dedupe_window, history_ttl)`` s (JetStream
+        refuses a window longer than the max age), file storage,
+        ``stream_replicas`` replicas, RePublish ``<prefix>.>`` -> ``<prefix>-live.>``.
+        """
         s = self.settings
-        config = StreamConfig(
+        return StreamConfig(
             name=s.stream,
             subjects=[f"{self.prefix}.>"],
             max_age=s.history_ttl,
@@ -218,20 +341,44 @@ class Bus:
             republish=RePublish(src=f"{self.prefix}.>", dest=f"{self.live_prefix}.>"),
             allow_direct=True,
         )
+
+    async def _ensure_stream(self) -> None:
+        """Create the stream, or update it when it exists with other settings.
+
+        Idempotent: JetStream accepts the same configuration as is. Records the
+        stream's creation time (``_stream_created``) so that a stream re-created
+        behind the node's back (NATS lost its store) is noticed after a reconnect.
+
+        Raises:
+            _NoJetStream: no JetStream responder (not enabled on this server).
+            StreamConfigError: JetStream refused the configuration.
+            Unavailable: JetStream timed out or is temporarily unavailable.
+        """
+        s = self.settings
+        config = self.stream_config()
         assert self.js is not None
         try:
             try:
-                await self.js.add_stream(config)
+                info = await self.js.add_stream(config)
             except nats.js.errors.BadRequestError as exc:
                 if exc.err_code != 10058:  # stream name already in use with a different config
                     raise
-                await self.js.update_stream(config)
-        except nats.js.errors.ServiceUnavailableError:
-            log.warning("JetStream is not enabled on this NATS: history is off (live only)")
-            return False
-        except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
-            log.warning("JetStream did not answer: history is off (live only)")
-            return False
+                info = await self.js.update_stream(config)
+        except nats.js.errors.ServiceUnavailableError as exc:
+            if exc.err_code is None:  # no responders: JetStream is not enabled
+                raise _NoJetStream() from None
+            raise Unavailable(f"JetStream unavailable: {exc.description}") from None
+        except nats.errors.NoRespondersError:
+            raise _NoJetStream() from None
+        except nats.js.errors.APIError as exc:
+            raise StreamConfigError(
+                f"stream {s.stream} cannot be set up with the configured settings: "
+                f"{exc.description} (err {exc.err_code}); delete or fix the stream, "
+                "or choose another PUSHSVC_STREAM"
+            ) from None
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise Unavailable(f"JetStream did not answer ({type(exc).__name__})") from None
+        self._stream_created = info.created
         log.info(
             "stream %s ready: %s.> -> %s.>, ttl %gs, %d per channel",
             s.stream,
@@ -240,7 +387,6 @@ class Bus:
             s.history_ttl,
             s.history_size,
         )
-        return True
 
     # --- live subscriptions (refcounted) -----------------------------------------
     def live_subject(self, channel: str) -> str:
@@ -389,7 +535,9 @@ class Bus:
             raise Unavailable(f"NATS did not take the message ({type(exc).__name__})") from None
 
     # --- history -------------------------------------------------------------------
-    async def history(self, channel: str, since: int, limit: int | None = None) -> History:
+    async def history(
+        self, channel: str, since: int, limit: int | None = None, *, seen: int = 0
+    ) -> History:
         """Stored messages of ``channel`` with seq > ``since``, oldest first, at most ``limit``.
 
         ``recovered`` is False when something after ``since`` may be gone: the
@@ -397,24 +545,43 @@ class Bus:
         at its per-channel cap and every retained message is newer than ``since``.
         JetStream would silently start at its first sequence in both cases; this
         detects and reports it. A ``since`` at or past the stream's last
-        sequence means "nothing missed".
+        sequence means "nothing missed", except on a node that saw the stream
+        re-created (:attr:`stream_reset`): there a ``since`` past the last sequence
+        comes from the lost stream, so it is answered like ``since=0`` with
+        ``recovered`` False.
+
+        Args:
+            channel: a valid channel name.
+            since: stream sequence; messages with a greater one are returned.
+            limit: at most this many messages (default ``history_size``).
+            seen: the caller is known to hold every message of the channel up to
+                this stream sequence (>= ``since``), e.g. a node catching up after
+                a reconnect: only messages stored after it count as lost when the
+                stream's head has expired. 0 = nothing known beyond ``since``.
 
         Raises:
-            Unavailable: history is off, or NATS/JetStream did not answer.
+            Unavailable: history is off, NATS is not connected, or NATS/JetStream
+                did not answer within ``publish_timeout`` s.
         """
         if not self.history_enabled or self.js is None:
             raise Unavailable("history is off")
+        if not self.is_connected:
+            raise Unavailable("NATS is not connected")
         limit = limit or self.settings.history_size
         subject = subject_for(self.prefix, channel)
         stream = self.settings.stream
+        stale = False
         try:
             info = await self.js.stream_info(stream, subjects_filter=subject)
             state = info.state
+            if since > state.last_seq and self.stream_reset:
+                since, stale = 0, True
             if since >= state.last_seq:
-                return History([], True, state.last_seq)
+                return History([], not stale, state.last_seq)
             count = (state.subjects or {}).get(subject, 0)
             if count == 0:
-                return History([], state.first_seq <= since + 1, state.last_seq)
+                intact = state.first_seq <= max(since, seen) + 1
+                return History([], not stale and intact, state.last_seq)
             psub = await self.js.pull_subscribe(
                 subject,
                 stream=stream,
@@ -448,8 +615,32 @@ class Bus:
                     pass  # the consumer is ephemeral: inactive_threshold removes it
         except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
             raise Unavailable(f"history read failed ({type(exc).__name__})") from None
-        lost_by_age = state.first_seq > since + 1
+        lost_by_age = state.first_seq > max(since, seen) + 1
         lost_by_cap = count >= self.settings.history_size and pending >= count
         return History(
-            messages, not (lost_by_age or lost_by_cap), state.last_seq, pending > len(messages)
+            messages,
+            not (stale or lost_by_age or lost_by_cap),
+            state.last_seq,
+            pending > len(messages),
         )
+
+    async def channel_last_seq(self, channel: str) -> int:
+        """Stream sequence of the newest stored message of ``channel`` (0: none stored).
+
+        One JetStream direct get (no consumer).
+
+        Raises:
+            Unavailable: history is off, NATS is not connected or did not answer.
+        """
+        if not self.history_enabled or self.js is None:
+            raise Unavailable("history is off")
+        if not self.is_connected:
+            raise Unavailable("NATS is not connected")
+        subject = subject_for(self.prefix, channel)
+        try:
+            msg = await self.js.get_last_msg(self.settings.stream, subject, direct=True)
+        except nats.js.errors.NotFoundError:
+            return 0
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise Unavailable(f"last message lookup failed ({type(exc).__name__})") from None
+        return msg.seq or 0

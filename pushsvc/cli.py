@@ -40,7 +40,11 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--history-ttl", type=float, help="seconds of history (0 = off)")
     serve.add_argument("--base-path", help="mount routes under this path, e.g. /push")
     serve.add_argument("--log-level", help="debug|info|warning|error")
-    serve.add_argument("--ws", default="websockets-sansio", help="uvicorn WebSocket implementation")
+    serve.add_argument(
+        "--ws",
+        default="pushsvc.wsprotocol:WebSocketProtocol",
+        help="uvicorn WebSocket implementation (default: websockets-sansio with fixes)",
+    )
 
     token = sub.add_parser("token", help="mint a JWT with the configured secret")
     token.add_argument("--sub", required=True, help="user id (JWT sub)")

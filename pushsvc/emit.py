@@ -23,6 +23,7 @@ import math
 import msgspec
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
+from starlette.requests import ClientDisconnect
 
 from . import metrics
 from .auth import Authenticator, AuthError, Principal
@@ -107,11 +108,14 @@ def emit_router(
             raise EmitError(413, "too_large", f"body larger than {limit} bytes")
         chunks: list[bytes] = []
         size = 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise EmitError(413, "too_large", f"body larger than {limit} bytes")
-            chunks.append(chunk)
+        try:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise EmitError(413, "too_large", f"body larger than {limit} bytes")
+                chunks.append(chunk)
+        except ClientDisconnect:  # a client mistake, not a server error: no traceback
+            raise EmitError(400, "bad_request", "client disconnected mid-body") from None
         return b"".join(chunks)
 
     def check(principal: Principal, channel: str) -> str:

@@ -65,20 +65,37 @@ class WebSocketEndpoint:
         self.auth = auth
         self.buckets = buckets
         self.accepting = accepting
-        self.allowed_origins = frozenset(settings.allowed_origins)
+        self.allowed_origins = frozenset(normalise_origin(o) for o in settings.allowed_origins)
+        #: sockets between handshake and close, authenticated or not (the global cap)
+        self.open_sockets = 0
+        # per user: handshakes admitted but not yet registered with the hub
+        self._reserved: dict[str, int] = {}
 
     async def __call__(self, scope: dict[str, Any], receive: ASGIReceive, send: ASGISend) -> None:
         assert scope["type"] == "websocket"
         headers = Headers(scope=scope)
+        # OWASP WebSocket cheat sheet: check Origin before accepting (cross-site
+        # WebSocket hijacking); exact match, scheme and port included.
         if self.allowed_origins and headers.get("origin") not in self.allowed_origins:
             await _deny(scope, receive, send, 403, "origin not allowed", "origin")
             return
         if not self.accepting():
-            await _deny(scope, receive, send, 503, "server is draining", "draining")
+            await _deny(scope, receive, send, 503, "server is draining", "draining", retry=5)
             return
-        if len(self.hub.sessions) >= self.settings.max_connections:
-            await _deny(scope, receive, send, 503, "connection limit reached", "capacity")
+        # Counts sockets still waiting for their auth frame too, so unauthenticated
+        # clients cannot hold more than the cap between them.
+        if self.open_sockets >= self.settings.max_connections:
+            await _deny(scope, receive, send, 503, "connection limit reached", "capacity", retry=5)
             return
+        self.open_sockets += 1
+        try:
+            await self._serve(scope, receive, send, headers)
+        finally:
+            self.open_sockets -= 1
+
+    async def _serve(
+        self, scope: dict[str, Any], receive: ASGIReceive, send: ASGISend, headers: Headers
+    ) -> None:
         token = self._handshake_token(scope, headers)
         principal: Principal | None = None
         if token is not None:
@@ -87,27 +104,54 @@ class WebSocketEndpoint:
             except AuthError as exc:
                 await _deny(scope, receive, send, 403, str(exc), "unauthorized")
                 return
-            if self.hub.user_connections(principal.sub) >= self.settings.max_connections_per_user:
+            if not self._reserve(principal.sub):
                 await _deny(scope, receive, send, 429, "too many connections", "user_limit")
                 return
-        message = await receive()
-        if message["type"] != "websocket.connect":
-            return
-        await send({"type": "websocket.accept"})
-        if principal is None:
-            principal = await self._auth_frame(receive, send)
-            if principal is None:
+        reserved = None if principal is None else principal.sub
+        try:
+            message = await receive()
+            if message["type"] != "websocket.connect":
                 return
-        session = Session(
-            send,
-            receive,
-            principal,
-            self.hub,
-            self.auth,
-            self.buckets.get(principal.sub),
-            self.settings,
-        )
+            await send({"type": "websocket.accept"})
+            if principal is None:
+                principal = await self._auth_frame(receive, send)
+                if principal is None:
+                    return
+                reserved = principal.sub
+            session = Session(
+                send,
+                receive,
+                principal,
+                self.hub,
+                self.auth,
+                self.buckets.get(principal.sub),
+                self.settings,
+            )
+        finally:
+            # Session.run registers with the hub before its first await, so handing
+            # the reservation over here leaves no window for another handshake.
+            if reserved is not None:
+                self._release(reserved)
         await session.run()
+
+    def _reserve(self, sub: str) -> bool:
+        """Hold one of ``sub``'s ``max_connections_per_user`` slots; False when full.
+
+        Open sessions and handshakes in flight both count, so parallel handshakes of
+        one user cannot overshoot the cap while they await accept.
+        """
+        held = self.hub.user_connections(sub) + self._reserved.get(sub, 0)
+        if held >= self.settings.max_connections_per_user:
+            return False
+        self._reserved[sub] = self._reserved.get(sub, 0) + 1
+        return True
+
+    def _release(self, sub: str) -> None:
+        left = self._reserved.get(sub, 0) - 1
+        if left > 0:
+            self._reserved[sub] = left
+        else:
+            self._reserved.pop(sub, None)
 
     def _handshake_token(self, scope: dict[str, Any], headers: Headers) -> str | None:
         authorization = headers.get("authorization")
@@ -150,10 +194,20 @@ class WebSocketEndpoint:
         except AuthError as exc:
             await _close(send, CLOSE_UNAUTHORIZED, str(exc))
             return None
-        if self.hub.user_connections(principal.sub) >= self.settings.max_connections_per_user:
+        if not self._reserve(principal.sub):
             await _close(send, CLOSE_RATE_LIMITED, "too many connections for this user")
             return None
         return principal
+
+
+def normalise_origin(origin: str) -> str:
+    """An allowlist entry as browsers serialise an Origin (RFC 6454 6.2).
+
+    Scheme and host are lower case and there is no trailing ``/``; the port stays
+    (a non-default port is part of the origin). Incoming ``Origin`` headers are
+    compared to these entries byte for byte.
+    """
+    return origin.strip().rstrip("/").lower()
 
 
 async def _close(send: ASGISend, code: int, reason: str) -> None:
@@ -171,18 +225,26 @@ async def _deny(
     status: int,
     reason: str,
     label: str,
+    retry: int | None = None,
 ) -> None:
-    """Refuse a handshake before accept with an HTTP status and a text reason."""
+    """Refuse a handshake before accept with an HTTP status and a text reason.
+
+    ``retry`` (seconds) adds ``Retry-After`` (RFC 9110 10.2.3) to 503 answers.
+    ``reason`` must be client-safe: it never contains the token.
+    """
     metrics.HANDSHAKES_REJECTED.labels(label).inc()
     message = await receive()
     if message["type"] != "websocket.connect":
         return
     if "websocket.http.response" in scope.get("extensions", {}):
+        headers = [(b"content-type", b"text/plain; charset=utf-8")]
+        if retry is not None:
+            headers.append((b"retry-after", str(retry).encode()))
         await send(
             {
                 "type": "websocket.http.response.start",
                 "status": status,
-                "headers": [(b"content-type", b"text/plain; charset=utf-8")],
+                "headers": headers,
             }
         )
         await send({"type": "websocket.http.response.body", "body": reason.encode()})

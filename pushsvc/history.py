@@ -1,11 +1,14 @@
 """``GET /history/{channel}?since=N&limit=L``: recent messages for backends.
 
 Authorised like a subscribe: ``Authorization: Bearer <JWT>`` whose ``channels``
-grants cover the channel (or an API key). Answers 200
+grants cover the channel (the JWT may be a connection token, as for ``/ws``, or an
+emit token with ``PUSHSVC_EMIT_AUDIENCE``/``PUSHSVC_EMIT_TYPE``; a ``publish``
+grant is not enough), or a configured API key (any channel). Answers 200
 ``{"channel", "recovered", "last_seq", "more", "messages": [{"seq", "data", "encoding"?}]}``
 with messages of seq > ``since`` (default 0), oldest first, at most ``limit``
-(default and maximum ``PUSHSVC_HISTORY_SIZE``). Errors as the emit shim: 401, 403,
-422, and 503 with ``Retry-After`` when history is off or NATS cannot answer.
+(default and maximum ``PUSHSVC_HISTORY_SIZE``). Errors as the emit shim: 400 (``since``
+or ``limit`` not an integer >= 0 / >= 1), 401, 403, 422 (invalid channel), and 503
+with ``Retry-After`` when history is off or NATS cannot answer.
 """
 
 from __future__ import annotations
@@ -48,8 +51,8 @@ def history_router(settings: Settings, bus: Bus, auth: Authenticator) -> APIRout
     async def history(
         channel: str,
         request: Request,
-        since: int = Query(0, ge=0),
-        limit: int | None = Query(None, ge=1),
+        since: str = Query("0"),
+        limit: str | None = Query(None),
     ) -> Response:
         """Stored messages of ``channel`` after ``since``."""
         try:
@@ -57,20 +60,27 @@ def history_router(settings: Settings, bus: Bus, auth: Authenticator) -> APIRout
             scheme, _, credential = header.partition(" ")
             if scheme.lower() != "bearer" or not credential.strip():
                 raise EmitError(401, "unauthorized", "missing Authorization: Bearer token")
-            try:
-                principal = auth.verify_emit(credential.strip())
-            except AuthError as exc:
-                raise EmitError(401, "unauthorized", str(exc)) from None
+            credential = credential.strip()
+            is_api_key = auth.is_api_key(credential)
+            if not is_api_key:
+                try:
+                    principal = auth.verify(credential)  # a connection token, as for /ws
+                except AuthError as exc:
+                    try:  # or a backend's emit token (PUSHSVC_EMIT_AUDIENCE / _TYPE)
+                        principal = auth.verify(credential, purpose="emit")
+                    except AuthError:
+                        raise EmitError(401, "unauthorized", str(exc)) from None
             try:
                 channel = validate_channel(channel)
             except InvalidChannel as exc:
                 raise EmitError(422, "invalid_channel", str(exc)) from None
-            is_api_key = principal.publish == (">",) and principal.sub.startswith("apikey:")
             if not (is_api_key or principal.can_subscribe(channel)):
                 raise EmitError(403, "forbidden", f"not allowed to read {channel}")
+            after = _count(since, "since", 0)
+            most = None if limit is None else _count(limit, "limit", 1)
             cap = settings.history_size
             try:
-                page = await bus.history(channel, since, min(limit or cap, cap))
+                page = await bus.history(channel, after, min(most or cap, cap))
             except Unavailable as exc:
                 raise EmitError(503, "unavailable", str(exc), retry_after=exc.retry_after) from None
         except EmitError as exc:
@@ -83,3 +93,15 @@ def history_router(settings: Settings, bus: Bus, auth: Authenticator) -> APIRout
         return Response(msgspec.json.encode(body), media_type="application/json")
 
     return router
+
+
+def _count(value: str, name: str, minimum: int) -> int:
+    """Parse a query parameter as an integer >= ``minimum``.
+
+    Raises:
+        EmitError: 400 ``bad_request`` naming the parameter.
+    """
+    number = int(value) if value.isascii() and value.isdigit() and len(value) <= 20 else None
+    if number is None or number < minimum:
+        raise EmitError(400, "bad_request", f"{name} must be an integer >= {minimum}")
+    return number

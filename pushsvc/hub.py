@@ -15,6 +15,12 @@ no duplicate at the seam between replayed history and live delivery:
 
 Live frames of one channel arrive in stream order (one republishing stream, one
 NATS subscription), so the threshold check is needed only at the seam.
+
+The same idea covers a NATS outage for the sessions that stay connected: each
+channel remembers the last seq handed to its sessions (``last_seq``); when the
+connection drops (:meth:`Hub.suspend`) live frames are buffered, and once nats-py
+has reconnected and resubscribed (:meth:`Hub.resume`) the hub reads the stream
+after ``last_seq``, delivers what was missed, then the buffered frames past it.
 """
 
 from __future__ import annotations
@@ -27,8 +33,9 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from . import metrics
-from .bus import Bus, Unavailable
+from .bus import Bus, StoredMessage, Unavailable
 from .protocol import (
+    CLOSE_SERVICE_RESTART,
     CLOSE_UNAUTHORIZED,
     Message,
     Subscribed,
@@ -40,6 +47,9 @@ if TYPE_CHECKING:
     from .session import Session
 
 log = logging.getLogger("pushsvc.hub")
+
+CATCHUP_CONCURRENCY = 16  # channels read from the stream at once after a reconnect
+CATCHUP_ATTEMPTS = 3  # history reads per channel before its sessions are told to resume
 
 
 class _Recovery:
@@ -53,11 +63,30 @@ class _Recovery:
 
 
 class _Channel:
-    __slots__ = ("pending", "sessions")
+    """Local state of one channel.
+
+    Attributes:
+        sessions: the live set (every live frame goes to each).
+        pending: sessions recovering with ``since`` (see :class:`_Recovery`).
+        last_seq: every message of the channel with seq <= ``last_seq`` stored while
+            the node held the channel has been handed to the live set; None until
+            learnt (first live frame, a recovery, or the lookup at creation).
+        catchup: while not None (NATS connection lost, catch-up not done), live
+            frames are buffered here instead of delivered.
+        catchup_since: ``last_seq`` when the connection dropped.
+        catchup_seen: the highest seq the node had delivered on any channel when
+            the connection dropped: everything of this channel up to it arrived.
+    """
+
+    __slots__ = ("catchup", "catchup_seen", "catchup_since", "last_seq", "pending", "sessions")
 
     def __init__(self) -> None:
         self.sessions: set[Session] = set()
         self.pending: dict[Session, _Recovery] = {}
+        self.last_seq: int | None = None
+        self.catchup: list[tuple[int | None, str, int]] | None = None
+        self.catchup_since: int | None = None
+        self.catchup_seen = 0
 
 
 def encode_message(channel: str, payload: bytes, seq: int | None) -> tuple[str, int]:
@@ -85,26 +114,149 @@ class Hub:
     def dispatch(self, channel: str, payload: bytes, seq: int | None) -> None:
         """Deliver one NATS message to every local subscriber of ``channel``.
 
-        Encodes once; each session gets the same ``str``. Never awaits a socket.
+        Encodes once; each session gets the same ``str`` (see :meth:`_deliver`).
+        Never awaits a socket: :meth:`Session.send` only queues.
         """
         state = self._channels.get(channel)
         if state is None:
             return
         frame, nbytes = encode_message(channel, payload, seq)
-        for session in state.sessions:
+        metrics.MESSAGES_RECEIVED.inc()
+        if state.catchup is not None:
+            state.catchup.append((seq, frame, nbytes))
+            return
+        self._deliver(state, seq, frame, nbytes)
+
+    def _deliver(self, state: _Channel, seq: int | None, frame: str, nbytes: int) -> None:
+        """Hand one encoded frame to the live set and to recovering sessions past their seam.
+
+        Iterates over a snapshot of the live set: :meth:`Session.send` may close a
+        slow consumer, which leaves the channel at once.
+        """
+        if seq is not None and (state.last_seq is None or seq > state.last_seq):
+            state.last_seq = seq
+        members = tuple(state.sessions)
+        for session in members:
             session.send(frame, nbytes)
-        delivered = len(state.sessions)
+        delivered = len(members)
         if state.pending:
             for session, rec in list(state.pending.items()):
                 if rec.buffer is not None:
                     rec.buffer.append((seq, frame, nbytes))
                 elif seq is None or seq > rec.threshold:
-                    session.send(frame, nbytes)
-                    delivered += 1
+                    # join the live set first: send() may close the session, and
+                    # closing must find it where it is
                     del state.pending[session]
                     state.sessions.add(session)
-        metrics.MESSAGES_RECEIVED.inc()
+                    session.send(frame, nbytes)
+                    delivered += 1
         metrics.DELIVERIES.inc(delivered)
+
+    # --- NATS outage: suspend, then catch up ------------------------------------------
+    def suspend(self) -> None:
+        """The NATS connection dropped: buffer every channel's live frames until resumed.
+
+        Records each channel's ``last_seq`` as the point to catch up from. Called
+        by the bus (synchronously) on disconnect; a second drop before the catch-up
+        finished keeps the first point.
+        """
+        if not self.bus.history_enabled:
+            return
+        seen = max((s.last_seq or 0 for s in self._channels.values()), default=0)
+        for state in self._channels.values():
+            if state.catchup is None:
+                state.catchup = []
+                state.catchup_since = state.last_seq
+                state.catchup_seen = seen
+
+    async def resume(self, reset: bool) -> None:
+        """NATS is back, subscriptions restored, stream verified: fill every channel's gap.
+
+        For each suspended channel (at most ``CATCHUP_CONCURRENCY`` at once) reads
+        the stream after the seq recorded by :meth:`suspend`, delivers what the
+        live set missed in order, then the buffered live frames past it: no gap,
+        no duplicate. When the gap cannot be filled (the stream did not answer
+        ``CATCHUP_ATTEMPTS`` times, or messages expired or were capped meanwhile)
+        the channel's sessions are closed with 1012 so clients resume with
+        ``since`` and learn ``recovered: false``.
+
+        Args:
+            reset: the stream was re-created (NATS lost its store, sequences
+                restarted): every session is closed with 1012 instead.
+        """
+        if reset:
+            for state in self._channels.values():
+                state.catchup = None
+                state.last_seq = None
+            self.close_all(CLOSE_SERVICE_RESTART, "message stream was reset; resume")
+            return
+        limit = asyncio.Semaphore(CATCHUP_CONCURRENCY)
+        jobs = [
+            self._catch_up(channel, state, limit)
+            for channel, state in list(self._channels.items())
+            if state.catchup is not None
+        ]
+        if jobs:
+            await asyncio.gather(*jobs)
+
+    async def _catch_up(self, channel: str, state: _Channel, limit: asyncio.Semaphore) -> None:
+        """Deliver what ``channel`` missed while NATS was away, then its buffered frames."""
+        async with limit:
+            since = state.catchup_since
+            replay: list[StoredMessage] = []
+            recovered = since is not None
+            for attempt in range(CATCHUP_ATTEMPTS if since is not None else 0):
+                if self._channels.get(channel) is not state:
+                    return  # every session left meanwhile
+                try:
+                    replay = []
+                    after = since
+                    while True:
+                        history = await self.bus.history(channel, after, seen=state.catchup_seen)
+                        replay += history.messages
+                        recovered = recovered and history.recovered
+                        if not history.more or not history.messages:
+                            break
+                        after = history.messages[-1].seq
+                    break
+                except Unavailable as exc:
+                    if attempt + 1 == CATCHUP_ATTEMPTS:
+                        log.warning("catch-up of %s failed: %s", channel, exc)
+                        recovered = False
+                    else:
+                        await asyncio.sleep(0.2 * (attempt + 1))
+        if self._channels.get(channel) is not state or state.catchup is None:
+            return
+        if since is not None and not recovered:
+            state.catchup = None
+            for session in (*state.sessions, *state.pending):
+                session.close(CLOSE_SERVICE_RESTART, "messages missed during a NATS outage")
+            return
+        buffered, state.catchup = state.catchup, None
+        threshold = since or 0
+        for stored in replay:
+            self._deliver(state, stored.seq, *encode_message(channel, stored.payload, stored.seq))
+            threshold = stored.seq
+        for seq, frame, nbytes in buffered:
+            if since is None or seq is None or seq > threshold:
+                self._deliver(state, seq, frame, nbytes)
+        metrics.REPLAYED.inc(len(replay))
+        if replay:
+            log.info("caught up %s: %d message(s) missed during the outage", channel, len(replay))
+
+    async def _learn_last_seq(self, channel: str, state: _Channel) -> None:
+        """Set a new channel's ``last_seq`` from the stream (its newest stored message).
+
+        Runs once the channel's NATS subscription is confirmed, so every later
+        message arrives live; without it a channel that had no message yet when
+        NATS went away would have no point to catch up from.
+        """
+        try:
+            seq = await self.bus.channel_last_seq(channel)
+        except Unavailable:
+            return
+        if self._channels.get(channel) is state and state.catchup is None:
+            state.last_seq = max(state.last_seq or 0, seq)
 
     def control(self, payload: bytes) -> None:
         """Handle a control message ``{"sub":..., "jti":...}``: close matching sessions 4001."""
@@ -172,6 +324,8 @@ class Hub:
         state = self._channels.get(channel)
         if state is None:
             state = self._channels[channel] = _Channel()
+            if self.bus.history_enabled:
+                self._spawn(self._learn_last_seq(channel, state))
         if since is None:
             state.sessions.add(session)
             session.send_frame(Subscribed(channel=channel, id=req_id))
@@ -202,6 +356,8 @@ class Hub:
                 session.send(frame, nbytes)
                 threshold = seq or threshold
         rec.threshold = threshold
+        if history is not None and (state.last_seq is None or threshold > state.last_seq):
+            state.last_seq = threshold  # the live set has everything up to the seam too
         metrics.REPLAYED.inc(len(replay))
 
     def unsubscribe(self, session: Session, channel: str) -> None:

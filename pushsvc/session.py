@@ -3,17 +3,20 @@
 Outbound path (what the hub calls, :meth:`Session.send`) never awaits the socket:
 
 - frames are appended to an outbound buffer bounded in bytes
-  (``PUSHSVC_SEND_QUEUE_BYTES``); overflow closes the session with 4009 (slow
-  consumer);
-- a flush runs once per event-loop iteration (``loop.call_soon``, no task): it
+  (``PUSHSVC_SEND_QUEUE_BYTES``, counted exactly in UTF-8 bytes, including a
+  send in flight); overflow closes the session with 4009 (slow consumer);
+- a flush runs once per event-loop iteration for every session that got frames
+  (one ``loop.call_soon`` for all of them, see :class:`_FlushQueue`; no task): it
   joins pending frames with ``\\n`` into one text frame of at most
   ``coalesce_bytes`` (wire contract: one frame may carry several objects) and
-  hands it to the ASGI ``send`` *eagerly*: when the server can write at once (the
-  usual case) the send completes synchronously and no task is woken;
-- only when the server applies backpressure (the socket is not draining) does a
-  writer task take over, finish that send and drain the buffer; each send is
-  bounded by ``PUSHSVC_SEND_TIMEOUT`` seconds, after which the session is closed
-  and its buffer released.
+  hands it to the ASGI ``send`` *eagerly* (``coro.send(None)``): when the server
+  can write at once (the usual case) the send completes synchronously and no
+  task is woken. A burst that fills a whole batch is written at once, so a
+  session whose socket keeps up never holds more than one batch;
+- only when the server applies backpressure (uvicorn's ``writable`` event is
+  clear: the socket is not draining) does a writer task take over, finish that
+  send and drain the buffer; each send is bounded by ``PUSHSVC_SEND_TIMEOUT``
+  seconds, after which the session is closed 4009 and its buffer released.
 
 Heartbeat, auth expiry and pong deadlines are ``loop.call_later`` timers, not tasks.
 """
@@ -24,6 +27,9 @@ import asyncio
 import itertools
 import logging
 import os
+import socket
+import struct
+import weakref
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
@@ -36,6 +42,7 @@ from .hub import Hub
 from .protocol import (
     BAD_REQUEST,
     CLOSE_HEARTBEAT_TIMEOUT,
+    CLOSE_INTERNAL_ERROR,
     CLOSE_RATE_LIMITED,
     CLOSE_SLOW_CONSUMER,
     CLOSE_TOO_BIG,
@@ -73,6 +80,7 @@ ASGIReceive = Callable[[], Awaitable[dict[str, Any]]]
 _ids = itertools.count(1)
 _NODE = os.urandom(3).hex()
 CLOSE_TIMEOUT = 2.0  # seconds to get a close frame out before dropping the socket
+MAX_SEQ = 2**63 - 1  # JetStream sequences are uint64; JSON decoding allows any int
 
 
 class Session:
@@ -115,17 +123,20 @@ class Session:
         self.closed = False
         self.close_code: int | None = None
         self._loop = asyncio.get_running_loop()
-        self._out: deque[tuple[str, int]] = deque()
+        self._out: deque[str] = deque()  # pending frames; their UTF-8 sizes sum to _out_bytes
         self._out_bytes = 0
         self._inflight_bytes = 0
         self._max_bytes = settings.send_queue_bytes
         self._coalesce = settings.coalesce_bytes
         self._scheduled = False
         self._writer: asyncio.Task[None] | None = None
+        self._flushes = _flush_queue(self._loop)
+        self._closer: asyncio.Task[None] | None = None
         self._reader: asyncio.Task[Any] | None = None
         self._ping_timer: asyncio.TimerHandle | None = None
         self._pong_timer: asyncio.TimerHandle | None = None
         self._exp_timer: asyncio.TimerHandle | None = None
+        self._strikes = 0  # command refusals in a row on this connection
 
     # --- outbound ----------------------------------------------------------------------
     @property
@@ -136,20 +147,24 @@ class Session:
     def send(self, frame: str, nbytes: int) -> None:
         """Queue one encoded frame (``nbytes`` = its UTF-8 length). Never blocks.
 
-        Closes the session with 4009 when the buffer would exceed
-        ``send_queue_bytes``.
+        The first frame of a loop iteration schedules a flush; when a whole batch
+        (``coalesce_bytes``) is pending and no writer is busy it is written at
+        once. Closes the session with 4009 when :attr:`buffered_bytes` would
+        exceed ``send_queue_bytes``.
         """
         if self.closed:
             return
-        self._out.append((frame, nbytes))
+        self._out.append(frame)
         self._out_bytes += nbytes
         if self._out_bytes + self._inflight_bytes > self._max_bytes:
             metrics.SLOW_CONSUMERS.inc()
             self.close(CLOSE_SLOW_CONSUMER, "slow consumer: send buffer overflow")
-            return
-        if not self._scheduled and self._writer is None:
-            self._scheduled = True
-            self._loop.call_soon(self._flush)
+        elif self._writer is None:
+            if self._out_bytes >= self._coalesce:
+                self._write_pending()
+            elif not self._scheduled:
+                self._scheduled = True
+                self._flushes.add(self)
 
     def send_frame(self, frame: Frame) -> None:
         """Encode and queue one control frame (answers, errors)."""
@@ -157,63 +172,108 @@ class Session:
         self.send(raw.decode(), len(raw))
 
     def _take_batch(self) -> tuple[str, int]:
-        """Pop pending frames joined by newlines, up to ``coalesce_bytes`` (at least one)."""
+        """Pop pending frames joined by ``\\n`` into one text of at most ``coalesce_bytes``.
+
+        Returns ``(text, taken)``: ``taken`` is the sum of the popped frames' sizes,
+        i.e. what leaves the pending count (separators were never counted). A single
+        frame larger than ``coalesce_bytes`` goes out alone. Call only with frames
+        pending.
+        """
         out = self._out
-        frame, size = out.popleft()
-        if out and size < self._coalesce:
-            parts = [frame]
-            while out and size + 1 + out[0][1] <= self._coalesce:
-                f, n = out.popleft()
-                parts.append(f)
-                size += 1 + n
-            frame = "\n".join(parts)
-            taken = size - (len(parts) - 1)
-        else:
-            taken = size
+        taken = self._out_bytes
+        if len(out) == 1:
+            self._out_bytes = 0
+            return out.popleft(), taken
+        if taken + len(out) - 1 <= self._coalesce:  # all fits: one join, no per-frame work
+            text = "\n".join(out)
+            out.clear()
+            self._out_bytes = 0
+            return text, taken
+        frame = out.popleft()
+        taken = size = _utf8_len(frame)
+        parts = [frame]
+        while out:
+            n = _utf8_len(out[0])
+            if size + 1 + n > self._coalesce:
+                break
+            parts.append(out.popleft())
+            size += 1 + n
+            taken += n
         self._out_bytes -= taken
-        return frame, size
+        return ("\n".join(parts) if len(parts) > 1 else frame), taken
 
     def _flush(self) -> None:
+        """The scheduled flush (see :class:`_FlushQueue`)."""
         self._scheduled = False
-        if self._writer is not None or self.closed:
-            return
-        while self._out:
-            text, size = self._take_batch()
-            coro = self._send({"type": "websocket.send", "text": text})
+        if self._writer is None and not self.closed:
+            self._write_pending()
+
+    def _write_pending(self) -> None:
+        """Hand pending batches to the server eagerly until done or it applies backpressure.
+
+        Each ASGI send coroutine is started with ``coro.send(None)``: if the server
+        writes at once it finishes here (``StopIteration``) with no task. If it
+        yields (waiting for the socket to drain), the batch is in flight and the
+        writer task :meth:`_drain` takes over.
+        """
+        out = self._out
+        send = self._send
+        while out:
+            text, taken = self._take_batch()
+            coro = send({"type": "websocket.send", "text": text})
             try:
                 blocker = coro.send(None)
             except StopIteration:
                 continue
-            except Exception:  # the peer is gone: the reader sees the disconnect
-                self._drop_output()
+            except Exception as exc:
+                self._send_failed(exc)
                 return
-            self._inflight_bytes = size
+            self._inflight_bytes = taken
             self._writer = self._loop.create_task(self._drain(coro, blocker))
             return
 
     async def _drain(self, coro: Coroutine[Any, Any, None], blocker: Any) -> None:
-        """Finish a send that hit backpressure, then drain the buffer, each send timed."""
+        """Writer task: finish a send that hit backpressure, then drain the buffer.
+
+        Every send is bounded by ``send_timeout`` seconds; a socket that does not
+        take a batch in time is closed 4009 and its buffer released. When the
+        buffer is empty the task ends and the session is back to eager flushes.
+        """
+        timeout = self.settings.send_timeout
         try:
-            async with asyncio.timeout(self.settings.send_timeout):
+            async with asyncio.timeout(timeout):
                 await _resume(coro, blocker)
             self._inflight_bytes = 0
             while self._out and not self.closed:
-                text, size = self._take_batch()
-                self._inflight_bytes = size
-                async with asyncio.timeout(self.settings.send_timeout):
+                text, taken = self._take_batch()
+                self._inflight_bytes = taken
+                async with asyncio.timeout(timeout):
                     await self._send({"type": "websocket.send", "text": text})
                 self._inflight_bytes = 0
         except TimeoutError:
-            self._writer = None
+            self._writer = None  # so close() does not cancel this task
             metrics.SLOW_CONSUMERS.inc()
             self.close(CLOSE_SLOW_CONSUMER, "slow consumer: send timeout")
         except asyncio.CancelledError:
             raise
-        except Exception:
-            self._drop_output()
+        except Exception as exc:
+            if self._writer is asyncio.current_task():
+                self._writer = None  # so close() does not cancel this task
+            self._send_failed(exc)
         finally:
             if self._writer is asyncio.current_task():
                 self._writer = None
+
+    def _send_failed(self, exc: Exception) -> None:
+        """An ASGI send raised: the peer is gone (``OSError``, per the ASGI spec) or a bug.
+
+        A gone peer: drop the buffer, the reader sees the disconnect. Anything else
+        must not lose frames silently: log it and close with 1011.
+        """
+        self._drop_output()
+        if not isinstance(exc, OSError):
+            log.error("send failed on session %s", self.id, exc_info=exc)
+            self.close(CLOSE_INTERNAL_ERROR, "internal error")
 
     def _drop_output(self) -> None:
         self._out.clear()
@@ -238,18 +298,24 @@ class Session:
         self.hub.remove_session(self)
         writer, self._writer = self._writer, None
         if writer is not None:
-            writer.cancel()
-        self._loop.create_task(self._send_close(code, reason.encode()[:120].decode(errors="ignore")))
+            writer.cancel()  # closes the ASGI send it was waiting on
+        reason = reason.encode()[:120].decode(errors="ignore")
+        self._closer = self._loop.create_task(self._send_close(code, reason))
 
     async def _send_close(self, code: int, reason: str) -> None:
+        """Write the close frame; if the peer does not take it in time, drop the connection.
+
+        A peer that does not read keeps the server's buffers (the transport's and
+        the kernel's, megabytes) full, and a graceful close waits for them to drain:
+        so the TCP connection is aborted (uvicorn) and the reader stopped.
+        """
         try:
             async with asyncio.timeout(CLOSE_TIMEOUT):
                 await self._send({"type": "websocket.close", "code": code, "reason": reason})
             return
         except Exception:
             pass
-        # The close frame could not be written (peer not reading): stop the reader so
-        # the ASGI app returns and the server drops the connection.
+        _abort_connection(self._receive)
         if self._reader is not None and not self._reader.done():
             self._reader.cancel()
 
@@ -299,7 +365,14 @@ class Session:
         self._schedule_ping()
         self._schedule_expiry()
         try:
-            while not self.closed:
+            while True:
+                if self.closed:
+                    # Closed by a command (4001 refresh, 4008, 1009): returning now would
+                    # let the server drop the TCP connection before the close frame is
+                    # out (the client would see 1006). _send_close is time-bounded.
+                    if self._closer is not None and not self._closer.done():
+                        await asyncio.wait([self._closer])
+                    break
                 message = await self._receive()
                 kind = message["type"]
                 if kind == "websocket.receive":
@@ -335,14 +408,14 @@ class Session:
             if self._pong_timer is not None:
                 self._pong_timer.cancel()
                 self._pong_timer = None
+            else:  # unsolicited: free for a client answering pings, charged for a flood
+                self._charge(None)
             return
         if isinstance(cmd, Auth):
             self._refuse(BAD_REQUEST, "already authenticated", None, charge=True)
             return
         metrics.COMMANDS.labels(type(cmd).__name__.lower()).inc()
-        wait = self.bucket.take()
-        if wait:
-            self._rate_limited(wait, cmd.id)
+        if not self._charge(cmd.id):
             return
         if isinstance(cmd, Subscribe):
             await self._subscribe(cmd)
@@ -354,17 +427,31 @@ class Session:
             self._refresh(cmd)
 
     def _refuse(self, code: str, message: str, req_id: object, *, charge: bool = False) -> None:
+        """Answer ``error``; with ``charge`` the frame also costs a command token."""
         self.send_frame(Error(code=code, message=message, id=req_id))  # type: ignore[arg-type]
         if charge:
-            wait = self.bucket.take()
-            if wait:
-                self._rate_limited(wait, None)
+            self._charge(None)
 
-    def _rate_limited(self, wait: float, req_id: object) -> None:
+    def _charge(self, req_id: object) -> bool:
+        """Take one token from the user's command bucket (shared by all their sockets).
+
+        Returns:
+            True when granted. When refused, answers ``error`` ``rate_limited``
+            with ``retry_after`` (seconds) and returns False; the refusal is this
+            session's strike, and a session refused more than
+            ``PUSHSVC_RATE_LIMIT_STRIKES`` times in a row is closed with 4008.
+            Strikes are counted per connection, so a user's well-behaved socket is
+            not closed for the flood of their other one.
+        """
+        wait = self.bucket.take()
+        if not wait:
+            self._strikes = 0
+            return True
+        self._strikes += 1
         metrics.RATE_LIMITED.inc()
-        if self.bucket.strikes > self.settings.rate_limit_strikes:
+        if self._strikes > self.settings.rate_limit_strikes:
             self.close(CLOSE_RATE_LIMITED, "rate limit exceeded repeatedly")
-            return
+            return False
         self.send_frame(
             Error(
                 code=RATE_LIMITED,
@@ -373,6 +460,7 @@ class Session:
                 retry_after=round(wait, 3),
             )
         )
+        return False
 
     async def _subscribe(self, cmd: Subscribe) -> None:
         try:
@@ -393,8 +481,8 @@ class Session:
                 cmd.id,
             )
             return
-        if cmd.since is not None and cmd.since < 0:
-            self._refuse(BAD_REQUEST, "since must be >= 0", cmd.id)
+        if cmd.since is not None and not 0 <= cmd.since <= MAX_SEQ:
+            self._refuse(BAD_REQUEST, f"since must be in 0..{MAX_SEQ}", cmd.id)
             return
         try:
             await self.hub.subscribe(self, channel, cmd.since, cmd.id)
@@ -444,18 +532,104 @@ class Session:
         self.send_frame(Refreshed(exp=principal.exp, id=cmd.id))
 
 
+def _abort_connection(receive: ASGIReceive) -> bool:
+    """Abort the TCP connection behind ``receive``, when the server exposes it.
+
+    ASGI has no "abort". uvicorn passes its protocol's bound ``receive`` method
+    unwrapped through Starlette, and the protocol's ``transport`` is an asyncio
+    transport: ``abort()`` drops its buffer and the socket at once (the reader then
+    gets ``websocket.disconnect``); with ``SO_LINGER`` 0 the kernel resets the
+    connection and frees its send buffer too. With another server this does
+    nothing and the server's own timeouts apply. Returns True when it aborted.
+    """
+    transport = getattr(getattr(receive, "__self__", None), "transport", None)
+    abort = getattr(transport, "abort", None)
+    if not callable(abort):
+        return False
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        try:  # linger 0: reset, so the kernel frees its send buffer now, not after probes
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        except Exception:  # already closed, or a transport without a real socket
+            pass
+    abort()
+    return True
+
+
+def _utf8_len(text: str) -> int:
+    """UTF-8 size of ``text`` (``isascii`` is O(1) in CPython: no encode for ASCII)."""
+    return len(text) if text.isascii() else len(text.encode())
+
+
+class _FlushQueue:
+    """Flushes, in one ``loop.call_soon`` callback, every session that got frames.
+
+    A message fanned out to N sessions would otherwise schedule N callbacks per
+    loop iteration; here the first dirty session schedules the run and the rest
+    join the list. Sessions are flushed in the order they became dirty.
+    """
+
+    __slots__ = ("_dirty", "_loop")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._dirty: list[Session] = []
+
+    def add(self, session: Session) -> None:
+        """Flush ``session`` at the next run (the caller ensures it is added once)."""
+        if not self._dirty:
+            self._loop.call_soon(self._run)
+        self._dirty.append(session)
+
+    def _run(self) -> None:
+        dirty, self._dirty = self._dirty, []
+        for session in dirty:
+            try:
+                session._flush()
+            except Exception:  # a bug in one session must not starve the others
+                log.exception("flush of session %s failed", session.id)
+
+
+_flush_queues: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _FlushQueue] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _flush_queue(loop: asyncio.AbstractEventLoop) -> _FlushQueue:
+    """The :class:`_FlushQueue` of ``loop`` (one per event loop)."""
+    queue = _flush_queues.get(loop)
+    if queue is None:
+        queue = _flush_queues[loop] = _FlushQueue(loop)
+    return queue
+
+
 async def _resume(coro: Coroutine[Any, Any, None], blocker: Any) -> None:
     """Finish driving ``coro``, which already yielded ``blocker`` (a future or None).
 
-    Used after an eager ``coro.send(None)`` found the send blocked on backpressure:
-    awaiting what it waits for and resuming it is what a Task would do.
+    Used after an eager ``coro.send(None)`` found the send blocked on backpressure
+    (uvicorn's send awaits ``writable.wait()``, which yields that event's future).
+    It does what a Task would: wait for the future, then resume the coroutine,
+    which sees the future's outcome itself. If this task is cancelled (send
+    timeout, close), the future is cancelled with it and the coroutine gets the
+    ``CancelledError`` at its ``await``, runs its cleanup and re-raises it.
+
+    Like a Task, it clears the future's ``_asyncio_future_blocking`` flag (set
+    when the coroutine yielded it) before awaiting it: the C Future refuses to be
+    awaited again while the flag is set ("await wasn't used with future").
     """
     try:
         while True:
-            if blocker is None:
-                await asyncio.sleep(0)
-            else:
-                await blocker
+            try:
+                if blocker is None:  # a bare yield (asyncio.sleep(0)): one loop turn
+                    await asyncio.sleep(0)
+                else:
+                    blocker._asyncio_future_blocking = False
+                    await blocker
+            except BaseException as exc:
+                if blocker is None or not blocker.done():
+                    blocker = coro.throw(exc)
+                    continue
+                # else: the future was cancelled with us; resuming delivers that below
             blocker = coro.send(None)
     except StopIteration:
         return

@@ -67,6 +67,8 @@ class Settings(msgspec.Struct, kw_only=True):
     jwt_issuer: str | None = None
     jwt_leeway: float = 30.0
     emit_audience: str | None = None  # aud required of emit tokens (default: jwt_audience)
+    jwt_type: str | None = None  # required JOSE "typ" of connection tokens (RFC 8725 3.11)
+    emit_type: str | None = None  # required JOSE "typ" of emit/history tokens
     api_keys: list[str] = msgspec.field(default_factory=list)  # "id:key" or "key"
     token_cache_size: int = 10000
     auth_cookie: str | None = None

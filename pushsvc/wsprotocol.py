@@ -1,0 +1,50 @@
+"""uvicorn's ``websockets-sansio`` protocol with two handshake-refusal fixes.
+
+Use it as uvicorn's ``ws`` setting: ``ws="pushsvc.wsprotocol:WebSocketProtocol"``
+(``pushsvc serve`` and the test fixtures do). Found by tests/test_hostile.py
+against uvicorn 0.54 / websockets 17:
+
+1. A handshake the ``websockets`` parser rejects before it is a request -- a
+   request line or header line over 8192 bytes (e.g. a 9 KB ``?token=`` or
+   ``Authorization`` header), more than 128 headers, or garbage after the
+   ``Upgrade`` -- gets its answer (414/431) queued but never written, and the
+   connection is never closed: one such request holds a socket forever, and
+   uvicorn's graceful shutdown then crashes on it (``AssertionError`` in
+   ``send_eof``), so the remaining sessions are not closed with 1012. Here the
+   answer is written and the connection closed at once.
+2. A handshake refused by the app with the ASGI "websocket.http.response"
+   extension (pushsvc's 403/429/503 before accept) is logged by uvicorn as an
+   ERROR "ASGI callable returned without completing handshake.": hostile clients
+   could flood the error log. The refusal is complete once its body is sent.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+
+
+class WebSocketProtocol(WebSocketsSansIOProtocol):
+    """:class:`WebSocketsSansIOProtocol` that answers and closes rejected handshakes."""
+
+    def data_received(self, data: bytes) -> None:
+        """Feed bytes; if the opening handshake was rejected by the parser, answer and close."""
+        super().data_received(data)
+        if (
+            not self.handshake_initiated
+            and not self.close_sent
+            and self.conn.handshake_exc is not None
+        ):
+            self.transport.write(b"".join(self.conn.data_to_send()))
+            self.handshake_complete = True
+            self.close_sent = True
+            self.transport.close()
+
+    async def send(self, message: Any) -> None:
+        """ASGI send; a finished denial response completes the handshake (no ERROR log)."""
+        await super().send(message)
+        if message["type"] == "websocket.http.response.body" and not message.get(
+            "more_body", False
+        ):
+            self.handshake_complete = True

@@ -1,0 +1,462 @@
+"""Fan-out engine (issue #3): slow consumers, coalescing, send timeout, exact buffer accounting.
+
+Behaviour, not timing: real uvicorn and real sockets, except the byte-accounting
+tests, which drive a :class:`~pushsvc.session.Session` with an ASGI ``send`` gated
+by an :class:`asyncio.Event` (the same way uvicorn's send waits for its
+``writable`` event under backpressure).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import time
+from typing import Any
+
+import pytest
+from conftest import SECRET
+from prometheus_client import REGISTRY
+from websockets.client import ClientProtocol
+from websockets.frames import Frame, Opcode
+from websockets.uri import parse_uri
+
+from pushsvc import session as session_module
+from pushsvc.auth import Authenticator, AuthError, Principal, mint_token
+from pushsvc.hub import Hub
+from pushsvc.ratelimit import TokenBucket
+from pushsvc.session import Session
+from pushsvc.settings import Settings
+
+BIG = "x" * 8000  # payload padding: fills kernel buffers in a few hundred messages
+
+
+def slow_consumers() -> float:
+    return REGISTRY.get_sample_value("pushsvc_slow_consumers_total") or 0.0
+
+
+async def until(predicate: Any, timeout: float = 10.0, what: str = "condition") -> None:
+    """Poll ``predicate()`` every 10 ms until true; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+class StalledClient:
+    """A real WebSocket client that authenticates and subscribes, then stops reading.
+
+    Its receive buffer is tiny (``SO_RCVBUF`` 4 KiB), so the server's socket buffers
+    fill and uvicorn applies backpressure. :meth:`read_to_close` starts reading again.
+    """
+
+    def __init__(self, srv: Any) -> None:
+        self.srv = srv
+        self.proto = ClientProtocol(parse_uri(srv.ws_url), max_size=None)
+        self.events: list[Frame] = []
+
+    @classmethod
+    async def open(cls, srv: Any, sub: str, channel: str) -> StalledClient:
+        self = cls(srv)
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", srv.settings.port))
+        self.reader, self.writer = await asyncio.open_connection(sock=sock)
+        self.sockname = sock.getsockname()
+        request = self.proto.connect()
+        request.headers["Authorization"] = f"Bearer {srv.token(sub)}"
+        self.proto.send_request(request)
+        self._write()
+        subscribed = False
+        while not subscribed:
+            self.proto.receive_data(await asyncio.wait_for(self.reader.read(65536), 5))
+            for event in self.proto.events_received():
+                if not isinstance(event, Frame):  # the handshake response
+                    self.proto.send_text(
+                        json.dumps({"op": "subscribe", "channel": channel}).encode()
+                    )
+                    self._write()
+                elif event.opcode is Opcode.TEXT and b'"subscribed"' in event.data:
+                    subscribed = True
+        self.writer.transport.pause_reading()
+        self.session = next(s for s in srv.node.hub.sessions if s.principal.sub == sub)
+        return self
+
+    def _write(self) -> None:
+        self.writer.write(b"".join(self.proto.data_to_send()))
+
+    def server_connection(self) -> Any:
+        """uvicorn's protocol object for this client, or None once the server dropped it."""
+        for conn in self.srv.server.server_state.connections:
+            if conn.transport.get_extra_info("peername") == self.sockname:
+                return conn
+        return None
+
+    async def read_to_close(self, timeout: float = 10.0) -> tuple[list[int], int | None]:
+        """Read again until the server closes; returns (message ``i`` values, close code)."""
+        self.writer.transport.resume_reading()
+        received: list[int] = []
+        async with asyncio.timeout(timeout):
+            while True:
+                data = await self.reader.read(1 << 20)
+                if not data:
+                    return received, None
+                self.proto.receive_data(data)
+                for event in self.proto.events_received():
+                    if event.opcode is Opcode.CLOSE:
+                        return received, self.proto.close_rcvd.code
+                    if event.opcode is Opcode.TEXT:
+                        for line in event.data.split(b"\n"):
+                            obj = json.loads(line)
+                            if obj["type"] == "message":
+                                received.append(obj["data"]["i"])
+
+    def abort(self) -> None:
+        self.writer.transport.abort()
+
+
+async def collect(client: Any, into: list[int]) -> None:
+    """Append every message's ``data.i`` to ``into`` until cancelled."""
+    while True:
+        into.append((await client.expect("message", timeout=30))["data"]["i"])
+
+
+async def stop(*tasks: asyncio.Task[Any]) -> None:
+    """Cancel ``tasks`` and wait until they are done."""
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def test_stalled_client_closed_4009_while_others_get_everything(start_server, nc, channel):
+    srv = await start_server(send_queue_bytes=256 * 1024)
+    hub, bus = srv.node.hub, srv.node.bus
+    good = [await srv.client(srv.token("alice")), await srv.client(srv.token("bob"))]
+    got: list[list[int]] = [[], []]
+    for c in good:
+        await c.subscribe(channel)
+    resumer = await StalledClient.open(srv, "stall-1", channel)  # reads again once closed
+    sleeper = await StalledClient.open(srv, "stall-2", channel)  # never reads again
+    assert bus._subs[channel].refs == 4
+    before = slow_consumers()
+    readers = [asyncio.create_task(collect(c, into)) for c, into in zip(good, got, strict=True)]
+
+    async def resume_when_closed() -> tuple[list[int], int | None]:
+        await until(lambda: resumer.session.closed, 60, "the first stalled session to close")
+        return await resumer.read_to_close()
+
+    resumed = asyncio.create_task(resume_when_closed())
+    stalled = (resumer.session, sleeper.session)
+    published = 0
+    # A few MB fill the kernel buffers; publish until both stalled sessions overflow.
+    while not all(s.closed for s in stalled) and published < 4000:
+        for _ in range(10):
+            await nc.publish(f"push.{channel}", json.dumps({"i": published, "p": BIG}).encode())
+            published += 1
+        await nc.flush()
+        await asyncio.sleep(0.005)
+    for s in stalled:
+        assert s.closed and s.close_code == 4009, (published, s.close_code)
+        assert s not in hub.sessions and not s.channels
+        assert s.buffered_bytes == 0 and not s._out and s._writer is None
+    assert slow_consumers() - before == 2
+    assert hub.subscribers(channel) == 2
+    await hub.wait_idle()
+    assert bus._subs[channel].refs == 2  # NATS interest of the closed sessions released
+
+    # The healthy clients got everything, in order, and the server keeps going.
+    await nc.publish(f"push.{channel}", json.dumps({"i": published}).encode())
+    published += 1
+    await until(lambda: all(len(g) >= published for g in got), 30, "healthy clients")
+    await stop(*readers)
+    assert got == [list(range(published))] * 2
+
+    # The stalled client that reads again sees a gap-free prefix, then 4009.
+    prefix, code = await resumed
+    assert code == 4009
+    assert prefix == list(range(len(prefix)))
+
+    # The one that never reads is dropped by the server after CLOSE_TIMEOUT, buffers
+    # and all (a graceful close would wait for it forever).
+    await until(
+        lambda: sleeper.server_connection() is None,
+        session_module.CLOSE_TIMEOUT + 5,
+        "the server to drop the stalled connection",
+    )
+    sleeper.abort()
+    resumer.abort()
+
+
+async def test_coalesced_frames_reassemble_in_order(start_server, nc, channel):
+    srv = await start_server(coalesce_bytes=4096)
+    c = await srv.client()
+    await c.subscribe(channel)
+    start = len(c.raw_frames)
+    got: list[int] = []
+    reader = asyncio.create_task(collect(c, got))
+    for i in range(2000):
+        await nc.publish(f"push.{channel}", json.dumps({"i": i}).encode())
+    await nc.flush()
+    await until(lambda: len(got) >= 2000, 20, "the burst")
+    await stop(reader)
+    assert got == list(range(2000))
+    frames = c.raw_frames[start:]
+    assert any("\n" in f for f in frames), "a burst must be coalesced"
+    assert len(frames) < 2000
+    assert all(len(f.encode()) <= 4096 for f in frames)
+    # the frames are exactly the objects, newline-joined, in published order
+    objects = [json.loads(line) for f in frames for line in f.split("\n")]
+    assert [o["data"]["i"] for o in objects if o["type"] == "message"] == list(range(2000))
+
+    # Light load: one message at a time, one frame each.
+    start = len(c.raw_frames)
+    for i in range(5):
+        await nc.publish(f"push.{channel}", json.dumps({"light": i}).encode())
+        (m,) = await c.messages(1)
+        assert m["data"] == {"light": i}
+    light = c.raw_frames[start:]
+    assert len(light) == 5 and not any("\n" in f for f in light)
+
+
+async def test_socket_stuck_in_send_is_closed_after_send_timeout(start_server, nc, channel):
+    # A large send queue so overflow does not fire first: only the timeout can close it.
+    srv = await start_server(send_timeout=1.0, send_queue_bytes=64 << 20)
+    stuck = await StalledClient.open(srv, "stuck", channel)
+    s = stuck.session
+    before = slow_consumers()
+    published = 0
+    while s._writer is None and published < 4000:  # fill the kernel buffers
+        for _ in range(10):
+            await nc.publish(f"push.{channel}", json.dumps({"i": published, "p": BIG}).encode())
+            published += 1
+        await nc.flush()
+        await asyncio.sleep(0.005)
+    writer = s._writer
+    assert writer is not None and not writer.done(), "the send never blocked"
+    assert s.buffered_bytes > 0 and not s.closed
+    await until(lambda: s.closed, 5, "the send timeout")
+    assert s.close_code == 4009
+    assert slow_consumers() - before == 1
+    # memory released: no buffer, no writer task
+    assert s.buffered_bytes == 0 and not s._out and s._writer is None
+    await until(writer.done, 2, "the writer task to end")
+    assert s not in srv.node.hub.sessions and srv.node.hub.subscribers(channel) == 0
+    stuck.abort()
+
+
+# --- Session's own accounting, with a controlled ASGI send ------------------------------
+
+
+class _StubHub:
+    def __init__(self) -> None:
+        self.removed: list[Session] = []
+
+    def remove_session(self, session: Session) -> None:
+        self.removed.append(session)
+
+
+class GatedSend:
+    """An ASGI ``send`` that waits on an Event, like uvicorn's ``writable`` backpressure."""
+
+    def __init__(self) -> None:
+        self.gate = asyncio.Event()
+        self.gate.set()
+        self.texts: list[str] = []
+        self.closes: list[dict[str, Any]] = []
+
+    async def __call__(self, message: dict[str, Any]) -> None:
+        await self.gate.wait()
+        if message["type"] == "websocket.send":
+            self.texts.append(message["text"])
+        else:
+            self.closes.append(message)
+
+
+def make_session(send: GatedSend, **overrides: Any) -> tuple[Session, _StubHub]:
+    settings = Settings.load(env={}, jwt_secret=SECRET, **overrides)
+    hub = _StubHub()
+
+    async def receive() -> dict[str, Any]:
+        await asyncio.Event().wait()
+        return {}
+
+    session = Session(
+        send,
+        receive,
+        Principal(sub="u", exp=time.time() + 3600),
+        hub,  # type: ignore[arg-type]
+        Authenticator(settings),
+        TokenBucket(10, 10),
+        settings,
+    )
+    return session, hub
+
+
+def frame(i: int) -> tuple[str, int]:
+    """A message-like frame with non-ASCII text (UTF-8 bytes != characters)."""
+    text = json.dumps({"type": "message", "data": f"é-{i}-😀"}, ensure_ascii=False)
+    return text, len(text.encode())
+
+
+async def test_buffered_bytes_is_exact_through_backpressure():
+    send = GatedSend()
+    s, _ = make_session(send, coalesce_bytes=100)
+    f = [frame(i) for i in range(12)]
+    sizes = [n for _, n in f]
+
+    s.send(*f[0])
+    s.send(*f[1])
+    assert s.buffered_bytes == sizes[0] + sizes[1]  # pending until the loop turns
+    await asyncio.sleep(0)
+    assert s.buffered_bytes == 0 and s._writer is None  # written eagerly, no task
+    assert send.texts == [f"{f[0][0]}\n{f[1][0]}"]
+
+    send.gate.clear()  # the socket stops draining
+    s.send(*f[2])
+    await asyncio.sleep(0)
+    assert s._writer is not None  # that send blocked: a writer task finishes it
+    assert s.buffered_bytes == sizes[2]  # in flight
+    expected = sizes[2]
+    for i in range(3, 12):
+        s.send(*f[i])
+        expected += sizes[i]
+        assert s.buffered_bytes == expected  # in flight + pending
+    await asyncio.sleep(0.05)
+    assert s.buffered_bytes == expected  # nothing moves while blocked
+
+    send.gate.set()
+    await until(lambda: s._writer is None, 2, "the writer to drain")
+    assert s.buffered_bytes == 0 and not s._out
+    # every frame went out once, in order, in frames of at most coalesce_bytes
+    assert [line for t in send.texts for line in t.split("\n")] == [t for t, _ in f]
+    assert all(len(t.encode()) <= 100 for t in send.texts[2:])
+    assert len(send.texts) < 12  # the backlog was coalesced
+    assert not s.closed
+
+
+async def test_overflow_closes_4009_and_releases_the_buffer():
+    send = GatedSend()
+    s, hub = make_session(send, send_queue_bytes=300)
+    before = slow_consumers()
+    send.gate.clear()
+    total = 0
+    i = 0
+    while not s.closed:
+        text, n = frame(i)
+        i += 1
+        s.send(text, n)
+        total += n
+        await asyncio.sleep(0)
+        if not s.closed:
+            assert s.buffered_bytes == total <= 300
+    assert total > 300 and s.close_code == 4009
+    assert slow_consumers() - before == 1
+    assert s.buffered_bytes == 0 and not s._out and s._writer is None
+    assert hub.removed == [s]
+    s.send(*frame(99))  # a closed session ignores frames
+    assert s.buffered_bytes == 0
+    send.gate.set()
+    await until(lambda: send.closes, 2, "the close frame")
+    assert send.closes[0]["code"] == 4009
+    assert send.texts == []  # the blocked send was abandoned, not completed late
+
+
+async def test_send_timeout_closes_and_releases():
+    send = GatedSend()
+    s, hub = make_session(send, send_timeout=0.2)
+    send.gate.clear()
+    s.send(*frame(0))
+    await asyncio.sleep(0)
+    writer = s._writer
+    assert writer is not None
+    s.send(*frame(1))
+    await until(lambda: s.closed, 3, "the send timeout")
+    assert s.close_code == 4009 and hub.removed == [s]
+    assert s.buffered_bytes == 0 and s._writer is None
+    await until(writer.done, 1, "the writer to end")
+    assert not writer.cancelled()  # it ended by itself, after closing the session
+    send.gate.set()
+    await until(lambda: send.closes, 2, "the close frame")
+
+
+# --- the hub: a session closed during fan-out -----------------------------------------
+
+
+class _StubBus:
+    history_enabled = False
+
+    def __init__(self) -> None:
+        self.refs: dict[str, int] = {}
+
+    async def acquire(self, channel: str) -> None:
+        self.refs[channel] = self.refs.get(channel, 0) + 1
+
+    async def release(self, channel: str) -> None:
+        self.refs[channel] -= 1
+
+
+class _FakeSession:
+    def __init__(self, hub: Hub, name: str, close_on_send: bool = False) -> None:
+        self.hub = hub
+        self.principal = Principal(sub=name, exp=time.time() + 60)
+        self.channels: set[str] = set()
+        self.closed = False
+        self.close_on_send = close_on_send
+        self.got: list[str] = []
+
+    def send(self, frame: str, nbytes: int) -> None:
+        if self.closed:
+            return
+        self.got.append(frame)
+        if self.close_on_send:  # what an overflowing Session does: leave at once
+            self.closed = True
+            self.hub.remove_session(self)  # type: ignore[arg-type]
+
+    def send_frame(self, frame: Any) -> None:
+        pass
+
+
+async def test_dispatch_survives_a_session_closing_during_fan_out():
+    bus = _StubBus()
+    hub = Hub(bus)  # type: ignore[arg-type]
+    sessions = [_FakeSession(hub, f"u{i}", close_on_send=i % 3 == 1) for i in range(9)]
+    for s in sessions:
+        hub.add_session(s)  # type: ignore[arg-type]
+        await hub.subscribe(s, "room", None, None)  # type: ignore[arg-type]
+    hub.dispatch("room", b'{"n": 1}', None)
+    hub.dispatch("room", b'{"n": 2}', None)
+    await hub.wait_idle()
+    for i, s in enumerate(sessions):
+        assert len(s.got) == (1 if i % 3 == 1 else 2), i
+    assert hub.subscribers("room") == 6 and bus.refs["room"] == 6
+
+
+# --- the verified-token cache -----------------------------------------------------------
+
+
+async def test_cached_token_stops_being_accepted_at_exp():
+    auth = Authenticator(Settings.load(env={}, jwt_secret=SECRET, jwt_leeway=0))
+    token = mint_token(SECRET, "carol", channels=["a"], ttl=2)
+    first = auth.verify(token)
+    assert auth.cache_hits == 0
+    assert auth.verify(token) == first and auth.cache_hits == 1  # served from the cache
+    await asyncio.sleep(max(0.0, first.exp - time.time()) + 0.05)
+    with pytest.raises(AuthError, match="expired"):
+        auth.verify(token)
+    assert auth.cache_hits == 1
+    with pytest.raises(AuthError, match="expired"):  # and not re-admitted by a re-decode
+        auth.verify(token)
+
+
+def test_token_cache_is_bounded():
+    auth = Authenticator(Settings.load(env={}, jwt_secret=SECRET, token_cache_size=3))
+    tokens = [mint_token(SECRET, f"u{i}", ttl=60) for i in range(6)]
+    for t in tokens:
+        auth.verify(t)
+    assert len(auth._cache) == 3
+    auth.verify(tokens[-1])
+    assert auth.cache_hits == 1
+    auth.verify(tokens[0])  # evicted: decoded again, not a hit
+    assert auth.cache_hits == 1
