@@ -78,6 +78,23 @@ class _NoJetStream(Exception):
     """Nothing answers the JetStream API: JetStream is not enabled on this NATS."""
 
 
+async def confirm(nc: NatsClient, timeout: float) -> None:
+    """Wait until the NATS server has processed everything written on ``nc`` so far.
+
+    nats-py's ``flush()`` writes its PING straight to the socket while earlier
+    commands (a SUB, a PUB) may still sit in the client's pending buffer, so the
+    PONG can come back before the server has seen them (nats-py 2.16). The first
+    flush lets the client's flusher task write that buffer (it was woken before
+    the PING went out, so it runs before the PONG can be read); the second PING
+    then follows those commands on the wire and its PONG confirms them.
+
+    Raises:
+        nats.errors.Error: not connected, or no PONG within ``timeout`` seconds.
+    """
+    await nc.flush(timeout=timeout)
+    await nc.flush(timeout=timeout)
+
+
 @dataclass
 class StoredMessage:
     """A message read back from the stream: stream ``seq`` and raw ``payload`` bytes."""
@@ -428,7 +445,7 @@ class Bus:
                 raise Unavailable("NATS is not connected")
             cb = self._make_callback(channel)
             live.sub = await self.nc.subscribe(self.live_subject(channel), cb=cb)
-            await self.nc.flush(timeout=self.settings.publish_timeout)
+            await confirm(self.nc, self.settings.publish_timeout)
         except Unavailable as exc:
             self._fail_acquire(channel, live, exc)
             raise
@@ -527,7 +544,7 @@ class Bus:
                 )
                 return ack.seq
             await nc.publish(subject, payload, headers=headers)
-            await nc.flush(timeout=self.settings.publish_timeout)
+            await confirm(nc, self.settings.publish_timeout)
             return None
         except nats.js.errors.APIError as exc:
             raise Unavailable(f"JetStream refused the message: {exc.description}") from None

@@ -12,6 +12,17 @@ A bad token presented in the handshake is refused with HTTP 403 before accept;
 a bad token in the auth frame closes with 4001. Refusals before accept use the
 ASGI "websocket.http.response" extension when the server offers it (status
 403/429/503 with a reason body), else a plain ASGI close (HTTP 403).
+
+Checks, in order (OWASP WebSocket Security Cheat Sheet):
+
+1. ``Origin`` against ``PUSHSVC_ALLOWED_ORIGINS`` (exact match) -> 403;
+2. draining -> 503 (``Retry-After``);
+3. ``PUSHSVC_MAX_CONNECTIONS`` sockets on the node, *including* sockets still
+   waiting for their auth frame -> 503 (``Retry-After``);
+4. the handshake token, if any -> 403; ``PUSHSVC_MAX_CONNECTIONS_PER_USER``
+   -> 429 (with an auth frame instead: close 4008). A slot is reserved from the
+   check until the session registers with the hub, so parallel handshakes of
+   one user cannot overshoot the cap.
 """
 
 from __future__ import annotations

@@ -262,7 +262,7 @@ class Hub:
         """Handle a control message ``{"sub":..., "jti":...}``: close matching sessions 4001."""
         try:
             msg = msgspec.json.decode(payload)
-        except msgspec.DecodeError:
+        except (msgspec.DecodeError, RecursionError):  # RecursionError: nested too deeply
             log.warning("ignored malformed control message")
             return
         if not isinstance(msg, dict):

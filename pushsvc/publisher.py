@@ -17,7 +17,7 @@ import nats
 import nats.errors
 import nats.js.errors
 
-from .bus import Unavailable
+from .bus import Unavailable, confirm
 from .channels import subject_for, validate_channel
 
 
@@ -108,7 +108,7 @@ class Publisher:
                 )
                 return ack.seq
             await self._nc.publish(subject, payload, headers=headers)
-            await self._nc.flush(timeout=self.timeout)
+            await confirm(self._nc, self.timeout)
             return None
         except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
             raise Unavailable(f"NATS did not take the message ({type(exc).__name__})") from None

@@ -1,4 +1,9 @@
-"""Per-user token buckets (the classic token bucket: ``rate`` tokens/s, ``burst`` capacity)."""
+"""Per-user token buckets (the classic token bucket: ``rate`` tokens/s, ``burst`` capacity).
+
+One bucket per user (JWT ``sub``) for client commands, shared by all of that
+user's sockets on the node, and one per principal for HTTP emits; a refusal
+tells the client how long to wait (``retry_after`` / ``Retry-After``).
+"""
 
 from __future__ import annotations
 
@@ -25,7 +30,7 @@ class TokenBucket:
         self.tokens = float(burst)
         self._clock = clock
         self._stamp = clock()
-        self.strikes = 0  # consecutive refusals
+        self.strikes = 0  # consecutive refusals of this bucket (sessions count their own)
 
     def take(self, cost: float = 1.0) -> float:
         """Take ``cost`` tokens.

@@ -392,7 +392,27 @@ class Session:
 
     # --- inbound -----------------------------------------------------------------------
     async def handle_frame(self, text: str | None, data: bytes | None) -> None:
-        """Handle one client frame (text JSON command; binary frames are refused)."""
+        """Handle one client frame: a text frame holding one JSON command.
+
+        Args:
+            text: the frame's text (None for a binary frame).
+            data: the frame's bytes (binary frames; refused).
+
+        Rules (wire contract v1; OWASP WebSocket cheat sheet: validate every
+        message, limit rates):
+
+        - binary frames, non-JSON, non-objects, unknown ``op``, wrong field types
+          and nesting deeper than msgspec allows get ``error`` ``bad_request``
+          and cost one command token, so malformed floods are rate limited too;
+        - ``subscribe``/``unsubscribe``/``publish``/``refresh`` (and a repeated
+          ``auth``) cost one token of the user's bucket; refused ones get
+          ``rate_limited`` with ``retry_after`` seconds and count as strikes;
+        - ``pong`` answering a ping is free; an unsolicited one costs a token;
+        - a frame longer than ``max_frame_bytes`` closes 1009 (normally uvicorn's
+          ``ws_max_size`` does this first, counting bytes after reassembly).
+
+        Never raises for client mistakes (no traceback is logged for them).
+        """
         if text is None:
             self._refuse(BAD_REQUEST, "binary frames are not supported", None, charge=True)
             return

@@ -16,7 +16,6 @@ import time
 import pytest
 import websockets
 from hostile import Bystander
-from wsclient import WSClient
 
 FAST = {"ping_interval": 0.1, "pong_timeout": 0.3}
 
@@ -189,7 +188,8 @@ async def test_revocation_closes_sessions_on_every_node(start_server, nc, how):
         await other_jti.subscribe("kept.x")
     await other_user.subscribe("trent.x")
     # malformed control messages are ignored, and nothing else is closed
-    for junk in (b"", b"[]", b"not json", b'{"sub": 5}', b'{"jti": null}', b"{}"):
+    deep = b"[" * 5000 + b"]" * 5000
+    for junk in (b"", b"[]", b"not json", b'{"sub": 5}', b'{"jti": null}', b"{}", deep):
         await nc.publish("push-control.disconnect", junk)
     await nc.publish("push.trent.x", b"1")
     assert (await other_user.messages(1))[0]["data"] == 1

@@ -96,7 +96,9 @@ async def test_forged_expired_and_malformed_tokens(start_server, nc):
     # beyond the HTTP parser's 8 KiB line limit: answered (not left hanging) and closed
     await _refused_in_handshake(srv.ws_url, "a" * 9000, status=414)
     with pytest.raises(websockets.InvalidStatus) as info:
-        await WSClient.connect(srv.ws_url, additional_headers={"Authorization": "Bearer " + "a" * 9000})
+        await WSClient.connect(
+            srv.ws_url, additional_headers={"Authorization": "Bearer " + "a" * 9000}
+        )
     assert info.value.response.status_code == 431
     assert await _closed_after_auth_frame(srv.ws_url, "a" * 9000) == "token too large"
     # non-string token fields in the auth frame
@@ -107,6 +109,7 @@ async def test_forged_expired_and_malformed_tokens(start_server, nc):
     await bystander.still_served(nc)
 
 
+@pytest.mark.filterwarnings("ignore::jwt.warnings.InsecureKeyLengthWarning")  # the HS512 forgery
 async def test_alg_none_and_algorithm_confusion_rejected(start_server, nc, rsa_pem):
     srv = await start_server()
     bystander = await Bystander.join(srv)
@@ -120,9 +123,7 @@ async def test_alg_none_and_algorithm_confusion_rejected(start_server, nc, rsa_p
         # pinned algorithms: HS256 only, even with the right secret
         "HS512 with the right secret": jwt.encode(claims, SECRET, algorithm="HS512"),
         "RS256": jwt.encode(claims, private, algorithm="RS256"),
-        "ES256": jwt.encode(
-            claims, ec.generate_private_key(ec.SECP256R1()), algorithm="ES256"
-        ),
+        "ES256": jwt.encode(claims, ec.generate_private_key(ec.SECP256R1()), algorithm="ES256"),
     }
     for name, token in tokens.items():
         await _refused_in_handshake(srv.ws_url, token)
@@ -172,9 +173,9 @@ async def test_required_claims_time_claims_and_crit(start_server, nc):
         "nbf beyond leeway": sign(_claims(nbf=now + 60)),
         "iat in the future beyond leeway": sign(_claims(iat=now + 60)),
         "expired beyond leeway": sign(_claims(ttl=-10)),
-        "unknown crit": sign(_claims(), crit=["urn:example:must-understand"], **{
-            "urn:example:must-understand": True
-        }),
+        "unknown crit": sign(
+            _claims(), crit=["urn:example:must-understand"], **{"urn:example:must-understand": True}
+        ),
         "grant with a bad pattern": sign(_claims(channels=["a.>.b"])),
     }
     for name, token in rejected.items():
@@ -563,7 +564,7 @@ async def test_broken_handshakes_are_answered_and_shutdown_still_works(start_ser
         emit_token = srv.token("svc", publish=[">"])
         writer.write(
             f"POST /emit HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {emit_token}\r\n"
-            "Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{{\"chan".encode()
+            'Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{{"chan'.encode()
         )
         await writer.drain()
         await asyncio.sleep(0.2)
