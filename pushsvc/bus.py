@@ -174,10 +174,15 @@ class Bus:
     async def start(self) -> None:
         """Connect (bounded by ``connect_timeout`` s) and set up the stream.
 
-        After start, nats-py reconnects forever and resubscribes by itself.
+        After start, nats-py reconnects forever (every 0.5 s) and resubscribes by
+        itself; after each reconnect the stream is verified again and
+        :attr:`on_resumed` is awaited (see :meth:`_resume`).
 
         Raises:
-            Unavailable: NATS could not be reached within ``connect_timeout``.
+            Unavailable: NATS could not be reached within ``connect_timeout`` s, or
+                JetStream did not set up the stream within that time.
+            StreamConfigError: the stream exists with settings that cannot be
+                changed in place (history on).
         """
         servers = self.settings.nats_servers
         try:
@@ -424,7 +429,7 @@ class Bus:
     async def acquire(self, channel: str) -> None:
         """Take a reference on ``channel``'s live subscription, subscribing on the first.
 
-        Returns once NATS has confirmed the subscription (a flush round trip), so
+        Returns once NATS has confirmed the subscription (see :func:`confirm`), so
         every message published after this returns is delivered.
 
         Raises:
@@ -521,7 +526,7 @@ class Bus:
         With history on this is a JetStream publish: returns the stream sequence
         after the ack (for a duplicate ``msg_id`` inside the dedupe window, the
         original sequence). With history off it is a core publish followed by a
-        flush round trip; returns None.
+        round trip (:func:`confirm`); returns None.
 
         Raises:
             Unavailable: not connected, no ack within ``publish_timeout`` s, or

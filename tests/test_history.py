@@ -379,3 +379,33 @@ async def test_start_fails_clearly_on_an_incompatible_stream(nats_url):
         except nats.js.errors.Error:
             pass
         await nc.close()
+
+
+async def test_a_subscription_is_live_when_acquire_returns(nats_url, nc):
+    """Bus.acquire returns only once NATS routes the channel to the node.
+
+    nats-py's flush() can overtake a SUB still in its pending buffer (the PING is
+    written straight to the socket); a single flush lost about 1 % of messages
+    published from another connection right after subscribing.
+    """
+    got: dict[str, asyncio.Future[int | None]] = {}
+
+    def on_message(channel: str, payload: bytes, seq: int | None) -> None:
+        fut = got.get(channel)
+        if fut is not None and not fut.done():
+            fut.set_result(seq)
+
+    settings = Settings.load(env={}, jwt_secret="x" * 32, nats_url=nats_url)
+    bus = Bus(settings, on_message=on_message)
+    await bus.start()
+    loop = asyncio.get_running_loop()
+    try:
+        for i in range(1000):
+            channel = f"acq{uuid.uuid4().hex[:8]}.c{i}"
+            got[channel] = loop.create_future()
+            await bus.acquire(channel)
+            await nc.publish(f"push.{channel}", b"1")  # another connection, no wait
+            assert await asyncio.wait_for(got[channel], 2) is not None, channel
+            await bus.release(channel)
+    finally:
+        await bus.close()

@@ -131,6 +131,7 @@ async def test_sigkill_and_restart_with_the_same_store(own_nats, start_server, h
         r = await http.get(f"{srv.base}/readyz")
         assert r.status_code == 200
     finally:
+        await srv.stop()  # before NATS, so the node does not reconnect in teardown
         back.stop()
 
 
@@ -176,6 +177,7 @@ async def test_nats_loses_its_store(own_nats, start_server, http, channel, tmp_p
         (m,) = await c2.messages(1)
         assert m["data"] == 9 and m["seq"] == r.json()["seq"]
     finally:
+        await srv.stop()  # before NATS, so the node does not reconnect in teardown
         back.stop()
 
 
@@ -207,6 +209,7 @@ async def test_outage_longer_than_history_closes_sessions_for_resume(
         await c2.subscribe(channel, since=m["seq"], recovered=False)
         assert [x["data"] for x in await c2.messages(3)] == [2, 3, 4]
     finally:
+        await srv.stop()  # before NATS, so the node does not reconnect in teardown
         back.stop()
 
 
@@ -244,4 +247,5 @@ async def test_quiet_channel_survives_a_blip_after_its_history_expired(own_nats,
         assert m["channel"] == "quiet.room" and m["data"] == 3
         assert c.ws.close_code is None
     finally:
+        await srv.stop()  # before NATS, so the node does not reconnect in teardown
         back.stop()
