@@ -56,6 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     token.add_argument("--algorithm", help="signing algorithm (default HS256 or RS256)")
     token.add_argument("--audience", help="aud claim (default PUSHSVC_JWT_AUDIENCE)")
     token.add_argument("--jti", help="token id (for revocation)")
+    token.add_argument(
+        "--typ", help="JOSE header typ (default PUSHSVC_JWT_TYPE; PUSHSVC_EMIT_TYPE for emit)"
+    )
 
     publish = sub.add_parser("publish", help="publish a message to a channel through NATS")
     publish.add_argument("channel")
@@ -234,9 +237,14 @@ def _token(args: argparse.Namespace) -> int:
             audience=audience,
             issuer=os.environ.get("PUSHSVC_JWT_ISSUER"),
             jti=args.jti,
+            headers=_typ_header(args.typ or os.environ.get("PUSHSVC_JWT_TYPE")),
         )
     )
     return 0
+
+
+def _typ_header(typ: str | None) -> dict[str, str] | None:
+    return {"typ": typ} if typ else None
 
 
 def _publish(args: argparse.Namespace) -> int:
