@@ -58,6 +58,9 @@ class Node:
         self.bus.on_resumed = self.hub.resume
         self.command_buckets = BucketRegistry(settings.command_rate, settings.command_burst)
         self.emit_buckets = BucketRegistry(settings.emit_rate, settings.emit_burst)
+        self.endpoint = WebSocketEndpoint(
+            settings, self.hub, self.auth, self.command_buckets, self.accepting
+        )
         self.embedded: EmbeddedNats | None = None
         self.draining = False
         self.started = False
@@ -115,10 +118,7 @@ class Node:
         """All HTTP and WebSocket routes of the node (paths relative to the base path)."""
         settings = self.settings
         router = APIRouter()
-        endpoint = WebSocketEndpoint(
-            settings, self.hub, self.auth, self.command_buckets, self.accepting
-        )
-        router.routes.append(WebSocketRoute("/ws", endpoint))
+        router.routes.append(WebSocketRoute("/ws", self.endpoint))
         router.include_router(emit_router(settings, self.hub, self.auth, self.emit_buckets))
         router.include_router(history_router(settings, self.bus, self.auth))
 
@@ -188,6 +188,27 @@ class Node:
         )
 
 
+class WebSocketShortcut:
+    """ASGI middleware sending WebSocket connections for ``path`` straight to the endpoint.
+
+    Starlette's exception middleware wraps ``send`` in one more coroutine per call;
+    on the delivery hot path (one send per socket per message) that is ~5% of the
+    server's CPU (py-spy, 1000 sockets at 50 msg/s). The route stays registered,
+    so behaviour is the same without this middleware.
+    """
+
+    def __init__(self, app: Any, path: str, endpoint: WebSocketEndpoint) -> None:
+        self.app = app
+        self.path = path
+        self.endpoint = endpoint
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "websocket" and scope["path"] == self.path:
+            await self.endpoint(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
+
+
 def _static(name: str) -> str:
     return str(resources.files("pushsvc") / "static" / name)
 
@@ -228,6 +249,7 @@ def setup_app(app: FastAPI, settings: Settings, prefix: str = "") -> Node:
     api_keys = [entry.rsplit(":", 1)[-1] for entry in settings.api_keys]
     install_redaction([settings.jwt_secret, *api_keys])
     app.include_router(node.router(), prefix=prefix)
+    app.add_middleware(WebSocketShortcut, path=prefix + "/ws", endpoint=node.endpoint)
     app.state.pushsvc = node
     inner = app.router.lifespan_context
 

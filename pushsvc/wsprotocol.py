@@ -20,6 +20,7 @@ against uvicorn 0.54 / websockets 17:
 
 from __future__ import annotations
 
+from collections.abc import Coroutine
 from typing import Any
 
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
@@ -41,10 +42,18 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
             self.close_sent = True
             self.transport.close()
 
-    async def send(self, message: Any) -> None:
-        """ASGI send; a finished denial response completes the handshake (no ERROR log)."""
-        await super().send(message)
+    def send(self, message: Any) -> Coroutine[Any, Any, None]:
+        """ASGI send; a finished denial response completes the handshake (no ERROR log).
+
+        A plain method returning the coroutine to await: every delivery goes
+        through here, so it adds no coroutine frame of its own.
+        """
         if message["type"] == "websocket.http.response.body" and not message.get(
             "more_body", False
         ):
-            self.handshake_complete = True
+            return self._send_denial_body(message)
+        return super().send(message)
+
+    async def _send_denial_body(self, message: Any) -> None:
+        await super().send(message)
+        self.handshake_complete = True
