@@ -70,6 +70,18 @@ from .protocol import (
     encode_frame,
 )
 from .ratelimit import TokenBucket
+
+try:  # the direct write path applies to uvicorn's websockets-sansio protocol only
+    from uvicorn.protocols.websockets.websockets_sansio_impl import (
+        WebSocketsSansIOProtocol as _SansIOProtocol,
+    )
+    from websockets.frames import Frame, Opcode
+    from websockets.protocol import State
+
+    _OPEN: Any = State.OPEN
+except ImportError:  # pragma: no cover - another ASGI server
+    _SansIOProtocol = None  # type: ignore[assignment,misc]
+    _OPEN = None
 from .settings import Settings
 
 log = logging.getLogger("pushsvc.session")
@@ -137,6 +149,7 @@ class Session:
         self._pong_timer: asyncio.TimerHandle | None = None
         self._exp_timer: asyncio.TimerHandle | None = None
         self._strikes = 0  # command refusals in a row on this connection
+        self._direct = _direct_protocol(receive)
 
     # --- outbound ----------------------------------------------------------------------
     @property
@@ -218,8 +231,12 @@ class Session:
         """
         out = self._out
         send = self._send
+        direct = self._direct
         while out:
             text, taken = self._take_batch()
+            if direct is not None and _can_write_direct(direct):
+                direct.transport.write(_text_frame(text))
+                continue
             coro = send({"type": "websocket.send", "text": text})
             try:
                 blocker = coro.send(None)
@@ -574,6 +591,50 @@ def _abort_connection(receive: ASGIReceive) -> bool:
             pass
     abort()
     return True
+
+
+def _direct_protocol(receive: ASGIReceive) -> Any:
+    """uvicorn's websockets-sansio protocol behind ``receive``, if frames can bypass ASGI.
+
+    The direct path writes a pre-framed WebSocket text frame (RFC 6455 5.2, built
+    by the ``websockets`` library) straight to the connection's transport: the same
+    bytes uvicorn would write, without the per-socket ASGI send coroutine and
+    framing. It needs uvicorn's sans-I/O protocol with no extension negotiated
+    (per-message deflate off); any other server uses the ASGI path.
+    """
+    proto = getattr(receive, "__self__", None)
+    if _SansIOProtocol is None or not isinstance(proto, _SansIOProtocol):
+        return None
+    if proto.conn.extensions:
+        return None
+    return proto
+
+
+def _can_write_direct(proto: Any) -> bool:
+    """True while the connection is open and uvicorn would write at once (no backpressure)."""
+    return (
+        proto.writable.is_set()
+        and not proto.close_sent
+        and proto.conn.state is _OPEN
+        and not proto.transport.is_closing()
+    )
+
+
+_last_text: str | None = None
+_last_frame = b""
+
+
+def _text_frame(text: str) -> bytes:
+    """The wire bytes of a server text frame carrying ``text``.
+
+    A fan-out hands the same ``str`` to every session in turn, so a one-entry
+    cache keyed by identity frames a message once, not once per socket.
+    """
+    global _last_text, _last_frame
+    if text is not _last_text:
+        _last_frame = Frame(Opcode.TEXT, text.encode()).serialize(mask=False)
+        _last_text = text
+    return _last_frame
 
 
 def _utf8_len(text: str) -> int:
