@@ -18,8 +18,6 @@ bucket), 503 with ``Retry-After`` when NATS did not take it.
 
 from __future__ import annotations
 
-import math
-
 import msgspec
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
@@ -29,6 +27,7 @@ from . import metrics
 from .auth import Authenticator, AuthError, Principal
 from .bus import Unavailable
 from .channels import InvalidChannel, validate_channel
+from .httperrors import HTTPError
 from .hub import Hub
 from .ratelimit import BucketRegistry
 from .settings import Settings
@@ -44,33 +43,13 @@ class EmitItem(msgspec.Struct):
     payload: msgspec.Raw = msgspec.Raw()
 
 
-class EmitError(Exception):
-    """An emit refused with an HTTP ``status``, ``code`` and client-safe message."""
-
-    def __init__(
-        self, status: int, code: str, message: str, retry_after: float | None = None
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.retry_after = retry_after
+class EmitError(HTTPError):
+    """An emit refused; its response also counts in ``pushsvc_emits_total``."""
 
     def response(self) -> JSONResponse:
-        headers = {}
-        if self.retry_after is not None:
-            headers["Retry-After"] = str(max(1, math.ceil(self.retry_after)))
-        if self.status == 401:
-            headers["WWW-Authenticate"] = "Bearer"
+        """The JSON error response (and the metric)."""
         metrics.EMITS.labels(str(self.status)).inc()
-        return JSONResponse(
-            {"error": self.code, "message": str(self), **_retry(self.retry_after)},
-            status_code=self.status,
-            headers=headers,
-        )
-
-
-def _retry(retry_after: float | None) -> dict[str, float]:
-    return {} if retry_after is None else {"retry_after": round(retry_after, 3)}
+        return super().response()
 
 
 def emit_router(

@@ -20,7 +20,7 @@ from fastapi.responses import Response
 from .auth import Authenticator, AuthError
 from .bus import Bus, Unavailable
 from .channels import InvalidChannel, validate_channel
-from .emit import EmitError
+from .httperrors import HTTPError
 from .protocol import payload_to_data
 from .settings import Settings
 
@@ -59,7 +59,7 @@ def history_router(settings: Settings, bus: Bus, auth: Authenticator) -> APIRout
             header = request.headers.get("authorization", "")
             scheme, _, credential = header.partition(" ")
             if scheme.lower() != "bearer" or not credential.strip():
-                raise EmitError(401, "unauthorized", "missing Authorization: Bearer token")
+                raise HTTPError(401, "unauthorized", "missing Authorization: Bearer token")
             credential = credential.strip()
             is_api_key = auth.is_api_key(credential)
             if not is_api_key:
@@ -69,21 +69,21 @@ def history_router(settings: Settings, bus: Bus, auth: Authenticator) -> APIRout
                     try:  # or a backend's emit token (PUSHSVC_EMIT_AUDIENCE / _TYPE)
                         principal = auth.verify(credential, purpose="emit")
                     except AuthError:
-                        raise EmitError(401, "unauthorized", str(exc)) from None
+                        raise HTTPError(401, "unauthorized", str(exc)) from None
             try:
                 channel = validate_channel(channel)
             except InvalidChannel as exc:
-                raise EmitError(422, "invalid_channel", str(exc)) from None
+                raise HTTPError(422, "invalid_channel", str(exc)) from None
             if not (is_api_key or principal.can_subscribe(channel)):
-                raise EmitError(403, "forbidden", f"not allowed to read {channel}")
+                raise HTTPError(403, "forbidden", f"not allowed to read {channel}")
             after = _count(since, "since", 0)
             most = None if limit is None else _count(limit, "limit", 1)
             cap = settings.history_size
             try:
                 page = await bus.history(channel, after, min(most or cap, cap))
             except Unavailable as exc:
-                raise EmitError(503, "unavailable", str(exc), retry_after=exc.retry_after) from None
-        except EmitError as exc:
+                raise HTTPError(503, "unavailable", str(exc), retry_after=exc.retry_after) from None
+        except HTTPError as exc:
             return exc.response()
         items = []
         for m in page.messages:
@@ -99,9 +99,9 @@ def _count(value: str, name: str, minimum: int) -> int:
     """Parse a query parameter as an integer >= ``minimum``.
 
     Raises:
-        EmitError: 400 ``bad_request`` naming the parameter.
+        HTTPError: 400 ``bad_request`` naming the parameter.
     """
     number = int(value) if value.isascii() and value.isdigit() and len(value) <= 20 else None
     if number is None or number < minimum:
-        raise EmitError(400, "bad_request", f"{name} must be an integer >= {minimum}")
+        raise HTTPError(400, "bad_request", f"{name} must be an integer >= {minimum}")
     return number

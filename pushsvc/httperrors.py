@@ -1,0 +1,42 @@
+"""The JSON error answer shared by pushsvc's HTTP routes (emit, history).
+
+Body ``{"error": code, "message": reason, "retry_after"?: seconds}``; 401 carries
+``WWW-Authenticate: Bearer`` (RFC 6750 3) and 429/503 carry ``Retry-After`` in
+whole seconds (RFC 9110 10.2.3).
+"""
+
+from __future__ import annotations
+
+import math
+
+from fastapi.responses import JSONResponse
+
+
+class HTTPError(Exception):
+    """A request refused with an HTTP ``status``, an error ``code`` and a client-safe message.
+
+    Args:
+        status: HTTP status (4xx/5xx).
+        code: machine-readable code, e.g. ``invalid_channel``.
+        message: reason safe to show the caller (never a token or secret).
+        retry_after: seconds the caller should wait (429, 503), or None.
+    """
+
+    def __init__(
+        self, status: int, code: str, message: str, retry_after: float | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.retry_after = retry_after
+
+    def response(self) -> JSONResponse:
+        """The JSON response for this error."""
+        headers = {}
+        body: dict[str, object] = {"error": self.code, "message": str(self)}
+        if self.retry_after is not None:
+            headers["Retry-After"] = str(max(1, math.ceil(self.retry_after)))
+            body["retry_after"] = round(self.retry_after, 3)
+        if self.status == 401:
+            headers["WWW-Authenticate"] = "Bearer"
+        return JSONResponse(body, status_code=self.status, headers=headers)
