@@ -127,7 +127,10 @@ def _serve(args: argparse.Namespace) -> int:
         dev_secret = settings.jwt_secret = secrets.token_urlsafe(32)
     embedded = None
     if settings.nats_url is None:
-        embedded = EmbeddedNats(data_dir=settings.data_dir)
+        # The conventional client port when it is free, so `nats pub` and
+        # `pushsvc publish` work with their defaults; any free port otherwise.
+        port = DEFAULT_NATS_PORT if _port_free(DEFAULT_NATS_PORT) else 0
+        embedded = EmbeddedNats(port=port, data_dir=settings.data_dir)
         try:
             embedded.start()
         except EmbeddedNatsError as exc:
@@ -191,6 +194,21 @@ def _serve(args: argparse.Namespace) -> int:
     finally:
         if embedded is not None:
             embedded.cleanup()
+
+
+DEFAULT_NATS_PORT = 4222
+
+
+def _port_free(port: int) -> bool:
+    """True when ``port`` can be bound on loopback right now."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 def _exit_on_sigterm(signum: int, frame: Any) -> None:
