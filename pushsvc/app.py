@@ -22,7 +22,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.routing import WebSocketRoute
 
 from . import __version__
-from .auth import Authenticator, mint_token
+from .auth import Authenticator, mint_token, parse_revocation
 from .bus import Bus, Unavailable
 from .channels import InvalidChannel, validate_grant
 from .embedded import EmbeddedNats
@@ -69,7 +69,13 @@ class Node:
         self.hub.dispatch(channel, payload, seq)
 
     def _control(self, payload: bytes) -> None:
-        self.hub.control(payload)
+        """A revocation from NATS: refuse the token(s) from now on, close their sessions."""
+        revocation = parse_revocation(payload)
+        if revocation is None:
+            log.warning("ignored malformed control message")
+            return
+        self.auth.revoke(revocation)
+        self.hub.disconnect(revocation.sub, revocation.jti)
 
     @property
     def ready(self) -> bool:

@@ -55,6 +55,7 @@ class Principal(msgspec.Struct, frozen=True):
         channels: subscribe grants (NATS wildcard patterns).
         publish: publish grants (NATS wildcard patterns).
         jti: token id (JWT ``jti``) or None; used for revocation.
+        iat: issued-at, Unix seconds (JWT ``iat``) or None; used for revocation by ``sub``.
     """
 
     sub: str
@@ -62,6 +63,7 @@ class Principal(msgspec.Struct, frozen=True):
     channels: tuple[str, ...] = ()
     publish: tuple[str, ...] = ()
     jti: str | None = None
+    iat: float | None = None
 
     def can_subscribe(self, channel: str) -> bool:
         """True when a grant covers ``channel`` or it is the user's personal channel.
@@ -81,6 +83,36 @@ class Principal(msgspec.Struct, frozen=True):
     def can_publish(self, channel: str) -> bool:
         """True when a ``publish`` grant covers ``channel``."""
         return any_grant_matches(self.publish, channel)
+
+
+MAX_REVOCATIONS = 100_000
+DEFAULT_REVOCATION_TTL = 86400.0  # seconds a revocation is remembered without "ttl"
+
+
+class Revocation(msgspec.Struct, frozen=True):
+    """A control message on ``<prefix>-control.disconnect``.
+
+    ``{"sub": "alice"}`` and/or ``{"jti": "t-42"}``, optionally ``"ttl"`` (seconds
+    the revocation is remembered, default 86400: set it to the longest token
+    lifetime you issue).
+    """
+
+    sub: str | None = None
+    jti: str | None = None
+    ttl: float = DEFAULT_REVOCATION_TTL
+
+
+def parse_revocation(payload: bytes) -> Revocation | None:
+    """Decode a control message; None when it is malformed or names neither sub nor jti."""
+    try:
+        revocation = msgspec.json.decode(payload, type=Revocation)
+    except (msgspec.DecodeError, RecursionError):
+        return None
+    if revocation.sub is None and revocation.jti is None:
+        return None
+    if not 0 < revocation.ttl <= 365 * 86400:
+        return None
+    return revocation
 
 
 class Authenticator:
@@ -113,6 +145,8 @@ class Authenticator:
             key_id, sep, key = entry.rpartition(":")
             self._api_keys[key if sep else entry] = key_id if sep else f"key{i}"
         self.cache_hits = 0
+        self._revoked_jti: dict[str, tuple[float, float]] = {}  # jti -> (revoked at, until)
+        self._revoked_sub: dict[str, tuple[float, float]] = {}  # sub -> (revoked at, until)
 
     def verify(self, token: object, *, purpose: str = "connect") -> Principal:
         """Verify a connection (``purpose="connect"``) or emit (``"emit"``) token.
@@ -133,6 +167,7 @@ class Authenticator:
             if time.time() < cached.exp + self.leeway:
                 self._cache.move_to_end(key)
                 self.cache_hits += 1
+                self._check_revoked(cached)
                 return cached
             del self._cache[key]
             raise AuthError("token expired")
@@ -140,7 +175,40 @@ class Authenticator:
         self._cache[key] = principal
         if len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)
+        self._check_revoked(principal)
         return principal
+
+    def revoke(self, revocation: Revocation) -> None:
+        """Refuse tokens from now on: by ``jti``, and/or every token of ``sub`` issued
+        (``iat``) before now (a token of that user without ``iat`` is refused while
+        the entry lives). Entries are kept ``revocation.ttl`` seconds, at most
+        ``MAX_REVOCATIONS`` of each kind (oldest dropped first).
+        """
+        now = time.time()
+        until = now + revocation.ttl
+        for table, key in (
+            (self._revoked_jti, revocation.jti),
+            (self._revoked_sub, revocation.sub),
+        ):
+            if key is None:
+                continue
+            table[key] = (now, until)
+            if len(table) > MAX_REVOCATIONS:
+                for old in [k for k, (_, u) in table.items() if u <= now] or [next(iter(table))]:
+                    del table[old]
+
+    def _check_revoked(self, principal: Principal) -> None:
+        if not (self._revoked_jti or self._revoked_sub):
+            return
+        now = time.time()
+        if principal.jti is not None:
+            entry = self._revoked_jti.get(principal.jti)
+            if entry is not None and now < entry[1]:
+                raise AuthError("token revoked")
+        entry = self._revoked_sub.get(principal.sub)
+        if entry is not None and now < entry[1]:
+            if principal.iat is None or principal.iat <= entry[0]:
+                raise AuthError("token revoked")
 
     def verify_emit(self, credential: str) -> Principal:
         """Verify an emit credential: a configured API key or a JWT.
@@ -210,6 +278,7 @@ class Authenticator:
                 channels=_grants(claims.get("channels")),
                 publish=_grants(claims.get("publish")),
                 jti=jti if isinstance(jti, str) else None,
+                iat=float(claims["iat"]) if isinstance(claims.get("iat"), int | float) else None,
             )
         except InvalidChannel as exc:
             raise AuthError(f"token grant invalid: {exc}") from None

@@ -30,8 +30,6 @@ import logging
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
-import msgspec
-
 from . import metrics
 from .bus import Bus, StoredMessage, Unavailable
 from .protocol import (
@@ -258,22 +256,15 @@ class Hub:
         if self._channels.get(channel) is state and state.catchup is None:
             state.last_seq = max(state.last_seq or 0, seq)
 
-    def control(self, payload: bytes) -> None:
-        """Handle a control message ``{"sub":..., "jti":...}``: close matching sessions 4001."""
-        try:
-            msg = msgspec.json.decode(payload)
-        except (msgspec.DecodeError, RecursionError):  # RecursionError: nested too deeply
-            log.warning("ignored malformed control message")
-            return
-        if not isinstance(msg, dict):
-            return
-        sub, jti = msg.get("sub"), msg.get("jti")
-        if not isinstance(sub, str) and not isinstance(jti, str):
-            return
+    def disconnect(self, sub: str | None, jti: str | None) -> int:
+        """Close with 4001 every session matching ``sub`` and/or ``jti``; returns how many."""
+        closed = 0
         for session in list(self.sessions):
             p = session.principal
             if (sub is None or p.sub == sub) and (jti is None or p.jti == jti):
                 session.close(CLOSE_UNAUTHORIZED, "token revoked")
+                closed += 1
+        return closed
 
     # --- session registry ------------------------------------------------------------
     def user_connections(self, sub: str) -> int:

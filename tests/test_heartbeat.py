@@ -16,6 +16,7 @@ import time
 import pytest
 import websockets
 from hostile import Bystander
+from wsclient import WSClient
 
 FAST = {"ping_interval": 0.1, "pong_timeout": 0.3}
 
@@ -195,3 +196,31 @@ async def test_revocation_closes_sessions_on_every_node(start_server, nc, how):
     assert (await other_user.messages(1))[0]["data"] == 1
     for bystander in bystanders:
         await bystander.still_served(nc)
+
+
+async def test_revoked_token_cannot_reconnect(start_server, nc):
+    """Revocation is remembered: the revoked token is refused on reconnect (also from
+    the verified-token cache), while a token issued after a `sub` revocation works."""
+    srv = await start_server()
+    by_jti = srv.token("oscar", jti="j-stolen")
+    c = await srv.client(by_jti)
+    await nc.publish("push-control.disconnect", json.dumps({"jti": "j-stolen"}).encode())
+    assert await c.closed() == 4001
+    again = await WSClient.connect(srv.ws_url)
+    await again.send({"op": "auth", "token": by_jti})
+    assert await again.closed() == 4001
+    assert again.ws.close_reason == "token revoked"
+    with pytest.raises(websockets.InvalidStatus) as info:
+        await WSClient.connect(srv.ws_url, additional_headers={"Authorization": f"Bearer {by_jti}"})
+    assert info.value.response.status_code == 403
+
+    old = srv.token("peggy")
+    c = await srv.client(old)
+    await nc.publish("push-control.disconnect", json.dumps({"sub": "peggy"}).encode())
+    assert await c.closed() == 4001
+    refused = await WSClient.connect(srv.ws_url)
+    await refused.send({"op": "auth", "token": old})
+    assert await refused.closed() == 4001
+    await asyncio.sleep(1.05 - time.time() % 1)  # iat has one-second resolution
+    fresh = await srv.client(srv.token("peggy"))
+    await fresh.subscribe("user.peggy")
