@@ -157,9 +157,7 @@ class Bus:
         self._subs: dict[str, _LiveSub] = {}
         self._control_sub: Subscription | None = None
         self._tasks: set[asyncio.Future[None]] = set()
-        self.connected = asyncio.Event()
         self.closing = False
-        self.on_state_change: Callable[[bool], None] | None = None
         #: called (synchronously) when the NATS connection drops.
         self.on_disconnected: Callable[[], None] | None = None
         #: awaited after a reconnect once the stream is verified, with ``True`` when
@@ -199,7 +197,6 @@ class Bus:
                     error_cb=self._error_cb,
                     disconnected_cb=self._disconnected_cb,
                     reconnected_cb=self._reconnected_cb,
-                    closed_cb=self._closed_cb,
                 ),
                 timeout=self.settings.connect_timeout,
             )
@@ -208,7 +205,6 @@ class Bus:
                 f"cannot reach NATS at {', '.join(servers)} within "
                 f"{self.settings.connect_timeout:g} s ({type(exc).__name__})"
             ) from None
-        self.connected.set()
         self.js = self.nc.jetstream(timeout=self.settings.publish_timeout)
         if self.history_enabled:
             try:
@@ -223,7 +219,6 @@ class Bus:
         log.warning("NATS: %s: %s", type(exc).__name__, exc)
 
     async def _disconnected_cb(self) -> None:
-        self.connected.clear()
         if self.closing:
             return
         log.warning("NATS disconnected; reconnecting (emits answer 503 meanwhile)")
@@ -239,7 +234,6 @@ class Bus:
         Runs inside nats-py's reconnect loop, so it must neither raise nor wait:
         stream verification and the hub's catch-up run in a task.
         """
-        self.connected.set()
         url = self.nc.connected_url.netloc if self.nc and self.nc.connected_url else "?"
         log.info("NATS reconnected to %s; subscriptions restored", url)
         if self._resume_task is not None:
@@ -288,9 +282,6 @@ class Bus:
             except Exception:
                 log.exception("resume after reconnect failed")
 
-    async def _closed_cb(self) -> None:
-        self.connected.clear()
-
     async def close(self) -> None:
         """Drain the NATS connection (pending deliveries finish, then close)."""
         self.closing = True
@@ -303,7 +294,6 @@ class Bus:
                 await asyncio.wait_for(nc.drain(), timeout=5)
             except (TimeoutError, nats.errors.Error):
                 await nc.close()
-        self.connected.clear()
 
     @property
     def is_connected(self) -> bool:

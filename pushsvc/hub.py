@@ -277,13 +277,6 @@ class Hub:
         self.users.setdefault(session.principal.sub, set()).add(session)
         metrics.CONNECTIONS.inc()
 
-    def change_user(self, session: Session, old_sub: str) -> None:
-        """Move ``session`` after its principal changed (refresh keeps sub, so rare)."""
-        users = self.users.get(old_sub)
-        if users is not None:
-            users.discard(session)
-        self.users.setdefault(session.principal.sub, set()).add(session)
-
     def remove_session(self, session: Session) -> None:
         """Forget ``session``: leave its channels (releasing NATS interest) and its user."""
         if session not in self.sessions:

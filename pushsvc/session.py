@@ -6,7 +6,7 @@ Outbound path (what the hub calls, :meth:`Session.send`) never awaits the socket
   (``PUSHSVC_SEND_QUEUE_BYTES``, counted exactly in UTF-8 bytes, including a
   send in flight); overflow closes the session with 4009 (slow consumer);
 - a flush runs once per event-loop iteration for every session that got frames
-  (one ``loop.call_soon`` for all of them, see :class:`_FlushQueue`; no task): it
+  (one ``loop.call_soon`` for all of them, see :class:`~pushsvc.transport.FlushQueue`; no task): it
   joins pending frames with ``\\n`` into one text frame of at most
   ``coalesce_bytes`` (wire contract: one frame may carry several objects) and
   hands it to the ASGI ``send`` *eagerly* (``coro.send(None)``): when the server
@@ -27,9 +27,6 @@ import asyncio
 import itertools
 import logging
 import os
-import socket
-import struct
-import weakref
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
@@ -70,19 +67,16 @@ from .protocol import (
     encode_frame,
 )
 from .ratelimit import TokenBucket
-
-try:  # the direct write path applies to uvicorn's websockets-sansio protocol only
-    from uvicorn.protocols.websockets.websockets_sansio_impl import (
-        WebSocketsSansIOProtocol as _SansIOProtocol,
-    )
-    from websockets.frames import Frame, Opcode
-    from websockets.protocol import State
-
-    _OPEN: Any = State.OPEN
-except ImportError:  # pragma: no cover - another ASGI server
-    _SansIOProtocol = None  # type: ignore[assignment,misc]
-    _OPEN = None
 from .settings import Settings
+from .transport import (
+    abort_connection,
+    can_write_direct,
+    direct_protocol,
+    flush_queue,
+    resume,
+    text_frame,
+    utf8_len,
+)
 
 log = logging.getLogger("pushsvc.session")
 
@@ -142,14 +136,14 @@ class Session:
         self._coalesce = settings.coalesce_bytes
         self._scheduled = False
         self._writer: asyncio.Task[None] | None = None
-        self._flushes = _flush_queue(self._loop)
+        self._flushes = flush_queue(self._loop)
         self._closer: asyncio.Task[None] | None = None
         self._reader: asyncio.Task[Any] | None = None
         self._ping_timer: asyncio.TimerHandle | None = None
         self._pong_timer: asyncio.TimerHandle | None = None
         self._exp_timer: asyncio.TimerHandle | None = None
         self._strikes = 0  # command refusals in a row on this connection
-        self._direct = _direct_protocol(receive)
+        self._direct = direct_protocol(receive)
 
     # --- outbound ----------------------------------------------------------------------
     @property
@@ -203,10 +197,10 @@ class Session:
             self._out_bytes = 0
             return text, taken
         frame = out.popleft()
-        taken = size = _utf8_len(frame)
+        taken = size = utf8_len(frame)
         parts = [frame]
         while out:
-            n = _utf8_len(out[0])
+            n = utf8_len(out[0])
             if size + 1 + n > self._coalesce:
                 break
             parts.append(out.popleft())
@@ -216,7 +210,7 @@ class Session:
         return ("\n".join(parts) if len(parts) > 1 else frame), taken
 
     def _flush(self) -> None:
-        """The scheduled flush (see :class:`_FlushQueue`)."""
+        """The scheduled flush (see :class:`~pushsvc.transport.FlushQueue`)."""
         self._scheduled = False
         if self._writer is None and not self.closed:
             self._write_pending()
@@ -234,8 +228,8 @@ class Session:
         direct = self._direct
         while out:
             text, taken = self._take_batch()
-            if direct is not None and _can_write_direct(direct):
-                direct.transport.write(_text_frame(text))
+            if direct is not None and can_write_direct(direct):
+                direct.transport.write(text_frame(text))
                 continue
             coro = send({"type": "websocket.send", "text": text})
             try:
@@ -259,7 +253,7 @@ class Session:
         timeout = self.settings.send_timeout
         try:
             async with asyncio.timeout(timeout):
-                await _resume(coro, blocker)
+                await resume(coro, blocker)
             self._inflight_bytes = 0
             while self._out and not self.closed:
                 text, taken = self._take_batch()
@@ -332,7 +326,7 @@ class Session:
             return
         except Exception:
             pass
-        _abort_connection(self._receive)
+        abort_connection(self._receive)
         if self._reader is not None and not self._reader.done():
             self._reader.cancel()
 
@@ -567,152 +561,3 @@ class Session:
                 self.hub.unsubscribe(self, channel)
                 self.send_frame(Unsubscribed(channel=channel, reason=FORBIDDEN))
         self.send_frame(Refreshed(exp=principal.exp, id=cmd.id))
-
-
-def _abort_connection(receive: ASGIReceive) -> bool:
-    """Abort the TCP connection behind ``receive``, when the server exposes it.
-
-    ASGI has no "abort". uvicorn passes its protocol's bound ``receive`` method
-    unwrapped through Starlette, and the protocol's ``transport`` is an asyncio
-    transport: ``abort()`` drops its buffer and the socket at once (the reader then
-    gets ``websocket.disconnect``); with ``SO_LINGER`` 0 the kernel resets the
-    connection and frees its send buffer too. With another server this does
-    nothing and the server's own timeouts apply. Returns True when it aborted.
-    """
-    transport = getattr(getattr(receive, "__self__", None), "transport", None)
-    abort = getattr(transport, "abort", None)
-    if not callable(abort):
-        return False
-    sock = transport.get_extra_info("socket")
-    if sock is not None:
-        try:  # linger 0: reset, so the kernel frees its send buffer now, not after probes
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        except Exception:  # already closed, or a transport without a real socket
-            pass
-    abort()
-    return True
-
-
-def _direct_protocol(receive: ASGIReceive) -> Any:
-    """uvicorn's websockets-sansio protocol behind ``receive``, if frames can bypass ASGI.
-
-    The direct path writes a pre-framed WebSocket text frame (RFC 6455 5.2, built
-    by the ``websockets`` library) straight to the connection's transport: the same
-    bytes uvicorn would write, without the per-socket ASGI send coroutine and
-    framing. It needs uvicorn's sans-I/O protocol with no extension negotiated
-    (per-message deflate off); any other server uses the ASGI path.
-    """
-    proto = getattr(receive, "__self__", None)
-    if _SansIOProtocol is None or not isinstance(proto, _SansIOProtocol):
-        return None
-    if proto.conn.extensions:
-        return None
-    return proto
-
-
-def _can_write_direct(proto: Any) -> bool:
-    """True while the connection is open and uvicorn would write at once (no backpressure)."""
-    return (
-        proto.writable.is_set()
-        and not proto.close_sent
-        and proto.conn.state is _OPEN
-        and not proto.transport.is_closing()
-    )
-
-
-_last_text: str | None = None
-_last_frame = b""
-
-
-def _text_frame(text: str) -> bytes:
-    """The wire bytes of a server text frame carrying ``text``.
-
-    A fan-out hands the same ``str`` to every session in turn, so a one-entry
-    cache keyed by identity frames a message once, not once per socket.
-    """
-    global _last_text, _last_frame
-    if text is not _last_text:
-        _last_frame = Frame(Opcode.TEXT, text.encode()).serialize(mask=False)
-        _last_text = text
-    return _last_frame
-
-
-def _utf8_len(text: str) -> int:
-    """UTF-8 size of ``text`` (``isascii`` is O(1) in CPython: no encode for ASCII)."""
-    return len(text) if text.isascii() else len(text.encode())
-
-
-class _FlushQueue:
-    """Flushes, in one ``loop.call_soon`` callback, every session that got frames.
-
-    A message fanned out to N sessions would otherwise schedule N callbacks per
-    loop iteration; here the first dirty session schedules the run and the rest
-    join the list. Sessions are flushed in the order they became dirty.
-    """
-
-    __slots__ = ("_dirty", "_loop")
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
-        self._dirty: list[Session] = []
-
-    def add(self, session: Session) -> None:
-        """Flush ``session`` at the next run (the caller ensures it is added once)."""
-        if not self._dirty:
-            self._loop.call_soon(self._run)
-        self._dirty.append(session)
-
-    def _run(self) -> None:
-        dirty, self._dirty = self._dirty, []
-        for session in dirty:
-            try:
-                session._flush()
-            except Exception:  # a bug in one session must not starve the others
-                log.exception("flush of session %s failed", session.id)
-
-
-_flush_queues: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _FlushQueue] = (
-    weakref.WeakKeyDictionary()
-)
-
-
-def _flush_queue(loop: asyncio.AbstractEventLoop) -> _FlushQueue:
-    """The :class:`_FlushQueue` of ``loop`` (one per event loop)."""
-    queue = _flush_queues.get(loop)
-    if queue is None:
-        queue = _flush_queues[loop] = _FlushQueue(loop)
-    return queue
-
-
-async def _resume(coro: Coroutine[Any, Any, None], blocker: Any) -> None:
-    """Finish driving ``coro``, which already yielded ``blocker`` (a future or None).
-
-    Used after an eager ``coro.send(None)`` found the send blocked on backpressure
-    (uvicorn's send awaits ``writable.wait()``, which yields that event's future).
-    It does what a Task would: wait for the future, then resume the coroutine,
-    which sees the future's outcome itself. If this task is cancelled (send
-    timeout, close), the future is cancelled with it and the coroutine gets the
-    ``CancelledError`` at its ``await``, runs its cleanup and re-raises it.
-
-    Like a Task, it clears the future's ``_asyncio_future_blocking`` flag (set
-    when the coroutine yielded it) before awaiting it: the C Future refuses to be
-    awaited again while the flag is set ("await wasn't used with future").
-    """
-    try:
-        while True:
-            try:
-                if blocker is None:  # a bare yield (asyncio.sleep(0)): one loop turn
-                    await asyncio.sleep(0)
-                else:
-                    blocker._asyncio_future_blocking = False
-                    await blocker
-            except BaseException as exc:
-                if blocker is None or not blocker.done():
-                    blocker = coro.throw(exc)
-                    continue
-                # else: the future was cancelled with us; resuming delivers that below
-            blocker = coro.send(None)
-    except StopIteration:
-        return
-    finally:
-        coro.close()
