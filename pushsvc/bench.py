@@ -71,6 +71,8 @@ from websockets.frames import Frame, Opcode
 from websockets.protocol import State
 from websockets.uri import parse_uri
 
+from .floor import format_floor, run_floor
+
 try:  # pragma: no cover - uvloop is a Linux/macOS dependency
     import uvloop
 except ImportError:  # pragma: no cover
@@ -167,6 +169,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="PID",
         help="server process to sample (CPU seconds and RSS from /proc) before and after",
     )
+    add(
+        "--floor",
+        action="store_true",
+        help="measure this machine's raw TCP fan-out instead of a pushsvc server: the same "
+        "--clients/--messages/--size/--rate/--procs against a built-in server that only writes "
+        "pre-built bytes to every socket (no WebSocket, JSON or NATS); the latency floor that "
+        "no push server on this machine can beat",
+    )
     add("--json", action="store_true", help="print one JSON object instead of the text report")
     add("--quiet", action="store_true", help="no progress lines on stderr")
 
@@ -185,6 +195,8 @@ def main(args: argparse.Namespace) -> int:
         print(f"pushsvc bench: {exc}", file=sys.stderr)
         return 2
     _raise_nofile_limit()
+    if cfg["floor"]:
+        return _main_floor(cfg)
     coordinator = _Coordinator(cfg)
     try:
         report = coordinator.run()
@@ -205,13 +217,24 @@ def main(args: argparse.Namespace) -> int:
     return _exit_code(report)
 
 
+def _main_floor(cfg: dict[str, Any]) -> int:
+    """``--floor``: the raw TCP fan-out of this machine (see :mod:`pushsvc.floor`)."""
+    try:
+        report = run_floor(cfg)
+    except (RuntimeError, OSError) as exc:
+        print(f"pushsvc bench --floor: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(report) if cfg["json"] else format_floor(report))
+    return 0 if report["lost"] == 0 else 1
+
+
 class _BenchFailed(Exception):
     """The run could not go on (no NATS, workers died...): message for the user."""
 
 
 def _config(args: argparse.Namespace) -> dict[str, Any]:
     """Validate ``args`` into a plain (picklable) dict; raise ValueError with a reason."""
-    if not args.secret:
+    if not args.secret and not args.floor:
         raise ValueError("--secret (or PUSHSVC_JWT_SECRET) is required to mint tokens")
     for name in ("clients", "channels"):
         if getattr(args, name) < 1:
@@ -271,6 +294,7 @@ def _config(args: argparse.Namespace) -> dict[str, Any]:
         "stall": args.stall,
         "server_pid": args.server_pid,
         "json": bool(args.json),
+        "floor": bool(args.floor),
         "progress": not (args.quiet or args.json),
     }
 
@@ -367,6 +391,9 @@ class _Client(asyncio.Protocol):
         self.next_i = self.chan  # next in-order global message index on this channel
         self.early: set[int] = set()
         self.unique = 0
+        self.raw = False  # frames split by _raw_received (after the handshake)
+        self.partial = b""  # an incomplete frame's first bytes, in raw mode
+        self.unflushed = False  # the protocol holds bytes to send (a pong)
 
     # asyncio.Protocol ---------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -378,6 +405,57 @@ class _Client(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         now = time.time_ns()
+        if self.raw:
+            self._raw_received(data, now)
+            return
+        self._proto_received(data, now)
+
+    def _raw_received(self, data: bytes, now: int) -> None:
+        """Split server frames without the sans-I/O parser (the hot path of a run).
+
+        Server-to-client frames are unmasked (RFC 6455 section 5.1), so a complete
+        final text frame is a 2-, 4- or 10-byte header (section 5.2) and its payload.
+        Those are handled here; at the first frame of any other kind (close,
+        control, fragment) everything from that frame on goes to the websockets
+        protocol, which is at a frame boundary because it has been fed nothing
+        since the handshake. This keeps the generator's CPU per delivery a fraction
+        of the server's, so it measures the server rather than itself.
+        """
+        if self.partial:
+            data = self.partial + data
+            self.partial = b""
+        end = len(data)
+        pos = 0
+        while end - pos >= 2:
+            length = data[pos + 1]
+            if length > 127 or data[pos] != 0x81:  # masked, or not a final text frame
+                self.raw = False
+                self._proto_received(data[pos:], now)
+                return
+            head = 2
+            if length == 126:
+                if end - pos < 4:
+                    break
+                length = int.from_bytes(data[pos + 2 : pos + 4], "big")
+                head = 4
+            elif length == 127:
+                if end - pos < 10:
+                    break
+                length = int.from_bytes(data[pos + 2 : pos + 10], "big")
+                head = 10
+            stop = pos + head + length
+            if stop > end:
+                break
+            if not self.discard:
+                self._on_text(data[pos + head : stop], now)
+            pos = stop
+        if pos < end:
+            self.partial = data[pos:]
+        if self.unflushed:
+            self.unflushed = False
+            self._flush()
+
+    def _proto_received(self, data: bytes, now: int) -> None:
         proto = self.proto
         proto.receive_data(data)
         for ev in proto.events_received():
@@ -389,6 +467,7 @@ class _Client(asyncio.Protocol):
                 if proto.handshake_exc is not None:
                     self._wake(_SetupError(f"handshake: {proto.handshake_exc}"))
                 else:
+                    self.raw = not proto.reader.buffer and proto.state is _OPEN
                     self._wake(None)
         self._flush()
 
@@ -518,7 +597,8 @@ class _Client(asyncio.Protocol):
     def _on_control(self, kind: Any, code: Any, message: Any) -> None:
         if kind == "ping":
             if self.proto.state is _OPEN:
-                self.proto.send_text(_PONG)  # data_received flushes
+                self.proto.send_text(_PONG)
+                self.unflushed = True  # data_received flushes
         elif kind == "error":
             text = f"error {code}: {message}"
             if self.waiting in ("welcome", "subscribed"):
