@@ -20,7 +20,8 @@ figures of a pushsvc run can be read against it:
 
 Report keys: mode (``"floor"``), clients, messages, size, record_bytes, procs,
 deliveries, expected, lost, deliveries_per_s, latency_ms {p50, p90, p99, max},
-server_cpu_s, server_cpu_us_per_write, generator_cpu_s, elapsed_seconds. Every
+server_cpu_s, server_cpu_us_per_write, server_user_us_per_write (the rest is
+the kernel), generator_cpu_s, elapsed_seconds. Every
 process is bounded by ``--duration-limit`` and exits by itself.
 """
 
@@ -46,6 +47,10 @@ _STAMP = 8  # bytes of the publish timestamp at the start of each record
 def _cpu_seconds() -> float:
     ru = resource.getrusage(resource.RUSAGE_SELF)
     return ru.ru_utime + ru.ru_stime
+
+
+def _user_seconds() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_utime
 
 
 def _run(main: Any) -> Any:
@@ -74,7 +79,7 @@ def _server(conn: Any, cfg: dict[str, Any]) -> None:
             await asyncio.wait_for(everyone.wait(), 10)
         pad = b"x" * (cfg["record"] - _STAMP)
         n, rate = cfg["messages"], cfg["rate"]
-        cpu0 = _cpu_seconds()
+        cpu0, user0 = _cpu_seconds(), _user_seconds()
         start = time.monotonic()
         for i in range(n):
             record = time.time_ns().to_bytes(_STAMP, "big") + pad
@@ -82,7 +87,7 @@ def _server(conn: Any, cfg: dict[str, Any]) -> None:
                 transport.write(record)
             delay = start + (i + 1) / rate - time.monotonic() if rate else 0.0
             await asyncio.sleep(max(0.0, delay))
-        conn.send((_cpu_seconds() - cpu0, len(transports)))
+        conn.send((_cpu_seconds() - cpu0, _user_seconds() - user0, len(transports)))
         await loop.run_in_executor(None, conn.recv)  # "bye": clients are done
         server.close()
 
@@ -170,7 +175,7 @@ def run_floor(cfg: dict[str, Any]) -> dict[str, Any]:
         server_end.send("go")
         if not server_end.poll(limit):
             raise RuntimeError("the floor server did not finish")
-        server_cpu, connections = server_end.recv()
+        server_cpu, server_user, connections = server_end.recv()
         results = []
         for end in ends:
             if not end.poll(limit + 5):
@@ -215,6 +220,7 @@ def run_floor(cfg: dict[str, Any]) -> dict[str, Any]:
         },
         "server_cpu_s": round(server_cpu, 3),
         "server_cpu_us_per_write": round(server_cpu / writes * 1e6, 2) if writes else None,
+        "server_user_us_per_write": round(server_user / writes * 1e6, 2) if writes else None,
         "generator_cpu_s": round(sum(r[2] for r in results), 3),
         "elapsed_seconds": round(elapsed, 3),
     }
@@ -232,7 +238,8 @@ def format_floor(r: dict[str, Any]) -> str:
             f"  latency ms    p50 {lat['p50']}  p90 {lat['p90']}  p99 {lat['p99']}  "
             f"max {lat['max']}",
             f"  server        cpu {r['server_cpu_s']} s  "
-            f"({r['server_cpu_us_per_write']} us per write, one process)",
+            f"({r['server_cpu_us_per_write']} us per write, {r['server_user_us_per_write']} us "
+            "of it in user space; one process)",
             f"  generator cpu {r['generator_cpu_s']} s",
         ]
     )

@@ -1,0 +1,401 @@
+"""``pushsvc bench`` end to end: the load generator against a real server and NATS.
+
+Most tests run ``python -m pushsvc bench --json`` as a subprocess (the server under
+test runs in the test's event loop, so the bench must not block it) and check
+what a user reads in the report and the exit status:
+
+- every delivery counted exactly once: a small burst, two worker processes,
+  frames with 16- and 64-bit WebSocket length headers;
+- the same through :class:`SplittingProxy`, which cuts the server's byte stream
+  inside every frame header and payload, so the bench's own frame splitter
+  (``_Client._raw_received``) sees headers and payloads across TCP reads;
+- per-channel expectations (each client only gets its channel's messages);
+- clients answer the server's heartbeat pings during a run (else it closes them);
+- rejected arguments exit 2 with the reason on stderr (two through the real command,
+  the full list in process through :func:`pushsvc.cli.main`, to save start-ups);
+- clients that cannot authenticate (wrong secret) exit 1 with a report saying so.
+
+No assertions on timing or on how much the server batches.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+from typing import Any
+
+import pytest
+from conftest import SECRET
+
+from pushsvc.cli import main as cli_main
+
+PUSHSVC = [sys.executable, "-m", "pushsvc"]
+RUN_TIMEOUT = 60  # seconds; the bench caps itself at --duration-limit (30) + a few
+
+
+def clean_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith("PUSHSVC_")}
+
+
+async def bench(*args: str) -> tuple[int, str, str]:
+    """Run ``pushsvc bench *args``; returns (exit status, stdout, stderr)."""
+    proc = await asyncio.create_subprocess_exec(
+        *PUSHSVC,
+        "bench",
+        *args,
+        env=clean_env(),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), RUN_TIMEOUT)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def run_bench(
+    srv: Any,
+    nats_url: str,
+    *args: str,
+    secret: str = SECRET,
+    procs: int = 1,
+    url: str | None = None,
+) -> tuple[int, dict[str, Any], str]:
+    """Run the bench against ``srv`` with ``--json``; returns (status, report, stderr)."""
+    code, out, err = await bench(
+        "--url",
+        url or srv.base,
+        "--nats-url",
+        nats_url,
+        "--prefix",
+        srv.settings.subject_prefix,
+        "--secret",
+        secret,
+        "--json",
+        "--procs",
+        str(procs),
+        "--timeout",
+        "5",
+        "--duration-limit",
+        "30",
+        *args,
+    )
+    assert out.strip(), f"no report on stdout (status {code}); stderr:\n{err}"
+    return code, json.loads(out), err
+
+
+def assert_clean(code: int, report: dict[str, Any], err: str, expected: int) -> None:
+    """Every client subscribed and got each of its messages exactly once, without errors."""
+    context = f"status {code}, report {report}, stderr {err}"
+    assert report["failed_clients"] == 0, context
+    assert report["subscribed"] == report["clients"], context
+    assert report["published"] == report["messages"], context
+    assert report["expected"] == expected, context
+    assert report["unique"] == expected, context
+    assert report["deliveries"] == expected, context
+    assert report["lost"] == 0, context
+    assert report["duplicated"] == 0, context
+    assert report["errors"] == 0, context
+    assert report["error_samples"] == [], context
+    assert report["closes"] == {}, context
+    assert 1 <= report["frames"] <= report["deliveries"], context
+    assert code == 0, context
+
+
+class SplittingProxy:
+    """A TCP proxy to the server that cuts the server-to-client stream in awkward places.
+
+    The HTTP handshake response goes through whole. After it, the proxy reads the
+    server's WebSocket frame headers and cuts the stream 1, 3 and 7 bytes into
+    every frame (inside 2-, 4- and 10-byte headers) and halfway through its
+    payload, the last piece of a frame also carrying the start of the next one when
+    the server already sent it. Pieces are written a few milliseconds apart, so the
+    client reads them separately. Client-to-server bytes pass unchanged.
+    """
+
+    GAP = 0.003  # seconds between pieces
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.port = 0
+        self.pieces = 0  # server-to-client writes
+        self.server: asyncio.Server | None = None
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    async def __aenter__(self) -> SplittingProxy:
+        self.server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.server is not None
+        self.server.close()
+        for task in list(self.tasks):
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        await self.server.wait_closed()
+
+    async def _accept(self, c_reader: asyncio.StreamReader, c_writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self.tasks.add(task)
+        try:
+            s_reader, s_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+            await asyncio.gather(self._forward(c_reader, s_writer), self._split(s_reader, c_writer))
+        except (OSError, asyncio.CancelledError):
+            pass
+        finally:
+            self.tasks.discard(task)
+            c_writer.close()
+
+    async def _forward(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        except OSError:
+            pass
+        finally:
+            writer.close()
+
+    async def _split(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        buf = bytearray()
+        sent = 0  # bytes of buf written to the client
+        frame_at = -1  # offset of the next frame header in buf (-1: still in the handshake)
+        cuts: list[int] = []
+        try:
+            while data := await reader.read(65536):
+                buf += data
+                if frame_at < 0:
+                    end = buf.find(b"\r\n\r\n")
+                    if end < 0:
+                        continue
+                    frame_at = end + 4
+                    cuts.append(frame_at)
+                while (parsed := _frame_header(buf, frame_at)) is not None:
+                    head, length = parsed
+                    cuts += [frame_at + k for k in (1, 3, 7, head + length // 2)]
+                    frame_at += head + length
+                cuts = sorted({c for c in cuts if c > sent})
+                for cut in [c for c in cuts if c <= len(buf)] + [len(buf)]:
+                    if cut > sent:
+                        writer.write(bytes(buf[sent:cut]))
+                        await writer.drain()
+                        self.pieces += 1
+                        sent = cut
+                        await asyncio.sleep(self.GAP)
+        except OSError:
+            pass
+        finally:
+            writer.close()
+
+
+def _frame_header(buf: bytearray, at: int) -> tuple[int, int] | None:
+    """(header length, payload length) of the unmasked frame at ``at``, None if incomplete."""
+    if len(buf) - at < 2:
+        return None
+    length = buf[at + 1] & 0x7F
+    if length == 126:
+        if len(buf) - at < 4:
+            return None
+        return 4, int.from_bytes(buf[at + 2 : at + 4], "big")
+    if length == 127:
+        if len(buf) - at < 10:
+            return None
+        return 10, int.from_bytes(buf[at + 2 : at + 10], "big")
+    return 2, length
+
+
+# ------------------------------------------------------------------------ deliveries
+
+
+async def test_small_burst_every_delivery_once(start_server, nats_url):
+    srv = await start_server()
+    code, report, err = await run_bench(
+        srv, nats_url, "--clients", "20", "--messages", "200", "--size", "100"
+    )
+    assert_clean(code, report, err, expected=20 * 200)
+    assert report["clients"] == 20
+    assert report["channels"] == 1
+    assert report["via"] == "nats"
+    assert report["procs"] == 1
+    lat = report["latency_ms"]
+    assert lat["p50"] is not None
+    assert 0 <= lat["p50"] <= lat["p90"] <= lat["p99"] <= lat["max"]
+
+
+async def test_two_worker_processes(start_server, nats_url):
+    srv = await start_server()
+    code, report, err = await run_bench(
+        srv, nats_url, "--clients", "10", "--messages", "50", procs=2
+    )
+    assert report["procs"] == 2
+    assert_clean(code, report, err, expected=10 * 50)
+
+
+LARGE = pytest.mark.parametrize(
+    ("clients", "messages", "size"),
+    [
+        (4, 50, 300),  # frames of 126..65535 bytes: 16-bit length headers
+        (3, 5, 70_000),  # one message per frame, over 65535 bytes: 64-bit length headers
+    ],
+    ids=["16-bit-length", "64-bit-length"],
+)
+
+
+@LARGE
+async def test_large_frames_counted_once(start_server, nats_url, clients, messages, size):
+    srv = await start_server()
+    code, report, err = await run_bench(
+        srv, nats_url, "--clients", str(clients), "--messages", str(messages), "--size", str(size)
+    )
+    assert report["size"] == size
+    assert_clean(code, report, err, expected=clients * messages)
+
+
+@LARGE
+async def test_frames_split_across_reads(start_server, nats_url, clients, messages, size):
+    srv = await start_server()
+    async with SplittingProxy(srv.settings.port) as proxy:
+        code, report, err = await run_bench(
+            srv,
+            nats_url,
+            "--clients",
+            str(clients),
+            "--messages",
+            str(messages),
+            "--size",
+            str(size),
+            url=f"http://127.0.0.1:{proxy.port}{srv.settings.base_path}",
+        )
+    assert_clean(code, report, err, expected=clients * messages)
+    # per client at least: welcome and subscribed (4 pieces each), one data frame (4)
+    assert proxy.pieces >= clients * 12
+
+
+async def test_channels_each_client_gets_its_own(start_server, nats_url):
+    srv = await start_server()
+    code, report, err = await run_bench(
+        srv, nats_url, "--clients", "12", "--channels", "3", "--messages", "30"
+    )
+    assert report["channels"] == 3
+    # 4 clients per channel, 10 messages per channel; a message of another channel
+    # would be an error ("does not belong to bench.N")
+    assert_clean(code, report, err, expected=12 * 10)
+
+
+async def test_uneven_channels(start_server, nats_url):
+    srv = await start_server()
+    # channels 0, 1, 2 get messages 4, 3, 3; clients 0..6 sit on channels 0,1,2,0,1,2,0
+    code, report, err = await run_bench(
+        srv, nats_url, "--clients", "7", "--channels", "3", "--messages", "10"
+    )
+    assert_clean(code, report, err, expected=3 * 4 + 2 * 3 + 2 * 3)
+
+
+async def test_clients_answer_heartbeats(start_server, nats_url):
+    # the server pings every 0.1 s and closes a client that has not answered in 0.3 s;
+    # --rate keeps the run going ~1.5 s, so every client must pong many times mid-run
+    srv = await start_server(ping_interval=0.1, pong_timeout=0.3)
+    code, report, err = await run_bench(
+        srv, nats_url, "--clients", "4", "--messages", "15", "--rate", "10"
+    )
+    assert_clean(code, report, err, expected=4 * 15)
+
+
+# ---------------------------------------------------------------------------- errors
+
+
+BAD_ARGUMENTS = [
+    (["--clients", "0"], "--clients must be >= 1"),
+    (["--channels", "0"], "--channels must be >= 1"),
+    (["--messages", "-1"], "--messages must be >= 0"),
+    (["--size", "2000000"], "--size must be <= 1048576"),
+    (["--rate", "-1"], "--rate must be >= 0"),
+    (["--connect-rate", "-5"], "--connect-rate must be >= 0"),
+    (["--timeout", "0"], "--timeout and --duration-limit must be > 0"),
+    (["--duration-limit", "-1"], "--timeout and --duration-limit must be > 0"),
+    (["--procs", "0"], "--procs must be >= 1"),
+    (["--prefix", "a.b"], "--prefix must be one NATS token"),
+    (["--url", "ftp://example.com"], "--url must be http(s)://host:port"),
+    (["--url", "http://127.0.0.1:99999"], "bad port in --url"),
+    (["--secret", ""], "--secret (or PUSHSVC_JWT_SECRET) is required"),
+]
+
+
+async def test_bad_arguments_exit_2_from_the_command():
+    # arguments are checked before any connection: nothing listens on the default URL
+    runs = await asyncio.gather(
+        bench("--secret", SECRET, "--json", "--clients", "0"),
+        bench("--secret", SECRET, "--json", "--clients", "many"),  # argparse's own error
+    )
+    for (code, out, err), reason in zip(
+        runs, ["--clients must be >= 1", "invalid int"], strict=True
+    ):
+        assert code == 2, (out, err)
+        assert out == ""
+        assert reason in err, err
+        assert "Traceback" not in err, err
+
+
+@pytest.mark.parametrize(
+    ("args", "reason"), BAD_ARGUMENTS, ids=[" ".join(a) for a, _ in BAD_ARGUMENTS]
+)
+def test_bad_arguments_exit_2(args, reason, monkeypatch, capsys):
+    # in process (each case would cost a Python start-up): the ``pushsvc`` entry point
+    for name in list(os.environ):
+        if name.startswith("PUSHSVC_"):
+            monkeypatch.delenv(name)
+    code = cli_main(["bench", "--secret", SECRET, "--json", *args])
+    out, err = capsys.readouterr()
+    assert code == 2, (out, err)
+    assert out == ""
+    assert err.startswith("pushsvc bench: "), err
+    assert reason in err, err
+
+
+async def test_wrong_secret_clients_fail(start_server, nats_url):
+    srv = await start_server()
+    code, report, err = await run_bench(
+        srv, nats_url, "--clients", "3", "--messages", "1", secret="not-" + SECRET
+    )
+    context = f"status {code}, report {report}, stderr {err}"
+    assert code == 1, context
+    assert report["subscribed"] == 0, context
+    assert report["failed_clients"] == 3, context
+    assert report["published"] == 0, context
+    assert report["expected"] == 0, context
+    assert report["deliveries"] == 0, context
+    assert report["lost"] == 0, context  # nothing was expected: the failure is the clients
+    # the server closes a bad token with 4001 (docs/protocol.md)
+    assert report["closes"] == {"4001": 3}, context
+    # three setup failures plus "nothing published"
+    assert report["errors"] == 4, context
+    samples = report["error_samples"]
+    assert sum("setup failed" in s and "4001" in s for s in samples) == 3, context
+    assert any("nothing published" in s for s in samples), context
+
+
+# --------------------------------------------------------------------------- floor
+
+
+async def test_floor_measures_raw_fan_out_without_a_server():
+    # no secret, no pushsvc, no NATS: the built-in raw server on a free loopback port
+    code, out, err = await bench(
+        "--floor", "--clients", "30", "--messages", "20", "--size", "100", "--procs", "2", "--json"
+    )
+    assert code == 0, (out, err)
+    report = json.loads(out)
+    assert report["mode"] == "floor"
+    assert report["deliveries"] == report["expected"] == 30 * 20
+    assert report["lost"] == 0
+    assert report["record_bytes"] == 100 + 60  # the size of pushsvc's frame for that payload
+    assert report["server_cpu_us_per_write"] > 0
+    lat = report["latency_ms"]
+    assert 0 <= lat["p50"] <= lat["p90"] <= lat["p99"] <= lat["max"]
