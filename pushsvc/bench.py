@@ -71,8 +71,6 @@ from websockets.frames import Frame, Opcode
 from websockets.protocol import State
 from websockets.uri import parse_uri
 
-from .floor import format_floor, run_floor
-
 try:  # pragma: no cover - uvloop is a Linux/macOS dependency
     import uvloop
 except ImportError:  # pragma: no cover
@@ -219,6 +217,8 @@ def main(args: argparse.Namespace) -> int:
 
 def _main_floor(cfg: dict[str, Any]) -> int:
     """``--floor``: the raw TCP fan-out of this machine (see :mod:`pushsvc.floor`)."""
+    from .floor import format_floor, run_floor  # floor builds on this module's helpers
+
     try:
         report = run_floor(cfg)
     except (RuntimeError, OSError) as exc:
@@ -452,7 +452,6 @@ class _Client(asyncio.Protocol):
         if pos < end:
             self.partial = data[pos:]
         if self.unflushed:
-            self.unflushed = False
             self._flush()
 
     def _proto_received(self, data: bytes, now: int) -> None:
@@ -493,6 +492,7 @@ class _Client(asyncio.Protocol):
 
     # sending -----------------------------------------------------------------
     def _flush(self) -> None:
+        self.unflushed = False
         tr = self.transport
         if tr is None or tr.is_closing():
             return

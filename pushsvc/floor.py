@@ -35,18 +35,10 @@ import resource
 import time
 from typing import Any
 
-try:  # pragma: no cover - uvloop is a Linux/macOS dependency
-    import uvloop
-except ImportError:  # pragma: no cover
-    uvloop = None
+from .bench import _cpu_seconds, _latency_ms, _new_loop
 
 FRAME_OVERHEAD = 60  # bytes a pushsvc message frame adds to the payload (envelope + header)
 _STAMP = 8  # bytes of the publish timestamp at the start of each record
-
-
-def _cpu_seconds() -> float:
-    ru = resource.getrusage(resource.RUSAGE_SELF)
-    return ru.ru_utime + ru.ru_stime
 
 
 def _user_seconds() -> float:
@@ -54,7 +46,7 @@ def _user_seconds() -> float:
 
 
 def _run(main: Any) -> Any:
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop if uvloop else None) as runner:
+    with asyncio.Runner(loop_factory=_new_loop) as runner:
         return runner.run(main)
 
 
@@ -131,7 +123,7 @@ def _clients(conn: Any, cfg: dict[str, Any], count: int, port: int) -> None:
         cpu0 = _cpu_seconds()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(done, cfg["duration_limit"])
-        conn.send((got[0], lat.tobytes(), _cpu_seconds() - cpu0))
+        conn.send((got[0], lat.tobytes(), _cpu_seconds() - cpu0, max(lat, default=0)))
         for transport in transports:
             transport.close()
 
@@ -188,18 +180,8 @@ def run_floor(cfg: dict[str, Any]) -> dict[str, Any]:
             proc.join(5)
             if proc.is_alive():
                 proc.kill()
-    lat = array.array("q")
-    for _, raw, _ in results:
-        lat.frombytes(raw)
-    ordered = sorted(lat)
     deliveries = sum(r[0] for r in results)
     expected = cfg["messages"] * cfg["clients"]
-
-    def pct(q: float) -> float | None:
-        if not ordered:
-            return None
-        return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))] / 1e6, 2)
-
     writes = cfg["messages"] * connections
     return {
         "mode": "floor",
@@ -212,12 +194,9 @@ def run_floor(cfg: dict[str, Any]) -> dict[str, Any]:
         "expected": expected,
         "lost": expected - deliveries,
         "deliveries_per_s": round(deliveries / elapsed) if elapsed > 0 else None,
-        "latency_ms": {
-            "p50": pct(0.5),
-            "p90": pct(0.9),
-            "p99": pct(0.99),
-            "max": round(ordered[-1] / 1e6, 2) if ordered else None,
-        },
+        "latency_ms": _latency_ms(
+            [{"lat": raw, "stride": 1, "lat_max": top} for _, raw, _, top in results]
+        ),
         "server_cpu_s": round(server_cpu, 3),
         "server_cpu_us_per_write": round(server_cpu / writes * 1e6, 2) if writes else None,
         "server_user_us_per_write": round(server_user / writes * 1e6, 2) if writes else None,
