@@ -31,22 +31,18 @@ import array
 import asyncio
 import contextlib
 import multiprocessing
-import resource
 import time
 from typing import Any
 
-from .bench import _cpu_seconds, _latency_ms, _new_loop
+from .report import latency_ms
+from .system import cpu_seconds, new_loop, user_seconds
 
 FRAME_OVERHEAD = 60  # bytes a pushsvc message frame adds to the payload (envelope + header)
 _STAMP = 8  # bytes of the publish timestamp at the start of each record
 
 
-def _user_seconds() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_utime
-
-
 def _run(main: Any) -> Any:
-    with asyncio.Runner(loop_factory=_new_loop) as runner:
+    with asyncio.Runner(loop_factory=new_loop) as runner:
         return runner.run(main)
 
 
@@ -71,7 +67,7 @@ def _server(conn: Any, cfg: dict[str, Any]) -> None:
             await asyncio.wait_for(everyone.wait(), 10)
         pad = b"x" * (cfg["record"] - _STAMP)
         n, rate = cfg["messages"], cfg["rate"]
-        cpu0, user0 = _cpu_seconds(), _user_seconds()
+        cpu0, user0 = cpu_seconds(), user_seconds()
         start = time.monotonic()
         for i in range(n):
             record = time.time_ns().to_bytes(_STAMP, "big") + pad
@@ -79,7 +75,7 @@ def _server(conn: Any, cfg: dict[str, Any]) -> None:
                 transport.write(record)
             delay = start + (i + 1) / rate - time.monotonic() if rate else 0.0
             await asyncio.sleep(max(0.0, delay))
-        conn.send((_cpu_seconds() - cpu0, _user_seconds() - user0, len(transports)))
+        conn.send((cpu_seconds() - cpu0, user_seconds() - user0, len(transports)))
         await loop.run_in_executor(None, conn.recv)  # "bye": clients are done
         server.close()
 
@@ -120,10 +116,10 @@ def _clients(conn: Any, cfg: dict[str, Any], count: int, port: int) -> None:
         conn.send("ready")
         if got[0] >= expected:
             done.set_result(None)
-        cpu0 = _cpu_seconds()
+        cpu0 = cpu_seconds()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(done, cfg["duration_limit"])
-        conn.send((got[0], lat.tobytes(), _cpu_seconds() - cpu0, max(lat, default=0)))
+        conn.send((got[0], lat.tobytes(), cpu_seconds() - cpu0, max(lat, default=0)))
         for transport in transports:
             transport.close()
 
@@ -194,7 +190,7 @@ def run_floor(cfg: dict[str, Any]) -> dict[str, Any]:
         "expected": expected,
         "lost": expected - deliveries,
         "deliveries_per_s": round(deliveries / elapsed) if elapsed > 0 else None,
-        "latency_ms": _latency_ms(
+        "latency_ms": latency_ms(
             [{"lat": raw, "stride": 1, "lat_max": top} for _, raw, _, top in results]
         ),
         "server_cpu_s": round(server_cpu, 3),

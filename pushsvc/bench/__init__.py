@@ -1,0 +1,130 @@
+"""``pushsvc bench``: a load generator that measures pushsvc end to end.
+
+A coordinator process forks ``--procs`` worker processes. Each worker runs one
+uvloop event loop and owns its share of the ``--clients`` WebSocket clients (plus
+the ``--stall`` slow clients). Every client connects to ``ws://host:port/ws``,
+authenticates with its own JWT (``sub`` = ``bench-<n>``), subscribes to one
+channel (``bench.0``, ``bench.1``... round-robin) and then only counts and
+timestamps deliveries; statistics are computed once, at the end. Tokens are
+minted with ``--secret`` (or ``PUSHSVC_JWT_SECRET``); without one they come from
+the server's ``GET /dev/token`` (``pushsvc serve --dev``).
+
+When every client is subscribed, the coordinator publishes ``--messages``
+payloads (round-robin over the channels) to NATS subject ``<prefix>.<channel>``
+(``--via nats``) or through ``POST /emit/<channel>`` (``--via emit``, with
+``--emit-concurrency`` POSTs in flight). Each payload is a JSON object padded to
+``--size`` bytes::
+
+    {"i": <message index>, "t": <time.time_ns() at publish>, "p": "xxxx..."}
+
+so latency is receive time minus ``t`` (publisher and clients share a host and
+its clock). The run ends when every subscribed client has every message of its
+channel, ``--timeout`` seconds after the last publish, or at ``--duration-limit``,
+whichever comes first; every process exits by itself.
+
+Modes: the default run against ``--url``; ``--floor`` (:mod:`.floor`), the
+machine's raw TCP fan-out; ``--vs-floor`` (:mod:`.vsfloor`), both alternately
+for ``--rounds`` rounds, side by side with their ratios.
+
+Example (server on 127.0.0.1:8000 with the same secret)::
+
+    export PUSHSVC_JWT_SECRET=change-me
+    pushsvc bench --clients 1000 --channels 10 --messages 2000 --size 200
+    pushsvc bench --clients 200 --stall 5 --rate 500 --messages 20000 --reconnect \\
+        --server-pid "$(pgrep -f 'pushsvc serve' | head -1)" --json
+
+Report keys (text and ``--json``): clients, channels, messages, size, via,
+connect_seconds, connect_rate (connections/s), publish_seconds, deliveries,
+deliveries_per_s (deliveries / seconds from first publish to last delivery),
+latency_ms {p50, p90, p99, max}, lost, duplicated, errors, closes (close code ->
+count, for closes the bench did not start), generator_cpu_s, tokens ("secret" or
+"dev" for /dev/token); with ``--via emit``: emit_concurrency; with
+``--server-pid``: server_cpu_s, server_rss_mib_before, server_rss_mib_after,
+server_rss_per_conn_kib; with ``--reconnect``: reconnect_seconds,
+reconnect_errors; with ``--stall``: stalled_closed_codes (and stalled_open). A
+few more keys help diagnosis: procs, subscribed, failed_clients, published,
+publish_errors, publish_throttled (emits retried after 429), expected, unique,
+frames (WebSocket frames that carried deliveries: deliveries / frames is the
+server's batching), error_samples, elapsed_seconds.
+
+Exit code: 0 when every client subscribed and got every message exactly once
+with no error, 1 otherwise, 2 for bad arguments (or no way to get tokens).
+
+Modules, each importing only the ones before it: ``system`` (processes, /proc),
+``options`` (flags), ``tokens``, ``client`` (protocol), ``worker``, ``report``,
+``publishers``, ``coordinator``, ``floor``, ``vsfloor``; this one ties them up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from .coordinator import run_bench
+from .floor import format_floor, run_floor
+from .options import BenchError, add_arguments, build_config
+from .report import exit_code, format_report
+from .system import raise_nofile_limit
+from .tokens import fetch_dev_tokens
+from .vsfloor import format_vs_floor, run_vs_floor, vs_floor_exit_code
+
+__all__ = ["add_arguments", "main"]
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run the benchmark described by ``args`` and print the report on stdout.
+
+    Returns:
+        0 when every client subscribed and received every message exactly once
+        without errors, 1 when something was lost, duplicated or failed, 2 when
+        the arguments are invalid or no tokens can be had (the reason is printed
+        on stderr), 130 when interrupted.
+    """
+    try:
+        cfg = build_config(args)
+    except ValueError as exc:
+        print(f"pushsvc bench: {exc}", file=sys.stderr)
+        return 2
+    raise_nofile_limit()
+    if cfg["floor"]:
+        return _main_floor(cfg)
+    if not cfg["secret"]:
+        try:
+            cfg["tokens"] = fetch_dev_tokens(cfg)
+        except BenchError as exc:
+            print(f"pushsvc bench: {exc}", file=sys.stderr)
+            return 2
+    try:
+        if cfg["vs_floor"]:
+            report = run_vs_floor(cfg)
+            code = vs_floor_exit_code(report)
+            text = format_vs_floor
+        else:
+            report = run_bench(cfg)
+            code = exit_code(report)
+            text = format_report
+    except KeyboardInterrupt:
+        print("pushsvc bench: interrupted", file=sys.stderr)
+        return 130
+    except (BenchError, RuntimeError, OSError) as exc:
+        print(f"pushsvc bench: {exc}", file=sys.stderr)
+        return 1
+    _print(cfg, report, text)
+    return code
+
+
+def _main_floor(cfg: dict[str, Any]) -> int:
+    """``--floor``: the raw TCP fan-out of this machine (see :mod:`pushsvc.bench.floor`)."""
+    try:
+        report = run_floor(cfg)
+    except (RuntimeError, OSError) as exc:
+        print(f"pushsvc bench --floor: {exc}", file=sys.stderr)
+        return 1
+    _print(cfg, report, format_floor)
+    return 0 if report["lost"] == 0 else 1
+
+
+def _print(cfg: dict[str, Any], report: dict[str, Any], text: Any) -> None:
+    print(json.dumps(report) if cfg["json"] else text(report), flush=True)

@@ -1,0 +1,414 @@
+"""The bench coordinator: spawns the workers, publishes, gathers results, builds the report.
+
+A run goes through phases, each bounded by ``--duration-limit``: workers start
+(``up``), connect + authenticate + subscribe every client (``ready``), the
+publisher sends every message, the workers count deliveries until all arrived
+or ``--timeout`` seconds after the last publish, results come back, then the
+optional ``--reconnect`` storm, then every process exits. With a server pid,
+the server's CPU and RSS are sampled from /proc before, after the deliveries
+and at the end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import multiprocessing
+import sys
+import time
+from collections import Counter
+from typing import Any
+
+from .client import ERROR_SAMPLES
+from .options import BenchError
+from .publishers import Publisher, PublishResult
+from .report import latency_ms
+from .system import add_pipe_reader, cpu_seconds, new_loop, server_sample
+from .tokens import emitters
+from .worker import worker_entry
+
+
+class Coordinator:
+    """Spawns the workers, publishes, gathers the results and builds the report."""
+
+    def __init__(self, cfg: dict[str, Any]) -> None:
+        self.cfg = cfg
+        self.procs: list[Any] = []
+        self.conns: list[Any] = []
+        self.t0 = time.monotonic()
+        self.deadline = self.t0 + cfg["duration_limit"]
+        # connecting, publishing and waiting for deliveries end at work_deadline; the
+        # reserve is for results, stalled clients, the reconnect storm and closing
+        self.reserve = min(8.0, 0.25 * cfg["duration_limit"])
+        self.work_deadline = self.deadline - self.reserve
+        cfg["hard_deadline"] = self.deadline + 3.0  # workers exit by themselves then
+        self.progress: dict[int, tuple[int, ...]] = {}
+        self.done: dict[int, int] = {}
+        self.dead: set[int] = set()
+        self.expected_total = 0
+        self.phase = "starting"
+        self.server_before: dict[str, float] | None = None
+        # set by _run, inside the event loop
+        self.loop: asyncio.AbstractEventLoop
+        self.inbox: list[asyncio.Queue[Any]] = []
+        self.all_done: asyncio.Event
+
+    # processes ------------------------------------------------------------------
+    def _spawn(self) -> None:
+        methods = multiprocessing.get_all_start_methods()
+        method = "fork" if "fork" in methods else "spawn"
+        ctx = multiprocessing.get_context(method)
+        for wid in range(self.cfg["procs"]):
+            parent_end, child_end = ctx.Pipe(duplex=True)
+            self.conns.append(parent_end)
+            close_fds = [c.fileno() for c in self.conns] if method == "fork" else []
+            proc = ctx.Process(
+                target=worker_entry,
+                args=(child_end, self.cfg, wid, close_fds),
+                name=f"pushsvc-bench-{wid}",
+                daemon=True,
+            )
+            proc.start()
+            child_end.close()
+            self.procs.append(proc)
+
+    def kill_workers(self) -> None:
+        """Kill the workers this coordinator started (by their process objects)."""
+        for proc in self.procs:
+            if proc.is_alive():
+                with contextlib.suppress(Exception):
+                    proc.kill()
+
+    def reap_workers(self) -> None:
+        """Wait briefly for the workers to exit, kill the stragglers, close the pipes."""
+        end = time.monotonic() + 3.0
+        for proc in self.procs:
+            proc.join(max(0.0, end - time.monotonic()))
+        self.kill_workers()
+        for proc in self.procs:
+            proc.join(1.0)
+        for conn in self.conns:
+            with contextlib.suppress(Exception):
+                conn.close()
+
+    # messages ---------------------------------------------------------------------
+    def _broadcast(self, msg: tuple[Any, ...]) -> None:
+        for wid, conn in enumerate(self.conns):
+            if wid not in self.dead:
+                try:
+                    conn.send(msg)
+                except (OSError, ValueError):
+                    self._mark_dead(wid)
+
+    def _mark_dead(self, wid: int) -> None:
+        if wid not in self.dead:
+            self.dead.add(wid)
+            with contextlib.suppress(Exception):
+                self.loop.remove_reader(self.conns[wid].fileno())
+            self.inbox[wid].put_nowait(("dead",))
+            self._check_done()
+
+    def _on_pipe(self, wid: int) -> None:
+        conn = self.conns[wid]
+        try:
+            while conn.poll():
+                msg = conn.recv()
+                if msg[0] == "progress":
+                    self.progress[wid] = msg[1:]
+                elif msg[0] == "done":
+                    self.done[wid] = msg[1]
+                    self._check_done()
+                else:
+                    self.inbox[wid].put_nowait(msg)
+        except (EOFError, OSError):
+            self._mark_dead(wid)
+
+    def _check_done(self) -> None:
+        if self.phase == "delivering" and all(
+            w in self.done or w in self.dead for w in range(len(self.conns))
+        ):
+            self.all_done.set()
+
+    async def _collect(self, kind: str, wait_s: float) -> dict[int, tuple[Any, ...]]:
+        """Wait until every live worker sent a ``kind`` message (at most ``wait_s`` seconds)."""
+        end = self.loop.time() + max(0.0, wait_s)
+        out: dict[int, tuple[Any, ...]] = {}
+        for wid in range(len(self.conns)):
+            queue = self.inbox[wid]
+            while True:
+                if queue.empty():  # a dead worker's last messages are still read
+                    left = end - self.loop.time()
+                    if wid in self.dead or left <= 0:
+                        break
+                    try:
+                        msg = await asyncio.wait_for(queue.get(), left)
+                    except TimeoutError:
+                        break
+                else:
+                    msg = queue.get_nowait()
+                if msg[0] == kind:
+                    out[wid] = msg
+                    break
+        return out
+
+    def _left(self, deadline: float, minimum: float = 0.0) -> float:
+        """Seconds until the monotonic ``deadline``, at least ``minimum``."""
+        return max(minimum, deadline - time.monotonic())
+
+    async def _show_progress(self) -> None:
+        cfg = self.cfg
+        total = cfg["clients"] + cfg["stall"]
+        while True:
+            await asyncio.sleep(1.0)
+            rows = list(self.progress.values())
+            sub = sum(r[0] for r in rows)
+            failed = sum(r[1] for r in rows)
+            delivered = sum(r[2] for r in rows)
+            errors = sum(r[4] for r in rows)
+            expected = self.expected_total
+            print(
+                f"[bench {time.monotonic() - self.t0:6.1f}s] {self.phase:<11} "
+                f"connected {sub}/{total} failed {failed}  "
+                f"delivered {delivered}/{expected}  errors {errors}",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    # run --------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        """Run the whole benchmark; returns the report dict."""
+        pid = self.cfg["server_pid"]
+        self.server_before = server_sample(pid) if pid else None
+        if pid and self.server_before is None:
+            raise BenchError(f"cannot read /proc/{pid}: no such process?")
+        self._spawn()
+        with asyncio.Runner(loop_factory=new_loop) as runner:
+            return runner.run(self._run())
+
+    async def _run(self) -> dict[str, Any]:
+        cfg = self.cfg
+        self.loop = asyncio.get_running_loop()
+        self.inbox = [asyncio.Queue() for _ in self.conns]
+        self.all_done = asyncio.Event()
+        for wid, conn in enumerate(self.conns):
+            add_pipe_reader(self.loop, conn, self._on_pipe, wid)
+        progress = asyncio.ensure_future(self._show_progress()) if cfg["progress"] else None
+        publisher: Publisher | None = None
+        try:
+            ups = await self._collect("up", self._left(self.work_deadline))
+            if len(ups) < len(self.conns):
+                raise BenchError("workers did not start in time")
+            publisher = Publisher(cfg)
+            await publisher.open(self._left(self.work_deadline))
+            return await self._phases(publisher)
+        finally:
+            if progress is not None:
+                progress.cancel()
+            if publisher is not None:
+                await publisher.close()
+            self._broadcast(("exit",))
+
+    async def _phases(self, publisher: Publisher) -> dict[str, Any]:
+        cfg = self.cfg
+        # 1. connect + auth + subscribe
+        self.phase = "connecting"
+        t_connect = time.time_ns()
+        self._broadcast(("connect", self.work_deadline))
+        ready = await self._collect("ready", self._left(self.work_deadline))
+        subscribed = sum(m[1] for m in ready.values())
+        stalled_ready = sum(m[2] for m in ready.values())
+        last_ready = max((m[4] for m in ready.values()), default=0)
+        connect_seconds = max(0.0, (last_ready - t_connect) / 1e9)
+        chan_clients = [0] * cfg["channels"]
+        for m in ready.values():
+            for c, k in enumerate(m[5]):
+                chan_clients[c] += k
+        planned = [len(range(c, cfg["messages"], cfg["channels"])) for c in range(cfg["channels"])]
+        self.expected_total = sum(map(int.__mul__, chan_clients, planned))
+        # 2. publish
+        self.phase = "publishing"
+        pub_start = time.time_ns()
+        if subscribed:
+            pub = await publisher.publish(self.work_deadline)
+        else:
+            pub = PublishResult(cfg["channels"])
+            pub.error("no client subscribed: nothing published")
+        pub_end = time.time_ns()
+        # 3. wait for deliveries
+        self.phase = "delivering"
+        self.expected_total = sum(map(int.__mul__, chan_clients, pub.per_channel))
+        self._broadcast(("published", pub.per_channel))
+        wait = min(self._left(self.work_deadline), cfg["timeout"])
+        self._check_done()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.all_done.wait(), wait)
+        server_mid = server_sample(cfg["server_pid"]) if cfg["server_pid"] else None
+        # 4. results
+        self.phase = "stopping"
+        drain_s = max(0.1, min(2.0, 0.25 * self.reserve))
+        self._broadcast(("stop", drain_s))
+        results = await self._collect(
+            "result", self._left(self.deadline - 0.5 * self.reserve, drain_s + 1.0)
+        )
+        report = self._report_base(connect_seconds, subscribed, pub, pub_start, pub_end, results)
+        if cfg["stall"]:
+            codes: Counter[str] = Counter()
+            for m in results.values():
+                codes.update({str(k): v for k, v in m[1]["stall_codes"].items()})
+            report["stalled_closed_codes"] = dict(sorted(codes.items()))
+            report["stalled_open"] = sum(m[1]["stalled_open"] for m in results.values())
+            report["stalled_subscribed"] = stalled_ready
+        # 5. reconnect storm
+        if cfg["reconnect"]:
+            self.phase = "reconnect"
+            await self._reconnect_phase(report)
+        # 6. server after, generator CPU
+        self.phase = "exiting"
+        close_s = min(2.0, self._left(self.deadline, 0.2))
+        self._broadcast(("exit", close_s))
+        byes = await self._collect("bye", close_s + 1.0)
+        extra_closes = sum(m[2] for m in byes.values())
+        if extra_closes:
+            report["closes_after_stop"] = extra_closes
+        cpu = cpu_seconds() + sum(m[1] for m in byes.values())
+        missing = [w for w in range(len(self.conns)) if w not in byes]
+        report["generator_cpu_s"] = round(cpu, 3)
+        if missing:
+            report["generator_cpu_incomplete"] = len(missing)
+        if cfg["server_pid"]:
+            self._server_report(report, server_mid, subscribed + stalled_ready)
+        report["elapsed_seconds"] = round(time.monotonic() - self.t0, 3)
+        return report
+
+    def _report_base(
+        self,
+        connect_seconds: float,
+        subscribed: int,
+        pub: PublishResult,
+        pub_start: int,
+        pub_end: int,
+        results: dict[int, tuple[Any, ...]],
+    ) -> dict[str, Any]:
+        cfg = self.cfg
+        stats = [m[1] for m in results.values()]
+        delivered = sum(s["delivered"] for s in stats)
+        unique = sum(s["unique"] for s in stats)
+        expected = self.expected_total  # from the clients that subscribed and what was published
+        lost = max(0, expected - unique)
+        missing_workers = len(self.conns) - len(results)
+        errors = sum(s["errors"] for s in stats) + pub.errors + missing_workers
+        failed_clients = cfg["clients"] - subscribed
+        samples: list[str] = []
+        for s in stats:
+            samples.extend(s["error_samples"])
+        samples.extend(pub.error_samples)
+        if missing_workers:
+            samples.append(f"{missing_workers} worker(s) sent no results")
+        if cfg["via"] == "nats" and pub.sent and subscribed and not unique:
+            samples.insert(
+                0,
+                f"nothing arrived: is {cfg['nats_url']} the server's NATS? (--nats-url; "
+                "`pushsvc serve` prints its URL)",
+            )
+        last_ns = max((s["last_ns"] for s in stats), default=0)
+        first_ns = pub.first_ns or pub_start
+        span = (last_ns - first_ns) / 1e9 if last_ns > first_ns else 0.0
+        closes: Counter[str] = Counter()
+        for s in stats:
+            closes.update({str(k): v for k, v in s["closes"].items()})
+        publish_seconds = ((pub.last_ns or pub_end) - first_ns) / 1e9 if pub.sent else 0.0
+        report: dict[str, Any] = {
+            "clients": cfg["clients"],
+            "channels": cfg["channels"],
+            "messages": cfg["messages"],
+            "size": cfg["size"],
+            "via": cfg["via"],
+            "tokens": "secret" if cfg["tokens"] is None else "dev",
+            "procs": cfg["procs"],
+            "subscribed": subscribed,
+            "failed_clients": failed_clients,
+            "connect_seconds": round(connect_seconds, 3),
+            "connect_rate": round(subscribed / connect_seconds, 1) if connect_seconds > 0 else 0.0,
+            "published": pub.sent,
+            "publish_seconds": round(publish_seconds, 3),
+            "publish_errors": pub.errors,
+            "publish_throttled": pub.throttled,
+            "expected": expected,
+            "deliveries": delivered,
+            "frames": sum(s["frames"] for s in stats),
+            "unique": unique,
+            "deliveries_per_s": round(delivered / span, 1) if span > 0 else 0.0,
+            "latency_ms": latency_ms(stats),
+            "lost": lost,
+            "duplicated": sum(s["dups"] for s in stats),
+            "errors": errors,
+            "error_samples": samples[:ERROR_SAMPLES],
+            "closes": dict(sorted(closes.items())),
+        }
+        if cfg["via"] == "emit":
+            report["emit_concurrency"] = emitters(cfg)
+        return report
+
+    async def _reconnect_phase(self, report: dict[str, Any]) -> None:
+        close_s = min(5.0, self._left(self.deadline - 0.5 * self.reserve, 0.2))
+        self._broadcast(("close", close_s))
+        closed = await self._collect("closed", close_s + 1.0)
+        until = max(time.monotonic() + 1.0, self.deadline - 0.3 * self.reserve)
+        self._broadcast(("reconnect", until))
+        t = time.time_ns()
+        done = await self._collect("reconnected", self._left(until) + 1.0)
+        ok = sum(m[1] for m in done.values())
+        errors = sum(m[3] for m in done.values())
+        errors += len(self.conns) - len(done) + len(self.conns) - len(closed)
+        end = max((m[4] for m in done.values()), default=0)
+        # from the reconnect order to the last client re-authenticated and resubscribed
+        report["reconnect_seconds"] = round((end - t) / 1e9, 3) if ok and end > t else None
+        report["reconnect_errors"] = errors
+        report["reconnected"] = ok
+        if errors:
+            tail: list[str] = []
+            for m in done.values():
+                tail.extend(m[5])
+            report["reconnect_error_samples"] = tail[:ERROR_SAMPLES]
+
+    def _server_report(
+        self, report: dict[str, Any], mid: dict[str, float] | None, conns: int
+    ) -> None:
+        before = self.server_before
+        after = server_sample(self.cfg["server_pid"])
+        if before is None:
+            return
+        end = after or mid
+        if end is not None:
+            report["server_cpu_s"] = round(end["cpu"] - before["cpu"], 3)
+        report["server_rss_mib_before"] = round(before["rss"] / 1024, 1)
+        report["server_hwm_mib_before"] = round(before["hwm"] / 1024, 1)
+        if mid is not None:
+            report["server_rss_mib_after"] = round(mid["rss"] / 1024, 1)
+            report["server_hwm_mib_after"] = round(mid["hwm"] / 1024, 1)
+            report["server_rss_per_conn_kib"] = (
+                round((mid["rss"] - before["rss"]) / conns, 2) if conns else 0.0
+            )
+        report["server_procs"] = int(before["procs"])
+        if after is None:
+            report["server_exited"] = True
+
+
+def run_bench(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Run one pushsvc benchmark described by ``cfg`` (from :func:`options.build_config`).
+
+    Returns:
+        The report dict (keys in :mod:`pushsvc.bench`).
+
+    Raises:
+        BenchError: the run could not go on (NATS unreachable, workers did not start...).
+        KeyboardInterrupt: interrupted; the workers are killed first.
+    """
+    coordinator = Coordinator(cfg)
+    try:
+        return coordinator.run()
+    except (KeyboardInterrupt, BenchError):
+        coordinator.kill_workers()
+        raise
+    finally:
+        coordinator.reap_workers()

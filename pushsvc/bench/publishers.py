@@ -1,0 +1,231 @@
+"""The bench's publishers: payloads into NATS (``--via nats``) or ``POST /emit`` (``--via emit``).
+
+Each payload is a JSON object padded to ``--size`` bytes::
+
+    {"i": <message index>, "t": <time.time_ns() at publish>, "p": "xxxx..."}
+
+Messages go round-robin over channels ``bench.0..bench.N-1``, at ``--rate`` per
+second (0 = as fast as the path takes them). Over HTTP, ``--emit-concurrency``
+POSTs are in flight at once, each on its own keep-alive connection (httpx) and
+as its own emit user; a POST answered 429 is retried after its ``Retry-After``
+(at most EMIT_RETRIES times); with 1, each POST waits for the previous 202.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+import nats
+
+from .client import ERROR_SAMPLES
+from .options import BenchError
+from .system import ssl_context
+from .tokens import emit_token, emitters
+
+EMIT_RETRIES = 3  # retries of one emit answered 429
+PUBLISH_BATCH = 100  # messages between event-loop yields (as fast as possible)
+PUBLISH_FLUSH = 10_000  # messages between NATS flushes (PING/PONG round trips)
+
+
+class PublishResult:
+    """What the publisher did: counts per channel, error count, first/last send (ns)."""
+
+    def __init__(self, channels: int = 0) -> None:
+        self.per_channel = [0] * channels
+        self.sent = 0
+        self.errors = 0
+        self.throttled = 0  # emits answered 429 and retried
+        self.error_samples: list[str] = []
+        self.first_ns = 0
+        self.last_ns = 0
+
+    def error(self, text: str) -> None:
+        self.errors += 1
+        if len(self.error_samples) < ERROR_SAMPLES:
+            self.error_samples.append(text[:300])
+
+
+def _payload_factory(size: int) -> Callable[[int], bytes]:
+    """Return ``make(i)``: the padded JSON payload of message ``i``, stamped now (ns)."""
+    pad = b"x" * (size + 64)
+
+    def make(i: int) -> bytes:
+        head = b'{"i":%d,"t":%d,"p":"' % (i, time.time_ns())
+        return head + pad[: max(0, size - len(head) - 2)] + b'"}'
+
+    return make
+
+
+class _Pacer:
+    """Hands out message indices 0..n-1, no faster than ``rate`` per second (0 = no limit)."""
+
+    def __init__(self, n: int, rate: float, deadline: float) -> None:
+        self.n = n
+        self.rate = rate
+        self.deadline = deadline
+        self.next = 0
+        self.start = time.monotonic()
+
+    async def take(self) -> int | None:
+        """The next index (sleeping until it is due), or None when done or out of time."""
+        if self.next >= self.n or time.monotonic() >= self.deadline:
+            return None
+        i = self.next
+        self.next += 1
+        if self.rate > 0:
+            delay = self.start + i / self.rate - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+        return i
+
+
+class Publisher:
+    """Publishes the bench messages through NATS or pushsvc's HTTP emit endpoint."""
+
+    def __init__(self, cfg: dict[str, Any]) -> None:
+        self.cfg = cfg
+        self.nc: Any = None
+        self.http: httpx.AsyncClient | None = None
+        self.tokens: list[str] = []
+
+    async def open(self, wait_s: float) -> None:
+        """Connect to NATS (``--via nats``) or prepare the emit connections, within wait_s s."""
+        cfg = self.cfg
+        if cfg["via"] == "nats":
+            seen: list[Exception] = []
+
+            async def on_error(exc: Exception) -> None:  # instead of nats-py's tracebacks
+                seen.append(exc)
+
+            try:
+                self.nc = await asyncio.wait_for(
+                    nats.connect(
+                        servers=[u.strip() for u in cfg["nats_url"].split(",") if u.strip()],
+                        connect_timeout=min(5.0, max(0.5, wait_s)),
+                        allow_reconnect=False,
+                        max_reconnect_attempts=1,  # one try per server (0 would mean forever)
+                        reconnect_time_wait=0.1,
+                        error_cb=on_error,
+                        name="pushsvc-bench",
+                    ),
+                    max(0.5, wait_s),
+                )
+            except Exception as exc:
+                reason = seen[-1] if seen else exc
+                raise BenchError(
+                    f"cannot connect to NATS at {cfg['nats_url']}: {reason!r}"
+                ) from None
+        else:
+            n = emitters(cfg)
+            self.tokens = [emit_token(cfg, k) for k in range(n)]
+            self.http = httpx.AsyncClient(
+                base_url=cfg["http_url"],
+                limits=httpx.Limits(max_connections=n, max_keepalive_connections=n),
+                timeout=httpx.Timeout(30.0),
+                verify=ssl_context(True) if cfg["tls"] else True,
+                headers={"Content-Type": "application/json"},
+            )
+
+    async def close(self) -> None:
+        """Close the NATS connection / HTTP connections."""
+        if self.nc is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.nc.close(), 2.0)
+            self.nc = None
+        if self.http is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.http.aclose(), 2.0)
+            self.http = None
+
+    async def publish(self, deadline: float) -> PublishResult:
+        """Publish every message (or until the monotonic ``deadline``); returns the counts."""
+        if self.cfg["via"] == "nats":
+            return await self._publish_nats(deadline)
+        return await self._publish_emit(deadline)
+
+    async def _publish_nats(self, deadline: float) -> PublishResult:
+        cfg = self.cfg
+        nc = self.nc
+        channels = cfg["channels"]
+        res = PublishResult(channels)
+        subjects = [f"{cfg['prefix']}.bench.{c}" for c in range(channels)]
+        make = _payload_factory(cfg["size"])
+        pacer = _Pacer(cfg["messages"], cfg["rate"], deadline)
+        publish = nc.publish
+        res.first_ns = time.time_ns()
+        try:
+            if cfg["rate"] > 0:
+                while (i := await pacer.take()) is not None:
+                    await publish(subjects[i % channels], make(i))
+                    res.per_channel[i % channels] += 1
+            else:
+                n = cfg["messages"]
+                for i in range(n):
+                    await publish(subjects[i % channels], make(i))
+                    res.per_channel[i % channels] += 1
+                    if i % PUBLISH_BATCH == PUBLISH_BATCH - 1:
+                        if i % PUBLISH_FLUSH == PUBLISH_FLUSH - 1:
+                            await nc.flush(timeout=min(10.0, max(1.0, deadline - time.monotonic())))
+                        else:
+                            await asyncio.sleep(0)
+                        if time.monotonic() >= deadline:
+                            res.error("publishing stopped at the duration limit")
+                            break
+            await nc.flush(timeout=5)
+        except Exception as exc:
+            res.error(f"NATS publish failed: {exc!r}")
+        res.last_ns = time.time_ns()
+        res.sent = sum(res.per_channel)
+        return res
+
+    async def _publish_emit(self, deadline: float) -> PublishResult:
+        cfg = self.cfg
+        channels = cfg["channels"]
+        res = PublishResult(channels)
+        make = _payload_factory(cfg["size"])
+        pacer = _Pacer(cfg["messages"], cfg["rate"], deadline)
+        paths = [f"/emit/{quote(f'bench.{c}')}" for c in range(channels)]
+        http = self.http
+        assert http is not None, "open() first"
+        res.first_ns = time.time_ns()
+
+        async def sender(token: str) -> None:
+            auth = {"Authorization": f"Bearer {token}"}
+            while (i := await pacer.take()) is not None:
+                c = i % channels
+                for attempt in range(EMIT_RETRIES + 1):
+                    try:
+                        resp = await asyncio.wait_for(
+                            http.post(paths[c], content=make(i), headers=auth),
+                            max(0.1, deadline - time.monotonic()),
+                        )
+                    except Exception as exc:
+                        res.error(f"emit {i}: {exc!r}")
+                        break
+                    status = resp.status_code
+                    if 200 <= status < 300:
+                        res.per_channel[c] += 1
+                        break
+                    if status == 429 and attempt < EMIT_RETRIES:
+                        res.throttled += 1
+                        try:
+                            delay = float(resp.headers.get("retry-after", "0.1"))
+                        except ValueError:
+                            delay = 0.1
+                        await asyncio.sleep(min(1.0, max(0.01, delay)))
+                        continue
+                    res.error(f"emit {i}: HTTP {status} {resp.content[:120]!r}")
+                    break
+
+        await asyncio.gather(*(sender(token) for token in self.tokens))
+        res.last_ns = time.time_ns()
+        res.sent = sum(res.per_channel)
+        if time.monotonic() >= deadline and res.sent + res.errors < cfg["messages"]:
+            res.error("publishing stopped at the duration limit")
+        return res

@@ -1,0 +1,108 @@
+"""Tokens for the bench's clients and emitters: minted with a secret, or from ``/dev/token``.
+
+Client ``n`` is user ``bench-<n>`` and emitter ``k`` user ``bench-emit-<k>`` (one
+user each, so per-user connection and emit limits are not what is measured);
+every token grants ``bench.>`` to subscribe and publish. With ``--secret``
+tokens are HS256 JWTs minted here (RFC 7519; claims as in docs/protocol.md).
+Without one, a server started with ``pushsvc serve --dev`` hands them out on
+``GET <url>/dev/token?user=...&channels=...&publish=...&ttl=...`` (its
+generated secret never leaves it), fetched once before the run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import httpx
+import jwt
+
+from .options import BenchError
+from .system import new_loop, ssl_context
+
+TOKEN_TTL = 3600  # seconds a bench token is valid
+DEV_TOKEN_CONNECTIONS = 8  # parallel GET /dev/token requests
+GRANTS = "bench.>"
+
+
+def mint(cfg: dict[str, Any], sub: str, audience: str | None) -> str:
+    """An HS256 token for ``sub`` signed with ``cfg["secret"]``, valid TOKEN_TTL seconds."""
+    now = int(time.time())
+    claims: dict[str, Any] = {
+        "sub": sub,
+        "exp": now + TOKEN_TTL,
+        "channels": [GRANTS],
+        "publish": [GRANTS],
+    }
+    if audience:
+        claims["aud"] = audience
+    if cfg["issuer"]:
+        claims["iss"] = cfg["issuer"]
+    return jwt.encode(claims, cfg["secret"], algorithm="HS256")
+
+
+def client_token(cfg: dict[str, Any], gid: int) -> str:
+    """The token of bench client ``gid`` (user ``bench-<gid>``)."""
+    if cfg["tokens"] is not None:
+        return cfg["tokens"]["clients"][gid]
+    return mint(cfg, f"bench-{gid}", cfg["audience"])
+
+
+def emit_token(cfg: dict[str, Any], k: int) -> str:
+    """The token of emitter ``k`` (user ``bench-emit-<k>``), for ``POST /emit``."""
+    if cfg["tokens"] is not None:
+        return cfg["tokens"]["emit"][k]
+    return mint(cfg, f"bench-emit-{k}", cfg["emit_audience"])
+
+
+def emitters(cfg: dict[str, Any]) -> int:
+    """How many emit connections (and emit users) a ``--via emit`` run uses."""
+    return max(1, min(cfg["emit_concurrency"], cfg["messages"]))
+
+
+def fetch_dev_tokens(cfg: dict[str, Any]) -> dict[str, list[str]]:
+    """Fetch every token the run needs from the server's ``GET /dev/token`` (dev mode).
+
+    Returns:
+        {"clients": one token per client (stalled ones included), "emit": one per emitter}.
+
+    Raises:
+        BenchError: the server is unreachable, not in dev mode (404) or refused a request;
+            the message says which and how to give a secret instead.
+    """
+    users = [f"bench-{n}" for n in range(cfg["clients"] + cfg["stall"])]
+    n_emit = emitters(cfg) if cfg["via"] == "emit" else 0
+    users += [f"bench-emit-{k}" for k in range(n_emit)]
+    url = f"{cfg['http_url']}/dev/token"
+    hint = (
+        "--secret (or PUSHSVC_JWT_SECRET) is required to mint tokens, unless the server "
+        "runs `pushsvc serve --dev`"
+    )
+
+    async def run() -> list[str]:
+        limits = httpx.Limits(max_connections=DEV_TOKEN_CONNECTIONS)
+        verify: Any = ssl_context(True) if cfg["tls"] else True
+        async with httpx.AsyncClient(limits=limits, timeout=10.0, verify=verify) as http:
+
+            async def one(user: str) -> str:
+                params = {"user": user, "channels": GRANTS, "publish": GRANTS, "ttl": TOKEN_TTL}
+                resp = await http.get(url, params=params)
+                if resp.status_code == 404:
+                    raise BenchError(f"{hint}: GET {url} answered 404 (not in dev mode)")
+                if resp.status_code != 200:
+                    raise BenchError(f"{hint}: GET {url} answered {resp.status_code}")
+                return resp.json()["token"]
+
+            first = await one(users[0])  # one probe, so a non-dev server gives one error
+            rest = await asyncio.gather(*(one(u) for u in users[1:]))
+            return [first, *rest]
+
+    try:
+        with asyncio.Runner(loop_factory=new_loop) as runner:
+            tokens = runner.run(run())
+    except httpx.HTTPError as exc:
+        raise BenchError(f"{hint}: GET {url} failed: {exc!r}") from None
+    except (ValueError, KeyError) as exc:
+        raise BenchError(f"{hint}: GET {url} gave no token: {exc!r}") from None
+    return {"clients": tokens[: len(tokens) - n_emit], "emit": tokens[len(tokens) - n_emit :]}

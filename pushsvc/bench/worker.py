@@ -1,0 +1,283 @@
+"""A bench worker process: its share of the clients and the command loop with the coordinator.
+
+The coordinator (:mod:`pushsvc.bench.coordinator`) forks ``--procs`` workers;
+each runs one uvloop event loop and owns clients ``wid, wid + procs, ...``
+(normal ones first, then the ``--stall`` ones). Commands arrive on a pipe as
+tuples (``connect``, ``published``, ``stop``, ``close``, ``reconnect``,
+``exit``); answers go back the same way (``up``, ``progress``, ``ready``,
+``done``, ``result``, ``closed``, ``reconnected``, ``bye``). Every worker exits
+by itself at the run's hard deadline or when the coordinator is gone.
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import contextlib
+import gc
+import os
+import signal
+import time
+from collections.abc import Iterable
+from typing import Any
+
+from websockets.uri import parse_uri
+
+from .client import Client, Tally
+from .system import add_pipe_reader, cpu_seconds, new_loop, raise_nofile_limit, ssl_context
+from .tokens import client_token
+
+SETUP_TIMEOUT = 30.0  # seconds for connect + auth + subscribe of one client
+PROGRESS_INTERVAL = 0.5  # seconds between worker progress messages
+
+
+class Worker(Tally):
+    """One worker process: its clients, counters and the command loop with the coordinator."""
+
+    def __init__(self, conn: Any, cfg: dict[str, Any], wid: int) -> None:
+        super().__init__(asyncio.get_running_loop(), parse_uri(cfg["ws_url"]), cfg)
+        self.conn = conn
+        self.cfg = cfg
+        self.wid = wid
+        self.ssl = ssl_context(cfg["tls"])
+        self.cmds: asyncio.Queue[Any] = asyncio.Queue()
+        self.clients: list[Client] = []
+        self.stalled: list[Client] = []
+        self.done_sent = False
+
+    # plumbing ------------------------------------------------------------------
+    def send(self, msg: tuple[Any, ...]) -> None:
+        """Send ``msg`` to the coordinator (dropped when the pipe is gone)."""
+        with contextlib.suppress(OSError, ValueError):
+            self.conn.send(msg)
+
+    def _on_pipe(self) -> None:
+        try:
+            while self.conn.poll():
+                self.cmds.put_nowait(self.conn.recv())
+        except (EOFError, OSError):
+            self.loop.remove_reader(self.conn.fileno())
+            self.cmds.put_nowait(("exit",))
+
+    def notify_done(self) -> None:
+        """Tell the coordinator (once) that every expected delivery arrived."""
+        if not self.done_sent:
+            self.done_sent = True
+            self.send(("done", self.last_ns))
+
+    # run -----------------------------------------------------------------------
+    async def run(self) -> None:
+        cfg = self.cfg
+        add_pipe_reader(self.loop, self.conn, self._on_pipe)
+        watchdog = asyncio.ensure_future(self._watchdog())
+        procs = cfg["procs"]
+        gids = range(self.wid, cfg["clients"] + cfg["stall"], procs)
+        for gid in gids:
+            token = client_token(cfg, gid)
+            client = Client(self, gid, token, stalled=gid >= cfg["clients"])
+            (self.stalled if client.stalled else self.clients).append(client)
+        self.send(("up",))
+        progress = asyncio.ensure_future(self._progress())
+        close_s = 0.5
+        try:
+            while True:
+                cmd = await self.cmds.get()
+                op = cmd[0]
+                if op == "connect":
+                    await self._connect_all(until=cmd[1])
+                elif op == "published":
+                    self._arm(cmd[1])
+                elif op == "stop":
+                    await self._stop(drain_s=cmd[1])
+                elif op == "close":
+                    await self._close(self.clients, cmd[1])
+                    self.send(("closed",))
+                elif op == "reconnect":
+                    await self._reconnect(until=cmd[1])
+                elif op == "exit":
+                    close_s = cmd[1] if len(cmd) > 1 else 0.5
+                    break
+        finally:
+            progress.cancel()
+            closes_before = sum(self.closes.values())
+            await self._close(self.clients + self.stalled, close_s)
+            extra = sum(self.closes.values()) - closes_before
+            self.send(("bye", cpu_seconds(), extra))
+            watchdog.cancel()
+            with contextlib.suppress(Exception):
+                self.loop.remove_reader(self.conn.fileno())
+
+    async def _watchdog(self) -> None:
+        """Exit by ourselves at the hard deadline or when the coordinator is gone."""
+        parent = os.getppid()
+        while True:
+            await asyncio.sleep(0.5)
+            if time.monotonic() >= self.cfg["hard_deadline"] or os.getppid() != parent:
+                os._exit(3)
+
+    async def _progress(self) -> None:
+        while True:
+            self.send(
+                ("progress", self.subscribed, self.failed, self.delivered, self.unique, self.errors)
+            )
+            await asyncio.sleep(PROGRESS_INTERVAL)
+
+    async def _setup(self, client: Client, start_at: float, until: float) -> bool:
+        """Connect, authenticate and subscribe ``client`` no sooner than ``start_at``.
+
+        Times are monotonic seconds; one client gets at most SETUP_TIMEOUT s, and
+        nothing goes on past ``until``.
+        """
+        delay = start_at - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        cfg = self.cfg
+        loop = self.loop
+        try:
+            async with asyncio.timeout(max(0.01, min(SETUP_TIMEOUT, until - time.monotonic()))):
+                await loop.create_connection(
+                    lambda: client,
+                    cfg["host"],
+                    cfg["port"],
+                    ssl=self.ssl,
+                    server_hostname=cfg["host"] if self.ssl else None,
+                )
+                await client.waiter  # handshake response
+                welcome = client.expect("welcome")
+                client.send_obj({"op": "auth", "token": client.token})
+                await welcome
+                subscribed = client.expect("subscribed")
+                client.send_obj({"op": "subscribe", "channel": client.channel})
+                await subscribed
+        except Exception as exc:
+            reason = "timed out" if isinstance(exc, TimeoutError) else str(exc) or repr(exc)
+            self.error(f"client {client.gid}: setup failed: {reason}")
+            self.failed += 1
+            client.abort()
+            return False
+        self.subscribed += 1
+        self.last_ready_ns = time.time_ns()
+        if client.stalled and client.transport is not None:
+            client.transport.pause_reading()
+        return True
+
+    async def _connect_all(self, until: float) -> None:
+        cfg = self.cfg
+        everyone = [c for pair in zip(self.clients, self.stalled, strict=False) for c in pair]
+        everyone += self.clients[len(self.stalled) :] + self.stalled[len(self.clients) :]
+        rate = cfg["connect_rate"] / cfg["procs"] if cfg["connect_rate"] > 0 else 0.0
+        start = time.monotonic()
+        oks = await asyncio.gather(
+            *(
+                self._setup(c, start + (k / rate if rate else 0.0), until)
+                for k, c in enumerate(everyone)
+            )
+        )
+        ready = [c for c, ok in zip(everyone, oks, strict=True) if ok]
+        self.clients = [c for c in ready if not c.stalled]
+        self.stalled = [c for c in ready if c.stalled]
+        per_channel = [0] * self.n_channels
+        for c in self.clients:
+            per_channel[c.chan] += 1
+        gc.collect()
+        gc.freeze()  # the clients live until the end: keep them out of GC passes
+        self.send(
+            (
+                "ready",
+                len(self.clients),
+                len(self.stalled),
+                self.failed,
+                self.last_ready_ns,
+                per_channel,
+            )
+        )
+
+    def _arm(self, per_channel: list[int]) -> None:
+        self.expected = sum(per_channel[c.chan] for c in self.clients)
+        self.armed = True
+        if self.unique >= self.expected:
+            self.notify_done()
+
+    async def _stop(self, drain_s: float) -> None:
+        """Freeze the counters, drain stalled clients, send the results."""
+        for c in self.clients:
+            c.counting = False
+        self.fold()
+        stats = {
+            "delivered": self.delivered,
+            "frames": self.frames,
+            "unique": self.unique,
+            "expected": self.expected,
+            "dups": self.dups,
+            "last_ns": self.last_ns,
+            "lat": self.lat_done.tobytes(),
+            "stride": self.stride,
+            "lat_max": self.lat_max,
+            "closes": dict(self.closes),
+        }
+        self.lat_done = array.array("q")
+        if self.stalled:
+            for c in self.stalled:
+                c.discard = True
+                if c.transport is not None and not c.transport.is_closing():
+                    c.transport.resume_reading()
+            await _wait_lost(self.stalled, drain_s)
+        stats["stall_codes"] = dict(self.stall_codes)
+        stats["stalled_open"] = sum(1 for c in self.stalled if not c.lost.done())
+        stats["errors"] = self.errors
+        stats["error_samples"] = self.error_samples
+        self.send(("result", stats))
+
+    async def _close(self, clients: list[Client], wait_s: float) -> None:
+        live = [c for c in clients if not c.lost.done()]
+        for c in live:
+            c.close()
+        await _wait_lost(live, wait_s)
+        for c in live:
+            if not c.lost.done():
+                c.abort()
+
+    async def _reconnect(self, until: float) -> None:
+        """Reconnect every (normal) client at once with its token, report errors and end time."""
+        errors_before, failed_before = self.errors, self.failed
+        self.error_samples = []  # the run's samples went out with the results
+        self.subscribed -= len(self.clients)
+        self.last_ready_ns = 0
+        fresh = [Client(self, c.gid, c.token, stalled=False) for c in self.clients]
+        for c in fresh:
+            c.counting = False
+        start = time.monotonic()
+        oks = await asyncio.gather(*(self._setup(c, start, until) for c in fresh))
+        self.clients = fresh
+        self.send(
+            (
+                "reconnected",
+                sum(oks),
+                self.failed - failed_before,
+                self.errors - errors_before,
+                self.last_ready_ns,
+                self.error_samples,
+            )
+        )
+
+
+async def _wait_lost(clients: Iterable[Client], wait_s: float) -> None:
+    """Wait up to ``wait_s`` seconds for the connections of ``clients`` to be gone."""
+    futs = [c.lost for c in clients if not c.lost.done()]
+    if futs:
+        await asyncio.wait(futs, timeout=wait_s)
+
+
+def worker_entry(conn: Any, cfg: dict[str, Any], wid: int, close_fds: list[int]) -> None:
+    """Process entry point of one worker (fork or spawn)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for fd in close_fds:  # the coordinator's pipe ends inherited through fork
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    raise_nofile_limit()
+
+    async def run() -> None:
+        await Worker(conn, cfg, wid).run()
+
+    with asyncio.Runner(loop_factory=new_loop) as runner:
+        runner.run(run())
