@@ -30,6 +30,7 @@ import pytest
 from conftest import SECRET
 
 from pushsvc.cli import main as cli_main
+from pushsvc.embedded import free_port
 
 PUSHSVC = [sys.executable, "-m", "pushsvc"]
 RUN_TIMEOUT = 60  # seconds; the bench caps itself at --duration-limit (30) + a few
@@ -63,11 +64,14 @@ async def run_bench(
     srv: Any,
     nats_url: str,
     *args: str,
-    secret: str = SECRET,
+    secret: str | None = SECRET,
     procs: int = 1,
     url: str | None = None,
 ) -> tuple[int, dict[str, Any], str]:
-    """Run the bench against ``srv`` with ``--json``; returns (status, report, stderr)."""
+    """Run the bench against ``srv`` with ``--json``; returns (status, report, stderr).
+
+    ``secret=None`` gives no ``--secret`` (tokens then come from ``/dev/token``).
+    """
     code, out, err = await bench(
         "--url",
         url or srv.base,
@@ -75,8 +79,7 @@ async def run_bench(
         nats_url,
         "--prefix",
         srv.settings.subject_prefix,
-        "--secret",
-        secret,
+        *(["--secret", secret] if secret is not None else []),
         "--json",
         "--procs",
         str(procs),
@@ -325,7 +328,10 @@ BAD_ARGUMENTS = [
     (["--prefix", "a.b"], "--prefix must be one NATS token"),
     (["--url", "ftp://example.com"], "--url must be http(s)://host:port"),
     (["--url", "http://127.0.0.1:99999"], "bad port in --url"),
-    (["--secret", ""], "--secret (or PUSHSVC_JWT_SECRET) is required"),
+    (["--emit-concurrency", "0"], "--emit-concurrency must be >= 1"),
+    (["--vs-floor", "--rounds", "0"], "--rounds must be >= 1"),
+    (["--vs-floor", "--reconnect"], "--vs-floor compares plain runs"),
+    (["--vs-floor", "--stall", "2"], "--vs-floor compares plain runs"),
 ]
 
 
@@ -399,3 +405,211 @@ async def test_floor_measures_raw_fan_out_without_a_server():
     assert report["server_cpu_us_per_write"] > 0
     lat = report["latency_ms"]
     assert 0 <= lat["p50"] <= lat["p90"] <= lat["p99"] <= lat["max"]
+
+
+# ----------------------------------------------------------------------------- emit
+
+
+class CountingProxy:
+    """A TCP proxy to the server that watches the HTTP POSTs going through it.
+
+    A connection whose first bytes are ``POST`` is an emit connection. A POST is
+    in flight from its first request bytes to the first bytes of its answer;
+    ``max_in_flight`` is the most POSTs in flight at once over all connections.
+    """
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.port = 0
+        self.post_connections = 0
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self.server: asyncio.Server | None = None
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    async def __aenter__(self) -> CountingProxy:
+        self.server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.server is not None
+        self.server.close()
+        for task in list(self.tasks):
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        await self.server.wait_closed()
+
+    async def _accept(self, c_reader: asyncio.StreamReader, c_writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self.tasks.add(task)
+        state = {"post": None, "busy": False}
+        try:
+            s_reader, s_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+            await asyncio.gather(
+                self._pipe(c_reader, s_writer, state, upstream=True),
+                self._pipe(s_reader, c_writer, state, upstream=False),
+            )
+        except (OSError, asyncio.CancelledError):
+            pass
+        finally:
+            self.tasks.discard(task)
+            c_writer.close()
+
+    async def _pipe(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        state: dict[str, Any],
+        upstream: bool,
+    ) -> None:
+        try:
+            while data := await reader.read(65536):
+                if upstream and state["post"] is None:
+                    state["post"] = data.startswith(b"POST ")
+                    self.post_connections += state["post"]
+                if state["post"]:
+                    if upstream and not state["busy"]:
+                        state["busy"] = True
+                        self.in_flight += 1
+                        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+                    elif not upstream and state["busy"]:
+                        state["busy"] = False
+                        self.in_flight -= 1
+                writer.write(data)
+                await writer.drain()
+        except OSError:
+            pass
+        finally:
+            writer.close()
+
+
+@pytest.mark.parametrize("concurrency", [1, 4])
+async def test_emit_concurrency(start_server, nats_url, concurrency):
+    # --emit-concurrency 1 is the serial pattern: one POST at a time, the next after the 202
+    srv = await start_server()
+    async with CountingProxy(srv.settings.port) as proxy:
+        code, report, err = await run_bench(
+            srv,
+            nats_url,
+            "--clients",
+            "5",
+            "--messages",
+            "40",
+            "--via",
+            "emit",
+            "--emit-concurrency",
+            str(concurrency),
+            url=f"http://127.0.0.1:{proxy.port}{srv.settings.base_path}",
+        )
+    assert_clean(code, report, err, expected=5 * 40)
+    assert report["via"] == "emit"
+    assert report["emit_concurrency"] == concurrency
+    assert proxy.post_connections == concurrency
+    assert proxy.max_in_flight == concurrency
+
+
+# ------------------------------------------------------------------ dev-mode tokens
+
+
+@pytest.mark.parametrize("via", ["nats", "emit"])
+async def test_tokens_from_a_dev_server(start_server, nats_url, via):
+    # `pushsvc serve --dev` generates a secret it never prints: without --secret the
+    # bench gets every client's (and emitter's) token from GET /dev/token
+    srv = await start_server(dev=True, jwt_secret=None)
+    code, report, err = await run_bench(
+        srv, nats_url, "--clients", "12", "--messages", "20", "--via", via, secret=None
+    )
+    assert_clean(code, report, err, expected=12 * 20)
+    assert report["tokens"] == "dev"
+
+
+async def test_no_secret_and_no_dev_server_exits_2(start_server, nats_url):
+    srv = await start_server()  # not in dev mode: GET /dev/token is 404
+    code, out, err = await bench(
+        "--url", srv.base, "--nats-url", nats_url, "--clients", "2", "--messages", "1", "--json"
+    )
+    assert code == 2, (out, err)
+    assert out == ""
+    assert "--secret (or PUSHSVC_JWT_SECRET) is required" in err, err
+    assert "404" in err, err
+    assert "Traceback" not in err, err
+
+
+def test_no_secret_and_no_server_exits_2(monkeypatch, capsys):
+    for name in list(os.environ):
+        if name.startswith("PUSHSVC_"):
+            monkeypatch.delenv(name)
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    code = cli_main(["bench", "--url", url, "--json"])
+    out, err = capsys.readouterr()
+    assert code == 2, (out, err)
+    assert out == ""
+    assert "--secret (or PUSHSVC_JWT_SECRET) is required" in err, err
+    assert f"{url}/dev/token" in err, err
+
+
+# ------------------------------------------------------------------------- vs floor
+
+
+async def test_vs_floor_prints_both_rows_and_ratios(start_server, nats_url):
+    srv = await start_server()
+    code, out, err = await bench(
+        "--vs-floor",
+        "--rounds",
+        "1",
+        "--url",
+        srv.base,
+        "--nats-url",
+        nats_url,
+        "--prefix",
+        srv.settings.subject_prefix,
+        "--secret",
+        SECRET,
+        "--clients",
+        "10",
+        "--messages",
+        "30",
+        "--rate",
+        "200",
+        "--procs",
+        "1",
+        "--quiet",
+    )
+    assert code == 0, (out, err)
+    rows = {line.split()[0]: line.split()[1:] for line in out.splitlines()[2:5]}
+    assert set(rows) == {"floor", "pushsvc", "ratio"}, out
+    # p50, p99, CPU per frame and per delivery, deliveries/s: numbers (or "-") in each row
+    assert all(len(cells) == 5 for cells in rows.values()), out
+    assert all(float(c.rstrip("x").replace(",", "")) > 0 for c in rows["ratio"][:2]), out
+    assert "lost 0" in out and "failed runs 0" in out, out
+    # the server runs in this test's process, found as the one listening on --url's port
+    assert f"server pid {os.getpid()}" in out, out
+
+
+async def test_vs_floor_json_and_failing_runs_exit_1(start_server, nats_url):
+    srv = await start_server()
+    code, report, err = await run_bench(
+        srv,
+        nats_url,
+        "--vs-floor",
+        "--rounds",
+        "2",
+        "--clients",
+        "3",
+        "--messages",
+        "5",
+        secret="not-" + SECRET,  # pushsvc refuses every client: the floor still runs
+    )
+    assert code == 1, (report, err)
+    assert report["mode"] == "vs-floor"
+    assert report["rounds"] == len(report["runs"]) == 2
+    for run in report["runs"]:
+        assert run["floor"]["deliveries"] == 3 * 5
+        assert run["pushsvc"]["failed_clients"] == 3
+    assert report["floor"]["latency_p50_ms"] is not None
+    assert report["pushsvc"]["latency_p50_ms"] is None  # nothing delivered
+    assert report["ratio"]["latency_p50_ms"] is None
+    assert report["failed_runs"] >= 2
+    assert any("setup failed" in s for s in report["error_samples"]), report

@@ -6,9 +6,10 @@ Each payload is a JSON object padded to ``--size`` bytes::
 
 Messages go round-robin over channels ``bench.0..bench.N-1``, at ``--rate`` per
 second (0 = as fast as the path takes them). Over HTTP, ``--emit-concurrency``
-POSTs are in flight at once, each on its own keep-alive connection (httpx) and
-as its own emit user; a POST answered 429 is retried after its ``Retry-After``
-(at most EMIT_RETRIES times); with 1, each POST waits for the previous 202.
+POSTs are in flight at once, each on its own keep-alive connection
+(:mod:`pushsvc.bench.httpclient`, h11) and as its own emit user; a POST
+answered 429 is retried after its ``Retry-After`` (at most EMIT_RETRIES
+times); with 1, each POST waits for the previous 202.
 """
 
 from __future__ import annotations
@@ -20,10 +21,10 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import quote
 
-import httpx
 import nats
 
 from .client import ERROR_SAMPLES
+from .httpclient import HttpConnection
 from .options import BenchError
 from .system import ssl_context
 from .tokens import emit_token, emitters
@@ -91,8 +92,7 @@ class Publisher:
     def __init__(self, cfg: dict[str, Any]) -> None:
         self.cfg = cfg
         self.nc: Any = None
-        self.http: httpx.AsyncClient | None = None
-        self.tokens: list[str] = []
+        self.http: list[tuple[HttpConnection, str]] = []  # (connection, emit token)
 
     async def open(self, wait_s: float) -> None:
         """Connect to NATS (``--via nats``) or prepare the emit connections, within wait_s s."""
@@ -122,15 +122,11 @@ class Publisher:
                     f"cannot connect to NATS at {cfg['nats_url']}: {reason!r}"
                 ) from None
         else:
-            n = emitters(cfg)
-            self.tokens = [emit_token(cfg, k) for k in range(n)]
-            self.http = httpx.AsyncClient(
-                base_url=cfg["http_url"],
-                limits=httpx.Limits(max_connections=n, max_keepalive_connections=n),
-                timeout=httpx.Timeout(30.0),
-                verify=ssl_context(True) if cfg["tls"] else True,
-                headers={"Content-Type": "application/json"},
-            )
+            tls = ssl_context(cfg["tls"])
+            self.http = [
+                (HttpConnection(cfg["host"], cfg["port"], cfg["netloc"], tls), emit_token(cfg, k))
+                for k in range(emitters(cfg))
+            ]
 
     async def close(self) -> None:
         """Close the NATS connection / HTTP connections."""
@@ -138,10 +134,8 @@ class Publisher:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.nc.close(), 2.0)
             self.nc = None
-        if self.http is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.http.aclose(), 2.0)
-            self.http = None
+        for conn, _ in self.http:
+            conn.close()
 
     async def publish(self, deadline: float) -> PublishResult:
         """Publish every message (or until the monotonic ``deadline``); returns the counts."""
@@ -190,40 +184,37 @@ class Publisher:
         res = PublishResult(channels)
         make = _payload_factory(cfg["size"])
         pacer = _Pacer(cfg["messages"], cfg["rate"], deadline)
-        paths = [f"/emit/{quote(f'bench.{c}')}" for c in range(channels)]
-        http = self.http
-        assert http is not None, "open() first"
+        paths = [f"{cfg['base']}/emit/{quote(f'bench.{c}')}" for c in range(channels)]
         res.first_ns = time.time_ns()
 
-        async def sender(token: str) -> None:
-            auth = {"Authorization": f"Bearer {token}"}
+        async def sender(conn: HttpConnection, token: str) -> None:
+            headers = [("Authorization", f"Bearer {token}"), ("Content-Type", "application/json")]
             while (i := await pacer.take()) is not None:
                 c = i % channels
                 for attempt in range(EMIT_RETRIES + 1):
                     try:
-                        resp = await asyncio.wait_for(
-                            http.post(paths[c], content=make(i), headers=auth),
+                        status, answer, body = await asyncio.wait_for(
+                            conn.request("POST", paths[c], headers, make(i)),
                             max(0.1, deadline - time.monotonic()),
                         )
                     except Exception as exc:
                         res.error(f"emit {i}: {exc!r}")
                         break
-                    status = resp.status_code
                     if 200 <= status < 300:
                         res.per_channel[c] += 1
                         break
                     if status == 429 and attempt < EMIT_RETRIES:
                         res.throttled += 1
                         try:
-                            delay = float(resp.headers.get("retry-after", "0.1"))
+                            delay = float(answer.get("retry-after", "0.1"))
                         except ValueError:
                             delay = 0.1
                         await asyncio.sleep(min(1.0, max(0.01, delay)))
                         continue
-                    res.error(f"emit {i}: HTTP {status} {resp.content[:120]!r}")
+                    res.error(f"emit {i}: HTTP {status} {body[:120]!r}")
                     break
 
-        await asyncio.gather(*(sender(token) for token in self.tokens))
+        await asyncio.gather(*(sender(conn, token) for conn, token in self.http))
         res.last_ns = time.time_ns()
         res.sent = sum(res.per_channel)
         if time.monotonic() >= deadline and res.sent + res.errors < cfg["messages"]:

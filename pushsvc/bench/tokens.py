@@ -12,17 +12,21 @@ generated secret never leaves it), fetched once before the run.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from typing import Any
+from urllib.parse import urlencode
 
-import httpx
+import h11
 import jwt
 
+from .httpclient import HttpConnection
 from .options import BenchError
 from .system import new_loop, ssl_context
 
 TOKEN_TTL = 3600  # seconds a bench token is valid
 DEV_TOKEN_CONNECTIONS = 8  # parallel GET /dev/token requests
+DEV_TOKEN_TIMEOUT = 120.0  # seconds for fetching every token
 GRANTS = "bench.>"
 
 
@@ -61,6 +65,20 @@ def emitters(cfg: dict[str, Any]) -> int:
     return max(1, min(cfg["emit_concurrency"], cfg["messages"]))
 
 
+def mint_all(cfg: dict[str, Any]) -> dict[str, list[str]]:
+    """Every token the run needs, minted once with ``cfg["secret"]`` (same shape as below).
+
+    Runs that reuse these tokens meet the server's verified-token cache alike.
+    """
+    n_emit = emitters(cfg) if cfg["via"] == "emit" else 0
+    return {
+        "clients": [
+            mint(cfg, f"bench-{n}", cfg["audience"]) for n in range(cfg["clients"] + cfg["stall"])
+        ],
+        "emit": [mint(cfg, f"bench-emit-{k}", cfg["emit_audience"]) for k in range(n_emit)],
+    }
+
+
 def fetch_dev_tokens(cfg: dict[str, Any]) -> dict[str, list[str]]:
     """Fetch every token the run needs from the server's ``GET /dev/token`` (dev mode).
 
@@ -74,35 +92,50 @@ def fetch_dev_tokens(cfg: dict[str, Any]) -> dict[str, list[str]]:
     users = [f"bench-{n}" for n in range(cfg["clients"] + cfg["stall"])]
     n_emit = emitters(cfg) if cfg["via"] == "emit" else 0
     users += [f"bench-emit-{k}" for k in range(n_emit)]
+    path = f"{cfg['base']}/dev/token"
     url = f"{cfg['http_url']}/dev/token"
     hint = (
         "--secret (or PUSHSVC_JWT_SECRET) is required to mint tokens, unless the server "
         "runs `pushsvc serve --dev`"
     )
 
+    async def one(conn: HttpConnection, user: str) -> str:
+        query = urlencode({"user": user, "channels": GRANTS, "publish": GRANTS, "ttl": TOKEN_TTL})
+        status, _, body = await conn.request("GET", f"{path}?{query}", [])
+        if status == 404:
+            raise BenchError(f"{hint}: GET {url} answered 404 (not in dev mode)")
+        if status != 200:
+            raise BenchError(f"{hint}: GET {url} answered {status}: {body[:120]!r}")
+        return json.loads(body)["token"]
+
     async def run() -> list[str]:
-        limits = httpx.Limits(max_connections=DEV_TOKEN_CONNECTIONS)
-        verify: Any = ssl_context(True) if cfg["tls"] else True
-        async with httpx.AsyncClient(limits=limits, timeout=10.0, verify=verify) as http:
+        tls = ssl_context(cfg["tls"])
+        conns = [
+            HttpConnection(cfg["host"], cfg["port"], cfg["netloc"], tls)
+            for _ in range(DEV_TOKEN_CONNECTIONS)
+        ]
+        tokens = [await one(conns[0], users[0])]  # one probe: a non-dev server gives one error
+        rest = users[1:]
 
-            async def one(user: str) -> str:
-                params = {"user": user, "channels": GRANTS, "publish": GRANTS, "ttl": TOKEN_TTL}
-                resp = await http.get(url, params=params)
-                if resp.status_code == 404:
-                    raise BenchError(f"{hint}: GET {url} answered 404 (not in dev mode)")
-                if resp.status_code != 200:
-                    raise BenchError(f"{hint}: GET {url} answered {resp.status_code}")
-                return resp.json()["token"]
+        async def share(k: int) -> list[str]:
+            return [await one(conns[k], u) for u in rest[k :: len(conns)]]
 
-            first = await one(users[0])  # one probe, so a non-dev server gives one error
-            rest = await asyncio.gather(*(one(u) for u in users[1:]))
-            return [first, *rest]
+        try:
+            shares = await asyncio.wait_for(
+                asyncio.gather(*(share(k) for k in range(len(conns)))), DEV_TOKEN_TIMEOUT
+            )
+        finally:
+            for conn in conns:
+                conn.close()
+        for k in range(len(rest)):  # back in user order
+            tokens.append(shares[k % len(conns)][k // len(conns)])
+        return tokens
 
     try:
         with asyncio.Runner(loop_factory=new_loop) as runner:
             tokens = runner.run(run())
-    except httpx.HTTPError as exc:
+    except (OSError, h11.ProtocolError, TimeoutError) as exc:
         raise BenchError(f"{hint}: GET {url} failed: {exc!r}") from None
-    except (ValueError, KeyError) as exc:
+    except (ValueError, KeyError, TypeError) as exc:
         raise BenchError(f"{hint}: GET {url} gave no token: {exc!r}") from None
     return {"clients": tokens[: len(tokens) - n_emit], "emit": tokens[len(tokens) - n_emit :]}

@@ -1,6 +1,10 @@
 """``pushsvc bench --vs-floor``: the floor and pushsvc with the same flags, side by side.
 
-Each of ``--rounds`` rounds runs, in alternating order (floor first in odd
+Every run uses the same tokens (minted or fetched once). A warm-up pushsvc run
+with ``--messages 0`` comes first, not counted in the medians: it puts every
+token in the server's verified-token cache, so all measured runs meet it alike,
+and gives the CPU of a token's first connection (JWT verification included).
+Then each of ``--rounds`` rounds runs, in alternating order (floor first in odd
 rounds, pushsvc first in even ones, so a drift in the machine's load hits both
 alike):
 
@@ -18,10 +22,12 @@ fan-out loop only (it has no handshake).
 Report (``--json``): mode ``"vs-floor"``, clients, channels, messages, size,
 rate, via, rounds, server_pid; ``floor`` and ``pushsvc``, each the medians over
 the rounds of latency_p50_ms, latency_p99_ms, cpu_us_per_frame,
-cpu_us_per_delivery, deliveries_per_s (and for pushsvc
-cpu_ms_per_connection); ``ratio``, pushsvc / floor for each of those; lost,
-duplicated, errors (summed over every run) and ``runs``, one entry per round
-with the ``floor``, ``handshake`` and ``pushsvc`` reports in full.
+cpu_us_per_delivery (microseconds of server CPU), deliveries_per_s (and for
+pushsvc cpu_ms_per_connection, milliseconds, and cpu_ms_per_first_connection
+from the warm-up); ``ratio``, pushsvc / floor for each of the five; lost,
+duplicated, errors, failed_runs (over every run), error_samples, ``warmup``
+(its report) and ``runs``, one entry per round with the ``floor``,
+``handshake`` (None without a server pid) and ``pushsvc`` reports in full.
 
 Exit status: 0 when every run was clean (the usual bench rules: every client
 subscribed, every message exactly once, no error; the floor lost nothing), else 1.
@@ -37,6 +43,7 @@ from .coordinator import run_bench
 from .floor import run_floor
 from .report import exit_code
 from .system import listening_pid
+from .tokens import mint_all
 
 METRICS = (
     ("latency_p50_ms", "p50 ms", 2),
@@ -113,7 +120,14 @@ def run_vs_floor(cfg: dict[str, Any]) -> dict[str, Any]:
     """
     pid = server_pid(cfg)
     _say(cfg, f"server pid {pid}" if pid else "server CPU unknown (give --server-pid)")
-    sub = {**cfg, "progress": False, "server_pid": pid, "vs_floor": False}
+    tokens = cfg["tokens"] or mint_all(cfg)  # the same tokens in every run
+    sub = {**cfg, "progress": False, "server_pid": pid, "vs_floor": False, "tokens": tokens}
+    # warm-up, not counted: every measured run then finds its tokens in the server's
+    # verified-token cache, and this run gives the CPU of first connections
+    warmup = run_bench({**sub, "messages": 0})
+    first = None
+    if "server_cpu_s" in warmup and warmup["subscribed"]:
+        first = round(warmup["server_cpu_s"] / warmup["subscribed"] * 1e3, 3)
     runs: list[dict[str, Any]] = []
     for n in range(cfg["rounds"]):
         run: dict[str, Any] = {}
@@ -131,11 +145,13 @@ def run_vs_floor(cfg: dict[str, Any]) -> dict[str, Any]:
         runs.append(run)
     floor = _median([_floor_row(r["floor"]) for r in runs])
     pushsvc = _median([_pushsvc_row(r["pushsvc"], r["handshake"]) for r in runs])
+    pushsvc["cpu_ms_per_first_connection"] = first
     ratio = {}
     for key, _, _ in METRICS:
         a, b = pushsvc[key], floor[key]
         ratio[key] = round(a / b, 2) if a is not None and b else None
-    reports = [r["pushsvc"] for r in runs] + [r["handshake"] for r in runs if r["handshake"]]
+    reports = [warmup] + [r["pushsvc"] for r in runs]
+    reports += [r["handshake"] for r in runs if r["handshake"]]
     return {
         "mode": "vs-floor",
         "clients": cfg["clients"],
@@ -155,6 +171,7 @@ def run_vs_floor(cfg: dict[str, Any]) -> dict[str, Any]:
         "failed_runs": sum(exit_code(r) for r in reports)
         + sum(1 for r in runs if r["floor"]["lost"]),
         "error_samples": [s for r in reports for s in r["error_samples"]][:10],
+        "warmup": warmup,
         "runs": runs,
     }
 
@@ -188,10 +205,12 @@ def format_vs_floor(r: dict[str, Any]) -> str:
     if r["server_pid"] is None:
         lines.append("  server CPU: unknown (no --server-pid, and --url is not on loopback)")
     else:
+        first = r["pushsvc"]["cpu_ms_per_first_connection"]
         lines.append(
             f"  server pid {r['server_pid']}: {cell(conn, 3)} ms CPU per connection "
-            "(handshake + auth + subscribe + close, from a --messages 0 run, taken out above)"
+            f"({cell(first, 3)} ms for a token's first), handshake + auth + subscribe + close,"
         )
+        lines.append("    from --messages 0 runs; taken out of the cpu columns above")
     lines.append(
         f"  lost {r['lost']}   duplicated {r['duplicated']}   errors {r['errors']}   "
         f"failed runs {r['failed_runs']}"
