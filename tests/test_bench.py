@@ -8,27 +8,40 @@ what a user reads in the report and the exit status:
   frames with 16- and 64-bit WebSocket length headers;
 - the same through :class:`SplittingProxy`, which cuts the server's byte stream
   inside every frame header and payload, so the bench's own frame splitter
-  (``_Client._raw_received``) sees headers and payloads across TCP reads;
+  (``pushsvc.bench.client.Client._raw_received``) sees headers and payloads across TCP reads;
 - per-channel expectations (each client only gets its channel's messages);
 - clients answer the server's heartbeat pings during a run (else it closes them);
 - rejected arguments exit 2 with the reason on stderr (two through the real command,
   the full list in process through :func:`pushsvc.cli.main`, to save start-ups);
-- clients that cannot authenticate (wrong secret) exit 1 with a report saying so.
+- clients that cannot authenticate (wrong secret) exit 1 with a report saying so;
+- ``--via emit --emit-concurrency N``: N POST connections, at most N POSTs in flight
+  (1: one at a time), seen by :class:`CountingProxy`;
+- without a secret, tokens come from a dev server's ``/dev/token``; a server not in
+  dev mode, or none at all, is a clear exit 2;
+- ``--vs-floor`` prints the floor, pushsvc and ratio rows, and exits 1 when a run fails;
+- README's "Measure it" commands run as written against ``pushsvc serve --dev``.
 
 No assertions on timing or on how much the server batches.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import contextlib
 import json
 import os
+import shlex
 import sys
+from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from conftest import SECRET
 
+from pushsvc import Settings
+from pushsvc.bench import add_arguments
 from pushsvc.cli import main as cli_main
 from pushsvc.embedded import free_port
 
@@ -613,3 +626,73 @@ async def test_vs_floor_json_and_failing_runs_exit_1(start_server, nats_url):
     assert report["ratio"]["latency_p50_ms"] is None
     assert report["failed_runs"] >= 2
     assert any("setup failed" in s for s in report["error_samples"]), report
+
+
+# --------------------------------------------------------------------------- README
+
+
+def measure_it_block() -> str:
+    """The first ``sh`` block of README.md's "Measure it" section."""
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    section = readme.split("## Measure it", 1)[1].split("\n## ", 1)[0]
+    return section.split("```sh\n", 1)[1].split("```", 1)[0]
+
+
+async def test_readme_measure_it_runs_against_serve_dev(nats_url):
+    block = measure_it_block()
+    assert "pushsvc serve --dev &" in block
+    # the block's server is serve's default address, which is bench's default --url
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert parser.parse_args([]).url == "http://127.0.0.1:8000"
+    assert Settings.load(env={}, dev=True).port == 8000
+    assert "127.0.0.1:8000/readyz" in block
+    commands = [
+        shlex.split(line.split("#", 1)[0])[2:]
+        for line in block.splitlines()
+        if line.startswith("pushsvc bench ")
+    ]
+    assert len(commands) >= 4 and any("--vs-floor" in c for c in commands), block
+    # the README's server, on a free port and the tests' NATS instead of 8000 and the
+    # bundled one (this machine is shared); no secret anywhere: tokens from /dev/token
+    port = free_port()
+    serve = await asyncio.create_subprocess_exec(
+        *PUSHSVC,
+        "serve",
+        "--dev",
+        "--port",
+        str(port),
+        "--nats-url",
+        nats_url,
+        "--log-level",
+        "warning",
+        env=clean_env(),
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    try:
+        base = f"http://127.0.0.1:{port}"
+        async with httpx.AsyncClient(timeout=2) as http:
+            for _ in range(100):
+                with contextlib.suppress(httpx.HTTPError):
+                    if (await http.get(f"{base}/readyz")).status_code == 200:
+                        break
+                await asyncio.sleep(0.2)
+            else:
+                pytest.fail("pushsvc serve --dev did not become ready")
+        for args in commands:
+            # smaller runs than the README's: the same flags, later ones win in argparse
+            small = ["--clients", "20", "--messages", "20", "--rounds", "1", "--procs", "1"]
+            code, out, err = await bench(
+                *args, "--url", base, "--nats-url", nats_url, *small, "--json"
+            )
+            assert code == 0, (args, out, err)
+            report = json.loads(out)
+            if "--floor" not in args:
+                assert report["lost"] == 0, (args, report)
+            if "--floor" not in args and "--vs-floor" not in args:
+                assert report["tokens"] == "dev", (args, report)
+                assert report["deliveries"] == 20 * 20, (args, report)
+    finally:
+        serve.terminate()
+        await asyncio.wait_for(serve.wait(), 20)

@@ -50,9 +50,11 @@ server's batching), error_samples, elapsed_seconds.
 Exit code: 0 when every client subscribed and got every message exactly once
 with no error, 1 otherwise, 2 for bad arguments (or no way to get tokens).
 
-Modules, each importing only the ones before it: ``system`` (processes, /proc),
-``options`` (flags), ``tokens``, ``client`` (protocol), ``worker``, ``report``,
-``publishers``, ``coordinator``, ``floor``, ``vsfloor``; this one ties them up.
+Modules, each importing only ones listed before it (no cycle): ``system``
+(processes, /proc), ``options`` (flags), ``httpclient`` (HTTP/1.1 over h11),
+``tokens``, ``client`` (the WebSocket client protocol), ``worker`` (client
+processes), ``report``, ``publishers``, ``coordinator``, ``floor``,
+``vsfloor``; this one ties them up.
 """
 
 from __future__ import annotations
