@@ -54,7 +54,7 @@ def format_report(r: dict[str, Any]) -> str:
     lines = [
         f"pushsvc bench: {r['clients']} clients on {r['channels']} channel(s), "
         f"{r['messages']} messages x {r['size']} B via {r['via']}"
-        + (f" ({r['emit_concurrency']} POSTs in flight)" if "emit_concurrency" in r else "")
+        + (f", {_posts(r['emit_concurrency'])} in flight" if "emit_concurrency" in r else "")
         + f", {r['procs']} procs, tokens from {'/dev/token' if r['tokens'] == 'dev' else 'secret'}",
         f"  connect       {r['connect_seconds']:.3f} s  ({r['connect_rate']:.0f} conn/s, "
         f"{r['subscribed']}/{r['clients']} subscribed)",
@@ -100,3 +100,7 @@ def _secs(value: float | None) -> str:
 
 def _codes(codes: dict[str, int]) -> str:
     return ", ".join(f"{k} x{v}" for k, v in codes.items()) or "none"
+
+
+def _posts(n: int) -> str:
+    return "1 POST" if n == 1 else f"{n} POSTs"
