@@ -56,6 +56,8 @@ class Node:
         # NATS outage: buffer live frames, then fill the gap from the stream (history on)
         self.bus.on_disconnected = self.hub.suspend
         self.bus.on_resumed = self.hub.resume
+        # stream re-created (new epoch): every position handed out is void
+        self.bus.on_epoch_changed = self.hub.stream_reset
         self.command_buckets = BucketRegistry(settings.command_rate, settings.command_burst)
         self.emit_buckets = BucketRegistry(settings.emit_rate, settings.emit_burst)
         self.endpoint = WebSocketEndpoint(
