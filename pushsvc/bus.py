@@ -610,7 +610,7 @@ class Bus:
                         stream=self.settings.stream,
                         headers=headers,
                     )
-                except nats.errors.NoRespondersError:
+                except (nats.errors.NoRespondersError, nats.js.errors.NoStreamResponseError):
                     # no stream captures the subject: it was deleted; create it again
                     try:
                         await self._ensure_stream()

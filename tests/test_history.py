@@ -309,6 +309,19 @@ async def test_history_endpoint(start_server, http, nc, channel):
     assert [m["seq"] for m in r.json()["messages"]] == seqs[5:8] and r.json()["more"] is False
     r = await http.get(url, params={"since": seqs[-1]}, headers=h)
     assert r.json()["messages"] == [] and r.json()["recovered"] is True
+    # epochs: the current one pages as before; another one restarts from the stream's start
+    epoch = r.json()["epoch"]
+    assert epoch == srv.node.bus.epoch
+    r = await http.get(url, params={"since": seqs[4], "epoch": epoch}, headers=h)
+    assert [m["seq"] for m in r.json()["messages"]] == seqs[5:] and r.json()["recovered"]
+    r = await http.get(url, params={"since": seqs[4], "epoch": "stale"}, headers=h)
+    page = r.json()
+    assert [m["seq"] for m in page["messages"]] == seqs and page["recovered"] is False
+    assert page["epoch"] == epoch
+    r = await http.get(url, params={"since": 10**12}, headers=h)
+    assert len(r.json()["messages"]) == 8 and r.json()["recovered"] is False
+    r = await http.get(url, params={"epoch": "e" * 65}, headers=h)
+    assert r.status_code == 400 and r.json()["error"] == "bad_request"
     # an API key reads any channel
     r = await http.get(url, headers=bearer("key-0123456789"))
     assert r.status_code == 200 and len(r.json()["messages"]) == 8
