@@ -281,12 +281,22 @@ class Hub:
         if self._channels.get(channel) is state and state.catchup is None:
             state.last_seq = max(state.last_seq or 0, seq)
 
-    def disconnect(self, sub: str | None, jti: str | None) -> int:
-        """Close with 4001 every session matching ``sub`` and/or ``jti``; returns how many."""
+    def disconnect(
+        self, sub: str | None, jti: str | None, issued_before: float | None = None
+    ) -> int:
+        """Close with 4001 every session matching ``sub`` and/or ``jti``; returns how many.
+
+        With ``issued_before`` (Unix seconds), a ``sub`` match only counts for tokens
+        issued (``iat``) at or before it, as a revocation by ``sub`` refuses them.
+        """
         closed = 0
         for session in list(self.sessions):
             p = session.principal
-            if (sub is None or p.sub == sub) and (jti is None or p.jti == jti):
+            if (
+                (sub is None or p.sub == sub)
+                and (jti is None or p.jti == jti)
+                and (issued_before is None or p.iat is None or p.iat <= issued_before)
+            ):
                 session.close(CLOSE_UNAUTHORIZED, "token revoked")
                 closed += 1
         return closed
