@@ -109,7 +109,8 @@
 
   // ---- chat state ---------------------------------------------------------------------------
 
-  var rooms = new Map(); // name -> {name, channel, sub, list: <ol> items (detached when not shown), unread, lastSeq, joined}
+  // name -> {name, channel, sub, items: <li>s (detached when not shown), unread, lastSeq, epoch, joined}
+  var rooms = new Map();
   var current = null;
   var client = null, pasted = false, wasConnected = false, me = null;
 
@@ -175,7 +176,7 @@
     var li = document.createElement("li"), meta = document.createElement("div"), who = document.createElement("span");
     var time = document.createElement("time"), text = document.createElement("div");
     li.className = "msg" + (m.who !== null && m.who === me ? " mine" : "");
-    if (ctx.seq !== null) { li.dataset.seq = ctx.seq; room.lastSeq = ctx.seq; }
+    if (ctx.seq !== null) { li.dataset.seq = ctx.seq; room.lastSeq = ctx.seq; room.epoch = ctx.epoch || null; }
     meta.className = "meta"; who.className = "who"; text.className = "text";
     who.textContent = m.who !== null ? m.who : "(no name)";
     var at = m.ts !== null ? m.ts : Date.now();
@@ -191,8 +192,9 @@
 
   function subscribeRoom(room) {
     if (!client) return;
-    var sub = room.sub = client.subscribe(room.channel, function (data, ctx) { onChatMessage(room, data, ctx); },
-      { since: room.lastSeq !== null ? room.lastSeq : 0 });
+    var position = room.lastSeq !== null ? { since: room.lastSeq } : { since: 0 }; // since 0: the whole history
+    if (room.lastSeq !== null && room.epoch) position.epoch = room.epoch;
+    var sub = room.sub = client.subscribe(room.channel, function (data, ctx) { onChatMessage(room, data, ctx); }, position);
     sub.ready.catch(function (err) {
       if (room.sub !== sub) return;
       notice(room, "could not join " + room.channel + ": " + (err.code ? err.code + ": " : "") + err.message, true);
@@ -203,7 +205,7 @@
   function joinRoom(name, show) {
     var room = rooms.get(name);
     if (!room) {
-      room = { name: name, channel: "chat." + name, sub: null, items: [], unread: 0, lastSeq: null, joined: false };
+      room = { name: name, channel: "chat." + name, sub: null, items: [], unread: 0, lastSeq: null, epoch: null, joined: false };
       rooms.set(name, room);
       subscribeRoom(room);
     }
@@ -298,7 +300,7 @@
       var room = rooms.get(f.channel.slice(5));
       if (f.channel.slice(0, 5) === "chat." && room && room.channel === f.channel) {
         if (!room.joined) { room.joined = true; notice(room, "joined " + f.channel + " as " + me); }
-        else if (f.recovered === false) notice(room, "some messages sent while you were away are no longer in history", true);
+        else if (f.recovered === false) notice(room, "messages sent while you were away may be missing (history expired or was reset)", true);
       }
     }));
     c.on("unsubscribed", mine(function (f) {
