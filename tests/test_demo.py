@@ -215,3 +215,14 @@ async def test_demo_assets_are_served_in_dev_mode_only(start_server, http):
     for path in ["/", "/favicon.ico", "/static/demo.js"]:
         assert (await http.get(prod.base + path)).status_code == 404, path
     assert (await http.get(prod.base + "/static/pushsvc.js")).status_code == 200
+
+
+@browser_only
+async def test_demo_works_under_a_base_path(start_server, browser):
+    srv = await start_server(dev=True, base_path="/push")
+    problems = Problems()
+    page = await open_chat(browser, srv, problems)  # page, script, token and socket under /push
+    await join(page, f"r{uuid.uuid4().hex[:8]}")
+    await say(page, "under a base path")
+    await wait_for_text(page, "under a base path")
+    assert not problems.seen
