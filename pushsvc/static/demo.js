@@ -94,7 +94,10 @@
     clearInterval(ticker); ticker = null;
     el.dataset.state = state;
     if (code) el.dataset.code = code; else delete el.dataset.code;
-    $("disconnect").hidden = state === "disconnected" || state === "stopped";
+    var idle = state === "disconnected" || state === "stopped";
+    $("disconnect").hidden = idle;
+    $("connect").textContent = idle ? "Connect" : "Reconnect";
+    $("connect").title = idle ? "" : "connect again with the name and token above";
     if (delay == null) { el.textContent = text; return; }
     var deadline = Date.now() + delay * 1000;
     var render = function () {
