@@ -19,6 +19,24 @@ browser_only = pytest.mark.skipif(CHROMIUM is None, reason="chromium is not inst
 
 CONNECTED = "document.querySelector('#status').dataset.state === 'connected'"
 
+# Words of the chat column (names, texts, notices) that the layout broke across lines.
+SPLIT_WORDS = """() => {
+    const split = [];
+    for (const el of document.querySelectorAll('#messages li *, #rooms button, #status')) {
+        for (const node of el.childNodes) {
+            if (node.nodeType !== Node.TEXT_NODE) continue;
+            for (const m of node.data.matchAll(/\\S+/g)) {
+                const range = document.createRange();
+                range.setStart(node, m.index);
+                range.setEnd(node, m.index + m[0].length);
+                const tops = new Set(Array.from(range.getClientRects(), r => Math.round(r.top)));
+                if (tops.size > 1) split.push(m[0]);
+            }
+        }
+    }
+    return split;
+}"""
+
 
 @pytest.fixture
 async def browser():
@@ -106,8 +124,9 @@ async def test_two_pages_chat_and_a_late_joiner_sees_the_history(start_server, b
     assert seen[0]["seq"] < seen[1]["seq"]  # stream sequences, shown with each message
     assert all(m["time"] for m in seen)
     assert await messages(phone) == seen
-    # 390 px wide: nothing sticks out sideways
+    # 390 px wide: nothing sticks out sideways, and no word is split across two lines
     assert await phone.evaluate("document.documentElement.scrollWidth") <= 390
+    assert await phone.evaluate(SPLIT_WORDS) == []
 
     late = await open_chat(browser, srv, problems)
     await join(late, room)
