@@ -23,6 +23,7 @@ local subscriber; :meth:`Bus.release` of the last one unsubscribes.
 from __future__ import annotations
 
 import asyncio
+import datetime
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -823,7 +824,13 @@ def epoch_of(info: StreamInfo) -> str | None:
     created = info.created
     if created is None:
         return None
-    return format(round(created.timestamp() * 1_000_000), "x")
+    if created.tzinfo is None:
+        created = created.replace(tzinfo=datetime.UTC)
+    micros = (created - _UNIX_EPOCH) // datetime.timedelta(microseconds=1)
+    return format(micros, "x")
+
+
+_UNIX_EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)
 
 
 def _config_differs(have: StreamConfig | None, want: StreamConfig) -> bool:
