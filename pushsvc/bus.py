@@ -602,29 +602,26 @@ class Bus:
         headers = {"Nats-Msg-Id": msg_id} if msg_id else None
         try:
             if self.history_enabled:
-                assert self.js is not None
-                try:
-                    ack = await self.js.publish(
-                        subject,
-                        payload,
-                        timeout=self.settings.publish_timeout,
-                        stream=self.settings.stream,
-                        headers=headers,
-                    )
-                except (nats.errors.NoRespondersError, nats.js.errors.NoStreamResponseError):
+                js = self.js
+                assert js is not None
+                for attempt in (1, 2):
+                    try:
+                        ack = await js.publish(
+                            subject,
+                            payload,
+                            timeout=self.settings.publish_timeout,
+                            stream=self.settings.stream,
+                            headers=headers,
+                        )
+                        return ack.seq
+                    except (nats.errors.NoRespondersError, nats.js.errors.NoStreamResponseError):
+                        if attempt == 2:
+                            raise
                     # no stream captures the subject: it was deleted; create it again
                     try:
                         await self._ensure_stream()
                     except (_NoJetStream, StreamConfigError) as exc:
                         raise Unavailable(f"stream {self.settings.stream} is missing") from exc
-                    ack = await self.js.publish(
-                        subject,
-                        payload,
-                        timeout=self.settings.publish_timeout,
-                        stream=self.settings.stream,
-                        headers=headers,
-                    )
-                return ack.seq
             await nc.publish(subject, payload, headers=headers)
             await confirm(nc, self.settings.publish_timeout)
             return None
