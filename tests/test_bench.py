@@ -325,6 +325,29 @@ async def test_clients_answer_heartbeats(start_server, nats_url):
     assert_clean(code, report, err, expected=4 * 15)
 
 
+async def test_reconnect_and_server_cpu_figures(start_server, nats_url):
+    # the server runs in this process: --server-pid is ours (the bench leaves itself out)
+    srv = await start_server()
+    code, report, err = await run_bench(
+        srv,
+        nats_url,
+        "--clients",
+        "20",
+        "--messages",
+        "20",
+        "--reconnect",
+        "--server-pid",
+        str(os.getpid()),
+    )
+    assert_clean(code, report, err, expected=20 * 20)
+    assert report["reconnected"] == 20 and report["reconnect_errors"] == 0, report
+    # CPU split by phase: connect, delivery window, reconnect (10 ms /proc ticks: >= 0)
+    for key in ("server_cpu_ms_per_connection", "server_cpu_us_per_frame"):
+        assert report[key] >= 0, report
+    assert report["server_cpu_ms_per_reconnect"] >= 0, report
+    assert report["server_cpu_s"] >= report["server_cpu_ms_per_connection"] * 20 / 1e3, report
+
+
 # ---------------------------------------------------------------------------- errors
 
 

@@ -40,12 +40,15 @@ latency_ms {p50, p90, p99, max}, lost, duplicated, errors, closes (close code ->
 count, for closes the bench did not start), generator_cpu_s, tokens ("secret" or
 "dev" for /dev/token); with ``--via emit``: emit_concurrency; with
 ``--server-pid``: server_cpu_s, server_rss_mib_before, server_rss_mib_after,
-server_rss_per_conn_kib; with ``--reconnect``: reconnect_seconds,
-reconnect_errors; with ``--stall``: stalled_closed_codes (and stalled_open). A
-few more keys help diagnosis: procs, subscribed, failed_clients, published,
-publish_errors, publish_throttled (emits retried after 429), expected, unique,
-frames (WebSocket frames that carried deliveries: deliveries / frames is the
-server's batching), error_samples, elapsed_seconds.
+server_rss_per_conn_kib, server_cpu_ms_per_connection (connect phase:
+handshake + auth + subscribe), server_cpu_us_per_frame (first publish to last
+delivery, per frame); with ``--reconnect``: reconnect_seconds, reconnect_errors
+(and with ``--server-pid`` server_cpu_ms_per_reconnect); with ``--stall``:
+stalled_closed_codes (and stalled_open). A few more keys help diagnosis: procs,
+subscribed, failed_clients, published, publish_errors, publish_throttled (emits
+retried after 429), expected, unique, frames (WebSocket frames that carried
+deliveries: deliveries / frames is the server's batching), error_samples,
+elapsed_seconds.
 
 Exit code: 0 when every client subscribed and got every message exactly once
 with no error, 1 otherwise, 2 for bad arguments (or no way to get tokens).

@@ -48,6 +48,7 @@ class Coordinator:
         self.expected_total = 0
         self.phase = "starting"
         self.server_before: dict[str, float] | None = None
+        self.server_ready: dict[str, float] | None = None  # sampled once every client is ready
         # set by _run, inside the event loop
         self.loop: asyncio.AbstractEventLoop
         self.inbox: list[asyncio.Queue[Any]] = []
@@ -215,6 +216,8 @@ class Coordinator:
         t_connect = time.time_ns()
         self._broadcast(("connect", self.work_deadline))
         ready = await self._collect("ready", self._left(self.work_deadline))
+        if cfg["server_pid"]:
+            self.server_ready = server_sample(cfg["server_pid"])
         subscribed = sum(m[1] for m in ready.values())
         stalled_ready = sum(m[2] for m in ready.values())
         last_ready = max((m[4] for m in ready.values()), default=0)
@@ -353,11 +356,18 @@ class Coordinator:
         close_s = min(5.0, self._left(self.deadline - 0.5 * self.reserve, 0.2))
         self._broadcast(("close", close_s))
         closed = await self._collect("closed", close_s + 1.0)
+        pid = self.cfg["server_pid"]
+        cpu_before = server_sample(pid) if pid else None
         until = max(time.monotonic() + 1.0, self.deadline - 0.3 * self.reserve)
         self._broadcast(("reconnect", until))
         t = time.time_ns()
         done = await self._collect("reconnected", self._left(until) + 1.0)
         ok = sum(m[1] for m in done.values())
+        cpu_after = server_sample(pid) if pid else None
+        if cpu_before is not None and cpu_after is not None and ok:
+            # handshake + auth (verified-token cache warm) + subscribe, per connection
+            cpu = (cpu_after["cpu"] - cpu_before["cpu"]) / ok
+            report["server_cpu_ms_per_reconnect"] = round(cpu * 1e3, 3)
         errors = sum(m[3] for m in done.values())
         errors += len(self.conns) - len(done) + len(self.conns) - len(closed)
         end = max((m[4] for m in done.values()), default=0)
@@ -389,6 +399,15 @@ class Coordinator:
             report["server_rss_per_conn_kib"] = (
                 round((mid["rss"] - before["rss"]) / conns, 2) if conns else 0.0
             )
+        ready = self.server_ready
+        if ready is not None and conns:
+            # handshake + auth + subscribe of every client (first use of each token)
+            cpu = (ready["cpu"] - before["cpu"]) / conns
+            report["server_cpu_ms_per_connection"] = round(cpu * 1e3, 3)
+        if ready is not None and mid is not None and report["frames"]:
+            # publish to last delivery: the delivery path only, handshakes left out
+            cpu = (mid["cpu"] - ready["cpu"]) / report["frames"]
+            report["server_cpu_us_per_frame"] = round(cpu * 1e6, 2)
         report["server_procs"] = int(before["procs"])
         if after is None:
             report["server_exited"] = True

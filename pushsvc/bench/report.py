@@ -79,6 +79,15 @@ def format_report(r: dict[str, Any]) -> str:
             )
         cpu = f"cpu {r['server_cpu_s']:.2f} s  " if "server_cpu_s" in r else ""
         lines.append(f"  server        {cpu}{rss}, {r['server_procs']} process(es)")
+        per = []
+        if "server_cpu_ms_per_connection" in r:
+            per.append(f"{r['server_cpu_ms_per_connection']:.3f} ms per connection")
+        if "server_cpu_us_per_frame" in r:
+            per.append(f"{r['server_cpu_us_per_frame']:.2f} us per frame delivering")
+        if "server_cpu_ms_per_reconnect" in r:
+            per.append(f"{r['server_cpu_ms_per_reconnect']:.3f} ms per reconnect")
+        if per:
+            lines.append(f"  server cpu    {', '.join(per)}")
     if "reconnect_seconds" in r:
         lines.append(
             f"  reconnect     {_secs(r['reconnect_seconds'])}  ({r['reconnected']} ok, "
