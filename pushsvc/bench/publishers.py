@@ -47,6 +47,7 @@ class PublishResult:
         self.last_ns = 0
 
     def error(self, text: str) -> None:
+        """Count one publish error; keep its text (300 chars) among the first ERROR_SAMPLES."""
         self.errors += 1
         if len(self.error_samples) < ERROR_SAMPLES:
             self.error_samples.append(text[:300])

@@ -67,6 +67,11 @@ class Worker(Tally):
 
     # run -----------------------------------------------------------------------
     async def run(self) -> None:
+        """Create the clients, then obey the coordinator's commands until ``exit``.
+
+        On the way out every client is closed (at most the ``exit`` command's
+        seconds) and ``("bye", cpu seconds, closes seen while closing)`` is sent.
+        """
         cfg = self.cfg
         add_pipe_reader(self.loop, self.conn, self._on_pipe)
         watchdog = asyncio.ensure_future(self._watchdog())
