@@ -96,6 +96,8 @@ def main(args: argparse.Namespace) -> int:
     if cfg["floor"]:
         return _main_floor(cfg)
     if not cfg["secret"]:
+        if cfg["progress"]:
+            print(f"[bench] no secret: tokens from {cfg['http_url']}/dev/token", file=sys.stderr)
         try:
             cfg["tokens"] = fetch_dev_tokens(cfg)
         except BenchError as exc:
