@@ -241,16 +241,18 @@ def install(app: FastAPI) -> None:
     """Merge the msgspec-generated components into ``app``'s OpenAPI document.
 
     Wraps ``app.openapi`` (FastAPI: "Extending OpenAPI"); the host app's own
-    components are kept. Call once per app, after its routes are added or not:
-    the document is built on first request.
+    components are kept (a host component of the same name wins). The document
+    is built on its first request, so routes added after this call are in it.
     """
     build = app.openapi
 
     def openapi() -> dict[str, Any]:
-        document = build()  # FastAPI caches it in app.openapi_schema
-        schemas = document.setdefault("components", {}).setdefault("schemas", {})
-        for name, schema in components().items():
-            schemas.setdefault(name, schema)
+        cached = app.openapi_schema is not None
+        document = build()  # FastAPI builds it once and caches it in app.openapi_schema
+        if not cached:
+            schemas = document.setdefault("components", {}).setdefault("schemas", {})
+            for name, schema in components().items():
+                schemas.setdefault(name, schema)
         return document
 
     app.openapi = openapi  # type: ignore[method-assign]
