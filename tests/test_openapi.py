@@ -16,6 +16,7 @@ from typing import Any
 import httpx
 import hypothesis
 import schemathesis
+from helpers import bearer
 from hypothesis import HealthCheck, Phase
 from hypothesis import strategies as st
 from openapi_spec_validator import validate
@@ -138,10 +139,6 @@ def conforms(document: dict[str, Any], method: str, path: str, response: httpx.R
 
 async def served(http: httpx.AsyncClient, srv: Any) -> dict[str, Any]:
     return (await http.get(f"{srv.base}/openapi.json")).json()
-
-
-def bearer(credential: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {credential}"}
 
 
 async def test_emit_and_history_errors_are_the_declared_ones(start_server, http, channel):
