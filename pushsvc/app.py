@@ -340,14 +340,22 @@ class WebSocketShortcut:
 
 _WS_REFUSALS: dict[int | str, dict[str, Any]] = {
     403: text_body("text/plain", "Origin not allowed, or a bad token in the handshake"),
+    400: text_body("text/plain", "A malformed WebSocket handshake (e.g. no Sec-WebSocket-Key)"),
+    414: text_body("text/plain", "Request line over 8 KiB (e.g. a huge ?token=)"),
     426: {
-        **json_body(ref(ErrorBody), "Upgrade Required: a plain HTTP request, not a WebSocket"),
+        "description": "Upgrade Required: a plain HTTP request, not a WebSocket (JSON), or "
+        "an unsupported Sec-WebSocket-Version (text)",
+        "content": {
+            "application/json": {"schema": ref(ErrorBody)},
+            "text/plain": {"schema": {"type": "string"}},
+        },
         "headers": {
             "Upgrade": {"required": True, "schema": {"type": "string", "const": "websocket"}},
             "Sec-WebSocket-Version": {"required": True, "schema": {"type": "string"}},
         },
     },
     429: text_body("text/plain", "The user holds PUSHSVC_MAX_CONNECTIONS_PER_USER sockets"),
+    431: text_body("text/plain", "A header line over 8 KiB, or more than 128 headers"),
     503: text_body(
         "text/plain",
         "Draining, or PUSHSVC_MAX_CONNECTIONS reached",

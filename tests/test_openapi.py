@@ -257,6 +257,17 @@ async def test_ws_answers_are_declared(start_server, http):
     )
     assert refused.status_code == 403 and refused.headers["content-type"].startswith("text/plain")
     conforms(doc, "GET", "/ws", refused)
+    malformed = await http.get(
+        f"{srv.base}/ws", headers={"Connection": "Upgrade", "Upgrade": "websocket"}
+    )
+    assert malformed.status_code == 400  # no Sec-WebSocket-Key (websockets answers it)
+    conforms(doc, "GET", "/ws", malformed)
+    old = await http.get(
+        f"{srv.base}/ws", headers=upgrade_headers(**{"Sec-WebSocket-Version": "8"})
+    )
+    assert old.status_code == 426 and old.headers["sec-websocket-version"] == "13"
+    assert old.headers["upgrade"].lower() == "websocket"
+    conforms(doc, "GET", "/ws", old)
     client = await srv.client()  # the WebSocket itself still works on the same path
     full = await http.get(f"{srv.base}/ws", headers=upgrade_headers())
     assert full.status_code == 503 and int(full.headers["retry-after"]) >= 1
