@@ -216,6 +216,7 @@ class Node:
         @router.get(
             "/healthz",
             operation_id="healthz",
+            summary="Liveness",
             response_model=None,
             responses={200: json_body(ref(Health), "Alive")},
         )
@@ -226,6 +227,7 @@ class Node:
         @router.get(
             "/readyz",
             operation_id="readyz",
+            summary="Readiness (for load balancers)",
             response_model=None,
             responses={
                 200: json_body(ref(Readiness), "Ready: NATS connected, not draining"),
@@ -246,10 +248,9 @@ class Node:
         @router.get(
             "/metrics",
             operation_id="metrics",
+            summary="Prometheus metrics",
             response_class=Response,
-            responses={
-                200: text_body("text/plain", "Prometheus text exposition format (version 0.0.4)")
-            },
+            responses={200: text_body("text/plain", "Prometheus text exposition format")},
         )
         async def metrics_endpoint() -> Response:
             """Prometheus metrics."""
@@ -258,6 +259,7 @@ class Node:
         @router.get(
             "/static/pushsvc.js",
             operation_id="clientScript",
+            summary="The browser client",
             response_class=FileResponse,
             responses={200: text_body("text/javascript", "The browser client (pushsvc.js)")},
         )
@@ -270,6 +272,7 @@ class Node:
             @router.get(
                 "/",
                 operation_id="demoPage",
+                summary="Demo page (dev mode)",
                 response_class=FileResponse,
                 responses={200: text_body("text/html", "The demo page")},
             )
@@ -280,6 +283,7 @@ class Node:
             @router.get(
                 "/dev/token",
                 operation_id="devToken",
+                summary="Mint a token (dev mode)",
                 response_model=None,
                 responses={
                     200: json_body(ref(DevToken), "A token signed with the node's secret"),

@@ -179,6 +179,7 @@ def emit_router(
         "/emit",
         status_code=202,
         operation_id="emit",
+        summary="Publish JSON messages",
         response_model=None,
         dependencies=SECURITY,
         responses={
@@ -221,6 +222,7 @@ def emit_router(
         "/emit/{channel}",
         status_code=202,
         operation_id="emitRaw",
+        summary="Publish the raw body to a channel",
         response_model=None,
         dependencies=SECURITY,
         responses={202: json_body(ref(EmitResult), "Accepted: NATS has the message"), **ERRORS},

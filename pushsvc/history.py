@@ -63,6 +63,7 @@ def history_router(settings: Settings, bus: Bus, auth: Authenticator) -> APIRout
     @router.get(
         "/history/{channel}",
         operation_id="history",
+        summary="Stored messages of a channel",
         response_model=None,
         dependencies=SECURITY,
         responses={

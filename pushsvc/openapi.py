@@ -27,7 +27,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 from fastapi import FastAPI, Security
 from fastapi.security import HTTPBearer
-from msgspec import Meta
+from msgspec import UNSET, Meta, UnsetType
 
 CHANNEL_PATTERN = r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$"
 """The channel grammar of docs/protocol.md as a JSON Schema pattern (length: 1..128)."""
@@ -57,7 +57,7 @@ class ErrorBody(msgspec.Struct, omit_defaults=True):
         ),
     ]
     message: Annotated[str, Meta(description="reason for a human; never contains a secret")]
-    retry_after: Annotated[float, Meta(ge=0, description="seconds (429, 503)")] | None = None
+    retry_after: Annotated[float, Meta(ge=0, description="seconds (429, 503)")] | UnsetType = UNSET
 
 
 class EmitMessage(msgspec.Struct):
