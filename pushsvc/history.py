@@ -136,12 +136,14 @@ def history_router(settings: Settings, bus: Bus, auth: Authenticator) -> APIRout
 
 
 def _count(value: str, name: str, minimum: int) -> int:
-    """Parse a query parameter as an integer >= ``minimum``.
+    """Parse a query parameter as an integer in ``minimum``..2^64-1 (stream sequences are u64).
 
     Raises:
         HTTPError: 400 ``bad_request`` naming the parameter.
     """
     number = int(value) if value.isascii() and value.isdigit() and len(value) <= 20 else None
-    if number is None or number < minimum:
-        raise HTTPError(400, "bad_request", f"{name} must be an integer >= {minimum}")
+    if number is None or not minimum <= number <= MAX_SEQ:
+        raise HTTPError(
+            400, "bad_request", f"{name} must be an integer from {minimum} to {MAX_SEQ}"
+        )
     return number

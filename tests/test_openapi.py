@@ -196,6 +196,9 @@ async def test_emit_and_history_errors_are_the_declared_ones(start_server, http,
     assert top.status_code == 200, top.text
     assert top.json()["messages"] == []
     conforms(doc, "GET", "/history/{channel}", top)
+    over = await http.get(f"{hist}/granted.x?since={2**64}", headers=reader)
+    assert over.status_code == 400  # as declared: the maximum is 2^64-1
+    conforms(doc, "GET", "/history/{channel}", over)
     # one principal's bucket: 3 emits in the burst, then 429 with Retry-After
     h = svc("burst")
     answers = [await http.post(raw, content=str(i).encode(), headers=h) for i in range(4)]
