@@ -88,12 +88,16 @@ Command = Auth | Subscribe | Unsubscribe | Publish | Refresh | Pong
 
 # --- server frames ----------------------------------------------------------------
 class Welcome(msgspec.Struct, tag_field="type", tag="welcome", omit_defaults=True):
-    """Sent after a successful auth. ``ping_interval`` seconds, ``exp`` Unix seconds."""
+    """Sent after a successful auth. ``ping_interval`` seconds, ``exp`` Unix seconds.
+
+    ``node`` names the pushsvc node serving the socket (``PUSHSVC_NODE_NAME``).
+    """
 
     client: str
     user: str
     ping_interval: float
     exp: float
+    node: str | None = None
 
 
 class Message(msgspec.Struct, tag_field="type", tag="message", omit_defaults=True):
