@@ -16,16 +16,18 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import nats
+import pytest
 import websockets
 from conftest import SECRET
 from wsclient import WSClient
 
 from pushsvc.auth import mint_token
-from pushsvc.embedded import free_port
+from pushsvc.embedded import EmbeddedNats, free_port
 
 PUSHSVC = [sys.executable, "-m", "pushsvc"]
 
@@ -125,11 +127,28 @@ async def connect_many(url: str, tokens: list[str], channel: str) -> list[WSClie
     return clients
 
 
-async def test_workers_metrics_report_the_whole_server(nats_url, channel):
+@pytest.fixture
+def monitored_nats() -> Iterator[tuple[str, str]]:
+    """A private nats-server with its HTTP monitoring port: ``(url, monitoring base)``."""
+    monitor = free_port()
+    server = EmbeddedNats(port=free_port(), extra_args=["-m", str(monitor)])
+    server.start()
+    yield server.url, f"http://127.0.0.1:{monitor}"
+    server.cleanup()
+
+
+async def test_workers_metrics_report_the_whole_server(monitored_nats, channel):
+    nats_url, monitor = monitored_nats
     srv = Serve(nats_url, PUSHSVC_WORKERS="2", PUSHSVC_NODE_NAME="edge-7")
     clients: list[WSClient] = []
     try:
         await srv.started(workers=2)
+        async with httpx.AsyncClient(timeout=5) as http:
+            connz = (await http.get(f"{monitor}/connz")).json()
+        names = sorted(c.get("name", "") for c in connz["connections"])
+        # one connection per worker, named after the node and the worker
+        assert len(names) == 2 and all(re.fullmatch(r"pushsvc/edge-7/\d+", n) for n in names)
+        assert names[0] != names[1]
         tokens = [srv.token(f"u{i}") for i in range(200)]
         clients = await connect_many(srv.ws_url, tokens, channel)
         # session ids start with a per-process prefix: both workers hold sockets
