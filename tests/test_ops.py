@@ -7,7 +7,9 @@ loopback port, against the session's NATS) and talks to it over real sockets.
 from __future__ import annotations
 
 import asyncio
+import io
 import json
+import logging
 import os
 import re
 import signal
@@ -28,6 +30,7 @@ from wsclient import WSClient
 
 from pushsvc.auth import mint_token
 from pushsvc.embedded import EmbeddedNats, free_port
+from pushsvc.logs import JsonFormatter, RedactTokens
 
 PUSHSVC = [sys.executable, "-m", "pushsvc"]
 
@@ -184,6 +187,22 @@ async def test_workers_metrics_report_the_whole_server(monitored_nats, channel):
         assert delta("pushsvc_delivery_latency_seconds_count") == handed
         assert delta("pushsvc_deliveries_total") == 200 * 20
         assert sample(after, "pushsvc_channels") == 2  # one NATS subscription per worker
+
+        # A worker dies (uvicorn starts another): its sockets stop counting.
+        by_worker: dict[str, list[WSClient]] = {}
+        for c in clients:
+            by_worker.setdefault(c.welcome["client"].split("-")[0], []).append(c)
+        os.kill(int(names[0].rsplit("/", 1)[1]), signal.SIGKILL)
+        deadline = time.monotonic() + 20
+        while not any(all(c.ws.close_code is not None for c in g) for g in by_worker.values()):
+            assert time.monotonic() < deadline, "no worker's sockets were closed"
+            await asyncio.sleep(0.05)
+        survivors = [c for c in clients if c.ws.close_code is None]
+        assert len(survivors) in {len(g) for g in by_worker.values()}
+        async with httpx.AsyncClient(timeout=10) as http:
+            while sample(await scrape(http, srv.base), "pushsvc_connections") != len(survivors):
+                assert time.monotonic() < deadline, "the dead worker's sockets still count"
+                await asyncio.sleep(0.2)
     finally:
         for c in clients:
             await c.close()
@@ -307,3 +326,38 @@ async def test_json_logs_every_line_is_an_object_without_tokens(nats_url, channe
     assert any(e["event"] == "token refused" and e["reason"] == "expired" for e in events)
     slow = [e for e in events if e["event"] == "session closed" and e.get("code") == 4009]
     assert slow and slow[0]["client"] and slow[0]["channels"] == 1
+
+
+def test_json_formatter_one_object_per_line_never_a_token():
+    """Quotes, newlines and tokens in messages, fields and tracebacks stay inside one object."""
+    token = mint_token(SECRET, "alice", ttl=60)
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter(node="n-1"))
+    handler.addFilter(RedactTokens())
+    logger = logging.getLogger("pushsvc.test_json")
+    logger.addHandler(handler)
+    logger.propagate = False
+    logger.setLevel(logging.INFO)
+    try:
+        logger.warning('bad "frame"\nnext line %s', token, extra={"client": "c-1", "code": 4001})
+        logger.info("frame", extra={"reason": f"Bearer {token}", "channels": 3, "obj": object()})
+        try:
+            raise ValueError(f"token={token}")
+        except ValueError:
+            logger.exception("failed")
+    finally:
+        logger.removeHandler(handler)
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 3
+    first, second, third = (json.loads(line) for line in lines)
+    assert first["event"].startswith('bad "frame"\nnext line ')
+    assert (first["level"], first["logger"], first["node"]) == (
+        "warning",
+        "pushsvc.test_json",
+        "n-1",
+    )
+    assert (first["client"], first["code"]) == ("c-1", 4001)
+    assert second["channels"] == 3 and second["reason"] == "Bearer [redacted]"
+    assert "ValueError" in third["exc"]
+    assert token not in stream.getvalue() and token[-16:] not in stream.getvalue()
