@@ -18,6 +18,7 @@ import os
 import secrets
 import signal
 import threading
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from importlib import resources
@@ -28,7 +29,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from starlette.routing import WebSocketRoute
 
 from . import __version__, metrics
-from .auth import Authenticator, mint_token, parse_revocation
+from .auth import Authenticator, Revocation, mint_token, parse_revocation
 from .bus import Bus, Unavailable
 from .channels import InvalidChannel, validate_grant
 from .embedded import EmbeddedNats
@@ -39,6 +40,7 @@ from .hub import Hub
 from .logs import install_redaction
 from .protocol import CLOSE_SERVICE_RESTART
 from .ratelimit import BucketRegistry
+from .revocations import RevocationStore
 from .settings import Settings, default_node_name
 
 log = logging.getLogger("pushsvc")
@@ -75,16 +77,21 @@ class Node:
         # NATS outage: buffer live frames, then fill the gap from the stream (history on)
         self.bus.on_disconnected = self.hub.suspend
         self.bus.on_resumed = self.hub.resume
+        # stream re-created (new epoch): every position handed out is void
+        self.bus.on_epoch_changed = self.hub.stream_reset
         self.command_buckets = BucketRegistry(settings.command_rate, settings.command_burst)
         self.emit_buckets = BucketRegistry(settings.emit_rate, settings.emit_burst)
         self.endpoint = WebSocketEndpoint(
             settings, self.hub, self.auth, self.command_buckets, self.accepting
         )
         self.embedded: EmbeddedNats | None = None
+        #: revocations kept in NATS (history on), shared by every node
+        self.revocations: RevocationStore | None = None
         self.draining = False
         self.stopping = False
         self.started = False
         self._sigterm: tuple[Any, Any] | None = None
+        self._background: set[asyncio.Task[None]] = set()
 
     @property
     def connection_name(self) -> str:
@@ -103,13 +110,33 @@ class Node:
         self.hub.dispatch(channel, payload, seq, stamp)
 
     def _control(self, payload: bytes) -> None:
-        """A revocation from NATS: refuse the token(s) from now on, close their sessions."""
+        """A revocation from NATS: refuse the token(s) from now on, close their sessions.
+
+        With history on it is also stored in the revocation bucket (every node
+        that receives it writes the same entry; JetStream keeps one), so nodes
+        started later refuse the token(s) too.
+        """
         revocation = parse_revocation(payload)
         if revocation is None:
             log.warning("ignored malformed control message")
             return
-        self.auth.revoke(revocation)
-        self.hub.disconnect(revocation.sub, revocation.jti)
+        at = time.time()
+        self._revoke(revocation, at)
+        if self.revocations is not None:
+            task = asyncio.ensure_future(self._store_revocation(revocation, at, payload))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    def _revoke(self, revocation: Revocation, at: float) -> None:
+        self.auth.revoke(revocation, at)
+        self.hub.disconnect(revocation.sub, revocation.jti, issued_before=at)
+
+    async def _store_revocation(self, revocation: Revocation, at: float, payload: bytes) -> None:
+        assert self.revocations is not None
+        try:
+            await self.revocations.put(revocation, at, payload)
+        except Unavailable as exc:
+            log.error("revocation applied on this node but not stored in NATS: %s", exc)
 
     @property
     def ready(self) -> bool:
@@ -133,6 +160,19 @@ class Node:
             self.settings.nats_url = self.embedded.url
             log.info("started bundled nats-server at %s", self.embedded.url)
         await self.bus.start()
+        if self.bus.history_enabled:
+            store = RevocationStore(
+                self.bus,
+                self.settings.revocation_bucket,
+                self.settings.stream_replicas,
+                self._revoke,
+            )
+            try:
+                await store.start(self.settings.connect_timeout)
+            except Unavailable:
+                await self.bus.close()
+                raise
+            self.revocations = store
         self.started = True
         metrics.INFO.labels(self.name, __version__).set(1)
         if self.settings.drain_delay > 0:
@@ -202,6 +242,10 @@ class Node:
         self.hub.close_all(CLOSE_SERVICE_RESTART, "service restart")
         await asyncio.sleep(0.05)  # let close frames go out
         await self.hub.wait_idle()
+        if self._background:
+            await asyncio.wait(list(self._background), timeout=2)
+        if self.revocations is not None:
+            await self.revocations.close()
         await self.bus.close(timeout=min(5.0, self.settings.shutdown_timeout))
         if self.embedded is not None:
             await asyncio.to_thread(self.embedded.cleanup)
