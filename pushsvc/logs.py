@@ -169,10 +169,18 @@ class TextFormatter(logging.Formatter):
         if record.name == "uvicorn.access":
             fields = {}  # already in the message
         if fields:
-            pairs = " ".join(f"{k}={v}" for k, v in fields.items())
+            pairs = " ".join(f"{k}={_text_value(v)}" for k, v in fields.items())
             head, sep, tail = text.partition("\n")
             text = f"{head} {pairs}{sep}{tail}"
         return redact(text)
+
+
+def _text_value(value: Any) -> str:
+    """``value`` for a ``key=value`` pair: quoted (JSON string rules) when it has spaces."""
+    text = str(value)
+    if not text or any(c.isspace() or c in '="' for c in text):
+        return msgspec.json.encode(text).decode()
+    return text
 
 
 class JsonFormatter(logging.Formatter):
