@@ -1,7 +1,7 @@
 """The NATS side: connection, stream setup, refcounted live subscriptions, publish, history.
 
 The bus never touches sockets. It hands every live message to one callback,
-``on_message(channel, payload, seq)``, which ``app.py`` wires to the hub.
+``on_message(channel, payload, seq, stamp)``, which ``app.py`` wires to the hub.
 
 Subjects (``prefix`` = ``PUSHSVC_SUBJECT_PREFIX``, default ``push``):
 
