@@ -98,6 +98,7 @@ class Readiness(msgspec.Struct):
     """Answer of ``GET /readyz`` (200 when ready, 503 otherwise)."""
 
     ready: bool
+    node: Annotated[str, Meta(description="PUSHSVC_NODE_NAME of the node that answered")]
     nats: Annotated[bool, Meta(description="NATS connected")]
     draining: Annotated[bool, Meta(description="shutdown has started")]
     history: Annotated[bool, Meta(description="JetStream history on")]

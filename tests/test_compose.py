@@ -134,6 +134,8 @@ def test_pushsvc_replicas_reach_every_nats_member_and_are_scraped(compose):
         assert probe, service["healthcheck"]
         url = urlsplit(probe.group(0))
         assert url.port == port and url.path in routes, url
+    nodes = [services[n]["environment"].get("PUSHSVC_NODE_NAME") for n in PUSHSVC_SERVICES]
+    assert nodes == PUSHSVC_SERVICES  # operators tell the replicas apart
     prometheus = yaml.safe_load((ROOT / "deploy" / "prometheus.yml").read_text())
     mounted = [v for v in services["prometheus"]["volumes"] if "prometheus.yml" in v]
     assert mounted == ["./deploy/prometheus.yml:/etc/prometheus/prometheus.yml:ro"]

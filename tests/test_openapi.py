@@ -111,6 +111,8 @@ async def test_generated_requests_get_declared_answers(start_server, http):
         "GET /metrics",
         "GET /static/pushsvc.js",
         "GET /",
+        "GET /favicon.ico",
+        "GET /static/{name}",
         "GET /dev/token",
     }
     token = srv.token("fuzzer", channels=[">"], publish=[">"])
