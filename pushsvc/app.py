@@ -31,6 +31,7 @@ from .endpoint import WebSocketEndpoint
 from .history import history_router
 from .hub import Hub
 from .logs import install_redaction
+from .natsconn import NatsRefused, NatsSecurity
 from .protocol import CLOSE_SERVICE_RESTART
 from .ratelimit import BucketRegistry
 from .settings import Settings
@@ -253,7 +254,9 @@ def setup_app(app: FastAPI, settings: Settings, prefix: str = "") -> Node:
     """
     node = Node(settings)  # (generates the dev secret, if any, first)
     api_keys = [entry.rsplit(":", 1)[-1] for entry in settings.api_keys]
-    install_redaction([settings.jwt_secret, *api_keys])
+    install_redaction(
+        [settings.jwt_secret, *api_keys, *NatsSecurity.from_settings(settings).secrets()]
+    )
     app.include_router(node.router(), prefix=prefix)
     app.add_middleware(WebSocketShortcut, path=prefix + "/ws", endpoint=node.endpoint)
     app.state.pushsvc = node
@@ -266,7 +269,7 @@ def setup_app(app: FastAPI, settings: Settings, prefix: str = "") -> Node:
             async with node.lifespan():
                 async with inner(a) as state:
                     yield state
-        except Unavailable as exc:
+        except (Unavailable, NatsRefused) as exc:
             log.error("pushsvc cannot start: %s", exc)
             raise
 
