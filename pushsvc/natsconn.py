@@ -119,6 +119,14 @@ class NatsSecurity(msgspec.Struct, kw_only=True, frozen=True):
     tls_cert: str | None = None
     tls_key: str | None = None
 
+    def __repr__(self) -> str:
+        shown = {
+            name: ("***" if name in ("password", "token") else value)
+            for name in OPTIONS
+            if (value := getattr(self, name)) is not None
+        }
+        return f"NatsSecurity({', '.join(f'{k}={v!r}' for k, v in shown.items())})"
+
     @classmethod
     def from_settings(cls, settings: Any) -> NatsSecurity:
         """From a :class:`~pushsvc.settings.Settings` (its ``nats_*`` fields)."""
@@ -226,6 +234,20 @@ class NatsSecurity(msgspec.Struct, kw_only=True, frozen=True):
             options["tls"] = tls
         return options
 
+    def describe(self, servers: list[str] | None = None) -> str:
+        """Which credentials are sent, for error messages (never the secret itself)."""
+        if self.creds:
+            return f"creds file {self.creds} ({_var('creds')})"
+        if self.nkey:
+            return f"NKey seed file {self.nkey} ({_var('nkey')})"
+        if self.user is not None:
+            return f"user {self.user!r} ({_var('user')}/{_var('password')})"
+        if self.token is not None:
+            return f"a token ({_var('token')})"
+        if any(_has_userinfo(url) for url in servers or []):
+            return "the credentials in the URL"
+        return "no credentials"
+
     def secrets(self) -> list[str]:
         """The literal secrets (password, token) to keep out of logs."""
         return [s for s in (self.password, self.token) if s]
@@ -272,13 +294,16 @@ def refusal_reason(exc: BaseException) -> str | None:
     """
     text = str(exc).lower()
     if isinstance(exc, nats.errors.AuthorizationError) or "authorization violation" in text:
-        return "authorization violation (check the NATS credentials)"
+        return "authorization violation"
     if "authentication expired" in text or "authentication timeout" in text:
         return f"authorization failed ({str(exc).removeprefix('nats: ').strip(chr(39))})"
     if isinstance(exc, ssl.SSLCertVerificationError):
         return f"TLS certificate verification failed: {exc.verify_message or exc.reason}"
     if isinstance(exc, ssl.SSLError):
-        return f"TLS handshake failed: {exc.reason or exc}"
+        why = exc.reason or str(exc)
+        if "CERTIFICATE_REQUIRED" in why:
+            why += " (the server wants a client certificate: PUSHSVC_NATS_TLS_CERT/KEY)"
+        return f"TLS handshake failed: {why}"
     if "secure connection" in text and "tls required" in text:
         return "the server requires TLS (use a tls:// URL or the PUSHSVC_NATS_TLS_* settings)"
     if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError)):
@@ -325,8 +350,14 @@ async def connect(
     refused: asyncio.Future[NatsRefused] = loop.create_future()
     nc = NatsClient()
 
-    async def on_error(exc: Exception) -> None:
+    def refusal(exc: BaseException) -> str | None:
         reason = refusal_reason(exc)
+        if reason is not None and reason.startswith("authorization"):
+            reason += f" (sent: {security.describe(urls)})"
+        return reason
+
+    async def on_error(exc: Exception) -> None:
+        reason = refusal(exc)
         if reason is not None and not refused.done() and not nc.is_connected:
             refused.set_result(NatsRefused(_current_url(nc, urls), reason))
             return
@@ -349,7 +380,7 @@ async def connect(
     if task in done:
         exc = task.exception()
         assert exc is not None
-        reason = refusal_reason(exc)
+        reason = refusal(exc)
         await _close_quietly(nc, task)
         if refused.done():
             raise refused.result()
