@@ -21,12 +21,13 @@ import ipaddress
 import json
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import httpx
@@ -532,14 +533,41 @@ def test_serve_names_the_setting_of_an_unreadable_file(tmp_path):
     ]
 
 
-async def test_url_credentials_keep_working(secured):
+async def test_url_credentials_keep_working(secured, tmp_path):
     s = secured("user")
     password = s.env["PUSHSVC_NATS_PASSWORD"]
-    url = f"nats://svc:{password}@127.0.0.1:{s.server.port}"
-    async with Publisher(url, jetstream=False) as pub:
-        assert await pub.publish("sec.url", {"ok": 1}) is None  # core publish + flush: taken
+    in_url = replace(s, url=f"nats://svc:{password}@127.0.0.1:{s.server.port}", env={})
+    log = tmp_path / "serve.log"
+    proc, port = await start_serve(in_url, log)
+    try:
+        token = mint_token(SECRET, "alice", channels=[">"], ttl=600)
+        client = await WSClient.connect(f"ws://127.0.0.1:{port}/ws", token)
+        await client.subscribe("sec.url")
+        async with Publisher(in_url.url) as pub:
+            seq = await pub.publish("sec.url", {"ok": 1})
+        (m,) = await client.messages(1)
+        assert m["data"] == {"ok": 1} and m["seq"] == seq
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(proc.wait, 20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    output = await asyncio.to_thread(log.read_text)
+    assert f"nats://svc:***@127.0.0.1:{s.server.port}" in output  # the start-up banner
+    assert_no_secret(output, s)
     bad = f"nats://svc:{s.bad_env['PUSHSVC_NATS_PASSWORD']}@127.0.0.1:{s.server.port}"
     with pytest.raises(NatsRefused) as refused:
         await Publisher(bad).connect()
     assert "authorization violation" in str(refused.value)
     assert_no_secret(str(refused.value), s)
+
+
+async def test_a_credentials_file_that_vanishes_is_named(secured, tmp_path):
+    s = secured("nkey")
+    seed = tmp_path / "moved.nk"
+    await asyncio.to_thread(shutil.copy, s.env["PUSHSVC_NATS_NKEY"], seed)
+    pub = Publisher(s.url, nkey=str(seed), jetstream=False)  # checked here: readable
+    await asyncio.to_thread(seed.unlink)
+    with pytest.raises(NatsRefused, match=f"file unreadable: {seed}"):
+        await pub.connect()
