@@ -371,6 +371,7 @@ class Session:
                 user=self.principal.sub,
                 ping_interval=self.settings.ping_interval,
                 exp=self.principal.exp,
+                epoch=self.hub.epoch,
             )
         )
         self._schedule_ping()
@@ -515,8 +516,11 @@ class Session:
         if cmd.since is not None and not 0 <= cmd.since <= MAX_SEQ:
             self._refuse(BAD_REQUEST, f"since must be in 0..{MAX_SEQ}", cmd.id)
             return
+        if cmd.epoch is not None and not 0 < len(cmd.epoch) <= 64:
+            self._refuse(BAD_REQUEST, "epoch must be 1..64 characters", cmd.id)
+            return
         try:
-            await self.hub.subscribe(self, channel, cmd.since, cmd.id)
+            await self.hub.subscribe(self, channel, cmd.since, cmd.id, cmd.epoch)
         except Unavailable as exc:
             self._refuse(UNAVAILABLE, str(exc), cmd.id)
 
