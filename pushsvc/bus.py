@@ -23,6 +23,7 @@ local subscriber; :meth:`Bus.release` of the last one unsubscribes.
 from __future__ import annotations
 
 import asyncio
+import datetime
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -605,29 +606,26 @@ class Bus:
         headers = {"Nats-Msg-Id": msg_id} if msg_id else None
         try:
             if self.history_enabled:
-                assert self.js is not None
-                try:
-                    ack = await self.js.publish(
-                        subject,
-                        payload,
-                        timeout=self.settings.publish_timeout,
-                        stream=self.settings.stream,
-                        headers=headers,
-                    )
-                except (nats.errors.NoRespondersError, nats.js.errors.NoStreamResponseError):
+                js = self.js
+                assert js is not None
+                for attempt in (1, 2):
+                    try:
+                        ack = await js.publish(
+                            subject,
+                            payload,
+                            timeout=self.settings.publish_timeout,
+                            stream=self.settings.stream,
+                            headers=headers,
+                        )
+                        return ack.seq
+                    except (nats.errors.NoRespondersError, nats.js.errors.NoStreamResponseError):
+                        if attempt == 2:
+                            raise
                     # no stream captures the subject: it was deleted; create it again
                     try:
                         await self._ensure_stream()
                     except (_NoJetStream, StreamConfigError) as exc:
                         raise Unavailable(f"stream {self.settings.stream} is missing") from exc
-                    ack = await self.js.publish(
-                        subject,
-                        payload,
-                        timeout=self.settings.publish_timeout,
-                        stream=self.settings.stream,
-                        headers=headers,
-                    )
-                return ack.seq
             await nc.publish(subject, payload, headers=headers)
             await confirm(nc, self.settings.publish_timeout)
             return None
@@ -827,7 +825,13 @@ def epoch_of(info: StreamInfo) -> str | None:
     created = info.created
     if created is None:
         return None
-    return format(round(created.timestamp() * 1_000_000), "x")
+    if created.tzinfo is None:
+        created = created.replace(tzinfo=datetime.UTC)
+    micros = (created - _UNIX_EPOCH) // datetime.timedelta(microseconds=1)
+    return format(micros, "x")
+
+
+_UNIX_EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)
 
 
 def _config_differs(have: StreamConfig | None, want: StreamConfig) -> bool:

@@ -269,7 +269,9 @@ async def test_history_off(start_server, nc, http, channel):
     srv = await start_server(history_ttl=0, subject_prefix=prefix)
     assert srv.node.bus.history_enabled is False
     c = await srv.client()
-    await c.subscribe(channel, since=3, recovered=False)
+    assert "epoch" not in c.welcome  # no stream, no epoch
+    sub = await c.subscribe(channel, since=3, epoch="e1", recovered=False)
+    assert "epoch" not in sub
     r = await emit(http, srv, channel, {"x": 1})
     assert r.status_code == 202 and r.json() == {"channel": channel, "seq": None}
     await nc.publish(f"{prefix}.{channel}", b'"core"')

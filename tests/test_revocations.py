@@ -15,16 +15,13 @@ import nats
 import nats.js.errors
 import pytest
 import websockets
+from helpers import bearer
 from wsclient import WSClient
 
 from pushsvc.auth import Revocation
 from pushsvc.revocations import entry_keys
 
 BUCKET = "PUSHSVC_REVOCATIONS"
-
-
-def bearer(token: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}"}
 
 
 async def refused(srv, token: str) -> int | None:
