@@ -186,13 +186,20 @@ class NatsSecurity(msgspec.Struct, kw_only=True, frozen=True):
                 _var(methods[0]),
                 f"conflicting NATS authentication: {' and '.join(labels)} are set; use one",
             )
-        if self.wants_tls:
+        if self.tls_ca is not None:
+            try:
+                ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=self.tls_ca)
+            except ssl.SSLError as exc:
+                raise SettingsError(
+                    _var("tls_ca"), f"{self.tls_ca} holds no usable PEM CA: {exc.reason or exc}"
+                ) from None
+        if self.tls_cert is not None:
             try:
                 self.tls_context()
             except ssl.SSLError as exc:
-                name = "tls_cert" if self.tls_cert else "tls_ca"
                 raise SettingsError(
-                    _var(name), f"cannot load the TLS files: {exc.reason or exc}"
+                    _var("tls_cert"),
+                    f"cannot load the TLS files (certificate and key): {exc.reason or exc}",
                 ) from None
 
     def tls_context(self) -> ssl.SSLContext | None:

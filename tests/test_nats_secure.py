@@ -44,10 +44,9 @@ from nats_jwt.v2.operator_claims import OperatorClaims
 from nats_jwt.v2.snippets import Account
 from wsclient import WSClient
 
-from pushsvc import Publisher
+from pushsvc import NatsRefused, Publisher
 from pushsvc.auth import mint_token
 from pushsvc.embedded import EmbeddedNats, free_port
-from pushsvc.natsconn import NatsRefused
 from pushsvc.settings import Settings, SettingsError
 
 PUSHSVC = [sys.executable, "-m", "pushsvc"]
@@ -492,6 +491,7 @@ def test_settings_refuse_broken_security(tmp_path, pki):
             "PUSHSVC_NATS_TLS_CERT",
             "TLS files",
         ),
+        ({"PUSHSVC_NATS_TLS_CA": str(seed)}, "PUSHSVC_NATS_TLS_CA", "PEM CA"),
         (
             {"PUSHSVC_NATS_NKEY": str(seed), "PUSHSVC_NATS_TOKEN": "t0ken-t0ken"},
             "PUSHSVC_NATS_NKEY",
