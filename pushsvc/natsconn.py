@@ -365,7 +365,9 @@ async def connect(
 
     async def on_error(exc: Exception) -> None:
         reason = refusal(exc)
-        if reason is not None and not refused.done() and not nc.is_connected:
+        if reason is not None and not refused.done() and not task.done():
+            # only while the first connect runs: later refusals (on reconnect) are
+            # reported to error_cb like any other error
             refused.set_result(NatsRefused(_current_url(nc, urls), reason))
             return
         if error_cb is not None:

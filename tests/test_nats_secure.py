@@ -26,7 +26,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -571,3 +571,43 @@ async def test_a_credentials_file_that_vanishes_is_named(secured, tmp_path):
     await asyncio.to_thread(seed.unlink)
     with pytest.raises(NatsRefused, match=f"file unreadable: {seed}"):
         await pub.connect()
+
+
+async def _until(predicate: Callable[[], Awaitable[bool]], within: float = 15.0) -> None:
+    deadline = time.monotonic() + within
+    while not await predicate():
+        assert time.monotonic() < deadline, "condition not reached"
+        await asyncio.sleep(0.1)
+
+
+async def test_a_refusal_after_start_is_logged_and_retried(
+    secured, start_server, http, caplog, tmp_path
+):
+    s = secured("user")
+    password = s.env["PUSHSVC_NATS_PASSWORD"]
+    srv = await start_server(nats_url=s.url, nats_user="svc", nats_password=password)
+    ready = f"{srv.base}/readyz"
+    assert (await http.get(ready)).status_code == 200
+
+    async def restart(conf: str) -> None:
+        await asyncio.to_thread(s.server.stop)
+        await asyncio.to_thread((tmp_path / "nats.conf").write_text, conf)
+        await asyncio.to_thread(s.server.start)
+
+    # NATS comes back with another password: the node says why and keeps trying.
+    wrong = s.bad_env["PUSHSVC_NATS_PASSWORD"]
+    await restart(f'authorization {{ user: svc, password: "{wrong}" }}\n')
+
+    async def refusal_logged() -> bool:
+        return "Authorization Violation" in caplog.text
+
+    await _until(refusal_logged)
+    assert (await http.get(ready)).status_code == 503
+    # The right password again: the node reconnects by itself.
+    await restart(f'authorization {{ user: svc, password: "{password}" }}\n')
+
+    async def is_ready() -> bool:
+        return (await http.get(ready)).status_code == 200
+
+    await _until(is_ready)
+    assert_no_secret(caplog.text, s)
