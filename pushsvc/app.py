@@ -39,6 +39,7 @@ from .endpoint import WebSocketEndpoint
 from .history import history_router
 from .hub import Hub
 from .logs import install_redaction
+from .natsconn import NatsRefused, NatsSecurity
 from .openapi import (
     DevToken,
     ErrorBody,
@@ -496,7 +497,9 @@ def setup_app(app: FastAPI, settings: Settings, prefix: str = "") -> Node:
     """
     node = Node(settings)  # (generates the dev secret, if any, first)
     api_keys = [entry.rsplit(":", 1)[-1] for entry in settings.api_keys]
-    install_redaction([settings.jwt_secret, *api_keys])
+    install_redaction(
+        [settings.jwt_secret, *api_keys, *NatsSecurity.from_settings(settings).secrets()]
+    )
     app.include_router(node.router(), prefix=prefix)
     install(app)
     app.add_middleware(WebSocketShortcut, path=prefix + "/ws", endpoint=node.endpoint)
@@ -510,7 +513,7 @@ def setup_app(app: FastAPI, settings: Settings, prefix: str = "") -> Node:
             async with node.lifespan():
                 async with inner(a) as state:
                     yield state
-        except Unavailable as exc:
+        except (Unavailable, NatsRefused) as exc:
             log.error("pushsvc cannot start: %s", exc)
             raise
 
