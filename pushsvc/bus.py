@@ -1,7 +1,7 @@
 """The NATS side: connection, stream setup, refcounted live subscriptions, publish, history.
 
 The bus never touches sockets. It hands every live message to one callback,
-``on_message(channel, payload, seq)``, which ``app.py`` wires to the hub.
+``on_message(channel, payload, seq, stamp)``, which ``app.py`` wires to the hub.
 
 Subjects (``prefix`` = ``PUSHSVC_SUBJECT_PREFIX``, default ``push``):
 
@@ -42,18 +42,22 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js.api import RePublish, StorageType, StreamConfig, StreamInfo
 
+from . import metrics, natsconn
 from .channels import subject_for
 from .settings import Settings
 
 log = logging.getLogger("pushsvc.bus")
 
-MessageHandler = Callable[[str, bytes, int | None], None]
+#: ``(channel, payload, seq, stamp)``: ``stamp`` is the message's stream time (Unix
+#: seconds, from the republished ``Nats-Time-Stamp`` header) or None.
+MessageHandler = Callable[[str, bytes, int | None, float | None], None]
 ControlHandler = Callable[[bytes], None]
 ResumeHandler = Callable[[bool], Awaitable[None]]
 
 STREAM_RETRY_MAX = 2.0  # s, longest pause between stream set-up attempts after a reconnect
 STREAM_CHECK_INTERVAL = 2.0  # s, how often a running node checks that its stream still exists
 READ_BATCH = 256  # messages per JetStream batch direct get
+MIN_SERVER = (2, 11)  # nats-server with batch direct gets (ADR-31) and per-message TTL (ADR-43)
 
 
 class Unavailable(Exception):
@@ -95,6 +99,21 @@ async def confirm(nc: NatsClient, timeout: float) -> None:
     """
     await nc.flush(timeout=timeout)
     await nc.flush(timeout=timeout)
+
+
+def stream_time(value: str | None) -> float | None:
+    """A ``Nats-Time-Stamp`` header (RFC 3339, UTC, nanoseconds) as Unix seconds.
+
+    JetStream adds the header to republished messages (NATS docs, "Streams:
+    RePublish"); it is the time the stream stored the message, by the NATS
+    server's clock. Returns None when absent or malformed.
+    """
+    if not value:
+        return None
+    try:
+        return datetime.datetime.fromisoformat(value).timestamp()
+    except ValueError:
+        return None
 
 
 @dataclass
@@ -141,10 +160,13 @@ class Bus:
 
     Args:
         settings: NATS URL(s), prefix, stream and history settings, timeouts.
-        on_message: called with ``(channel, payload, seq)`` for every live message
-            of a channel this node holds; must not block (it runs on the NATS
-            subscription's task).
+        on_message: called with ``(channel, payload, seq, stamp)`` for every live
+            message of a channel this node holds (``stamp``: stream time, Unix
+            seconds, or None); must not block (it runs on the NATS subscription's
+            task).
         on_control: called with the raw payload of each control message.
+        name: the NATS connection name (shown by ``nats server report
+            connections`` and ``/connz``); default ``pushsvc/<node>``.
     """
 
     def __init__(
@@ -152,8 +174,10 @@ class Bus:
         settings: Settings,
         on_message: MessageHandler,
         on_control: ControlHandler | None = None,
+        name: str | None = None,
     ) -> None:
         self.settings = settings
+        self.name = name or f"pushsvc/{settings.node_name or 'pushsvc'}"
         self.prefix = settings.subject_prefix
         self.live_prefix = f"{self.prefix}-live"
         self.control_subject = f"{self.prefix}-control.disconnect"
@@ -191,6 +215,8 @@ class Bus:
         :attr:`on_resumed` is awaited (see :meth:`_resume`).
 
         Raises:
+            natsconn.NatsRefused: NATS refused the credentials or TLS (at once,
+                without retrying).
             Unavailable: NATS could not be reached within ``connect_timeout`` s, or
                 JetStream did not set up the stream within that time.
             StreamConfigError: the stream exists with settings that cannot be
@@ -198,29 +224,39 @@ class Bus:
         """
         servers = self.settings.nats_servers
         try:
-            self.nc = await asyncio.wait_for(
-                nats.connect(
-                    servers,
-                    name="pushsvc",
-                    connect_timeout=max(1, int(self.settings.connect_timeout)),
-                    allow_reconnect=True,
-                    max_reconnect_attempts=-1,
-                    reconnect_time_wait=0.5,
-                    ping_interval=10,
-                    max_outstanding_pings=3,
-                    error_cb=self._error_cb,
-                    disconnected_cb=self._disconnected_cb,
-                    reconnected_cb=self._reconnected_cb,
-                ),
+            self.nc = await natsconn.connect(
+                servers,
+                natsconn.NatsSecurity.from_settings(self.settings),
                 timeout=self.settings.connect_timeout,
+                name=self.name,
+                connect_timeout=max(1, int(self.settings.connect_timeout)),
+                allow_reconnect=True,
+                max_reconnect_attempts=-1,
+                reconnect_time_wait=0.5,
+                ping_interval=10,
+                max_outstanding_pings=3,
+                error_cb=self._error_cb,
+                disconnected_cb=self._disconnected_cb,
+                reconnected_cb=self._reconnected_cb,
             )
         except (TimeoutError, OSError, nats.errors.Error) as exc:
+            if isinstance(exc, natsconn.NatsRefused):
+                raise
             raise Unavailable(
-                f"cannot reach NATS at {', '.join(servers)} within "
+                f"cannot reach NATS at {', '.join(map(natsconn.display_url, servers))} within "
                 f"{self.settings.connect_timeout:g} s ({type(exc).__name__})"
             ) from None
+        metrics.NATS_CONNECTED.set(1)
         self.js = self.nc.jetstream(timeout=self.settings.publish_timeout)
         if self.history_enabled:
+            version = self.nc.connected_server_version
+            if (version.major, version.minor) < MIN_SERVER and version.major:
+                await self.close()
+                raise Unavailable(
+                    f"nats-server {version} is too old for history: 2.11 or later is needed "
+                    "(batch direct gets, per-message TTL); upgrade NATS or set "
+                    "PUSHSVC_HISTORY_TTL=0 (live only)"
+                )
             try:
                 self.history_enabled = await self._setup_stream()
             except Unavailable:
@@ -235,6 +271,7 @@ class Bus:
         log.warning("NATS: %s: %s", type(exc).__name__, exc)
 
     async def _disconnected_cb(self) -> None:
+        metrics.NATS_CONNECTED.set(0)
         if self.closing:
             return
         log.warning("NATS disconnected; reconnecting (emits answer 503 meanwhile)")
@@ -250,6 +287,8 @@ class Bus:
         Runs inside nats-py's reconnect loop, so it must neither raise nor wait:
         stream verification and the hub's catch-up run in a task.
         """
+        metrics.NATS_CONNECTED.set(1)
+        metrics.NATS_RECONNECTS.inc()
         url = self.nc.connected_url.netloc if self.nc and self.nc.connected_url else "?"
         log.info("NATS reconnected to %s; subscriptions restored", url)
         if self._resume_task is not None:
@@ -318,17 +357,21 @@ class Bus:
     def _resume_task_running(self) -> bool:
         return self._resume_task is not None and not self._resume_task.done()
 
-    async def close(self) -> None:
-        """Drain the NATS connection (pending deliveries finish, then close)."""
+    async def close(self, timeout: float = 5.0) -> None:
+        """Drain the NATS connection (pending deliveries finish, then close).
+
+        The drain is bounded by ``timeout`` seconds; after it the connection is closed.
+        """
         self.closing = True
         for task in (self._resume_task, self._watch_task):
             if task is not None:
                 task.cancel()
         self._resume_task = self._watch_task = None
         nc, self.nc = self.nc, None
+        metrics.NATS_CONNECTED.set(0)
         if nc is not None and not nc.is_closed:
             try:
-                await asyncio.wait_for(nc.drain(), timeout=5)
+                await asyncio.wait_for(nc.drain(), timeout=timeout)
             except (TimeoutError, nats.errors.Error):
                 await nc.close()
 
@@ -568,13 +611,17 @@ class Bus:
 
             async def cb(msg: Msg) -> None:
                 headers = msg.headers
-                seq = headers.get("Nats-Sequence") if headers else None
-                on_message(channel, msg.data, int(seq) if seq else None)
+                if headers:
+                    seq = headers.get("Nats-Sequence")
+                    stamp = stream_time(headers.get("Nats-Time-Stamp"))
+                    on_message(channel, msg.data, int(seq) if seq else None, stamp)
+                else:
+                    on_message(channel, msg.data, None, None)
 
         else:
 
             async def cb(msg: Msg) -> None:
-                on_message(channel, msg.data, None)
+                on_message(channel, msg.data, None, None)
 
         return cb
 

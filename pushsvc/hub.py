@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
@@ -108,11 +109,19 @@ class Hub:
         self._background: set[asyncio.Task[None]] = set()
 
     # --- bus -> hub ------------------------------------------------------------------
-    def dispatch(self, channel: str, payload: bytes, seq: int | None) -> None:
+    def dispatch(
+        self, channel: str, payload: bytes, seq: int | None, stamp: float | None = None
+    ) -> None:
         """Deliver one NATS message to every local subscriber of ``channel``.
 
         Encodes once; each session gets the same ``str`` (see :meth:`_deliver`).
         Never awaits a socket: :meth:`Session.send` only queues.
+
+        Args:
+            stamp: the message's stream time (Unix seconds, ``Nats-Time-Stamp``);
+                when given, the time from it to the hand-over to the sockets is
+                observed in ``pushsvc_delivery_latency_seconds``. Frames buffered
+                during a NATS outage are not observed (their delay is the outage).
         """
         state = self._channels.get(channel)
         if state is None:
@@ -123,6 +132,8 @@ class Hub:
             state.catchup.append((seq, frame, nbytes))
             return
         self._deliver(state, seq, frame, nbytes)
+        if stamp is not None:
+            metrics.DELIVERY_LATENCY.observe(max(0.0, time.time() - stamp))
 
     def _deliver(self, state: _Channel, seq: int | None, frame: str, nbytes: int) -> None:
         """Hand one encoded frame to the live set and to recovering sessions past their seam.
@@ -349,9 +360,11 @@ class Hub:
             await self.bus.release(channel)
             return
         session.channels.add(channel)
+        metrics.SUBSCRIPTIONS.inc()
         state = self._channels.get(channel)
         if state is None:
             state = self._channels[channel] = _Channel()
+            metrics.CHANNELS.inc()
             if self.bus.history_enabled:
                 self._spawn(self._learn_last_seq(channel, state))
         if since is None:
@@ -395,12 +408,14 @@ class Hub:
         if channel not in session.channels:
             return
         session.channels.discard(channel)
+        metrics.SUBSCRIPTIONS.dec()
         state = self._channels.get(channel)
         if state is not None:
             state.sessions.discard(session)
             state.pending.pop(session, None)
             if not state.sessions and not state.pending:
                 del self._channels[channel]
+                metrics.CHANNELS.dec()
         self._spawn(self.bus.release(channel))
 
     async def publish(self, channel: str, payload: bytes, msg_id: str | None = None) -> int | None:

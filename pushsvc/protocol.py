@@ -95,6 +95,7 @@ class Welcome(msgspec.Struct, tag_field="type", tag="welcome", omit_defaults=Tru
     """Sent after a successful auth. ``ping_interval`` seconds, ``exp`` Unix seconds.
 
     ``epoch``: the stream epoch (history on), to send back with ``since``.
+    ``node`` names the pushsvc node serving the socket (``PUSHSVC_NODE_NAME``).
     """
 
     client: str
@@ -102,6 +103,7 @@ class Welcome(msgspec.Struct, tag_field="type", tag="welcome", omit_defaults=Tru
     ping_interval: float
     exp: float
     epoch: str | None = None
+    node: str | None = None
 
 
 class Message(msgspec.Struct, tag_field="type", tag="message", omit_defaults=True):

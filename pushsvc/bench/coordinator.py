@@ -19,6 +19,7 @@ import time
 from collections import Counter
 from typing import Any
 
+from .. import natsconn
 from .client import ERROR_SAMPLES
 from .options import BenchError
 from .publishers import Publisher, PublishResult
@@ -310,8 +311,8 @@ class Coordinator:
         if cfg["via"] == "nats" and pub.sent and subscribed and not unique:
             samples.insert(
                 0,
-                f"nothing arrived: is {cfg['nats_url']} the server's NATS? (--nats-url; "
-                "`pushsvc serve` prints its URL)",
+                f"nothing arrived: is {natsconn.display_url(cfg['nats_url'])} the server's "
+                "NATS? (--nats-url; `pushsvc serve` prints its URL)",
             )
         last_ns = max((s["last_ns"] for s in stats), default=0)
         first_ns = pub.first_ns or pub_start

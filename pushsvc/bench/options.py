@@ -13,6 +13,8 @@ import os
 from typing import Any
 from urllib.parse import urlsplit
 
+from .. import natsconn
+
 EMIT_CONCURRENCY = 16  # default parallel emit POSTs (one HTTP connection and emit user each)
 
 
@@ -121,13 +123,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--rounds", type=int, default=3, help="--vs-floor rounds (default 3)")
     add("--json", action="store_true", help="print one JSON object instead of the text report")
     add("--quiet", action="store_true", help="no progress lines on stderr")
+    natsconn.add_arguments(parser)  # --nats-creds ... --nats-tls-key for --via nats
 
 
 def build_config(args: argparse.Namespace) -> dict[str, Any]:
     """Validate ``args`` (from :func:`add_arguments`) into a plain, picklable dict.
 
     Raises:
-        ValueError: a flag is out of range or malformed; the message names it.
+        ValueError: a flag is out of range or malformed; the message names it
+            (a SettingsError for the NATS security flags).
     """
     for name in ("clients", "channels"):
         if getattr(args, name) < 1:
@@ -164,6 +168,8 @@ def build_config(args: argparse.Namespace) -> dict[str, Any]:
     netloc = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     base = parts.path.rstrip("/")
     total = args.clients + args.stall
+    security = natsconn.NatsSecurity.from_args(args)
+    security.check(args.nats_url.split(","))  # SettingsError is a ValueError
     return {
         "host": host,
         "port": port,
@@ -173,6 +179,7 @@ def build_config(args: argparse.Namespace) -> dict[str, Any]:
         "http_url": f"{'https' if tls else 'http'}://{netloc}{base}",
         "ws_url": f"{'wss' if tls else 'ws'}://{netloc}{base}/ws",
         "nats_url": args.nats_url,
+        "nats_security": security,
         "secret": args.secret or None,
         "tokens": None,  # {"clients": [...], "emit": [...]} from /dev/token when no secret
         "audience": os.environ.get("PUSHSVC_JWT_AUDIENCE") or None,

@@ -21,8 +21,7 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import quote
 
-import nats
-
+from .. import natsconn
 from .client import ERROR_SAMPLES
 from .httpclient import HttpConnection
 from .options import BenchError
@@ -105,22 +104,23 @@ class Publisher:
                 seen.append(exc)
 
             try:
-                self.nc = await asyncio.wait_for(
-                    nats.connect(
-                        servers=[u.strip() for u in cfg["nats_url"].split(",") if u.strip()],
-                        connect_timeout=min(5.0, max(0.5, wait_s)),
-                        allow_reconnect=False,
-                        max_reconnect_attempts=1,  # one try per server (0 would mean forever)
-                        reconnect_time_wait=0.1,
-                        error_cb=on_error,
-                        name="pushsvc-bench",
-                    ),
-                    max(0.5, wait_s),
+                self.nc = await natsconn.connect(
+                    [u.strip() for u in cfg["nats_url"].split(",") if u.strip()],
+                    cfg["nats_security"],
+                    timeout=max(0.5, wait_s),
+                    connect_timeout=min(5.0, max(0.5, wait_s)),
+                    allow_reconnect=False,
+                    max_reconnect_attempts=1,  # one try per server (0 would mean forever)
+                    reconnect_time_wait=0.1,
+                    error_cb=on_error,
+                    name="pushsvc-bench",
                 )
+            except natsconn.NatsRefused as exc:
+                raise BenchError(str(exc)) from None
             except Exception as exc:
                 reason = seen[-1] if seen else exc
                 raise BenchError(
-                    f"cannot connect to NATS at {cfg['nats_url']}: {reason!r}"
+                    f"cannot connect to NATS at {natsconn.display_url(cfg['nats_url'])}: {reason!r}"
                 ) from None
         else:
             tls = ssl_context(cfg["tls"])
