@@ -19,7 +19,7 @@ from typing import Any
 import msgspec
 
 from . import __version__
-from .settings import ENV_PREFIX, Settings, SettingsError
+from .settings import ENV_PREFIX, Settings, SettingsError, check_nats_url
 
 log = logging.getLogger("pushsvc")
 
@@ -63,7 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     publish = sub.add_parser("publish", help="publish a message to a channel through NATS")
     publish.add_argument("channel")
     publish.add_argument("data", help="payload; JSON is delivered as JSON, else as a string")
-    publish.add_argument("--nats-url", help="NATS URL (default PUSHSVC_NATS_URL)")
+    publish.add_argument(
+        "--nats-url", help="NATS URL(s) (default PUSHSVC_NATS_URL, else nats://127.0.0.1:4222)"
+    )
     publish.add_argument("--msg-id", help="idempotency key (Nats-Msg-Id)")
     publish.add_argument("--core", action="store_true", help="core publish (no JetStream ack)")
 
@@ -104,9 +106,11 @@ def settings_to_env(settings: Settings) -> dict[str, str]:
 
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
+    from uvicorn.supervisors import Multiprocess
 
     from .bus import Bus, Unavailable
-    from .embedded import EmbeddedNats, EmbeddedNatsError
+    from .embedded import EmbeddedNatsError, start_default
+    from .serving import ListenError, listen_socket, uvicorn_config
 
     settings = Settings.load(
         host=args.host,
@@ -122,93 +126,79 @@ def _serve(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    # The listen address first: a busy port fails before NATS starts or anything is printed.
+    try:
+        sock = listen_socket(settings.host, settings.port)
+    except ListenError as exc:
+        print(f"pushsvc: {exc}", file=sys.stderr)
+        return 1
+    settings.port = sock.getsockname()[1]  # the real port when 0 (any free port) was asked
     dev_secret = None
     if settings.dev and settings.jwt_secret is None and settings.jwt_public_key is None:
         dev_secret = settings.jwt_secret = secrets.token_urlsafe(32)
     embedded = None
-    if settings.nats_url is None:
-        # The conventional client port when it is free, so `nats pub` and
-        # `pushsvc publish` work with their defaults; any free port otherwise.
-        port = DEFAULT_NATS_PORT if _port_free(DEFAULT_NATS_PORT) else 0
-        embedded = EmbeddedNats(port=port, data_dir=settings.data_dir)
-        try:
-            embedded.start()
-        except EmbeddedNatsError as exc:
-            print(f"pushsvc: cannot start the bundled nats-server: {exc}", file=sys.stderr)
-            return 1
-        settings.nats_url = embedded.url
     try:
+        if settings.nats_url is None:
+            try:
+                embedded = start_default(settings.data_dir)
+            except EmbeddedNatsError as exc:
+                print(f"pushsvc: cannot start the bundled nats-server: {exc}", file=sys.stderr)
+                return 1
+            settings.nats_url = embedded.url
         try:
             asyncio.run(_probe_nats(settings, Bus))
         except Unavailable as exc:
-            print(f"pushsvc: PUSHSVC_NATS_URL: {exc}", file=sys.stderr)
+            source = "bundled nats-server" if embedded else "PUSHSVC_NATS_URL"
+            print(f"pushsvc: {source}: {exc}", file=sys.stderr)
             return 1
-        base = f"http://{settings.host}:{settings.port}{settings.base_path}"
-        ws = f"ws://{settings.host}:{settings.port}{settings.base_path}/ws"
-        print(f"pushsvc {__version__} serving {base}", flush=True)
-        print(f"  WebSocket: {ws}", flush=True)
-        print(f"  NATS:      {settings.nats_url}{' (bundled)' if embedded else ''}", flush=True)
-        if settings.dev:
-            from .auth import mint_token
-
-            token = mint_token(
-                settings.jwt_secret or "",
-                "dev",
-                channels=[">"],
-                publish=[">"],
-                ttl=86400,
-                audience=settings.jwt_audience,
-                issuer=settings.jwt_issuer,
-            )
-            print(f"  Demo page: {base}/", flush=True)
-            print(f"  Dev token (user 'dev', all channels, 24 h):\n    {token}", flush=True)
-            if dev_secret:
-                print("  JWT secret generated for this run (set PUSHSVC_JWT_SECRET to keep one)")
-        config: dict[str, Any] = dict(
-            host=settings.host,
-            port=settings.port,
-            ws=args.ws,
-            ws_max_size=settings.max_frame_bytes,
-            ws_per_message_deflate=False,
-            ws_ping_interval=20.0,
-            ws_ping_timeout=20.0,
-            http="httptools",
-            loop="uvloop" if sys.platform != "win32" else "asyncio",
-            log_level=settings.log_level,
-            lifespan="on",
-            timeout_graceful_shutdown=10,
-        )
+        _banner(settings, embedded is not None, dev_secret is not None)
+        config: dict[str, Any] = uvicorn_config(settings)
+        config["ws"] = args.ws
         os.environ.update(settings_to_env(settings))
         # uvicorn re-raises SIGTERM after its graceful shutdown; turn it into a normal
         # exit so the bundled nats-server is stopped by the `finally` below.
         signal.signal(signal.SIGTERM, _exit_on_sigterm)
         if settings.workers > 1:
-            uvicorn.run(
+            uv = uvicorn.Config(
                 "pushsvc.cli:app_from_env", factory=True, workers=settings.workers, **config
             )
-        else:
-            from .app import create_app
+            Multiprocess(uv, sockets=[sock]).run()
+            return 0
+        from .app import create_app
 
-            uvicorn.run(create_app(settings), **config)
-        return 0
+        server = uvicorn.Server(uvicorn.Config(create_app(settings), **config))
+        server.run(sockets=[sock])
+        return 0 if server.started else 1
     finally:
+        sock.close()
         if embedded is not None:
             embedded.cleanup()
 
 
-DEFAULT_NATS_PORT = 4222
+def _banner(settings: Settings, bundled: bool, generated_secret: bool) -> None:
+    """What ``pushsvc serve`` prints once NATS answered and the port is bound."""
+    host = f"[{settings.host}]" if ":" in settings.host else settings.host
+    base = f"http://{host}:{settings.port}{settings.base_path}"
+    ws = f"ws://{host}:{settings.port}{settings.base_path}/ws"
+    print(f"pushsvc {__version__} serving {base}", flush=True)
+    print(f"  WebSocket: {ws}", flush=True)
+    print(f"  NATS:      {settings.nats_url}{' (bundled)' if bundled else ''}", flush=True)
+    if settings.dev:
+        from .auth import mint_token
 
-
-def _port_free(port: int) -> bool:
-    """True when ``port`` can be bound on loopback right now."""
-    import socket
-
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
+        token = mint_token(
+            settings.jwt_secret or "",
+            "dev",
+            channels=[">"],
+            publish=[">"],
+            ttl=86400,
+            audience=settings.jwt_audience,
+            issuer=settings.jwt_issuer,
+        )
+        print(f"  Demo page: {base}/", flush=True)
+        print(f"  Dev token (user 'dev', all channels, 24 h):\n    {token}", flush=True)
+        if generated_secret:
+            print("  JWT secret generated for this run (set PUSHSVC_JWT_SECRET to keep one)")
 
 
 def _exit_on_sigterm(signum: int, frame: Any) -> None:
@@ -270,7 +260,13 @@ def _publish(args: argparse.Namespace) -> int:
     from .channels import InvalidChannel
     from .publisher import Publisher
 
-    url = args.nats_url or os.environ.get("PUSHSVC_NATS_URL") or "nats://127.0.0.1:4222"
+    if args.nats_url:
+        url = args.nats_url
+        setting = "--nats-url"
+    else:
+        url = os.environ.get("PUSHSVC_NATS_URL") or DEFAULT_NATS_URL
+        setting = "PUSHSVC_NATS_URL"
+    servers = [check_nats_url(u.strip(), setting) for u in url.split(",") if u.strip()]
     prefix = os.environ.get("PUSHSVC_SUBJECT_PREFIX", "push")
     try:
         data: Any = json.loads(args.data)
@@ -279,7 +275,7 @@ def _publish(args: argparse.Namespace) -> int:
         payload = args.data.encode()
 
     async def run() -> int | None:
-        async with Publisher(url, prefix=prefix, jetstream=not args.core) as pub:
+        async with Publisher(servers, prefix=prefix, jetstream=not args.core) as pub:
             return await pub.publish(args.channel, payload, msg_id=args.msg_id)
 
     try:
@@ -287,5 +283,12 @@ def _publish(args: argparse.Namespace) -> int:
     except (Unavailable, InvalidChannel) as exc:
         print(f"pushsvc: publish failed: {exc}", file=sys.stderr)
         return 1
-    print(json.dumps({"channel": args.channel, "seq": seq}))
+    # The server it went to, so a publish to another NATS than the one pushsvc uses
+    # (another bundled server, a stale PUSHSVC_NATS_URL) is visible.
+    print(json.dumps({"channel": args.channel, "seq": seq, "nats": ",".join(servers)}))
     return 0
+
+
+#: where ``pushsvc publish`` goes without --nats-url / PUSHSVC_NATS_URL: the bundled
+#: nats-server of ``pushsvc serve`` when port 4222 was free (NATS's default port)
+DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
