@@ -2,13 +2,14 @@
 
 Public API::
 
-    from pushsvc import create_app, setup_app, Settings, Publisher
+    from pushsvc import create_app, setup_app, Settings, Publisher, uvicorn_config
 """
 
 __version__ = "0.1.0"
 
 from .app import Node, create_app, setup_app
 from .publisher import Publisher
+from .serving import uvicorn_config
 from .settings import Settings, SettingsError
 
 __all__ = [
@@ -19,4 +20,5 @@ __all__ = [
     "__version__",
     "create_app",
     "setup_app",
+    "uvicorn_config",
 ]
