@@ -1,4 +1,4 @@
-"""Command line: ``pushsvc serve | token | publish | bench``.
+"""Command line: ``pushsvc serve | token | publish | subscribe | bench``.
 
 Every ``serve`` flag overrides the ``PUSHSVC_*`` variable of the same name;
 errors in configuration print one line naming the setting and exit with 2.
@@ -22,6 +22,12 @@ from . import __version__
 from .settings import ENV_PREFIX, Settings, SettingsError, check_nats_url
 
 log = logging.getLogger("pushsvc")
+
+#: where ``pushsvc subscribe`` connects without --url / PUSHSVC_URL
+DEFAULT_URL = "http://127.0.0.1:8000"
+#: where ``pushsvc publish`` goes without --nats-url / PUSHSVC_NATS_URL: the bundled
+#: nats-server of ``pushsvc serve`` when port 4222 was free (NATS's default port)
+DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -69,6 +75,27 @@ def main(argv: list[str] | None = None) -> int:
     publish.add_argument("--msg-id", help="idempotency key (Nats-Msg-Id)")
     publish.add_argument("--core", action="store_true", help="core publish (no JetStream ack)")
 
+    subscribe = sub.add_parser(
+        "subscribe",
+        help="print a channel's messages, one JSON object per line (resumes after disconnects)",
+    )
+    subscribe.add_argument("channel")
+    subscribe.add_argument(
+        "--url",
+        default=os.environ.get("PUSHSVC_URL") or DEFAULT_URL,
+        help=f"server URL (default PUSHSVC_URL, else {DEFAULT_URL})",
+    )
+    subscribe.add_argument(
+        "--since", type=int, help="replay what came after this seq first (0 = all history)"
+    )
+    subscribe.add_argument("--epoch", help="stream epoch the --since seq belongs to")
+    subscribe.add_argument("--token", help="JWT to present (default PUSHSVC_TOKEN)")
+    subscribe.add_argument(
+        "--secret", help="mint the token with this HS256 secret (default PUSHSVC_JWT_SECRET)"
+    )
+    subscribe.add_argument("--sub", help="user id of the minted token (with --secret)")
+    subscribe.add_argument("--raw", action="store_true", help="print only each message's data")
+
     bench = sub.add_parser("bench", help="load-test a running pushsvc")
     from . import bench as bench_module
 
@@ -82,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
             return _token(args)
         if args.command == "publish":
             return _publish(args)
+        if args.command == "subscribe":
+            return _subscribe(args)
         return bench_module.main(args)
     except SettingsError as exc:
         print(f"pushsvc: configuration error: {exc}", file=sys.stderr)
@@ -289,6 +318,58 @@ def _publish(args: argparse.Namespace) -> int:
     return 0
 
 
-#: where ``pushsvc publish`` goes without --nats-url / PUSHSVC_NATS_URL: the bundled
-#: nats-server of ``pushsvc serve`` when port 4222 was free (NATS's default port)
-DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
+def _subscribe(args: argparse.Namespace) -> int:
+    from .auth import mint_token
+    from .channels import InvalidChannel, validate_channel
+    from .subscriber import SubscribeError, Subscriber
+
+    try:
+        channel = validate_channel(args.channel)
+    except InvalidChannel as exc:
+        print(f"pushsvc: subscribe: {exc}", file=sys.stderr)
+        return 2
+    if args.since is not None and args.since < 0:
+        raise SettingsError("--since", f"must be >= 0, got {args.since}")
+    token = args.token or (None if args.sub else os.environ.get("PUSHSVC_TOKEN"))
+    renewable = False
+    if token is not None:
+        fixed = token
+
+        def make_token() -> str:
+            return fixed
+
+    elif args.sub:
+        secret = args.secret or os.environ.get("PUSHSVC_JWT_SECRET")
+        if not secret:
+            raise SettingsError("--secret", "missing: needed with --sub to mint a token")
+        sub, audience = args.sub, os.environ.get("PUSHSVC_JWT_AUDIENCE")
+
+        def make_token() -> str:
+            return mint_token(
+                secret,
+                sub,
+                channels=[channel],
+                ttl=3600,
+                audience=audience,
+                issuer=os.environ.get("PUSHSVC_JWT_ISSUER"),
+                headers=_typ_header(os.environ.get("PUSHSVC_JWT_TYPE")),
+            )
+
+        renewable = True
+    else:
+        raise SettingsError("--token", "missing: give --token T (or PUSHSVC_TOKEN), or --sub NAME")
+    try:
+        subscriber = Subscriber(
+            args.url,
+            channel,
+            make_token,
+            since=args.since,
+            epoch=args.epoch,
+            raw=args.raw,
+            renewable=renewable,
+        )
+        asyncio.run(subscriber.run())
+    except SubscribeError as exc:
+        print(f"pushsvc: subscribe: {exc}", file=sys.stderr)
+        return 1
+    return 0
