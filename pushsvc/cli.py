@@ -321,13 +321,17 @@ def _publish(args: argparse.Namespace) -> int:
 def _subscribe(args: argparse.Namespace) -> int:
     from .auth import mint_token
     from .channels import InvalidChannel, validate_channel
-    from .subscriber import SubscribeError, Subscriber
+    from .subscriber import SubscribeError, Subscriber, ws_url
 
     try:
         channel = validate_channel(args.channel)
     except InvalidChannel as exc:
         print(f"pushsvc: subscribe: {exc}", file=sys.stderr)
         return 2
+    try:
+        ws_url(args.url)
+    except ValueError as exc:
+        raise SettingsError("--url", str(exc)) from None
     if args.since is not None and args.since < 0:
         raise SettingsError("--since", f"must be >= 0, got {args.since}")
     token = args.token or (None if args.sub else os.environ.get("PUSHSVC_TOKEN"))

@@ -76,18 +76,18 @@ def ws_url(url: str) -> str:
     ``wss://h/push/ws``; a ``ws://``/``wss://`` URL ending in ``/ws`` is kept.
 
     Raises:
-        SubscribeError: not an http(s)/ws(s) URL, or a port outside 1..65535.
+        ValueError: not an http(s)/ws(s) URL, or a port outside 1..65535.
     """
     parts = urlsplit(url)
     scheme = {"http": "ws", "https": "wss", "ws": "ws", "wss": "wss"}.get(parts.scheme)
     if scheme is None or not parts.hostname:
-        raise SubscribeError(f"--url must be http(s):// or ws(s)://host[:port][/path], got {url!r}")
+        raise ValueError(f"not an http(s):// or ws(s)://host[:port][/path] URL: {url!r}")
     try:
         port = parts.port
     except ValueError:
         port = 0
     if port == 0 or parts.netloc.endswith(":"):
-        raise SubscribeError(f"bad port in --url {url!r} (1..65535)")
+        raise ValueError(f"port must be 1..65535 in {url!r}")
     path = parts.path.rstrip("/")
     if not path.endswith("/ws"):
         path += "/ws"
@@ -98,7 +98,8 @@ class Subscriber:
     """Follows one channel over ``/ws`` and prints its messages, resuming after disconnects.
 
     Args:
-        url: server URL (``http://host:port[/base]`` or the ``ws://.../ws`` URL).
+        url: server URL (``http://host:port[/base]`` or the ``ws://.../ws`` URL);
+            a bad one raises ``ValueError`` (see :func:`ws_url`).
         channel: the channel to subscribe to (no wildcards: a channel, not a grant).
         token: returns the JWT to present; called before every connection, so a
             token minted from a secret is always fresh.

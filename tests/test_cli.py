@@ -158,6 +158,8 @@ def test_busy_port_fails_before_banner_and_nats(tmp_path):
         (["serve"], {"PUSHSVC_NATS_URL": "nats://127.0.0.1:"}, "PUSHSVC_NATS_URL"),
         (["publish", "a", "1", "--nats-url", "nats://127.0.0.1:70000"], {}, "--nats-url"),
         (["publish", "a", "1"], {"PUSHSVC_NATS_URL": "nats://a:1,nats://b:0"}, "PUSHSVC_NATS_URL"),
+        (["subscribe", "a", "--token", "t", "--url", "http://127.0.0.1:99999"], {}, "--url"),
+        (["subscribe", "a", "--token", "t"], {"PUSHSVC_URL": "http://127.0.0.1:0"}, "--url"),
     ],
 )
 def test_ports_are_1_to_65535(args, env, setting):
