@@ -8,17 +8,22 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import glob
 import json
 import logging
+import logging.config
 import os
 import secrets
+import shutil
 import signal
 import sys
+import tempfile
 from typing import Any
 
 import msgspec
 
-from . import __version__
+from . import __version__, logs
 from .settings import ENV_PREFIX, Settings, SettingsError, check_nats_url
 
 log = logging.getLogger("pushsvc")
@@ -152,9 +157,10 @@ def _serve(args: argparse.Namespace) -> int:
         base_path=args.base_path,
         log_level=args.log_level,
     )
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    log_config = logs.log_config(settings.log_format, settings.node_name or "-", settings.log_level)
+    logging.config.dictConfig(log_config)
+    logging.captureWarnings(True)
+    json_logs = settings.log_format == "json"
     # The listen address first: a busy port fails before NATS starts or anything is printed.
     try:
         sock = listen_socket(settings.host, settings.port)
@@ -180,9 +186,10 @@ def _serve(args: argparse.Namespace) -> int:
             source = "bundled nats-server" if embedded else "PUSHSVC_NATS_URL"
             print(f"pushsvc: {source}: {exc}", file=sys.stderr)
             return 1
-        _banner(settings, embedded is not None, dev_secret is not None)
+        _banner(settings, embedded is not None, dev_secret is not None, json_logs)
         config: dict[str, Any] = uvicorn_config(settings)
         config["ws"] = args.ws
+        config["log_config"] = log_config
         os.environ.update(settings_to_env(settings))
         # uvicorn re-raises SIGTERM after its graceful shutdown; turn it into a normal
         # exit so the bundled nats-server is stopped by the `finally` below.
@@ -191,7 +198,11 @@ def _serve(args: argparse.Namespace) -> int:
             uv = uvicorn.Config(
                 "pushsvc.cli:app_from_env", factory=True, workers=settings.workers, **config
             )
-            Multiprocess(uv, sockets=[sock]).run()
+            metrics_dir = _multiprocess_metrics_dir()
+            try:
+                Multiprocess(uv, sockets=[sock]).run()
+            finally:
+                metrics_dir.cleanup()
             return 0
         from .app import create_app
 
@@ -204,11 +215,21 @@ def _serve(args: argparse.Namespace) -> int:
             embedded.cleanup()
 
 
-def _banner(settings: Settings, bundled: bool, generated_secret: bool) -> None:
+def _banner(settings: Settings, bundled: bool, generated_secret: bool, json_logs: bool) -> None:
     """What ``pushsvc serve`` prints once NATS answered and the port is bound."""
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
     base = f"http://{host}:{settings.port}{settings.base_path}"
     ws = f"ws://{host}:{settings.port}{settings.base_path}/ws"
+    if json_logs:  # every line of output is a JSON object: the banner is a log record
+        log.info(
+            "pushsvc %s serving %s",
+            __version__,
+            base,
+            extra={"websocket": ws, "nats": settings.nats_url, "bundled": bundled},
+        )
+        if settings.dev:
+            log.info("dev mode: demo page at %s/, tokens from %s/dev/token", base, base)
+        return
     print(f"pushsvc {__version__} serving {base}", flush=True)
     print(f"  WebSocket: {ws}", flush=True)
     print(f"  NATS:      {settings.nats_url}{' (bundled)' if bundled else ''}", flush=True)
@@ -228,6 +249,48 @@ def _banner(settings: Settings, bundled: bool, generated_secret: bool) -> None:
         print(f"  Dev token (user 'dev', all channels, 24 h):\n    {token}", flush=True)
         if generated_secret:
             print("  JWT secret generated for this run (set PUSHSVC_JWT_SECRET to keep one)")
+
+
+class _MetricsDir:
+    """The prometheus-client multiprocess folder of one ``serve --workers N`` run."""
+
+    def __init__(self, path: str, owned: bool) -> None:
+        self.path = path
+        self.owned = owned
+
+    def cleanup(self) -> None:
+        """Remove the folder (or, when the user chose it, the files this run wrote)."""
+        if self.owned:
+            shutil.rmtree(self.path, ignore_errors=True)
+        else:
+            _wipe_db_files(self.path)
+
+
+def _multiprocess_metrics_dir() -> _MetricsDir:
+    """Set up ``PROMETHEUS_MULTIPROC_DIR`` for the workers about to start.
+
+    A fresh temporary folder, removed after the run; or the folder the user set in
+    ``PROMETHEUS_MULTIPROC_DIR``, emptied of ``*.db`` files first (the
+    prometheus-client docs: wipe it between runs). Workers inherit the variable
+    (uvicorn spawns them after this). This process's own live-gauge files, if it
+    wrote any, are removed: the supervisor serves no sockets.
+    """
+    from . import metrics
+
+    preset = os.environ.get(metrics.MULTIPROC_ENV)
+    if preset:
+        os.makedirs(preset, exist_ok=True)
+        _wipe_db_files(preset)
+        return _MetricsDir(preset, owned=False)
+    path = tempfile.mkdtemp(prefix="pushsvc-metrics-")
+    os.environ[metrics.MULTIPROC_ENV] = path
+    return _MetricsDir(path, owned=True)
+
+
+def _wipe_db_files(path: str) -> None:
+    for name in glob.glob(os.path.join(path, "*.db")):
+        with contextlib.suppress(OSError):
+            os.remove(name)
 
 
 def _exit_on_sigterm(signum: int, frame: Any) -> None:

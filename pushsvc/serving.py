@@ -18,8 +18,6 @@ from .settings import Settings
 #: RFC 6455 5.5.2 protocol pings: find dead TCP peers even when the application is idle.
 WS_PING_INTERVAL = 20.0  # seconds
 WS_PING_TIMEOUT = 20.0  # seconds
-#: uvicorn's wait for requests in flight (emits awaiting their JetStream ack) on SIGTERM.
-GRACEFUL_SHUTDOWN = 10  # seconds
 
 
 class ListenError(Exception):
@@ -34,8 +32,9 @@ def uvicorn_config(settings: Settings | None = None) -> dict[str, Any]:
     ``websockets-sansio`` with handshake fixes), ``ws_max_size`` =
     ``PUSHSVC_MAX_FRAME_BYTES`` (bigger frames close 1009), no per-message deflate,
     protocol pings every 20 s with a 20 s timeout, httptools, uvloop where
-    available, lifespan on, a 10 s graceful shutdown, and the log level. Host and
-    port are not included: they belong to the host application.
+    available, lifespan on, ``PUSHSVC_SHUTDOWN_TIMEOUT`` seconds of graceful
+    shutdown (emits in flight finish), and the log level. Host, port and logging
+    configuration are not included: they belong to the host application.
 
     Args:
         settings: pushsvc settings; default :meth:`Settings.load` (``PUSHSVC_*``).
@@ -56,7 +55,7 @@ def uvicorn_config(settings: Settings | None = None) -> dict[str, Any]:
         "http": "httptools",
         "loop": "uvloop" if sys.platform != "win32" else "asyncio",
         "lifespan": "on",
-        "timeout_graceful_shutdown": GRACEFUL_SHUTDOWN,
+        "timeout_graceful_shutdown": settings.shutdown_timeout,
         "log_level": settings.log_level,
     }
 

@@ -11,6 +11,7 @@ line (no traceback).
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -58,6 +59,7 @@ class Settings(msgspec.Struct, kw_only=True):
     stream: str = "PUSHSVC"
     stream_replicas: int = 1
     dedupe_window: float = 120.0
+    revocation_bucket: str = "PUSHSVC_REVOCATIONS"  # JetStream KV bucket of revocations
 
     # --- tokens --------------------------------------------------------------
     jwt_secret: str | None = None
@@ -94,7 +96,12 @@ class Settings(msgspec.Struct, kw_only=True):
     max_subscriptions: int = 128
     max_connections: int = 20000
 
+    # --- operations ----------------------------------------------------------
+    node_name: str | None = None  # None: the host name (see load)
+    shutdown_timeout: float = 10.0  # bound on the graceful part of a shutdown
+    drain_delay: float = 0.0  # /readyz answers 503 this long after SIGTERM before closing
     log_level: str = "info"
+    log_format: str = "text"  # text | json
 
     @classmethod
     def load(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -127,6 +134,8 @@ class Settings(msgspec.Struct, kw_only=True):
             settings = msgspec.convert(raw, cls, strict=False)
         except msgspec.ValidationError as exc:
             raise SettingsError(_setting_from_error(str(exc)), str(exc)) from None
+        if settings.node_name is None:
+            settings.node_name = default_node_name()
         settings.validate()
         return settings
 
@@ -175,6 +184,10 @@ class Settings(msgspec.Struct, kw_only=True):
             )
         if self.stream and not self.stream.replace("_", "").replace("-", "").isalnum():
             raise SettingsError("PUSHSVC_STREAM", f"invalid stream name {self.stream!r}")
+        if not _is_token(self.revocation_bucket):
+            raise SettingsError(
+                "PUSHSVC_REVOCATION_BUCKET", f"invalid bucket name {self.revocation_bucket!r}"
+            )
         if not _is_token(self.subject_prefix):
             raise SettingsError(
                 "PUSHSVC_SUBJECT_PREFIX", "must be one token of [A-Za-z0-9_-], e.g. 'push'"
@@ -199,10 +212,23 @@ class Settings(msgspec.Struct, kw_only=True):
             "max_subscriptions": self.max_subscriptions,
             "max_connections": self.max_connections,
             "workers": self.workers,
+            "shutdown_timeout": self.shutdown_timeout,
         }
         for name, value in positive.items():
             if value <= 0:
                 raise SettingsError(ENV_PREFIX + name.upper(), f"must be > 0, got {value}")
+        if self.drain_delay < 0:
+            raise SettingsError("PUSHSVC_DRAIN_DELAY", "must be >= 0 (0 = close at once)")
+        if self.log_format not in ("text", "json"):
+            raise SettingsError(
+                "PUSHSVC_LOG_FORMAT", f"must be 'text' or 'json', got {self.log_format!r}"
+            )
+        if self.node_name is not None and not _is_node_name(self.node_name):
+            raise SettingsError(
+                "PUSHSVC_NODE_NAME",
+                "must be 1..64 characters of [A-Za-z0-9_.-] (it names the NATS connection, "
+                "log lines and the pushsvc_info metric)",
+            )
         if self.history_ttl < 0:
             raise SettingsError("PUSHSVC_HISTORY_TTL", "must be >= 0 (0 turns history off)")
         if self.ping_interval < 0.1:
@@ -297,6 +323,19 @@ def check_nats_url(url: str, setting: str) -> str:
 
 def _is_token(value: str) -> bool:
     return bool(value) and all(c.isascii() and (c.isalnum() or c in "_-") for c in value)
+
+
+def default_node_name() -> str:
+    """The host name as a node name: characters outside ``[A-Za-z0-9_.-]`` become ``-``,
+    at most 64 characters (``pushsvc`` when the host has no name)."""
+    name = "".join(
+        c if c.isascii() and (c.isalnum() or c in "_.-") else "-" for c in socket.gethostname()
+    )
+    return name[:64] or "pushsvc"
+
+
+def _is_node_name(value: str) -> bool:
+    return 0 < len(value) <= 64 and all(c.isascii() and (c.isalnum() or c in "_.-") for c in value)
 
 
 def _is_list(tp: Any) -> bool:
