@@ -5,9 +5,10 @@ Speaks the wire contract (docs/protocol.md) over ``GET /ws`` with the
 ``pong``, and prints one line per message. Reconnection is the ``websockets``
 client's own (``async for ws in connect(...)``: RFC 6455 7.2.3 backoff with an
 initial random delay on failed attempts); after every reconnect the channel is
-subscribed again with ``since`` = the last ``seq`` printed (and the ``epoch`` the
-server announced, when it announced one), so nothing inside the history TTL is
-lost and nothing is printed twice.
+subscribed again with ``since`` = the last ``seq`` printed and, when the server
+announced one in ``subscribed``, the ``epoch`` that seq belongs to (a stream
+created anew meanwhile is then answered ``recovered: false`` with everything it
+holds), so nothing inside the history TTL is lost and nothing is printed twice.
 
 Close codes (docs/protocol.md "Close codes"): 4001 (token refused; a token minted
 from a secret is minted again first), 4003 and 1009 stop with exit status 1;
@@ -115,7 +116,8 @@ class Subscriber:
 
     Attributes:
         last_seq: the ``seq`` of the last message printed (None before any).
-        epoch: the stream epoch the server last announced (None when it does not).
+        epoch: the stream epoch ``last_seq`` belongs to, from the last ``subscribed``
+            (or the ``epoch`` argument); None when the server announces none.
         printed: messages printed so far.
     """
 
@@ -203,7 +205,8 @@ class Subscriber:
                 if kind == "ping":
                     await ws.send('{"op":"pong"}')
                 elif kind == "welcome":
-                    self._note_epoch(msg)
+                    # welcome's epoch is the stream's current one, not necessarily the
+                    # one of our position: the position keeps the epoch `subscribed` gave
                     if self.last_seq is not None:
                         sub["since"] = self.last_seq
                         if self.epoch is not None:
@@ -231,6 +234,7 @@ class Subscriber:
         return False
 
     def _note_epoch(self, msg: dict[str, Any]) -> None:
+        """``subscribed`` names the epoch of every ``seq`` that follows (docs/protocol.md)."""
         if msg.get("epoch") is not None:
             self.epoch = msg["epoch"]
 

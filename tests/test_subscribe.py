@@ -129,3 +129,31 @@ async def test_refusals_stop_with_one_line(start_server, subscribe, channel):
     assert await asyncio.wait_for(forbidden.proc.wait(), 30) == 1
     err = await forbidden.errors()
     assert err.count("\n") == 1 and f"cannot subscribe to {channel!r}: forbidden" in err
+
+
+async def test_resume_position_carries_the_epoch(start_server, nats_url, channel):
+    """`--since` with `--epoch`: another epoch's position is not trusted by the server."""
+    import io
+
+    from pushsvc.subscriber import Subscriber
+
+    srv = await start_server()
+    epoch = (await srv.client()).welcome["epoch"]
+    assert epoch
+    async with Publisher(nats_url) as pub:
+        a = await pub.publish(channel, {"n": 1})
+        b = await pub.publish(channel, {"n": 2})
+
+    async def follow(since: int, epoch: str, count: int) -> tuple[Subscriber, list, str]:
+        out, err = io.StringIO(), io.StringIO()
+        sub = Subscriber(
+            srv.base, channel, lambda: srv.token("ann"), since=since, epoch=epoch, out=out, err=err
+        )
+        await asyncio.wait_for(sub.run(max_messages=count), 30)
+        return sub, [json.loads(line) for line in out.getvalue().splitlines()], err.getvalue()
+
+    sub, got, _ = await follow(a, epoch, 1)  # same epoch: resumes right after a
+    assert [m["seq"] for m in got] == [b] and sub.epoch == epoch and sub.last_seq == b
+    _, got, err = await follow(b, "an-older-epoch", 2)  # sequences restarted since
+    assert [m["seq"] for m in got] == [a, b]  # everything of the current epoch again
+    assert "some messages are missing" in err
