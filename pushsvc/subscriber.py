@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import random
 import sys
 from collections.abc import Callable
@@ -28,7 +29,7 @@ from typing import Any, TextIO
 from urllib.parse import urlsplit, urlunsplit
 
 import websockets
-from websockets.asyncio.client import ClientConnection, connect
+from websockets.asyncio.client import ClientConnection, connect, process_exception
 
 from .protocol import (
     CLOSE_FORBIDDEN,
@@ -44,8 +45,11 @@ RATE_LIMITED_PAUSE = 30.0
 #: upper bound of the random pause (seconds) before reconnecting after 1001/1012,
 #: so the clients of a restarting node do not all come back at once
 RESTART_JITTER = 1.0
-#: seconds allowed for the TCP connect + WebSocket handshake, and for ``welcome``
+#: seconds allowed for the TCP connect + WebSocket handshake
 OPEN_TIMEOUT = 10.0
+#: largest server frame accepted (bytes): NATS payloads are at most 1 MiB by default
+#: (max_payload), base64 and batching add to that
+MAX_FRAME_BYTES = 16 * 1024 * 1024
 
 CLOSE_MEANINGS = {
     1000: "normal closure",
@@ -145,6 +149,7 @@ class Subscriber:
         self.renewable = renewable
         self.printed = 0
         self._connections = 0
+        self._welcomed = False
 
     async def run(self, max_messages: int | None = None) -> None:
         """Subscribe and print until interrupted (or ``max_messages`` were printed).
@@ -156,17 +161,25 @@ class Subscriber:
         # The library retries failed connects with backoff: network errors and
         # 500/502/503/504 (what a draining or full node answers); anything else,
         # e.g. 403 (token, origin) or 404 (wrong path), is raised.
-        connections = connect(self.url, compression=None, open_timeout=OPEN_TIMEOUT, max_size=None)
+        connections = connect(
+            self.url,
+            compression=None,
+            open_timeout=OPEN_TIMEOUT,
+            max_size=MAX_FRAME_BYTES,
+            process_exception=self._connect_failed,
+        )
         refused_once = False
         try:
             async with contextlib.aclosing(aiter(connections)) as attempts:
                 async for ws in attempts:
                     self._connections += 1
+                    self._welcomed = False
                     try:
                         done = await self._session(ws, max_messages)
-                        refused_once = False
                     except websockets.ConnectionClosed:
                         done = False
+                    if self._welcomed:
+                        refused_once = False  # that token worked: a later 4001 may renew again
                     if done:
                         await ws.close()
                         return
@@ -205,6 +218,7 @@ class Subscriber:
                 if kind == "ping":
                     await ws.send('{"op":"pong"}')
                 elif kind == "welcome":
+                    self._welcomed = True
                     # welcome's epoch is the stream's current one, not necessarily the
                     # one of our position: the position keeps the epoch `subscribed` gave
                     if self.last_seq is not None:
@@ -222,6 +236,8 @@ class Subscriber:
                         )
                     elif self._connections == 1:
                         self._status(f"subscribed to {self.channel} at {self.url}")
+                    else:
+                        self._status(f"subscribed to {self.channel} again")
                 elif kind == "message":
                     self._print(msg)
                     if max_messages is not None and self.printed >= max_messages:
@@ -232,6 +248,19 @@ class Subscriber:
                         raise SubscribeError(f"cannot subscribe to {self.channel!r}: {text}")
                     self._status(f"server error {text}")
         return False
+
+    def _connect_failed(self, exc: Exception) -> Exception | None:
+        """``process_exception`` hook of ``connect``: the library's verdict (retry
+        network errors and 500/502/503/504, raise the rest), plus a status line so
+        a user waiting for a server that is down sees why nothing happens."""
+        verdict = process_exception(exc)
+        if verdict is None:
+            if isinstance(exc, OSError) and exc.errno:
+                cause = os.strerror(exc.errno).lower()  # asyncio's text names no cause
+            else:
+                cause = str(exc) or type(exc).__name__
+            self._status(f"cannot connect to {self.url}: {cause}; retrying")
+        return verdict
 
     def _note_epoch(self, msg: dict[str, Any]) -> None:
         """``subscribed`` names the epoch of every ``seq`` that follows (docs/protocol.md)."""

@@ -157,3 +157,13 @@ async def test_resume_position_carries_the_epoch(start_server, nats_url, channel
     _, got, err = await follow(b, "an-older-epoch", 2)  # sequences restarted since
     assert [m["seq"] for m in got] == [a, b]  # everything of the current epoch again
     assert "some messages are missing" in err
+
+
+async def test_says_why_while_the_server_is_not_there(subscribe, channel):
+    from pushsvc.embedded import free_port
+
+    url = f"http://127.0.0.1:{free_port()}"
+    cli = await subscribe(channel, "--url", url, "--token", "t")
+    line = await cli.status("cannot connect")
+    assert "connection refused; retrying" in line.lower()
+    assert cli.proc.returncode is None  # it keeps trying (with backoff)
