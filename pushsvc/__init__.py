@@ -8,11 +8,13 @@ Public API::
 __version__ = "0.1.0"
 
 from .app import Node, create_app, setup_app
+from .natsconn import NatsRefused
 from .publisher import Publisher
 from .serving import uvicorn_config
 from .settings import Settings, SettingsError
 
 __all__ = [
+    "NatsRefused",
     "Node",
     "Publisher",
     "Settings",

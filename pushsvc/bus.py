@@ -42,7 +42,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js.api import RePublish, StorageType, StreamConfig, StreamInfo
 
-from . import metrics
+from . import metrics, natsconn
 from .channels import subject_for
 from .settings import Settings
 
@@ -234,6 +234,8 @@ class Bus:
         :attr:`on_resumed` is awaited (see :meth:`_resume`).
 
         Raises:
+            natsconn.NatsRefused: NATS refused the credentials or TLS (at once,
+                without retrying).
             Unavailable: NATS could not be reached within ``connect_timeout`` s, or
                 JetStream did not set up the stream within that time.
             StreamConfigError: the stream exists with settings that cannot be
@@ -244,26 +246,27 @@ class Bus:
         # connect they are collected and summed up in one Unavailable instead.
         self._connect_errors: list[Exception] | None = []
         try:
-            self.nc = await asyncio.wait_for(
-                nats.connect(
-                    servers,
-                    name=self.name,
-                    connect_timeout=max(1, int(self.settings.connect_timeout)),
-                    allow_reconnect=True,
-                    max_reconnect_attempts=-1,
-                    reconnect_time_wait=0.5,
-                    ping_interval=10,
-                    max_outstanding_pings=3,
-                    error_cb=self._error_cb,
-                    disconnected_cb=self._disconnected_cb,
-                    reconnected_cb=self._reconnected_cb,
-                ),
+            self.nc = await natsconn.connect(
+                servers,
+                natsconn.NatsSecurity.from_settings(self.settings),
                 timeout=self.settings.connect_timeout,
+                name=self.name,
+                connect_timeout=max(1, int(self.settings.connect_timeout)),
+                allow_reconnect=True,
+                max_reconnect_attempts=-1,
+                reconnect_time_wait=0.5,
+                ping_interval=10,
+                max_outstanding_pings=3,
+                error_cb=self._error_cb,
+                disconnected_cb=self._disconnected_cb,
+                reconnected_cb=self._reconnected_cb,
             )
         except (TimeoutError, OSError, nats.errors.Error) as exc:
+            if isinstance(exc, natsconn.NatsRefused):
+                raise
             cause = connect_failure(exc, self._connect_errors)
             raise Unavailable(
-                f"cannot reach NATS at {', '.join(servers)} within "
+                f"cannot reach NATS at {', '.join(map(natsconn.display_url, servers))} within "
                 f"{self.settings.connect_timeout:g} s: {cause}"
             ) from None
         finally:

@@ -23,7 +23,7 @@ from typing import Any
 
 import msgspec
 
-from . import __version__, logs
+from . import __version__, logs, natsconn
 from .settings import ENV_PREFIX, Settings, SettingsError, check_nats_url
 
 log = logging.getLogger("pushsvc")
@@ -79,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     publish.add_argument("--msg-id", help="idempotency key (Nats-Msg-Id)")
     publish.add_argument("--core", action="store_true", help="core publish (no JetStream ack)")
+    natsconn.add_arguments(publish)
 
     subscribe = sub.add_parser(
         "subscribe",
@@ -186,6 +187,9 @@ def _serve(args: argparse.Namespace) -> int:
             source = "bundled nats-server" if embedded else "PUSHSVC_NATS_URL"
             print(f"pushsvc: {source}: {exc}", file=sys.stderr)
             return 1
+        except natsconn.NatsRefused as exc:
+            print(f"pushsvc: {exc}", file=sys.stderr)
+            return 1
         _banner(settings, embedded is not None, dev_secret is not None, json_logs)
         config: dict[str, Any] = uvicorn_config(settings)
         config["ws"] = args.ws
@@ -220,19 +224,20 @@ def _banner(settings: Settings, bundled: bool, generated_secret: bool, json_logs
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
     base = f"http://{host}:{settings.port}{settings.base_path}"
     ws = f"ws://{host}:{settings.port}{settings.base_path}/ws"
+    nats_urls = ", ".join(map(natsconn.display_url, settings.nats_servers))
     if json_logs:  # every line of output is a JSON object: the banner is a log record
         log.info(
             "pushsvc %s serving %s",
             __version__,
             base,
-            extra={"websocket": ws, "nats": settings.nats_url, "bundled": bundled},
+            extra={"websocket": ws, "nats": nats_urls, "bundled": bundled},
         )
         if settings.dev:
             log.info("dev mode: demo page at %s/, tokens from %s/dev/token", base, base)
         return
     print(f"pushsvc {__version__} serving {base}", flush=True)
     print(f"  WebSocket: {ws}", flush=True)
-    print(f"  NATS:      {settings.nats_url}{' (bundled)' if bundled else ''}", flush=True)
+    print(f"  NATS:      {nats_urls}{' (bundled)' if bundled else ''}", flush=True)
     if settings.dev:
         from .auth import mint_token
 
@@ -366,18 +371,22 @@ def _publish(args: argparse.Namespace) -> int:
     except ValueError:
         payload = args.data.encode()
 
+    security = msgspec.structs.asdict(natsconn.NatsSecurity.from_args(args))
+    # (Publisher checks the security settings: a SettingsError exits 2 with one line)
+    pub = Publisher(servers, prefix=prefix, jetstream=not args.core, **security)
+
     async def run() -> int | None:
-        async with Publisher(servers, prefix=prefix, jetstream=not args.core) as pub:
+        async with pub:
             return await pub.publish(args.channel, payload, msg_id=args.msg_id)
 
     try:
         seq = asyncio.run(run())
-    except (Unavailable, InvalidChannel) as exc:
+    except (Unavailable, InvalidChannel, natsconn.NatsRefused) as exc:
         print(f"pushsvc: publish failed: {exc}", file=sys.stderr)
         return 1
     # The server it went to, so a publish to another NATS than the one pushsvc uses
     # (another bundled server, a stale PUSHSVC_NATS_URL) is visible.
-    print(json.dumps({"channel": args.channel, "seq": seq, "nats": ",".join(servers)}))
+    print(json.dumps({"channel": args.channel, "seq": seq, "nats": pub.url}))
     return 0
 
 

@@ -60,6 +60,15 @@ class Settings(msgspec.Struct, kw_only=True):
     stream_replicas: int = 1
     dedupe_window: float = 120.0
     revocation_bucket: str = "PUSHSVC_REVOCATIONS"  # JetStream KV bucket of revocations
+    # secured NATS (see pushsvc.natsconn): at most one auth method; paths are files
+    nats_creds: str | None = None  # .creds file: user JWT + NKey seed (operator mode)
+    nats_nkey: str | None = None  # file holding an NKey user seed
+    nats_user: str | None = None
+    nats_password: str | None = None
+    nats_token: str | None = None
+    nats_tls_ca: str | None = None  # PEM CA bundle to verify the NATS server
+    nats_tls_cert: str | None = None  # PEM client certificate (mutual TLS)
+    nats_tls_key: str | None = None  # PEM private key of nats_tls_cert
 
     # --- tokens --------------------------------------------------------------
     jwt_secret: str | None = None
@@ -155,9 +164,12 @@ class Settings(msgspec.Struct, kw_only=True):
         Raises:
             SettingsError: naming the first setting that is wrong.
         """
+        from .natsconn import NatsSecurity  # natsconn builds on SettingsError
+
         if self.nats_url is not None:
             for url in self.nats_servers or [""]:
                 check_nats_url(url, "PUSHSVC_NATS_URL")
+        NatsSecurity.from_settings(self).check(self.nats_servers)
         if self.jwt_public_key is not None:
             path = Path(self.jwt_public_key)
             try:
@@ -307,17 +319,23 @@ def check_nats_url(url: str, setting: str) -> str:
     Raises:
         SettingsError: not a NATS URL, or a bad port.
     """
+    from .natsconn import display_url  # natsconn builds on SettingsError
+
+    shown = display_url(url)  # credentials in the URL never reach a message
     parts = urlsplit(url if "://" in url else "nats://" + url)
     if parts.scheme not in ("nats", "tls", "ws", "wss") or not parts.hostname:
-        raise SettingsError(setting, f"not a NATS URL: {url!r}")
+        raise SettingsError(setting, f"not a NATS URL: {shown!r}")
     try:
         port = parts.port
     except ValueError:
-        raise SettingsError(setting, f"bad port in {url!r} (1..65535)") from None
+        raise SettingsError(setting, f"bad port in {shown!r} (1..65535)") from None
     if port is not None:
-        check_port(port, setting)
+        try:
+            check_port(port, setting)
+        except SettingsError:
+            raise SettingsError(setting, f"port must be 1..65535 in {shown!r}") from None
     elif parts.netloc.endswith(":"):  # "host:" would silently mean the default 4222
-        raise SettingsError(setting, f"empty port in {url!r}")
+        raise SettingsError(setting, f"empty port in {shown!r}")
     return url
 
 
