@@ -292,8 +292,8 @@ class Bus:
 
     async def _disconnected_cb(self) -> None:
         metrics.NATS_CONNECTED.set(0)
-        if self.closing:
-            return
+        if self.closing or self._connect_errors is not None:
+            return  # closing, or the first connect gave up: start() says why, once
         log.warning("NATS disconnected; reconnecting (emits answer 503 meanwhile)")
         if self._resume_task is not None:
             self._resume_task.cancel()
