@@ -132,7 +132,7 @@ class Subscriber:
         token: Callable[[], str],
         *,
         since: int | None = None,
-        epoch: str | int | None = None,
+        epoch: str | None = None,
         raw: bool = False,
         out: TextIO | None = None,
         err: TextIO | None = None,
@@ -272,11 +272,16 @@ class Subscriber:
             self.last_seq = msg["seq"]
         if self.raw:
             data = msg.get("data")
-            text = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
+            text = data if isinstance(data, str) else _compact(data)
         else:
-            text = json.dumps(msg, separators=(",", ":"))
+            text = _compact(msg)
         print(text, file=self.out, flush=True)
         self.printed += 1
 
     def _status(self, text: str) -> None:
         print(f"pushsvc subscribe: {text}", file=self.err, flush=True)
+
+
+def _compact(value: Any) -> str:
+    """One-line JSON as the server sends it (no spaces; non-ASCII text kept readable)."""
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
