@@ -57,6 +57,7 @@ ResumeHandler = Callable[[bool], Awaitable[None]]
 STREAM_RETRY_MAX = 2.0  # s, longest pause between stream set-up attempts after a reconnect
 STREAM_CHECK_INTERVAL = 2.0  # s, how often a running node checks that its stream still exists
 READ_BATCH = 256  # messages per JetStream batch direct get
+MIN_SERVER = (2, 11)  # nats-server with batch direct gets (ADR-31) and per-message TTL (ADR-43)
 
 
 class Unavailable(Exception):
@@ -274,6 +275,14 @@ class Bus:
         metrics.NATS_CONNECTED.set(1)
         self.js = self.nc.jetstream(timeout=self.settings.publish_timeout)
         if self.history_enabled:
+            version = self.nc.connected_server_version
+            if (version.major, version.minor) < MIN_SERVER and version.major:
+                await self.close()
+                raise Unavailable(
+                    f"nats-server {version} is too old for history: 2.11 or later is needed "
+                    "(batch direct gets, per-message TTL); upgrade NATS or set "
+                    "PUSHSVC_HISTORY_TTL=0 (live only)"
+                )
             try:
                 self.history_enabled = await self._setup_stream()
             except Unavailable:
