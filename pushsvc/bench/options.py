@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 
 from .. import natsconn
 
+DEFAULT_URL = "http://127.0.0.1:8000"  # `pushsvc serve`'s default address
 EMIT_CONCURRENCY = 16  # default parallel emit POSTs (one HTTP connection and emit user each)
 
 
@@ -30,7 +31,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """
     env = os.environ.get
     add = parser.add_argument
-    add("--url", default="http://127.0.0.1:8000", help="pushsvc base URL (ws URL: <url>/ws)")
+    add(
+        "--url",
+        default=env("PUSHSVC_URL") or DEFAULT_URL,
+        help=f"pushsvc base URL, ws URL <url>/ws (default: $PUSHSVC_URL or {DEFAULT_URL})",
+    )
     add(
         "--nats-url",
         default=env("PUSHSVC_NATS_URL") or "nats://127.0.0.1:4222",
