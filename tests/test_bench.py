@@ -11,6 +11,8 @@ what a user reads in the report and the exit status:
   (``pushsvc.bench.client.Client._raw_received``) sees headers and payloads across TCP reads;
 - per-channel expectations (each client only gets its channel's messages);
 - clients answer the server's heartbeat pings during a run (else it closes them);
+- ``--reconnect`` brings every client back, and ``--server-pid`` splits the
+  server's CPU by phase (connect, delivery, reconnect);
 - rejected arguments exit 2 with the reason on stderr (two through the real command,
   the full list in process through :func:`pushsvc.cli.main`, to save start-ups);
 - clients that cannot authenticate (wrong secret) exit 1 with a report saying so;
