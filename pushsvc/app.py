@@ -52,7 +52,9 @@ class Node:
         self.settings = settings
         self.auth = Authenticator(settings)
         self.bus = Bus(settings, on_message=self._dispatch, on_control=self._control)
-        self.hub = Hub(self.bus)
+        self.hub = Hub(
+            self.bus, write_delay=settings.write_delay, coalesce_bytes=settings.coalesce_bytes
+        )
         # NATS outage: buffer live frames, then fill the gap from the stream (history on)
         self.bus.on_disconnected = self.hub.suspend
         self.bus.on_resumed = self.hub.resume

@@ -28,14 +28,13 @@ import itertools
 import logging
 import os
 from collections import deque
-from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
+from typing import TYPE_CHECKING, Any
 
 from . import metrics
 from .auth import Authenticator, AuthError, Principal
 from .bus import Unavailable
 from .channels import InvalidChannel, validate_channel
-from .hub import Hub
 from .protocol import (
     BAD_REQUEST,
     CLOSE_HEARTBEAT_TIMEOUT,
@@ -77,6 +76,9 @@ from .transport import (
     text_frame,
     utf8_len,
 )
+
+if TYPE_CHECKING:  # the hub imports this module (fan_out); sessions only hold a reference
+    from .hub import Hub
 
 log = logging.getLogger("pushsvc.session")
 
@@ -561,3 +563,46 @@ class Session:
                 self.hub.unsubscribe(self, channel)
                 self.send_frame(Unsubscribed(channel=channel, reason=FORBIDDEN))
         self.send_frame(Refreshed(exp=principal.exp, id=cmd.id))
+
+
+def fan_out(sessions: Iterable[Session], text: str, nbytes: int, *, single: bool = True) -> None:
+    """Hand ``text`` (one or more encoded frames joined by ``\\n``) to every session.
+
+    The hub's delivery loop, once per channel batch (see :class:`~pushsvc.hub.Hub`).
+    A session whose outbound buffer is empty, with no writer task busy, on uvicorn's
+    direct path (:func:`~pushsvc.transport.direct_protocol`) with the socket writable
+    and not closing, gets the pre-framed bytes (RFC 6455 5.2, framed once for all
+    sessions) written to its transport here: no buffer, no flush callback, no ASGI
+    send. Every other session goes through :meth:`Session.send`, so the byte bound,
+    4009, coalescing behind a backlog and ordering after its pending frames hold.
+
+    The connection state is read from uvicorn's protocol without asking the
+    ``websockets`` state machine: uvicorn closes the transport whenever the
+    connection leaves OPEN by the peer's close or a protocol error, and sets
+    ``close_sent`` when the app closes; a closed session has already left its
+    channels.
+
+    Args:
+        sessions: a snapshot (the loop must not see the set change under it).
+        text: the encoded frame(s); ``nbytes`` its UTF-8 length in bytes.
+        single: False when the same flush has more than one channel to write: a
+            session subscribed to several channels then queues through its buffer
+            so it still gets one write per flush.
+    """
+    framed = None
+    for session in sessions:
+        proto = session._direct
+        if (
+            proto is not None
+            and not session._out
+            and session._writer is None
+            and (single or len(session.channels) == 1)
+            and proto.writable.is_set()
+            and not proto.close_sent
+            and not proto.transport.is_closing()
+        ):
+            if framed is None:
+                framed = text_frame(text)
+            proto.transport.write(framed)
+        else:
+            session.send(text, nbytes)
