@@ -188,9 +188,9 @@ def _serve(args: argparse.Namespace) -> int:
                 "pushsvc.cli:app_from_env", factory=True, workers=settings.workers, **config
             )
         else:
-            from .app import create_app
+            from .app import create_app, serve_app
 
-            app = create_app(settings)
+            app = serve_app(create_app(settings))
             tune_gc()
             uvicorn.run(app, **config)
         return 0
@@ -220,9 +220,9 @@ def _exit_on_sigterm(signum: int, frame: Any) -> None:
 
 def app_from_env() -> Any:
     """uvicorn factory for ``--workers N``: each worker builds its app from the environment."""
-    from .app import create_app
+    from .app import create_app, serve_app
 
-    app = create_app(Settings.load())
+    app = serve_app(create_app(Settings.load()))
     tune_gc()
     return app
 
