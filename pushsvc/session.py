@@ -146,6 +146,8 @@ class Session:
         self._exp_timer: asyncio.TimerHandle | None = None
         self._strikes = 0  # command refusals in a row on this connection
         self._direct = direct_protocol(receive)
+        # the direct path's transport, read by fan_out (one attribute, no protocol hop)
+        self._transport = None if self._direct is None else self._direct.transport
 
     # --- outbound ----------------------------------------------------------------------
     @property
@@ -569,18 +571,21 @@ def fan_out(sessions: Iterable[Session], text: str, nbytes: int, *, single: bool
     """Hand ``text`` (one or more encoded frames joined by ``\\n``) to every session.
 
     The hub's delivery loop, once per channel batch (see :class:`~pushsvc.hub.Hub`).
-    A session whose outbound buffer is empty, with no writer task busy, on uvicorn's
-    direct path (:func:`~pushsvc.transport.direct_protocol`) with the socket writable
-    and not closing, gets the pre-framed bytes (RFC 6455 5.2, framed once for all
-    sessions) written to its transport here: no buffer, no flush callback, no ASGI
-    send. Every other session goes through :meth:`Session.send`, so the byte bound,
-    4009, coalescing behind a backlog and ordering after its pending frames hold.
+    A session with nothing pending (no buffered frame, no writer task busy), on
+    uvicorn's direct path (:func:`~pushsvc.transport.direct_protocol`), whose
+    transport is open and holds no unsent bytes, gets the pre-framed bytes (RFC 6455
+    5.2, framed once for all sessions) written to its transport here: no buffer, no
+    flush callback, no ASGI send. Every other session goes through
+    :meth:`Session.send`, so the byte bound, 4009, coalescing behind a backlog,
+    backpressure (uvicorn's ``writable`` event) and ordering after its pending frames
+    hold.
 
-    The connection state is read from uvicorn's protocol without asking the
-    ``websockets`` state machine: uvicorn closes the transport whenever the
-    connection leaves OPEN by the peer's close or a protocol error, and sets
-    ``close_sent`` when the app closes; a closed session has already left its
-    channels.
+    Why these checks are enough: a transport with an empty write buffer is never
+    paused (asyncio and uvloop resume writing when the buffer drains), and the
+    connection leaves OPEN only with the transport closing (the peer's close or a
+    protocol error: uvicorn closes it) or with the session closed (a closed session
+    has already left its channels). Each check is one attribute or one C call: this
+    loop runs once per socket per batch.
 
     Args:
         sessions: a snapshot (the loop must not see the set change under it).
@@ -591,18 +596,17 @@ def fan_out(sessions: Iterable[Session], text: str, nbytes: int, *, single: bool
     """
     framed = None
     for session in sessions:
-        proto = session._direct
+        transport = session._transport
         if (
-            proto is not None
-            and not session._out
+            transport is not None
+            and not session._out_bytes
             and session._writer is None
             and (single or len(session.channels) == 1)
-            and proto.writable.is_set()
-            and not proto.close_sent
-            and not proto.transport.is_closing()
+            and not transport.get_write_buffer_size()
+            and not transport.is_closing()
         ):
             if framed is None:
                 framed = text_frame(text)
-            proto.transport.write(framed)
+            transport.write(framed)
         else:
             session.send(text, nbytes)

@@ -450,7 +450,7 @@ class _FakeSession:
         self.closed = False
         self.close_on_send = close_on_send
         self.got: list[str] = []
-        self._direct = None  # no uvicorn socket: fan_out queues through send()
+        self._transport = None  # no uvicorn socket: fan_out queues through send()
 
     def send(self, frame: str, nbytes: int) -> None:
         if self.closed:
