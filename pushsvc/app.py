@@ -4,13 +4,21 @@ This is the only module that connects the pieces: bus -> hub -> session. The
 :class:`Node` owns them for one process; its lifespan connects NATS (starting the
 bundled nats-server first when ``PUSHSVC_NATS_URL`` is unset), and on shutdown
 stops accepting, turns readiness false, closes sessions with 1012 and drains NATS.
+
+With ``PUSHSVC_DRAIN_DELAY`` > 0 the node also delays the server's SIGTERM
+handling (see :meth:`Node.hook_sigterm`): readiness turns false at once, the
+server keeps serving for the delay, then the shutdown above runs.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import secrets
+import signal
+import threading
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from importlib import resources
@@ -18,22 +26,35 @@ from typing import Any
 
 from fastapi import APIRouter, FastAPI, Query
 from fastapi.responses import FileResponse, JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.routing import WebSocketRoute
 
-from . import __version__
-from .auth import Authenticator, mint_token, parse_revocation
+from . import __version__, metrics
+from .auth import Authenticator, Revocation, mint_token, parse_revocation
 from .bus import Bus, Unavailable
 from .channels import InvalidChannel, validate_grant
+from .demo import demo_router
 from .embedded import EmbeddedNats
 from .emit import emit_router
 from .endpoint import WebSocketEndpoint
 from .history import history_router
 from .hub import Hub
 from .logs import install_redaction
+from .natsconn import NatsRefused, NatsSecurity
+from .openapi import (
+    DevToken,
+    ErrorBody,
+    Health,
+    Readiness,
+    errors,
+    install,
+    json_body,
+    ref,
+    text_body,
+)
 from .protocol import CLOSE_SERVICE_RESTART
 from .ratelimit import BucketRegistry
-from .settings import Settings
+from .revocations import RevocationStore
+from .settings import Settings, default_node_name
 
 log = logging.getLogger("pushsvc")
 
@@ -42,42 +63,95 @@ class Node:
     """One pushsvc node: bus, hub, authenticator and limits for this process.
 
     Attributes:
-        ready: True once NATS is connected and until shutdown starts.
+        ready: True once NATS is connected and until shutdown (or the drain) starts.
         embedded: the bundled nats-server when this node started one.
+        name: the node name (``PUSHSVC_NODE_NAME``, default the host name).
+        worker: this process's id under ``serve --workers N`` (N > 1), else None.
+        draining: readiness is false (SIGTERM received or shutting down).
+        stopping: the shutdown proper runs: new handshakes are refused with 503.
     """
 
     def __init__(self, settings: Settings) -> None:
         if settings.dev and settings.jwt_secret is None and settings.jwt_public_key is None:
             settings.jwt_secret = secrets.token_urlsafe(32)
+        if settings.node_name is None:
+            settings.node_name = default_node_name()
         self.settings = settings
+        self.name = settings.node_name
+        self.worker = str(os.getpid()) if settings.workers > 1 else None
         self.auth = Authenticator(settings)
-        self.bus = Bus(settings, on_message=self._dispatch, on_control=self._control)
+        self.bus = Bus(
+            settings,
+            on_message=self.hub_dispatch,
+            on_control=self._control,
+            name=self.connection_name,
+        )
         self.hub = Hub(
             self.bus, write_delay=settings.write_delay, coalesce_bytes=settings.coalesce_bytes
         )
         # NATS outage: buffer live frames, then fill the gap from the stream (history on)
         self.bus.on_disconnected = self.hub.suspend
         self.bus.on_resumed = self.hub.resume
+        # stream re-created (new epoch): every position handed out is void
+        self.bus.on_epoch_changed = self.hub.stream_reset
         self.command_buckets = BucketRegistry(settings.command_rate, settings.command_burst)
         self.emit_buckets = BucketRegistry(settings.emit_rate, settings.emit_burst)
         self.endpoint = WebSocketEndpoint(
             settings, self.hub, self.auth, self.command_buckets, self.accepting
         )
         self.embedded: EmbeddedNats | None = None
+        #: revocations kept in NATS (history on), shared by every node
+        self.revocations: RevocationStore | None = None
         self.draining = False
+        self.stopping = False
         self.started = False
+        self._sigterm: tuple[Any, Any] | None = None
+        self._background: set[asyncio.Task[None]] = set()
 
-    def _dispatch(self, channel: str, payload: bytes, seq: int | None) -> None:
-        self.hub.dispatch(channel, payload, seq)
+    @property
+    def connection_name(self) -> str:
+        """The NATS connection name: ``pushsvc/<node>``, plus ``/<worker pid>`` under workers.
+
+        Operators find each node (and worker) in ``nats server report connections``
+        or the server's ``/connz`` monitoring endpoint by this name.
+        """
+        base = f"pushsvc/{self.name}"
+        return f"{base}/{self.worker}" if self.worker else base
+
+    def hub_dispatch(
+        self, channel: str, payload: bytes, seq: int | None, stamp: float | None
+    ) -> None:
+        """The bus's ``on_message``: hand a live NATS message to the hub."""
+        self.hub.dispatch(channel, payload, seq, stamp)
 
     def _control(self, payload: bytes) -> None:
-        """A revocation from NATS: refuse the token(s) from now on, close their sessions."""
+        """A revocation from NATS: refuse the token(s) from now on, close their sessions.
+
+        With history on it is also stored in the revocation bucket (every node
+        that receives it writes the same entry; JetStream keeps one), so nodes
+        started later refuse the token(s) too.
+        """
         revocation = parse_revocation(payload)
         if revocation is None:
             log.warning("ignored malformed control message")
             return
-        self.auth.revoke(revocation)
-        self.hub.disconnect(revocation.sub, revocation.jti)
+        at = time.time()
+        self._revoke(revocation, at)
+        if self.revocations is not None:
+            task = asyncio.ensure_future(self._store_revocation(revocation, at, payload))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    def _revoke(self, revocation: Revocation, at: float) -> None:
+        self.auth.revoke(revocation, at)
+        self.hub.disconnect(revocation.sub, revocation.jti, issued_before=at)
+
+    async def _store_revocation(self, revocation: Revocation, at: float, payload: bytes) -> None:
+        assert self.revocations is not None
+        try:
+            await self.revocations.put(revocation, at, payload)
+        except Unavailable as exc:
+            log.error("revocation applied on this node but not stored in NATS: %s", exc)
 
     @property
     def ready(self) -> bool:
@@ -85,8 +159,9 @@ class Node:
         return self.started and not self.draining and self.bus.is_connected
 
     def accepting(self) -> bool:
-        """New WebSocket handshakes are accepted (False while draining)."""
-        return not self.draining
+        """New WebSocket handshakes are accepted (also during the drain delay; not once
+        the shutdown proper has started)."""
+        return not self.stopping
 
     async def start(self) -> None:
         """Start the bundled NATS if needed, then connect the bus.
@@ -100,18 +175,97 @@ class Node:
             self.settings.nats_url = self.embedded.url
             log.info("started bundled nats-server at %s", self.embedded.url)
         await self.bus.start()
+        if self.bus.history_enabled:
+            store = RevocationStore(
+                self.bus,
+                self.settings.revocation_bucket,
+                self.settings.stream_replicas,
+                self._revoke,
+            )
+            try:
+                await store.start(self.settings.connect_timeout)
+            except Unavailable:
+                await self.bus.close()
+                raise
+            self.revocations = store
         self.started = True
+        metrics.INFO.labels(self.name, __version__).set(1)
+        if self.settings.drain_delay > 0:
+            self.hook_sigterm()
+
+    def hook_sigterm(self) -> None:
+        """Delay the server's SIGTERM handling by ``drain_delay`` seconds.
+
+        Wraps the SIGTERM handler the server installed (uvicorn's, which starts
+        its graceful shutdown): on SIGTERM readiness turns false at once
+        (``/readyz`` answers 503, so load balancers stop routing new
+        connections here) while every socket keeps working and new handshakes
+        are still accepted; after the delay the server's own handler runs and
+        the shutdown proceeds (sessions closed 1012, bounded by
+        ``shutdown_timeout``). Further SIGTERMs during the delay are ignored
+        (``systemd`` and process-group kills signal every worker twice); SIGINT
+        is not delayed. Needs the main thread and a Python-level handler to wrap;
+        otherwise it logs a warning and the drain delay is off.
+        """
+        if threading.current_thread() is not threading.main_thread():
+            log.warning("PUSHSVC_DRAIN_DELAY ignored: the server does not run in the main thread")
+            return
+        previous = signal.getsignal(signal.SIGTERM)
+        if not callable(previous):
+            log.warning("PUSHSVC_DRAIN_DELAY ignored: no SIGTERM handler of the server to delay")
+            return
+        loop = asyncio.get_running_loop()
+
+        def on_sigterm(signum: int, frame: Any) -> None:
+            # a signal handler may interrupt the loop anywhere: only hand over
+            loop.call_soon_threadsafe(self._drain, previous, signum)
+
+        signal.signal(signal.SIGTERM, on_sigterm)
+        self._sigterm = (on_sigterm, previous)
+
+    def _drain(self, shutdown: Any, signum: int) -> None:
+        if self.draining:
+            return
+        self.draining = True
+        delay = self.settings.drain_delay
+        log.info(
+            "SIGTERM: readiness off, closing sessions after the drain delay",
+            extra={"drain_delay": delay, "connections": len(self.hub.sessions)},
+        )
+        asyncio.get_running_loop().call_later(delay, shutdown, signum, None)
+
+    def _unhook_sigterm(self) -> None:
+        if self._sigterm is None:
+            return
+        ours, previous = self._sigterm
+        self._sigterm = None
+        if signal.getsignal(signal.SIGTERM) is ours:
+            signal.signal(signal.SIGTERM, previous)
 
     async def stop(self) -> None:
-        """Graceful drain: refuse new sessions, close open ones with 1012, drain NATS."""
-        self.draining = True
+        """Graceful drain: refuse new sessions, close open ones with 1012, drain NATS.
+
+        The NATS drain is bounded by ``min(5, shutdown_timeout)`` seconds.
+        """
+        self.draining = self.stopping = True
+        self._unhook_sigterm()
+        if self.hub.sessions:
+            log.info(
+                "closing sessions: service restart (1012)",
+                extra={"connections": len(self.hub.sessions)},
+            )
         self.hub.close_all(CLOSE_SERVICE_RESTART, "service restart")
         await asyncio.sleep(0.05)  # let close frames go out
         await self.hub.wait_idle()
-        await self.bus.close()
+        if self._background:
+            await asyncio.wait(list(self._background), timeout=2)
+        if self.revocations is not None:
+            await self.revocations.close()
+        await self.bus.close(timeout=min(5.0, self.settings.shutdown_timeout))
         if self.embedded is not None:
             await asyncio.to_thread(self.embedded.cleanup)
             self.embedded = None
+        metrics.mark_self_dead()
 
     @asynccontextmanager
     async def lifespan(self) -> AsyncIterator[None]:
@@ -127,19 +281,65 @@ class Node:
         settings = self.settings
         router = APIRouter()
         router.routes.append(WebSocketRoute("/ws", self.endpoint))
+
+        # Plain HTTP on /ws (WebSocket scopes never reach this route: they go to the
+        # endpoint above, or straight to it through WebSocketShortcut).
+        @router.get(
+            "/ws",
+            status_code=426,
+            operation_id="websocket",
+            summary="WebSocket endpoint (wire contract: docs/protocol.md)",
+            response_model=None,
+            responses={
+                101: {"description": "Switching Protocols: a WebSocket (docs/protocol.md)"},
+                **_WS_REFUSALS,
+            },
+        )
+        async def ws_upgrade_required() -> JSONResponse:
+            """The WebSocket endpoint; a request without a WebSocket upgrade gets 426.
+
+            RFC 9110 15.5.22 (was RFC 7231 6.5.15): a 426 carries ``Upgrade``
+            naming the protocol, here ``websocket`` version 13 (RFC 6455 4.2.2, 4.4).
+            """
+            return JSONResponse(
+                {"error": "upgrade_required", "message": "GET /ws needs a WebSocket upgrade"},
+                status_code=426,
+                headers={
+                    "Upgrade": "websocket",
+                    "Connection": "Upgrade",
+                    "Sec-WebSocket-Version": "13",
+                },
+            )
+
         router.include_router(emit_router(settings, self.hub, self.auth, self.emit_buckets))
         router.include_router(history_router(settings, self.bus, self.auth))
 
-        @router.get("/healthz")
+        @router.get(
+            "/healthz",
+            operation_id="healthz",
+            summary="Liveness",
+            response_model=None,
+            responses={200: json_body(ref(Health), "Alive")},
+        )
         async def healthz() -> dict[str, Any]:
             """Liveness: the process serves HTTP."""
             return {"status": "ok", "version": __version__}
 
-        @router.get("/readyz")
+        @router.get(
+            "/readyz",
+            operation_id="readyz",
+            summary="Readiness (for load balancers)",
+            response_model=None,
+            responses={
+                200: json_body(ref(Readiness), "Ready: NATS connected, not draining"),
+                503: json_body(ref(Readiness), "Not ready: NATS away, or draining"),
+            },
+        )
         async def readyz() -> JSONResponse:
             """Readiness: NATS connected and not draining (503 otherwise)."""
             body = {
                 "ready": self.ready,
+                "node": self.name,
                 "nats": self.bus.is_connected,
                 "draining": self.draining,
                 "history": self.bus.history_enabled,
@@ -147,24 +347,42 @@ class Node:
             }
             return JSONResponse(body, status_code=200 if self.ready else 503)
 
-        @router.get("/metrics")
+        @router.get(
+            "/metrics",
+            operation_id="metrics",
+            summary="Prometheus metrics",
+            response_class=Response,
+            responses={200: text_body("text/plain", "Prometheus text exposition format")},
+        )
         async def metrics_endpoint() -> Response:
-            """Prometheus metrics."""
-            return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+            """Prometheus metrics (of every worker under ``serve --workers N``)."""
+            body, content_type = metrics.exposition()
+            return Response(body, media_type=content_type)
 
-        @router.get("/static/pushsvc.js")
+        @router.get(
+            "/static/pushsvc.js",
+            operation_id="clientScript",
+            summary="The browser client",
+            response_class=FileResponse,
+            responses={200: text_body("text/javascript", "The browser client (pushsvc.js)")},
+        )
         async def client_js() -> FileResponse:
             """The browser client."""
             return FileResponse(_static("pushsvc.js"), media_type="text/javascript")
 
         if settings.dev:
+            router.include_router(demo_router())
 
-            @router.get("/")
-            async def index() -> FileResponse:
-                """Demo page (dev mode only)."""
-                return FileResponse(_static("index.html"), media_type="text/html")
-
-            @router.get("/dev/token")
+            @router.get(
+                "/dev/token",
+                operation_id="devToken",
+                summary="Mint a token (dev mode)",
+                response_model=None,
+                responses={
+                    200: json_body(ref(DevToken), "A token signed with the node's secret"),
+                    **errors(400),
+                },
+            )
             async def dev_token(
                 user: str = Query("dev", min_length=1, max_length=64),
                 channels: str = Query(">"),
@@ -231,6 +449,32 @@ def serve_app(app: FastAPI) -> WebSocketShortcut:
     return WebSocketShortcut(app, node.settings.base_path + "/ws", node.endpoint)
 
 
+_WS_REFUSALS: dict[int | str, dict[str, Any]] = {
+    403: text_body("text/plain", "Origin not allowed, or a bad token in the handshake"),
+    400: text_body("text/plain", "A malformed WebSocket handshake (e.g. no Sec-WebSocket-Key)"),
+    414: text_body("text/plain", "Request line over 8 KiB (e.g. a huge ?token=)"),
+    426: {
+        "description": "Upgrade Required: a plain HTTP request, not a WebSocket (JSON), or "
+        "an unsupported Sec-WebSocket-Version (text)",
+        "content": {
+            "application/json": {"schema": ref(ErrorBody)},
+            "text/plain": {"schema": {"type": "string"}},
+        },
+        "headers": {
+            "Upgrade": {"required": True, "schema": {"type": "string", "const": "websocket"}},
+            "Sec-WebSocket-Version": {"required": True, "schema": {"type": "string"}},
+        },
+    },
+    429: text_body("text/plain", "The user holds PUSHSVC_MAX_CONNECTIONS_PER_USER sockets"),
+    431: text_body("text/plain", "A header line over 8 KiB, or more than 128 headers"),
+    503: text_body(
+        "text/plain",
+        "Draining, or PUSHSVC_MAX_CONNECTIONS reached",
+        headers={"Retry-After": {"required": True, "schema": {"type": "integer", "minimum": 1}}},
+    ),
+}
+
+
 def _static(name: str) -> str:
     return str(resources.files("pushsvc") / "static" / name)
 
@@ -269,8 +513,11 @@ def setup_app(app: FastAPI, settings: Settings, prefix: str = "") -> Node:
     """
     node = Node(settings)  # (generates the dev secret, if any, first)
     api_keys = [entry.rsplit(":", 1)[-1] for entry in settings.api_keys]
-    install_redaction([settings.jwt_secret, *api_keys])
+    install_redaction(
+        [settings.jwt_secret, *api_keys, *NatsSecurity.from_settings(settings).secrets()]
+    )
     app.include_router(node.router(), prefix=prefix)
+    install(app)
     app.add_middleware(WebSocketShortcut, path=prefix + "/ws", endpoint=node.endpoint)
     app.state.pushsvc = node
     inner = app.router.lifespan_context
@@ -282,7 +529,7 @@ def setup_app(app: FastAPI, settings: Settings, prefix: str = "") -> Node:
             async with node.lifespan():
                 async with inner(a) as state:
                     yield state
-        except Unavailable as exc:
+        except (Unavailable, NatsRefused) as exc:
             log.error("pushsvc cannot start: %s", exc)
             raise
 

@@ -113,6 +113,7 @@ class WebSocketEndpoint:
             try:
                 principal = self.auth.verify(token)
             except AuthError as exc:
+                _auth_failed(exc, scope, "handshake")
                 await _deny(scope, receive, send, 403, str(exc), "unauthorized")
                 return
             if not self._reserve(principal.sub):
@@ -125,7 +126,7 @@ class WebSocketEndpoint:
                 return
             await send({"type": "websocket.accept"})
             if principal is None:
-                principal = await self._auth_frame(receive, send)
+                principal = await self._auth_frame(scope, receive, send)
                 if principal is None:
                     return
                 reserved = principal.sub
@@ -179,7 +180,9 @@ class WebSocketEndpoint:
                 return token
         return None
 
-    async def _auth_frame(self, receive: ASGIReceive, send: ASGISend) -> Principal | None:
+    async def _auth_frame(
+        self, scope: dict[str, Any], receive: ASGIReceive, send: ASGISend
+    ) -> Principal | None:
         """Wait for ``{"op":"auth"}``; on failure close 4001/4008 and return None."""
         try:
             async with asyncio.timeout(self.settings.auth_timeout):
@@ -203,6 +206,7 @@ class WebSocketEndpoint:
         try:
             principal = self.auth.verify(cmd.token)
         except AuthError as exc:
+            _auth_failed(exc, scope, "auth frame")
             await _close(send, CLOSE_UNAUTHORIZED, str(exc))
             return None
         if not self._reserve(principal.sub):
@@ -219,6 +223,16 @@ def normalise_origin(origin: str) -> str:
     compared to these entries byte for byte.
     """
     return origin.strip().rstrip("/").lower()
+
+
+def _auth_failed(exc: AuthError, scope: dict[str, Any], where: str) -> None:
+    """Count and log a refused token (reason code and peer address; never the token)."""
+    metrics.AUTH_FAILURES.labels(exc.reason).inc()
+    client = scope.get("client")
+    log.info(
+        "token refused",
+        extra={"reason": exc.reason, "where": where, "peer": client[0] if client else None},
+    )
 
 
 async def _close(send: ASGISend, code: int, reason: str) -> None:

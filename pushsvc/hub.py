@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
@@ -59,7 +60,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("pushsvc.hub")
 
 CATCHUP_CONCURRENCY = 16  # channels read from the stream at once after a reconnect
-CATCHUP_ATTEMPTS = 3  # history reads per channel before its sessions are told to resume
 
 
 class _Recovery:
@@ -145,11 +145,21 @@ class Hub:
         self._background: set[asyncio.Task[None]] = set()
 
     # --- bus -> hub ------------------------------------------------------------------
-    def dispatch(self, channel: str, payload: bytes, seq: int | None) -> None:
+    def dispatch(
+        self, channel: str, payload: bytes, seq: int | None, stamp: float | None = None
+    ) -> None:
         """Deliver one NATS message to every local subscriber of ``channel``.
 
-        Encodes once; each session gets the same ``str`` (see :meth:`_deliver`).
-        Never awaits a socket: :meth:`Session.send` only queues.
+        Encodes once and appends the frame to the channel's batch (see
+        :meth:`_deliver`); the batch is handed to the sockets at the next loop
+        iteration, or when the ``write_delay`` window ends. Never awaits a socket.
+
+        Args:
+            stamp: the message's stream time (Unix seconds, ``Nats-Time-Stamp``);
+                when given, the time from it to the hand-over to the hub's batch is
+                observed in ``pushsvc_delivery_latency_seconds`` (a write delay
+                comes on top). Frames buffered during a NATS outage are not
+                observed (their delay is the outage).
         """
         state = self._channels.get(channel)
         if state is None:
@@ -160,6 +170,8 @@ class Hub:
             state.catchup.append((seq, frame, nbytes))
             return
         self._deliver(state, seq, frame, nbytes)
+        if stamp is not None:
+            metrics.DELIVERY_LATENCY.observe(max(0.0, time.time() - stamp))
 
     def _deliver(self, state: _Channel, seq: int | None, frame: str, nbytes: int) -> None:
         """Add one encoded frame to the live set's batch; hand it to recovering sessions.
@@ -261,6 +273,26 @@ class Hub:
                 state.catchup_since = state.last_seq
                 state.catchup_seen = seen
 
+    @property
+    def epoch(self) -> str | None:
+        """The stream's epoch (None with history off): positions are only valid within it."""
+        return self.bus.epoch if self.bus.history_enabled else None
+
+    def stream_reset(self, epoch: str) -> None:
+        """The stream was re-created (new ``epoch``): every position handed out is void.
+
+        Called by the bus (synchronously) whenever it notices, on a reconnect, on
+        its periodic check or while answering a resume. Every session is closed
+        with 1012 so its client reconnects, learns the new epoch from ``welcome``
+        and resumes with ``recovered: false`` and a full replay, instead of
+        filtering the new epoch's (restarted, smaller) sequences as duplicates.
+        """
+        for state in self._channels.values():
+            state.catchup = None
+            state.last_seq = None
+            state.catchup_since = None
+        self.close_all(CLOSE_SERVICE_RESTART, "message stream was reset; resume")
+
     async def resume(self, reset: bool) -> None:
         """NATS is back, subscriptions restored, stream verified: fill every channel's gap.
 
@@ -277,10 +309,7 @@ class Hub:
                 restarted): every session is closed with 1012 instead.
         """
         if reset:
-            for state in self._channels.values():
-                state.catchup = None
-                state.last_seq = None
-            self.close_all(CLOSE_SERVICE_RESTART, "message stream was reset; resume")
+            self.stream_reset(self.bus.epoch or "")
             return
         limit = asyncio.Semaphore(CATCHUP_CONCURRENCY)
         jobs = [
@@ -292,14 +321,22 @@ class Hub:
             await asyncio.gather(*jobs)
 
     async def _catch_up(self, channel: str, state: _Channel, limit: asyncio.Semaphore) -> None:
-        """Deliver what ``channel`` missed while NATS was away, then its buffered frames."""
+        """Deliver what ``channel`` missed while NATS was away, then its buffered frames.
+
+        The stream reads are retried with backoff for up to ``connect_timeout``
+        seconds (a stream leader election after a cluster member died takes a few
+        seconds) before the channel's sessions are told to resume elsewhere.
+        """
         async with limit:
             since = state.catchup_since
             replay: list[StoredMessage] = []
             recovered = since is not None
-            for attempt in range(CATCHUP_ATTEMPTS if since is not None else 0):
-                if self._channels.get(channel) is not state:
-                    return  # every session left meanwhile
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + self.bus.settings.connect_timeout
+            delay = 0.05
+            while since is not None:
+                if self._channels.get(channel) is not state or state.catchup is None:
+                    return  # every session left meanwhile, or the stream was reset
                 try:
                     replay = []
                     after = since
@@ -312,11 +349,12 @@ class Hub:
                         after = history.messages[-1].seq
                     break
                 except Unavailable as exc:
-                    if attempt + 1 == CATCHUP_ATTEMPTS:
+                    if loop.time() + delay > deadline:
                         log.warning("catch-up of %s failed: %s", channel, exc)
                         recovered = False
-                    else:
-                        await asyncio.sleep(0.2 * (attempt + 1))
+                        break
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 1.0)
         if self._channels.get(channel) is not state or state.catchup is None:
             return
         if since is not None and not recovered:
@@ -350,12 +388,22 @@ class Hub:
         if self._channels.get(channel) is state and state.catchup is None:
             state.last_seq = max(state.last_seq or 0, seq)
 
-    def disconnect(self, sub: str | None, jti: str | None) -> int:
-        """Close with 4001 every session matching ``sub`` and/or ``jti``; returns how many."""
+    def disconnect(
+        self, sub: str | None, jti: str | None, issued_before: float | None = None
+    ) -> int:
+        """Close with 4001 every session matching ``sub`` and/or ``jti``; returns how many.
+
+        With ``issued_before`` (Unix seconds), a ``sub`` match only counts for tokens
+        issued (``iat``) at or before it, as a revocation by ``sub`` refuses them.
+        """
         closed = 0
         for session in list(self.sessions):
             p = session.principal
-            if (sub is None or p.sub == sub) and (jti is None or p.jti == jti):
+            if (
+                (sub is None or p.sub == sub)
+                and (jti is None or p.jti == jti)
+                and (issued_before is None or p.iat is None or p.iat <= issued_before)
+            ):
                 session.close(CLOSE_UNAUTHORIZED, "token revoked")
                 closed += 1
         return closed
@@ -387,9 +435,18 @@ class Hub:
 
     # --- session -> hub ------------------------------------------------------------------
     async def subscribe(
-        self, session: Session, channel: str, since: int | None, req_id: object
+        self,
+        session: Session,
+        channel: str,
+        since: int | None,
+        req_id: object,
+        epoch: str | None = None,
     ) -> None:
         """Subscribe ``session`` to ``channel``; sends ``subscribed`` (+ replay) to it.
+
+        ``since``/``epoch`` is the client's position (see :meth:`Bus.history` for
+        how a position of another epoch is answered: ``recovered: false`` and a
+        replay of everything the current epoch holds for the channel).
 
         Raises:
             Unavailable: NATS could not confirm the live subscription.
@@ -399,14 +456,16 @@ class Hub:
             await self.bus.release(channel)
             return
         session.channels.add(channel)
+        metrics.SUBSCRIPTIONS.inc()
         state = self._channels.get(channel)
         if state is None:
             state = self._channels[channel] = _Channel()
+            metrics.CHANNELS.inc()
             if self.bus.history_enabled:
                 self._spawn(self._learn_last_seq(channel, state))
         if since is None:
             self._join(state, session)
-            session.send_frame(Subscribed(channel=channel, id=req_id))
+            session.send_frame(Subscribed(channel=channel, id=req_id, epoch=self.epoch))
             return
         if not self.bus.history_enabled:
             self._join(state, session)
@@ -414,7 +473,7 @@ class Hub:
             return
         rec = state.pending[session] = _Recovery()
         try:
-            history = await self.bus.history(channel, since)
+            history = await self.bus.history(channel, since, epoch=epoch)
         except Unavailable:
             history = None
         if session.closed or state.pending.get(session) is not rec:
@@ -424,8 +483,10 @@ class Hub:
         else:
             replay = history.messages
             recovered = history.recovered
-            threshold = replay[-1].seq if replay else min(since, history.last_seq)
-        session.send_frame(Subscribed(channel=channel, id=req_id, recovered=recovered))
+            threshold = replay[-1].seq if replay else min(history.since, history.last_seq)
+        session.send_frame(
+            Subscribed(channel=channel, id=req_id, recovered=recovered, epoch=self.epoch)
+        )
         for stored in replay:
             session.send(*encode_message(channel, stored.payload, stored.seq))
         buffered, rec.buffer = rec.buffer or [], None
@@ -443,12 +504,14 @@ class Hub:
         if channel not in session.channels:
             return
         session.channels.discard(channel)
+        metrics.SUBSCRIPTIONS.dec()
         state = self._channels.get(channel)
         if state is not None:
             self._leave(state, session)
             state.pending.pop(session, None)
             if not state.sessions and not state.pending:
                 del self._channels[channel]
+                metrics.CHANNELS.dec()
         self._spawn(self.bus.release(channel))
 
     async def publish(self, channel: str, payload: bytes, msg_id: str | None = None) -> int | None:

@@ -47,14 +47,18 @@ class Auth(msgspec.Struct, tag_field="op", tag="auth"):
 
 
 class Subscribe(msgspec.Struct, tag_field="op", tag="subscribe"):
-    """``{"op":"subscribe","channel":C,"since":N?,"id":I?}``.
+    """``{"op":"subscribe","channel":C,"since":N?,"epoch":E?,"id":I?}``.
 
-    ``since`` is a stream sequence: replay what came after it (history on).
+    ``since`` is a stream sequence: replay what came after it (history on);
+    ``epoch`` is the stream epoch ``since`` belongs to (from ``welcome`` or
+    ``subscribed``): a position of another epoch is answered ``recovered: false``
+    with a replay of everything the current epoch holds for the channel.
     """
 
     channel: str
     since: int | None = None
     id: RequestId = None
+    epoch: str | None = None
 
 
 class Unsubscribe(msgspec.Struct, tag_field="op", tag="unsubscribe"):
@@ -88,12 +92,18 @@ Command = Auth | Subscribe | Unsubscribe | Publish | Refresh | Pong
 
 # --- server frames ----------------------------------------------------------------
 class Welcome(msgspec.Struct, tag_field="type", tag="welcome", omit_defaults=True):
-    """Sent after a successful auth. ``ping_interval`` seconds, ``exp`` Unix seconds."""
+    """Sent after a successful auth. ``ping_interval`` seconds, ``exp`` Unix seconds.
+
+    ``epoch``: the stream epoch (history on), to send back with ``since``.
+    ``node`` names the pushsvc node serving the socket (``PUSHSVC_NODE_NAME``).
+    """
 
     client: str
     user: str
     ping_interval: float
     exp: float
+    epoch: str | None = None
+    node: str | None = None
 
 
 class Message(msgspec.Struct, tag_field="type", tag="message", omit_defaults=True):
@@ -119,11 +129,15 @@ class Error(msgspec.Struct, tag_field="type", tag="error", omit_defaults=True):
 
 
 class Subscribed(msgspec.Struct, tag_field="type", tag="subscribed", omit_defaults=True):
-    """Answer to subscribe. ``recovered`` is set when ``since`` was given."""
+    """Answer to subscribe. ``recovered`` is set when ``since`` was given.
+
+    ``epoch``: the stream epoch the channel's sequences belong to (history on).
+    """
 
     channel: str
     id: RequestId = None
     recovered: bool | None = None
+    epoch: str | None = None
 
 
 class Unsubscribed(msgspec.Struct, tag_field="type", tag="unsubscribed", omit_defaults=True):

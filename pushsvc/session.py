@@ -40,6 +40,7 @@ from .protocol import (
     CLOSE_HEARTBEAT_TIMEOUT,
     CLOSE_INTERNAL_ERROR,
     CLOSE_RATE_LIMITED,
+    CLOSE_SERVICE_RESTART,
     CLOSE_SLOW_CONSUMER,
     CLOSE_TOO_BIG,
     CLOSE_UNAUTHORIZED,
@@ -308,6 +309,19 @@ class Session:
         self.closed = True
         self.close_code = code
         metrics.CLOSES.labels(str(code)).inc()
+        # a drain closes every session with 1012: one line per socket only at debug
+        level = logging.DEBUG if code == CLOSE_SERVICE_RESTART else logging.INFO
+        if log.isEnabledFor(level):
+            log.log(
+                level,
+                "session closed",
+                extra={
+                    "client": self.id,
+                    "code": code,
+                    "reason": reason,
+                    "channels": len(self.channels),
+                },
+            )
         self._cancel_timers()
         self._drop_output()
         self.hub.remove_session(self)
@@ -375,6 +389,8 @@ class Session:
                 user=self.principal.sub,
                 ping_interval=self.settings.ping_interval,
                 exp=self.principal.exp,
+                node=self.settings.node_name,
+                epoch=self.hub.epoch,
             )
         )
         self._schedule_ping()
@@ -398,6 +414,11 @@ class Session:
             if not self.closed:
                 raise
         finally:
+            if not self.closed and log.isEnabledFor(logging.DEBUG):
+                log.debug(
+                    "client disconnected",
+                    extra={"client": self.id, "channels": len(self.channels)},
+                )
             self.closed = True
             self._cancel_timers()
             self._drop_output()
@@ -519,8 +540,11 @@ class Session:
         if cmd.since is not None and not 0 <= cmd.since <= MAX_SEQ:
             self._refuse(BAD_REQUEST, f"since must be in 0..{MAX_SEQ}", cmd.id)
             return
+        if cmd.epoch is not None and not 0 < len(cmd.epoch) <= 64:
+            self._refuse(BAD_REQUEST, "epoch must be 1..64 characters", cmd.id)
+            return
         try:
-            await self.hub.subscribe(self, channel, cmd.since, cmd.id)
+            await self.hub.subscribe(self, channel, cmd.since, cmd.id, cmd.epoch)
         except Unavailable as exc:
             self._refuse(UNAVAILABLE, str(exc), cmd.id)
 
@@ -553,6 +577,7 @@ class Session:
         try:
             principal = self.auth.verify(cmd.token)
         except AuthError as exc:
+            metrics.AUTH_FAILURES.labels(exc.reason).inc()
             self.close(CLOSE_UNAUTHORIZED, f"refresh failed: {exc}")
             return
         if principal.sub != self.principal.sub:

@@ -11,6 +11,7 @@ line (no traceback).
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -59,6 +60,16 @@ class Settings(msgspec.Struct, kw_only=True):
     stream: str = "PUSHSVC"
     stream_replicas: int = 1
     dedupe_window: float = 120.0
+    revocation_bucket: str = "PUSHSVC_REVOCATIONS"  # JetStream KV bucket of revocations
+    # secured NATS (see pushsvc.natsconn): at most one auth method; paths are files
+    nats_creds: str | None = None  # .creds file: user JWT + NKey seed (operator mode)
+    nats_nkey: str | None = None  # file holding an NKey user seed
+    nats_user: str | None = None
+    nats_password: str | None = None
+    nats_token: str | None = None
+    nats_tls_ca: str | None = None  # PEM CA bundle to verify the NATS server
+    nats_tls_cert: str | None = None  # PEM client certificate (mutual TLS)
+    nats_tls_key: str | None = None  # PEM private key of nats_tls_cert
 
     # --- tokens --------------------------------------------------------------
     jwt_secret: str | None = None
@@ -96,7 +107,12 @@ class Settings(msgspec.Struct, kw_only=True):
     max_subscriptions: int = 128
     max_connections: int = 20000
 
+    # --- operations ----------------------------------------------------------
+    node_name: str | None = None  # None: the host name (see load)
+    shutdown_timeout: float = 10.0  # bound on the graceful part of a shutdown
+    drain_delay: float = 0.0  # /readyz answers 503 this long after SIGTERM before closing
     log_level: str = "info"
+    log_format: str = "text"  # text | json
 
     @classmethod
     def load(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -129,6 +145,8 @@ class Settings(msgspec.Struct, kw_only=True):
             settings = msgspec.convert(raw, cls, strict=False)
         except msgspec.ValidationError as exc:
             raise SettingsError(_setting_from_error(str(exc)), str(exc)) from None
+        if settings.node_name is None:
+            settings.node_name = default_node_name()
         settings.validate()
         return settings
 
@@ -148,15 +166,20 @@ class Settings(msgspec.Struct, kw_only=True):
         Raises:
             SettingsError: naming the first setting that is wrong.
         """
+        from .natsconn import NatsSecurity, display_url  # natsconn builds on SettingsError
+
         if self.nats_url is not None:
             for url in self.nats_servers or [""]:
                 parts = urlsplit(url if "://" in url else "nats://" + url)
                 if parts.scheme not in ("nats", "tls", "ws", "wss") or not parts.hostname:
-                    raise SettingsError("PUSHSVC_NATS_URL", f"not a NATS URL: {url!r}")
+                    raise SettingsError("PUSHSVC_NATS_URL", f"not a NATS URL: {display_url(url)!r}")
                 try:
                     parts.port  # noqa: B018 - raises on a bad port
                 except ValueError:
-                    raise SettingsError("PUSHSVC_NATS_URL", f"bad port in {url!r}") from None
+                    raise SettingsError(
+                        "PUSHSVC_NATS_URL", f"bad port in {display_url(url)!r}"
+                    ) from None
+        NatsSecurity.from_settings(self).check(self.nats_servers)
         if self.jwt_public_key is not None:
             path = Path(self.jwt_public_key)
             try:
@@ -183,6 +206,10 @@ class Settings(msgspec.Struct, kw_only=True):
             )
         if self.stream and not self.stream.replace("_", "").replace("-", "").isalnum():
             raise SettingsError("PUSHSVC_STREAM", f"invalid stream name {self.stream!r}")
+        if not _is_token(self.revocation_bucket):
+            raise SettingsError(
+                "PUSHSVC_REVOCATION_BUCKET", f"invalid bucket name {self.revocation_bucket!r}"
+            )
         if not _is_token(self.subject_prefix):
             raise SettingsError(
                 "PUSHSVC_SUBJECT_PREFIX", "must be one token of [A-Za-z0-9_-], e.g. 'push'"
@@ -207,10 +234,23 @@ class Settings(msgspec.Struct, kw_only=True):
             "max_subscriptions": self.max_subscriptions,
             "max_connections": self.max_connections,
             "workers": self.workers,
+            "shutdown_timeout": self.shutdown_timeout,
         }
         for name, value in positive.items():
             if value <= 0:
                 raise SettingsError(ENV_PREFIX + name.upper(), f"must be > 0, got {value}")
+        if self.drain_delay < 0:
+            raise SettingsError("PUSHSVC_DRAIN_DELAY", "must be >= 0 (0 = close at once)")
+        if self.log_format not in ("text", "json"):
+            raise SettingsError(
+                "PUSHSVC_LOG_FORMAT", f"must be 'text' or 'json', got {self.log_format!r}"
+            )
+        if self.node_name is not None and not _is_node_name(self.node_name):
+            raise SettingsError(
+                "PUSHSVC_NODE_NAME",
+                "must be 1..64 characters of [A-Za-z0-9_.-] (it names the NATS connection, "
+                "log lines and the pushsvc_info metric)",
+            )
         if self.history_ttl < 0:
             raise SettingsError("PUSHSVC_HISTORY_TTL", "must be >= 0 (0 turns history off)")
         if not 0 <= self.write_delay <= MAX_WRITE_DELAY:
@@ -264,6 +304,19 @@ _KNOWN_ALGORITHMS = {
 
 def _is_token(value: str) -> bool:
     return bool(value) and all(c.isascii() and (c.isalnum() or c in "_-") for c in value)
+
+
+def default_node_name() -> str:
+    """The host name as a node name: characters outside ``[A-Za-z0-9_.-]`` become ``-``,
+    at most 64 characters (``pushsvc`` when the host has no name)."""
+    name = "".join(
+        c if c.isascii() and (c.isalnum() or c in "_.-") else "-" for c in socket.gethostname()
+    )
+    return name[:64] or "pushsvc"
+
+
+def _is_node_name(value: str) -> bool:
+    return 0 < len(value) <= 64 and all(c.isascii() and (c.isalnum() or c in "_.-") for c in value)
 
 
 def _is_list(tp: Any) -> bool:

@@ -4,8 +4,8 @@
  *
  * @example
  *   const c = new PushsvcClient({ token, getToken: async () => (await fetchToken()).token });
- *   c.on("connected", (welcome) => {});   // {client, user, ping_interval, exp}
- *   const sub = c.subscribe("news", (data, ctx) => {});   // ctx = {channel, seq, encoding}
+ *   c.on("connected", (welcome) => {});   // {client, user, ping_interval, exp, epoch?}
+ *   const sub = c.subscribe("news", (data, ctx) => {});   // ctx = {channel, seq, encoding, epoch}
  *   c.connect(); await sub.ready;                     // resolves with the `subscribed` frame
  *   await c.publish("chat.room1", { text: "hi" });    // resolves with the `published` frame {id, seq?}
  *   sub.unsubscribe(); c.close();
@@ -21,22 +21,26 @@
  * @property {Function} [WebSocket]    WebSocket constructor (default: the global one; set it for tests or non-browsers).
  *
  * Events (client.on(name, fn) returns an unsubscribe function; client.off(name, fn) also works):
- *   "connected"    (welcome: {client, user, ping_interval: seconds, exp: unix seconds})
+ *   "connected"    (welcome: {client, user, ping_interval: seconds, exp: unix seconds, epoch?: string})
  *   "disconnected" ({code, reason, willReconnect: boolean, delay: seconds|null})
  *   "error"        (PushsvcError): error frames not matched to a request, subscription failures,
  *                  and getToken/refresh failures. Errors for requests with an id reject that request's Promise.
- *   "message"      ({channel, data, seq, encoding}) for every delivered (non-duplicate) message
- *   "subscribed"   (frame {channel, id?, recovered?}); "unsubscribed" (frame {channel, id?, reason?})
+ *   "message"      ({channel, data, seq, encoding, epoch}) for every delivered (non-duplicate) message
+ *   "subscribed"   (frame {channel, id?, recovered?, epoch?}); "unsubscribed" (frame {channel, id?, reason?})
  *
  * PushsvcError: Error with .code (bad_request | unauthorized | forbidden | invalid_channel | rate_limited |
  *   limit_exceeded | unavailable, or client-side: not_connected | disconnected | unsubscribed),
  *   .retryAfter (seconds, from retry_after), .id, .channel.
  *
  * Messages: data is passed as received. When ctx.encoding === "base64", data is a base64 string
- *   (PushsvcClient.decodeBase64(data) gives a Uint8Array). The highest seq per channel is tracked; a
- *   message whose seq <= the last seen seq is dropped as a duplicate. After `welcome`, every channel is
- *   (re)subscribed with `since` = last seen seq. If `subscribed` says recovered: false, the gap could not
- *   be filled: the seq is forgotten (the stream may have restarted) and the app should refetch its state.
+ *   (PushsvcClient.decodeBase64(data) gives a Uint8Array). The position (epoch, highest seq) per channel
+ *   is tracked; a message whose seq <= the last seen seq is dropped as a duplicate. After `welcome`, every
+ *   channel is (re)subscribed with `since` = last seen seq and `epoch` = the stream epoch that seq belongs
+ *   to. If `subscribed` says recovered: false, the gap could not be filled (messages expired, or the
+ *   stream was created anew: a new epoch, whose seqs restart at 1): the old position is forgotten, the
+ *   messages that follow (a replay of what the server still holds, then live ones) are all delivered, and
+ *   the app should refetch its state. To resume across page loads, keep ctx.epoch and ctx.seq and pass
+ *   them as subscribe(channel, handler, {since, epoch}).
  *
  * Heartbeat: the server sends ping every ping_interval seconds; the client answers pong at once. If no
  *   frame arrives for max(ping_interval * 1.5, ping_interval + 10) seconds the socket is closed and reopened.
@@ -136,7 +140,8 @@ var PushsvcClient = (function () {
     /**
      * @param {string} channel
      * @param {function(*, {channel:string, seq:(number|null), encoding:(string|null)})} handler
-     * @param {{since?: number}} [opts] since: last seq already seen, to resume from
+     * @param {{since?: number, epoch?: string}} [opts] since: last seq already seen, to resume from;
+     *   epoch: the stream epoch that seq belongs to (ctx.epoch of the message)
      * @returns {Subscription}
      */
     subscribe(channel, handler, opts) {
@@ -145,7 +150,8 @@ var PushsvcClient = (function () {
       var e = this._channels.get(channel);
       if (!e) {
         e = { channel: channel, handlers: new Set(), confirmed: false,
-          lastSeq: opts && typeof opts.since === "number" ? opts.since : null };
+          lastSeq: opts && typeof opts.since === "number" ? opts.since : null,
+          epoch: opts && typeof opts.epoch === "string" ? opts.epoch : null };
         e.ready = new Promise((resolve, reject) => { e.resolve = resolve; e.reject = reject; });
         e.ready.catch(() => {}); // no unhandled-rejection noise when the app does not await it
         this._channels.set(channel, e);
@@ -249,14 +255,20 @@ var PushsvcClient = (function () {
 
     _sendSubscribe(e) { // answered synchronously in _onFrame, so ordering with following messages holds
       var id = this._nextId++, msg = { op: "subscribe", channel: e.channel, id: id };
-      if (e.lastSeq !== null) msg.since = e.lastSeq;
+      if (e.lastSeq !== null) {
+        msg.since = e.lastSeq;
+        if (e.epoch !== null) msg.epoch = e.epoch;
+      }
       this._pending.set(id, { op: "subscribe", channel: e.channel, entry: e });
       this._sendRaw(msg);
     }
 
     _onSubscribed(e, f) {
       if (this._channels.get(e.channel) !== e) return;
-      if (f.recovered === false) e.lastSeq = null;
+      // recovered: false (gap, or a new stream epoch): forget the old position so that no
+      // message of the new epoch, whose seqs restarted, is mistaken for a duplicate
+      if (f.recovered === false || (typeof f.epoch === "string" && e.epoch !== null && f.epoch !== e.epoch)) e.lastSeq = null;
+      if (typeof f.epoch === "string") e.epoch = f.epoch;
       e.confirmed = true; e.resolve(f);
       this._emit("subscribed", f);
     }
@@ -351,11 +363,11 @@ var PushsvcClient = (function () {
         if (e.lastSeq !== null && seq <= e.lastSeq) { this._log("duplicate", f.channel, seq); return; }
         e.lastSeq = seq;
       }
-      var ctx = { channel: f.channel, seq: seq, encoding: f.encoding || null };
+      var ctx = { channel: f.channel, seq: seq, encoding: f.encoding || null, epoch: e ? e.epoch : null };
       if (e) Array.from(e.handlers).forEach((h) => {
         try { h(f.data, ctx); } catch (err) { console.error("[pushsvc] handler for " + f.channel + " failed", err); }
       });
-      this._emit("message", { channel: f.channel, data: f.data, seq: seq, encoding: ctx.encoding });
+      this._emit("message", { channel: f.channel, data: f.data, seq: seq, encoding: ctx.encoding, epoch: ctx.epoch });
     }
 
     _scheduleRefresh(exp, delay) { // at exp - 30 s (or halfway for tokens living < 60 s)
