@@ -10,10 +10,11 @@ may carry several objects), framed once, and handed to every live subscriber by
 writable, else the session's bounded buffer; never waits on a socket). A batch
 that reaches ``coalesce_bytes`` is flushed at once.
 
-Batches keep the per-session order of frames exactly: the live set of a channel
-never changes under a batch (a session joining flushes the batch first; a session
-leaving is handed what the batch owes it), and a session with frames already
-buffered queues the batch behind them.
+Batches keep the per-session order of frames exactly: a session joining the live
+set while a batch is open is owed only the frames after its join (handed to it
+through its own buffer at the flush), a session leaving is handed what the batch
+owes it first, and a session with frames already buffered queues the batch
+behind them.
 
 Subscribing with ``since`` runs the recovery protocol so a client gets no gap and
 no duplicate at the seam between replayed history and live delivery:
@@ -53,6 +54,7 @@ from .protocol import (
     payload_to_data,
 )
 from .session import fan_out
+from .transport import utf8_len
 
 if TYPE_CHECKING:
     from .session import Session
@@ -96,6 +98,7 @@ class _Channel:
         "catchup_since",
         "flush_scheduled",
         "last_seq",
+        "late",
         "pending",
         "sessions",
     )
@@ -104,6 +107,9 @@ class _Channel:
         self.batch: list[str] = []  # live frames not yet handed to the live set
         self.batch_bytes = 0  # UTF-8 bytes of the batch joined by "\n"
         self.flush_scheduled = False  # in the hub's dirty list
+        # live sessions that joined while the batch had frames: the index of the
+        # first frame they are owed (they were not subscribed for the ones before)
+        self.late: dict[Session, int] = {}
         self.sessions: set[Session] = set()
         self.pending: dict[Session, _Recovery] = {}
         self.last_seq: int | None = None
@@ -117,6 +123,13 @@ def encode_message(channel: str, payload: bytes, seq: int | None) -> tuple[str, 
     data, encoding = payload_to_data(payload)
     raw = encode_frame(Message(channel=channel, data=data, seq=seq, encoding=encoding))
     return raw.decode(), len(raw)
+
+
+def _send_frames(session: Session, frames: list[str]) -> None:
+    """Queue ``frames`` (encoded objects, in order) to one session as one text."""
+    if frames:
+        nbytes = sum(utf8_len(f) for f in frames) + len(frames) - 1
+        session.send(frames[0] if len(frames) == 1 else "\n".join(frames), nbytes)
 
 
 class Hub:
@@ -234,26 +247,39 @@ class Hub:
                 log.exception("flush of a channel batch failed")
 
     def _flush_channel(self, state: _Channel, single: bool = True) -> None:
-        """Hand ``state``'s batch to its live set now (see :func:`~pushsvc.session.fan_out`)."""
+        """Hand ``state``'s batch to its live set now (see :func:`~pushsvc.session.fan_out`).
+
+        Sessions that joined during the batch get only the frames after their join,
+        through their own buffer.
+        """
         batch = state.batch
+        late = state.late
+        if late:
+            state.late = {}
         if not batch:
             return
         nbytes = state.batch_bytes
         state.batch = []
         state.batch_bytes = 0
         text = batch[0] if len(batch) == 1 else "\n".join(batch)
-        fan_out(tuple(state.sessions), text, nbytes, single=single)
+        if not late:
+            fan_out(tuple(state.sessions), text, nbytes, single=single)
+            return
+        fan_out(tuple(s for s in state.sessions if s not in late), text, nbytes, single=single)
+        for session, start in late.items():
+            _send_frames(session, batch[start:])
 
     def _join(self, state: _Channel, session: Session) -> None:
-        """Add ``session`` to the live set; the batch so far goes out first (it is not owed it)."""
+        """Add ``session`` to the live set; it is owed only the batch's frames from now on."""
         if state.batch:
-            self._flush_channel(state)
+            state.late[session] = len(state.batch)
         state.sessions.add(session)
 
     def _leave(self, state: _Channel, session: Session) -> None:
         """Remove ``session`` from the live set, handing it what the batch owes it first."""
+        start = state.late.pop(session, 0)
         if state.batch and session in state.sessions and not session.closed:
-            session.send("\n".join(state.batch), state.batch_bytes)
+            _send_frames(session, state.batch[start:])
         state.sessions.discard(session)
 
     # --- NATS outage: suspend, then catch up ------------------------------------------

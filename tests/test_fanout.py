@@ -139,6 +139,28 @@ async def test_write_delay_coalesces_a_window_into_one_frame_in_order(start_serv
     assert "\n".join(frames).count('"type":"message"') == 10
 
 
+async def test_subscribing_inside_a_write_delay_window_gets_only_later_messages(
+    start_server, nc, channel
+):
+    srv = await start_server(write_delay=1.0)
+    alice = await srv.client(srv.token("alice"))
+    await alice.subscribe(channel)
+    for i in range(5):
+        await nc.publish(f"push.{channel}", json.dumps({"i": i}).encode())
+    await nc.flush()
+    state = srv.node.hub._channels[channel]
+    await until(lambda: len(state.batch) == 5, 5, "the five messages to reach the hub")
+    bob = await srv.client(srv.token("bob"))
+    await bob.subscribe(channel)  # answered at once: control frames are not delayed
+    assert len(state.batch) == 5, "the window closed before bob joined"
+    for i in range(5, 10):
+        await nc.publish(f"push.{channel}", json.dumps({"i": i}).encode())
+    await nc.flush()
+    assert [m["data"]["i"] for m in await alice.messages(10)] == list(range(10))
+    assert [m["data"]["i"] for m in await bob.messages(5)] == list(range(5, 10))
+    await bob.nothing(0.3)
+
+
 async def test_write_delay_holds_a_message_at_most_one_window(start_server, nc, channel):
     """A steady stream must not keep postponing the write (a debounce would hold the
     first message until the stream stops, 1.5 s here)."""
