@@ -33,7 +33,7 @@ from .auth import Authenticator, Revocation, mint_token, parse_revocation
 from .bus import Bus, Unavailable
 from .channels import InvalidChannel, validate_grant
 from .demo import demo_router
-from .embedded import EmbeddedNats
+from .embedded import EmbeddedNats, start_default
 from .emit import emit_router
 from .endpoint import WebSocketEndpoint
 from .history import history_router
@@ -64,7 +64,8 @@ class Node:
 
     Attributes:
         ready: True once NATS is connected and until shutdown (or the drain) starts.
-        embedded: the bundled nats-server when this node started one.
+        embedded: the bundled nats-server when this node started one (library
+            mode without ``PUSHSVC_NATS_URL``); its URL is :attr:`nats_url`.
         name: the node name (``PUSHSVC_NODE_NAME``, default the host name).
         worker: this process's id under ``serve --workers N`` (N > 1), else None.
         draining: readiness is false (SIGTERM received or shutting down).
@@ -154,6 +155,16 @@ class Node:
             log.error("revocation applied on this node but not stored in NATS: %s", exc)
 
     @property
+    def nats_url(self) -> str | None:
+        """The NATS URL(s) this node uses, comma-separated: ``PUSHSVC_NATS_URL``, or the
+        bundled nats-server's ``nats://127.0.0.1:PORT`` once started (None before).
+
+        Producers publish to ``<prefix>.<channel>`` there, e.g. with
+        ``Publisher(app.state.pushsvc.nats_url)``.
+        """
+        return self.settings.nats_url
+
+    @property
     def ready(self) -> bool:
         """Ready to take traffic: started, NATS connected, not draining."""
         return self.started and not self.draining and self.bus.is_connected
@@ -170,10 +181,17 @@ class Node:
             Unavailable: NATS not reachable within ``connect_timeout`` seconds.
         """
         if self.settings.nats_url is None:
-            self.embedded = EmbeddedNats(data_dir=self.settings.data_dir)
-            await asyncio.to_thread(self.embedded.start)
+            self.embedded = await asyncio.to_thread(start_default, self.settings.data_dir)
             self.settings.nats_url = self.embedded.url
-            log.info("started bundled nats-server at %s", self.embedded.url)
+            # WARNING, not INFO: under a plain uvicorn only warnings of other loggers
+            # are shown, and producers must learn where to publish.
+            log.warning(
+                "PUSHSVC_NATS_URL is unset: started the bundled nats-server at %s "
+                "(publish to it: PUSHSVC_NATS_URL=%s pushsvc publish CHANNEL DATA; "
+                "the app sees it as app.state.pushsvc.nats_url)",
+                self.embedded.url,
+                self.embedded.url,
+            )
         await self.bus.start()
         if self.bus.history_enabled:
             store = RevocationStore(
