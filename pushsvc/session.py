@@ -1,6 +1,9 @@
 """One authenticated WebSocket: command reader, outbound buffer + writer, heartbeat, limits.
 
-Outbound path (what the hub calls, :meth:`Session.send`) never awaits the socket:
+Outbound path never awaits the socket. The hub hands each channel batch to its
+sessions with :func:`fan_out`: a direct transport write for a session with
+nothing pending and an idle, open socket, else :meth:`Session.send`, which (like
+every answer and ping) goes through the session's buffer:
 
 - frames are appended to an outbound buffer bounded in bytes
   (``PUSHSVC_SEND_QUEUE_BYTES``, counted exactly in UTF-8 bytes, including a
