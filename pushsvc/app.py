@@ -87,7 +87,9 @@ class Node:
             on_control=self._control,
             name=self.connection_name,
         )
-        self.hub = Hub(self.bus)
+        self.hub = Hub(
+            self.bus, write_delay=settings.write_delay, coalesce_bytes=settings.coalesce_bytes
+        )
         # NATS outage: buffer live frames, then fill the gap from the stream (history on)
         self.bus.on_disconnected = self.hub.suspend
         self.bus.on_resumed = self.hub.resume
@@ -449,6 +451,20 @@ class WebSocketShortcut:
             await self.endpoint(scope, receive, send)
         else:
             await self.app(scope, receive, send)
+
+
+def serve_app(app: FastAPI) -> WebSocketShortcut:
+    """The ASGI callable ``pushsvc serve`` hands uvicorn: ``app`` with ``/ws`` routed first.
+
+    Inside ``app`` a WebSocket handshake still passes FastAPI's own layers (its
+    telemetry and body-limit wrappers, Starlette's error middleware) before the
+    shortcut: about 5% of the server's CPU per connection in a reconnect storm
+    (py-spy). ``pushsvc serve`` adds no middleware of its own, so the endpoint is
+    called first here; everything else (HTTP, lifespan) goes to ``app`` unchanged.
+    Apps that embed pushsvc with :func:`setup_app` keep their middleware for ``/ws``.
+    """
+    node: Node = app.state.pushsvc
+    return WebSocketShortcut(app, node.settings.base_path + "/ws", node.endpoint)
 
 
 _WS_REFUSALS: dict[int | str, dict[str, Any]] = {

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import glob
 import json
 import logging
@@ -208,9 +209,11 @@ def _serve(args: argparse.Namespace) -> int:
             finally:
                 metrics_dir.cleanup()
             return 0
-        from .app import create_app
+        from .app import create_app, serve_app
 
-        server = uvicorn.Server(uvicorn.Config(create_app(settings), **config))
+        app = serve_app(create_app(settings))
+        tune_gc()
+        server = uvicorn.Server(uvicorn.Config(app, **config))
         server.run(sockets=[sock])
         return 0 if server.started else 1
     finally:
@@ -304,9 +307,33 @@ def _exit_on_sigterm(signum: int, frame: Any) -> None:
 
 def app_from_env() -> Any:
     """uvicorn factory for ``--workers N``: each worker builds its app from the environment."""
-    from .app import create_app
+    from .app import create_app, serve_app
 
-    return create_app(Settings.load())
+    app = serve_app(create_app(Settings.load()))
+    tune_gc()
+    return app
+
+
+GC_OLDEST_THRESHOLD = 1000  # CPython's default is 10
+
+
+def tune_gc() -> None:
+    """Garbage-collector settings of a ``pushsvc serve`` process (not of embedding apps).
+
+    Every connection keeps a few hundred container objects alive for its whole
+    life, and CPython runs a full collection (over every object of the process)
+    each time 10 young-generation collections have happened and the old
+    generation grew by 25%: while thousands of sockets connect, that was most of
+    the server's CPU per connection (docs/benchmarks.md, "Reconnect"). Full
+    collections now wait for ``GC_OLDEST_THRESHOLD`` young collections (the 25%
+    rule still applies); the young generations keep their defaults, so short-lived
+    cycles are freed as promptly as before. ``gc.freeze()`` moves what the process
+    built at start (imports, app, routes) out of the collector's way for good.
+    """
+    gen0, gen1, _ = gc.get_threshold()
+    gc.set_threshold(gen0, gen1, GC_OLDEST_THRESHOLD)
+    gc.collect()
+    gc.freeze()
 
 
 async def _probe_nats(settings: Settings, bus_cls: Any) -> None:

@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 import msgspec
 
 ENV_PREFIX = "PUSHSVC_"
+MAX_WRITE_DELAY = 1.0  # seconds: a longer hold would stall interactive channels
 
 
 class SettingsError(ValueError):
@@ -93,6 +94,7 @@ class Settings(msgspec.Struct, kw_only=True):
     send_queue_bytes: int = 1048576
     send_timeout: float = 10.0
     coalesce_bytes: int = 65536
+    write_delay: float = 0.0  # seconds a channel's messages are held to coalesce (0 = none)
     allowed_origins: list[str] = msgspec.field(default_factory=list)
 
     # --- limits --------------------------------------------------------------
@@ -243,6 +245,11 @@ class Settings(msgspec.Struct, kw_only=True):
             )
         if self.history_ttl < 0:
             raise SettingsError("PUSHSVC_HISTORY_TTL", "must be >= 0 (0 turns history off)")
+        if not 0 <= self.write_delay <= MAX_WRITE_DELAY:
+            raise SettingsError(
+                "PUSHSVC_WRITE_DELAY",
+                f"must be in 0..{MAX_WRITE_DELAY} seconds (0 turns it off), got {self.write_delay}",
+            )
         if self.ping_interval < 0.1:
             raise SettingsError("PUSHSVC_PING_INTERVAL", "must be >= 0.1 s")
         if self.auth_cookie and not self.allowed_origins:

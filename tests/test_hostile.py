@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gc
 import hashlib
 import hmac
 import json
@@ -606,3 +607,26 @@ async def test_broken_handshakes_are_answered_and_shutdown_still_works(start_ser
     assert bystander.close_code == 1012
     assert "Traceback" not in logs.text, logs.text
     assert "ERROR" not in logs.text, logs.text
+
+
+async def test_upgraded_connections_leave_no_garbage_cycles(start_server, nc, channel):
+    """The HTTP protocol object that read an upgrade is freed at once, not by the cyclic GC.
+
+    Otherwise every WebSocket leaves ~5 KiB for full collections to find: a reconnect
+    storm's memory and most of its CPU (docs/benchmarks.md).
+    """
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    srv = await start_server()
+    gc.collect()
+    gc.disable()  # nothing may be freed here except by reference counting
+    try:
+        clients = [await srv.client(srv.token(f"u{i}")) for i in range(20)]
+        for c in clients:
+            await c.subscribe(channel)
+        await asyncio.sleep(0.05)
+        leftover = [o for o in gc.get_objects() if isinstance(o, HttpToolsProtocol)]
+        assert leftover == []
+        assert len(srv.node.hub.sessions) == 20
+    finally:
+        gc.enable()
