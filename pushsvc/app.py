@@ -31,8 +31,11 @@ from .endpoint import WebSocketEndpoint
 from .history import history_router
 from .hub import Hub
 from .logs import install_redaction
+from .presence import PresenceRegistry
+from .presencehttp import presence_router
 from .protocol import CLOSE_SERVICE_RESTART
 from .ratelimit import BucketRegistry
+from .session import NODE_ID
 from .settings import Settings
 
 log = logging.getLogger("pushsvc")
@@ -56,6 +59,11 @@ class Node:
         # NATS outage: buffer live frames, then fill the gap from the stream (history on)
         self.bus.on_disconnected = self.hub.suspend
         self.bus.on_resumed = self.hub.resume
+        # presence: the hub tells the registry who joins and leaves which channel
+        self.presence = PresenceRegistry(settings, self.bus, NODE_ID)
+        self.hub.presence = self.presence
+        self.hub.on_join.append(self.presence.joined)
+        self.hub.on_leave.append(self.presence.left)
         self.command_buckets = BucketRegistry(settings.command_rate, settings.command_burst)
         self.emit_buckets = BucketRegistry(settings.emit_rate, settings.emit_burst)
         self.endpoint = WebSocketEndpoint(
@@ -98,6 +106,7 @@ class Node:
             self.settings.nats_url = self.embedded.url
             log.info("started bundled nats-server at %s", self.embedded.url)
         await self.bus.start()
+        await self.presence.start()
         self.started = True
 
     async def stop(self) -> None:
@@ -106,6 +115,7 @@ class Node:
         self.hub.close_all(CLOSE_SERVICE_RESTART, "service restart")
         await asyncio.sleep(0.05)  # let close frames go out
         await self.hub.wait_idle()
+        await self.presence.stop()
         await self.bus.close()
         if self.embedded is not None:
             await asyncio.to_thread(self.embedded.cleanup)
@@ -127,6 +137,7 @@ class Node:
         router.routes.append(WebSocketRoute("/ws", self.endpoint))
         router.include_router(emit_router(settings, self.hub, self.auth, self.emit_buckets))
         router.include_router(history_router(settings, self.bus, self.auth))
+        router.include_router(presence_router(settings, self.presence, self.auth))
 
         @router.get("/healthz")
         async def healthz() -> dict[str, Any]:

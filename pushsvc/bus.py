@@ -14,7 +14,11 @@ Subjects (``prefix`` = ``PUSHSVC_SUBJECT_PREFIX``, default ``push``):
   sequence, and duplicates by ``Nats-Msg-Id`` are never republished;
 - with history off (``PUSHSVC_HISTORY_TTL=0`` or no JetStream) nodes subscribe to
   ``<prefix>.<channel>`` directly and messages carry no sequence;
-- revocations arrive on ``<prefix>-control.disconnect``.
+- revocations arrive on ``<prefix>-control.disconnect``;
+- channel events (join/leave) travel on ``<prefix>-events.<channel>`` (core NATS,
+  never stored), one refcounted subscription per channel with local subscribers
+  where they are on (:meth:`Bus.acquire_events`);
+- presence lives in a JetStream KV bucket (:meth:`Bus.key_value`).
 
 Interest-based: a node holds one NATS subscription per channel with at least one
 local subscriber; :meth:`Bus.release` of the last one unsubscribes.
@@ -26,6 +30,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import nats
 import nats.errors
@@ -37,10 +42,12 @@ from nats.js.api import (
     AckPolicy,
     ConsumerConfig,
     DeliverPolicy,
+    KeyValueConfig,
     RePublish,
     StorageType,
     StreamConfig,
 )
+from nats.js.kv import KeyValue
 
 from .channels import subject_for
 from .settings import Settings
@@ -49,6 +56,7 @@ log = logging.getLogger("pushsvc.bus")
 
 MessageHandler = Callable[[str, bytes, int | None], None]
 ControlHandler = Callable[[bytes], None]
+EventHandler = Callable[[str, bytes], None]
 ResumeHandler = Callable[[bool], Awaitable[None]]
 
 STREAM_RETRY_MAX = 2.0  # s, longest pause between stream set-up attempts after a reconnect
@@ -167,6 +175,11 @@ class Bus:
         self.stream_reset = False
         self._stream_created: object = None
         self._resume_task: asyncio.Task[None] | None = None
+        self.events_prefix = f"{self.prefix}-events"
+        #: called with ``(channel, payload)`` for every channel event (join/leave)
+        #: of a channel held with :meth:`acquire_events`; must not block.
+        self.on_event: EventHandler | None = None
+        self._event_subs: dict[str, list[Any]] = {}  # channel -> [refs, Subscription | None]
 
     # --- lifecycle -------------------------------------------------------------
     async def start(self) -> None:
@@ -656,3 +669,120 @@ class Bus:
         except (nats.errors.Error, TimeoutError) as exc:
             raise Unavailable(f"last message lookup failed ({type(exc).__name__})") from None
         return msg.seq or 0
+
+    # --- presence KV bucket ------------------------------------------------------------
+    async def key_value(self, bucket: str, ttl: float) -> tuple[KeyValue, float]:
+        """Create (or open) the JetStream KV bucket ``bucket`` for presence.
+
+        New buckets keep one value per key (``history=1``) in memory storage with
+        ``max_age`` = ``ttl`` seconds and ``stream_replicas`` replicas (NATS docs,
+        "Key/Value Store"). A bucket that already exists with another configuration
+        (e.g. another node's TTL) is opened as it is and its own TTL is returned,
+        so every node refreshes at the pace the bucket actually expires.
+
+        Returns:
+            ``(kv, ttl_seconds)``; ``ttl_seconds`` is 0 for a bucket without max age.
+
+        Raises:
+            Unavailable: history/JetStream is off, NATS is not connected, or
+                JetStream did not create/open the bucket.
+        """
+        if not self.history_enabled or self.js is None:
+            raise Unavailable("presence needs JetStream (history is off)")
+        if not self.is_connected:
+            raise Unavailable("NATS is not connected")
+        config = KeyValueConfig(
+            bucket=bucket,
+            history=1,
+            ttl=ttl,
+            storage=StorageType.MEMORY,
+            replicas=self.settings.stream_replicas,
+            direct=True,
+        )
+        try:
+            try:
+                return await self.js.create_key_value(config), ttl
+            except nats.js.errors.BadRequestError as exc:
+                if exc.err_code != 10058:  # exists with a different configuration
+                    raise
+            kv = await self.js.key_value(bucket)
+            status = await kv.status()
+            actual = status.ttl or 0.0
+            log.warning(
+                "presence bucket %s exists with other settings (ttl %gs); using it as it is",
+                bucket,
+                actual,
+            )
+            return kv, actual
+        except nats.errors.NoRespondersError:
+            raise Unavailable("JetStream is not enabled on this NATS") from None
+        except nats.js.errors.APIError as exc:
+            raise Unavailable(f"presence bucket {bucket}: {exc.description}") from None
+        except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
+            raise Unavailable(
+                f"presence bucket {bucket} not ready ({type(exc).__name__})"
+            ) from None
+
+    # --- channel events (join/leave) ------------------------------------------------
+    def events_subject(self, channel: str) -> str:
+        """Subject of ``channel``'s events: ``<prefix>-events.<channel>``."""
+        return subject_for(self.events_prefix, channel)
+
+    async def publish_event(self, channel: str, payload: bytes) -> None:
+        """Core-publish one event of ``channel`` (not stored, no ack awaited).
+
+        Raises:
+            Unavailable: NATS is not connected or refused the write.
+        """
+        nc = self.nc
+        if nc is None or not nc.is_connected:
+            raise Unavailable("NATS is not connected")
+        try:
+            await nc.publish(self.events_subject(channel), payload)
+        except (nats.errors.Error, OSError) as exc:
+            raise Unavailable(f"NATS did not take the event ({type(exc).__name__})") from None
+
+    async def acquire_events(self, channel: str) -> None:
+        """Take a reference on ``channel``'s event subscription, subscribing on the first.
+
+        The SUB is written before any later PUB on this connection, so this node's
+        own events published after this returns reach it (NATS processes a
+        connection's protocol in order).
+
+        Raises:
+            Unavailable: NATS is not connected.
+        """
+        entry = self._event_subs.get(channel)
+        if entry is not None:
+            entry[0] += 1
+            return
+        nc = self.nc
+        if nc is None or not nc.is_connected:
+            raise Unavailable("NATS is not connected")
+        entry = self._event_subs[channel] = [1, None]
+
+        async def cb(msg: Msg) -> None:
+            if self.on_event is not None:
+                self.on_event(channel, msg.data)
+
+        try:
+            sub = await nc.subscribe(self.events_subject(channel), cb=cb)
+        except nats.errors.Error as exc:
+            if self._event_subs.get(channel) is entry:
+                del self._event_subs[channel]
+            raise Unavailable(f"NATS refused the subscription ({type(exc).__name__})") from None
+        if self._event_subs.get(channel) is not entry:  # released meanwhile
+            await self._unsubscribe(sub)
+            return
+        entry[1] = sub
+
+    async def release_events(self, channel: str) -> None:
+        """Drop a reference; the last one unsubscribes ``channel``'s events."""
+        entry = self._event_subs.get(channel)
+        if entry is None:
+            return
+        entry[0] -= 1
+        if entry[0] <= 0:
+            del self._event_subs[channel]
+            if entry[1] is not None:
+                await self._unsubscribe(entry[1])

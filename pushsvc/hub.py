@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
 from . import metrics
@@ -42,6 +42,7 @@ from .protocol import (
 )
 
 if TYPE_CHECKING:
+    from .presence import PresenceRegistry
     from .session import Session
 
 log = logging.getLogger("pushsvc.hub")
@@ -107,6 +108,13 @@ class Hub:
         self.users: dict[str, set[Session]] = {}
         self.sessions: set[Session] = set()
         self._background: set[asyncio.Task[None]] = set()
+        #: membership observers (presence, join/leave): each is called with
+        #: ``(session, channel)`` when a session has joined (NATS interest
+        #: confirmed) or left (unsubscribe, close) a channel. Must not block.
+        self.on_join: list[Callable[[Session, str], None]] = []
+        self.on_leave: list[Callable[[Session, str], None]] = []
+        #: the node's presence registry (reads for the ``presence`` commands).
+        self.presence: PresenceRegistry | None = None
 
     # --- bus -> hub ------------------------------------------------------------------
     def dispatch(self, channel: str, payload: bytes, seq: int | None) -> None:
@@ -310,6 +318,8 @@ class Hub:
             state = self._channels[channel] = _Channel()
             if self.bus.history_enabled:
                 self._spawn(self._learn_last_seq(channel, state))
+        for joined in self.on_join:
+            joined(session, channel)
         if since is None:
             state.sessions.add(session)
             session.send_frame(Subscribed(channel=channel, id=req_id))
@@ -349,6 +359,8 @@ class Hub:
         if channel not in session.channels:
             return
         session.channels.discard(channel)
+        for left in self.on_leave:
+            left(session, channel)
         state = self._channels.get(channel)
         if state is not None:
             state.sessions.discard(session)
@@ -364,6 +376,23 @@ class Hub:
             Unavailable: NATS did not take it.
         """
         return await self.bus.publish(channel, payload, msg_id)
+
+    def broadcast(self, channel: str, frame: str, nbytes: int) -> None:
+        """Hand one encoded non-message frame (join/leave) to ``channel``'s local sessions.
+
+        Sessions still recovering with ``since`` get it after their replay (it
+        joins their seam buffer, where frames without ``seq`` always pass).
+        """
+        state = self._channels.get(channel)
+        if state is None:
+            return
+        for session in tuple(state.sessions):
+            session.send(frame, nbytes)
+        for session, rec in list(state.pending.items()):
+            if rec.buffer is not None:
+                rec.buffer.append((None, frame, nbytes))
+            else:
+                session.send(frame, nbytes)
 
     def subscribers(self, channel: str) -> int:
         """Local sessions subscribed to ``channel`` (live or recovering)."""

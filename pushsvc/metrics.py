@@ -20,3 +20,9 @@ RATE_LIMITED = Counter("pushsvc_rate_limited_total", "Client commands and emits 
 HANDSHAKES_REJECTED = Counter(
     "pushsvc_handshakes_rejected_total", "WebSocket handshakes refused", ["reason"]
 )
+PRESENCE_ENTRIES = Gauge(
+    "pushsvc_presence_entries", "Presence entries this node owns (present sessions x channels)"
+)
+JOIN_LEAVE_PUBLISHED = Counter(
+    "pushsvc_join_leave_published_total", "join/leave events published by this node", ["event"]
+)

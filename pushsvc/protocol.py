@@ -83,7 +83,24 @@ class Pong(msgspec.Struct, tag_field="op", tag="pong"):
     """``{"op":"pong"}``: answer to a server ``ping``."""
 
 
-Command = Auth | Subscribe | Unsubscribe | Publish | Refresh | Pong
+class Presence(msgspec.Struct, tag_field="op", tag="presence"):
+    """``{"op":"presence","channel":C,"id":I?}``: who is subscribed to ``C``, cluster-wide.
+
+    Needs a ``presence`` grant and a channel in ``PUSHSVC_PRESENCE_CHANNELS``.
+    """
+
+    channel: str
+    id: RequestId = None
+
+
+class PresenceStats(msgspec.Struct, tag_field="op", tag="presence_stats"):
+    """``{"op":"presence_stats","channel":C,"id":I?}``: counts only (clients, users)."""
+
+    channel: str
+    id: RequestId = None
+
+
+Command = Auth | Subscribe | Unsubscribe | Publish | Refresh | Pong | Presence | PresenceStats
 
 
 # --- server frames ----------------------------------------------------------------
@@ -148,7 +165,75 @@ class Refreshed(msgspec.Struct, tag_field="type", tag="refreshed", omit_defaults
     id: RequestId = None
 
 
-Frame = Welcome | Message | Ping | Error | Subscribed | Unsubscribed | Published | Refreshed
+NO_INFO: Final = msgspec.Raw()  # an absent ``info`` (omitted when encoding)
+
+
+class ClientInfo(msgspec.Struct, omit_defaults=True):
+    """One present session: ``client`` id, ``user`` (JWT ``sub``), ``node`` serving it,
+    ``info`` (the token's ``info`` claim, a JSON object) when the token had one."""
+
+    client: str
+    user: str
+    node: str
+    info: msgspec.Raw = NO_INFO
+
+
+class PresenceResult(msgspec.Struct, tag_field="type", tag="presence", omit_defaults=True):
+    """Answer to ``presence``: ``clients`` (at most ``PUSHSVC_PRESENCE_LIMIT``),
+    exact ``users`` (distinct) and ``clients_total`` counts, ``truncated`` when the
+    list was cut."""
+
+    channel: str
+    clients: list[ClientInfo]
+    users: int
+    clients_total: int
+    truncated: bool | None = None
+    id: RequestId = None
+
+
+class PresenceStatsResult(
+    msgspec.Struct, tag_field="type", tag="presence_stats", omit_defaults=True
+):
+    """Answer to ``presence_stats``: ``clients`` and distinct ``users`` present."""
+
+    channel: str
+    clients: int
+    users: int
+    id: RequestId = None
+
+
+class Join(msgspec.Struct, tag_field="type", tag="join", omit_defaults=True):
+    """Session ``client`` of ``user`` subscribed to ``channel`` (on any node)."""
+
+    channel: str
+    client: str
+    user: str
+    info: msgspec.Raw = NO_INFO
+
+
+class Leave(msgspec.Struct, tag_field="type", tag="leave", omit_defaults=True):
+    """Session ``client`` of ``user`` unsubscribed from ``channel`` or disconnected."""
+
+    channel: str
+    client: str
+    user: str
+    info: msgspec.Raw = NO_INFO
+
+
+Frame = (
+    Welcome
+    | Message
+    | Ping
+    | Error
+    | Subscribed
+    | Unsubscribed
+    | Published
+    | Refreshed
+    | PresenceResult
+    | PresenceStatsResult
+    | Join
+    | Leave
+)
 
 _command_decoder = msgspec.json.Decoder(Command)
 _encoder = msgspec.json.Encoder()

@@ -54,6 +54,10 @@ from .protocol import (
     Error,
     Frame,
     Pong,
+    Presence,
+    PresenceResult,
+    PresenceStats,
+    PresenceStatsResult,
     ProtocolError,
     Publish,
     Published,
@@ -85,6 +89,7 @@ ASGIReceive = Callable[[], Awaitable[dict[str, Any]]]
 
 _ids = itertools.count(1)
 _NODE = os.urandom(3).hex()
+NODE_ID = _NODE  #: this process's id, the prefix of its session ids (``<node>-<n>``)
 CLOSE_TIMEOUT = 2.0  # seconds to get a close frame out before dropping the socket
 MAX_SEQ = 2**63 - 1  # JetStream sequences are uint64; JSON decoding allows any int
 
@@ -456,6 +461,8 @@ class Session:
             await self._publish(cmd)
         elif isinstance(cmd, Refresh):
             self._refresh(cmd)
+        elif isinstance(cmd, Presence | PresenceStats):
+            await self._presence(cmd)
 
     def _refuse(self, code: str, message: str, req_id: object, *, charge: bool = False) -> None:
         """Answer ``error``; with ``charge`` the frame also costs a command token."""
@@ -544,6 +551,49 @@ class Session:
             self._refuse(UNAVAILABLE, str(exc), cmd.id)
             return
         self.send_frame(Published(id=cmd.id, seq=seq))
+
+    async def _presence(self, cmd: Presence | PresenceStats) -> None:
+        """Answer ``presence`` / ``presence_stats``: grant, then channel, then the read.
+
+        Refusals: ``invalid_channel``; ``forbidden`` without a ``presence`` grant;
+        ``bad_request`` when the channel is outside ``PUSHSVC_PRESENCE_CHANNELS``;
+        ``unavailable`` without JetStream or when the bucket does not answer.
+        """
+        try:
+            channel = validate_channel(cmd.channel)
+        except InvalidChannel as exc:
+            self._refuse(INVALID_CHANNEL, str(exc), cmd.id)
+            return
+        if not self.principal.can_see_presence(channel):
+            self._refuse(FORBIDDEN, f"not allowed to see presence of {channel}", cmd.id)
+            return
+        registry = self.hub.presence
+        if registry is None or not registry.enabled(channel):
+            self._refuse(BAD_REQUEST, f"presence is not enabled for {channel}", cmd.id)
+            return
+        stats = isinstance(cmd, PresenceStats)
+        try:
+            snap = await registry.read(channel, 0 if stats else self.settings.presence_limit)
+        except Unavailable as exc:
+            self._refuse(UNAVAILABLE, f"presence is unavailable: {exc}", cmd.id)
+            return
+        if stats:
+            self.send_frame(
+                PresenceStatsResult(
+                    channel=channel, clients=snap.clients_total, users=snap.users, id=cmd.id
+                )
+            )
+            return
+        self.send_frame(
+            PresenceResult(
+                channel=channel,
+                clients=snap.clients,
+                users=snap.users,
+                clients_total=snap.clients_total,
+                truncated=True if snap.truncated else None,
+                id=cmd.id,
+            )
+        )
 
     def _refresh(self, cmd: Refresh) -> None:
         try:

@@ -18,6 +18,8 @@ from urllib.parse import urlsplit
 
 import msgspec
 
+from .channels import InvalidChannel, validate_grant
+
 ENV_PREFIX = "PUSHSVC_"
 
 
@@ -93,6 +95,12 @@ class Settings(msgspec.Struct, kw_only=True):
     max_connections_per_user: int = 10
     max_subscriptions: int = 128
     max_connections: int = 20000
+
+    # --- presence, join/leave, server-side subscriptions ---------------------------
+    presence_bucket: str = "PUSHSVC_PRESENCE"  # JetStream KV bucket of presence entries
+    presence_ttl: float = 60.0  # s an entry outlives its node's last refresh
+    presence_channels: list[str] = msgspec.field(default_factory=list)  # patterns; none = off
+    presence_limit: int = 1000  # clients listed per presence answer (counts stay exact)
 
     log_level: str = "info"
 
@@ -205,6 +213,7 @@ class Settings(msgspec.Struct, kw_only=True):
             "max_subscriptions": self.max_subscriptions,
             "max_connections": self.max_connections,
             "workers": self.workers,
+            "presence_limit": self.presence_limit,
         }
         for name, value in positive.items():
             if value <= 0:
@@ -226,6 +235,18 @@ class Settings(msgspec.Struct, kw_only=True):
         for entry in self.api_keys:
             if not entry.rsplit(":", 1)[-1]:
                 raise SettingsError("PUSHSVC_API_KEYS", "empty API key")
+        if self.presence_ttl < 1:
+            raise SettingsError("PUSHSVC_PRESENCE_TTL", "must be >= 1 s")
+        if not _is_bucket(self.presence_bucket):
+            raise SettingsError(
+                "PUSHSVC_PRESENCE_BUCKET", f"invalid KV bucket name {self.presence_bucket!r}"
+            )
+        for name in ("presence_channels",):
+            for pattern in getattr(self, name):
+                try:
+                    validate_grant(pattern)
+                except InvalidChannel as exc:
+                    raise SettingsError(ENV_PREFIX + name.upper(), str(exc)) from None
         if self.base_path and (not self.base_path.startswith("/") or self.base_path.endswith("/")):
             raise SettingsError("PUSHSVC_BASE_PATH", "must start with '/' and not end with '/'")
 
@@ -257,6 +278,11 @@ _KNOWN_ALGORITHMS = {
 
 def _is_token(value: str) -> bool:
     return bool(value) and all(c.isascii() and (c.isalnum() or c in "_-") for c in value)
+
+
+def _is_bucket(value: str) -> bool:
+    """A JetStream KV bucket name: ``[A-Za-z0-9_-]+`` (nats-py ``VALID_BUCKET_RE``)."""
+    return _is_token(value)
 
 
 def _is_list(tp: Any) -> bool:
