@@ -30,6 +30,7 @@ from .emit import emit_router
 from .endpoint import WebSocketEndpoint
 from .history import history_router
 from .hub import Hub
+from .joinleave import JoinLeave
 from .logs import install_redaction
 from .presence import PresenceRegistry
 from .presencehttp import presence_router
@@ -64,6 +65,11 @@ class Node:
         self.hub.presence = self.presence
         self.hub.on_join.append(self.presence.joined)
         self.hub.on_leave.append(self.presence.left)
+        # join/leave events: published through NATS, delivered by every node's hub
+        self.join_leave = JoinLeave(settings, self.bus, self.hub)
+        self.hub.on_join.append(self.join_leave.joined)
+        self.hub.on_leave.append(self.join_leave.left)
+        self.bus.on_event = self.join_leave.deliver
         self.command_buckets = BucketRegistry(settings.command_rate, settings.command_burst)
         self.emit_buckets = BucketRegistry(settings.emit_rate, settings.emit_burst)
         self.endpoint = WebSocketEndpoint(
@@ -115,6 +121,7 @@ class Node:
         self.hub.close_all(CLOSE_SERVICE_RESTART, "service restart")
         await asyncio.sleep(0.05)  # let close frames go out
         await self.hub.wait_idle()
+        await self.join_leave.wait_idle()
         await self.presence.stop()
         await self.bus.close()
         if self.embedded is not None:

@@ -101,6 +101,7 @@ class Settings(msgspec.Struct, kw_only=True):
     presence_ttl: float = 60.0  # s an entry outlives its node's last refresh
     presence_channels: list[str] = msgspec.field(default_factory=list)  # patterns; none = off
     presence_limit: int = 1000  # clients listed per presence answer (counts stay exact)
+    join_leave_channels: list[str] = msgspec.field(default_factory=list)  # patterns
 
     log_level: str = "info"
 
@@ -241,7 +242,7 @@ class Settings(msgspec.Struct, kw_only=True):
             raise SettingsError(
                 "PUSHSVC_PRESENCE_BUCKET", f"invalid KV bucket name {self.presence_bucket!r}"
             )
-        for name in ("presence_channels",):
+        for name in ("presence_channels", "join_leave_channels"):
             for pattern in getattr(self, name):
                 try:
                     validate_grant(pattern)
