@@ -86,11 +86,12 @@ class Principal(msgspec.Struct, frozen=True):
     def can_subscribe(self, channel: str) -> bool:
         """True when a grant covers ``channel`` or it is the user's personal channel.
 
+        A channel listed in ``subs`` (server-side subscriptions) is granted too.
         Personal channels of *other* users (``user.<x>``) need a grant that names
         ``user`` as its first token (``user.*``, ``user.bob``, ``user.>``): wildcard
         grants such as ``>`` or ``*.bob`` do not reach them (least privilege).
         """
-        if channel == personal_channel(self.sub):
+        if channel == personal_channel(self.sub) or channel in self.subs:
             return True
         if channel.startswith(PERSONAL_PREFIX):
             return any_grant_matches(

@@ -40,10 +40,22 @@ RequestId = int | str | None
 
 
 # --- client commands ------------------------------------------------------------
+class SubResume(msgspec.Struct, forbid_unknown_fields=False):
+    """Where to resume one server-side subscription: ``{"since":N?,"epoch":E?}``.
+
+    ``since`` as in ``subscribe``; ``epoch`` is passed on as ``subscribe`` would.
+    """
+
+    since: int | None = None
+    epoch: int | str | None = None
+
+
 class Auth(msgspec.Struct, tag_field="op", tag="auth"):
-    """``{"op":"auth","token":T}``: the first frame; answered by ``welcome``."""
+    """``{"op":"auth","token":T,"subs":{C:{"since":N}}?}``: the first frame; answered by
+    ``welcome``. ``subs`` resumes server-side subscriptions (token ``subs`` claim)."""
 
     token: str
+    subs: dict[str, SubResume] | None = None
 
 
 class Subscribe(msgspec.Struct, tag_field="op", tag="subscribe"):
@@ -105,12 +117,15 @@ Command = Auth | Subscribe | Unsubscribe | Publish | Refresh | Pong | Presence |
 
 # --- server frames ----------------------------------------------------------------
 class Welcome(msgspec.Struct, tag_field="type", tag="welcome", omit_defaults=True):
-    """Sent after a successful auth. ``ping_interval`` seconds, ``exp`` Unix seconds."""
+    """Sent after a successful auth. ``ping_interval`` seconds, ``exp`` Unix seconds;
+    ``subs``: channels the server subscribes the session to (their ``subscribed``
+    answers follow)."""
 
     client: str
     user: str
     ping_interval: float
     exp: float
+    subs: list[str] = msgspec.field(default_factory=list)  # server-side subscriptions
 
 
 class Message(msgspec.Struct, tag_field="type", tag="message", omit_defaults=True):

@@ -28,13 +28,13 @@ import itertools
 import logging
 import os
 from collections import deque
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from typing import Any
 
 from . import metrics
 from .auth import Authenticator, AuthError, Principal
 from .bus import Unavailable
-from .channels import InvalidChannel, validate_channel
+from .channels import InvalidChannel, personal_channel, validate_channel
 from .hub import Hub
 from .protocol import (
     BAD_REQUEST,
@@ -63,6 +63,7 @@ from .protocol import (
     Published,
     Refresh,
     Refreshed,
+    SubResume,
     Subscribe,
     Unsubscribe,
     Unsubscribed,
@@ -104,6 +105,8 @@ class Session:
         auth: verifies refresh tokens.
         bucket: the user's command token bucket (shared by the user's sessions).
         settings: limits and timers (seconds, bytes).
+        resume_subs: the auth frame's ``subs`` map (channel -> ``since``), used by the
+            server-side subscriptions (:meth:`server_subscriptions`).
 
     Attributes:
         channels: channels this session is subscribed to.
@@ -121,6 +124,8 @@ class Session:
         auth: Authenticator,
         bucket: TokenBucket,
         settings: Settings,
+        *,
+        resume_subs: Mapping[str, SubResume] | None = None,
     ) -> None:
         self._send = send
         self._receive = receive
@@ -149,6 +154,7 @@ class Session:
         self._exp_timer: asyncio.TimerHandle | None = None
         self._strikes = 0  # command refusals in a row on this connection
         self._direct = direct_protocol(receive)
+        self._resume = dict(resume_subs or {})  # server-side subs to resume: channel -> since
 
     # --- outbound ----------------------------------------------------------------------
     @property
@@ -376,11 +382,14 @@ class Session:
                 user=self.principal.sub,
                 ping_interval=self.settings.ping_interval,
                 exp=self.principal.exp,
+                subs=(server_subs := self.server_subscriptions()),
             )
         )
         self._schedule_ping()
         self._schedule_expiry()
         try:
+            if server_subs:
+                await self._server_subscribe(server_subs)
             while True:
                 if self.closed:
                     # Closed by a command (4001 refresh, 4008, 1009): returning now would
@@ -526,6 +535,53 @@ class Session:
             await self.hub.subscribe(self, channel, cmd.since, cmd.id)
         except Unavailable as exc:
             self._refuse(UNAVAILABLE, str(exc), cmd.id)
+
+    def server_subscriptions(self) -> list[str]:
+        """Channels the server subscribes this session to at ``welcome``, in order.
+
+        The token's ``subs`` claim (Centrifugo's server-side subscriptions),
+        preceded by ``user.<sub>`` with ``PUSHSVC_AUTO_SUBSCRIBE_PERSONAL``.
+        """
+        subs = list(self.principal.subs)
+        if self.settings.auto_subscribe_personal:
+            subs.insert(0, personal_channel(self.principal.sub))
+        return list(dict.fromkeys(subs))
+
+    async def _server_subscribe(self, channels: list[str]) -> None:
+        """Subscribe to the server-side subscriptions, each answered ``subscribed``.
+
+        A channel in the auth frame's ``subs`` map resumes from its ``since`` (with
+        ``recovered``, then the replay) exactly as a ``subscribe`` with ``since``
+        would. Refusals are ``error`` frames naming the channel (no ``id``): over
+        ``PUSHSVC_MAX_SUBSCRIPTIONS`` (``limit_exceeded``), a pattern
+        (``invalid_channel``), a bad ``since`` (``bad_request``), NATS away
+        (``unavailable``).
+        """
+        for channel in channels:
+            if self.closed:
+                return
+            try:
+                validate_channel(channel)
+            except InvalidChannel as exc:
+                self._refuse(INVALID_CHANNEL, f"server-side subscription {channel}: {exc}", None)
+                continue
+            if len(self.channels) >= self.settings.max_subscriptions:
+                self._refuse(
+                    LIMIT_EXCEEDED,
+                    f"server-side subscription {channel}: at most "
+                    f"{self.settings.max_subscriptions} subscriptions per connection",
+                    None,
+                )
+                continue
+            resume = self._resume.get(channel)
+            since = resume.since if resume is not None else None
+            if since is not None and not 0 <= since <= MAX_SEQ:
+                self._refuse(BAD_REQUEST, f"subs.{channel}.since must be in 0..{MAX_SEQ}", None)
+                since = None
+            try:
+                await self.hub.subscribe(self, channel, since, None)
+            except Unavailable as exc:
+                self._refuse(UNAVAILABLE, f"server-side subscription {channel}: {exc}", None)
 
     async def _unsubscribe(self, cmd: Unsubscribe) -> None:
         try:

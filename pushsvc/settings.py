@@ -102,6 +102,7 @@ class Settings(msgspec.Struct, kw_only=True):
     presence_channels: list[str] = msgspec.field(default_factory=list)  # patterns; none = off
     presence_limit: int = 1000  # clients listed per presence answer (counts stay exact)
     join_leave_channels: list[str] = msgspec.field(default_factory=list)  # patterns
+    auto_subscribe_personal: bool = False  # every session is subscribed to user.<sub>
 
     log_level: str = "info"
 
