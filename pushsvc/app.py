@@ -70,6 +70,7 @@ class Node:
         self.hub.on_join.append(self.join_leave.joined)
         self.hub.on_leave.append(self.join_leave.left)
         self.bus.on_event = self.join_leave.deliver
+        self.bus.on_pattern_message = self.hub.dispatch_pattern
         self.command_buckets = BucketRegistry(settings.command_rate, settings.command_burst)
         self.emit_buckets = BucketRegistry(settings.emit_rate, settings.emit_burst)
         self.endpoint = WebSocketEndpoint(

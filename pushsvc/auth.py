@@ -33,7 +33,14 @@ from typing import Any
 import jwt
 import msgspec
 
-from .channels import InvalidChannel, any_grant_matches, personal_channel, validate_grant
+from .channels import (
+    InvalidChannel,
+    any_grant_matches,
+    grant_covers,
+    is_pattern,
+    personal_channel,
+    validate_grant,
+)
 from .settings import Settings
 
 PERSONAL_PREFIX = personal_channel("")  # "user."
@@ -86,18 +93,29 @@ class Principal(msgspec.Struct, frozen=True):
     def can_subscribe(self, channel: str) -> bool:
         """True when a grant covers ``channel`` or it is the user's personal channel.
 
-        A channel listed in ``subs`` (server-side subscriptions) is granted too.
+        A channel listed in ``subs`` (server-side subscriptions) is granted too. A
+        wildcard ``channel`` (``orders.*``) needs a grant covering all of it.
         Personal channels of *other* users (``user.<x>``) need a grant that names
         ``user`` as its first token (``user.*``, ``user.bob``, ``user.>``): wildcard
         grants such as ``>`` or ``*.bob`` do not reach them (least privilege).
         """
         if channel == personal_channel(self.sub) or channel in self.subs:
             return True
+        if is_pattern(channel):
+            return self._covers(channel)
         if channel.startswith(PERSONAL_PREFIX):
             return any_grant_matches(
                 tuple(g for g in self.channels if g.startswith(PERSONAL_PREFIX)), channel
             )
         return any_grant_matches(self.channels, channel)
+
+    def _covers(self, pattern: str) -> bool:
+        """A wildcard subscription: some grant covers every channel of ``pattern``
+        (:func:`~pushsvc.channels.grant_covers`); a ``user.`` pattern needs a ``user.`` grant."""
+        grants = self.channels
+        if pattern.startswith(PERSONAL_PREFIX):
+            grants = tuple(g for g in grants if g.startswith(PERSONAL_PREFIX))
+        return any(grant_covers(g, pattern) for g in grants)
 
     def can_publish(self, channel: str) -> bool:
         """True when a ``publish`` grant covers ``channel``."""

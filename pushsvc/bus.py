@@ -49,12 +49,13 @@ from nats.js.api import (
 )
 from nats.js.kv import KeyValue
 
-from .channels import subject_for
+from .channels import channel_for, is_pattern, pattern_reaches, subject_for
 from .settings import Settings
 
 log = logging.getLogger("pushsvc.bus")
 
 MessageHandler = Callable[[str, bytes, int | None], None]
+PatternHandler = Callable[[str, str, bytes, int | None], None]
 ControlHandler = Callable[[bytes], None]
 EventHandler = Callable[[str, bytes], None]
 ResumeHandler = Callable[[bool], Awaitable[None]]
@@ -105,10 +106,12 @@ async def confirm(nc: NatsClient, timeout: float) -> None:
 
 @dataclass
 class StoredMessage:
-    """A message read back from the stream: stream ``seq`` and raw ``payload`` bytes."""
+    """A message read back from the stream: stream ``seq``, raw ``payload`` bytes and
+    its concrete ``channel`` (None when not known)."""
 
     seq: int
     payload: bytes
+    channel: str | None = None
 
 
 @dataclass
@@ -180,6 +183,9 @@ class Bus:
         #: of a channel held with :meth:`acquire_events`; must not block.
         self.on_event: EventHandler | None = None
         self._event_subs: dict[str, list[Any]] = {}  # channel -> [refs, Subscription | None]
+        #: called with ``(pattern, channel, payload, seq)`` for every live message of
+        #: a wildcard subscription (:meth:`acquire` of a pattern); must not block.
+        self.on_pattern_message: PatternHandler | None = None
 
     # --- lifecycle -------------------------------------------------------------
     async def start(self) -> None:
@@ -503,6 +509,8 @@ class Bus:
             pass  # connection closing: the server forgets the subscription anyway
 
     def _make_callback(self, channel: str) -> Callable[[Msg], Awaitable[None]]:
+        if is_pattern(channel):
+            return self._make_pattern_callback(channel)
         on_message = self._on_message
         if self.history_enabled:
 
@@ -515,6 +523,28 @@ class Bus:
 
             async def cb(msg: Msg) -> None:
                 on_message(channel, msg.data, None)
+
+        return cb
+
+    def _make_pattern_callback(self, pattern: str) -> Callable[[Msg], Awaitable[None]]:
+        """Callback of a wildcard subscription: the concrete channel comes from the subject.
+
+        Personal channels are skipped unless the pattern starts with ``user``
+        (:func:`~pushsvc.channels.pattern_reaches`).
+        """
+        prefix = self.live_prefix if self.history_enabled else self.prefix
+        history = self.history_enabled
+
+        async def cb(msg: Msg) -> None:
+            channel = channel_for(prefix, msg.subject)
+            if channel is None or not pattern_reaches(pattern, channel):
+                return
+            seq = None
+            if history and msg.headers:
+                raw = msg.headers.get("Nats-Sequence")
+                seq = int(raw) if raw else None
+            if self.on_pattern_message is not None:
+                self.on_pattern_message(pattern, channel, msg.data, seq)
 
         return cb
 
@@ -576,7 +606,12 @@ class Bus:
         ``recovered`` False.
 
         Args:
-            channel: a valid channel name.
+            channel: a valid channel name, or a wildcard pattern: then the stream's
+                messages of every matching channel (personal ones only for a
+                ``user.`` pattern), each with its ``channel``; ``recovered`` is
+                also False when a matching channel is at its cap and nothing
+                retained is older than ``since`` (a pattern's read may need
+                paging: see ``more``).
             since: stream sequence; messages with a greater one are returned.
             limit: at most this many messages (default ``history_size``).
             seen: the caller is known to hold every message of the channel up to
@@ -594,6 +629,7 @@ class Bus:
             raise Unavailable("NATS is not connected")
         limit = limit or self.settings.history_size
         subject = subject_for(self.prefix, channel)
+        wildcard = is_pattern(channel)
         stream = self.settings.stream
         stale = False
         try:
@@ -603,7 +639,8 @@ class Bus:
                 since, stale = 0, True
             if since >= state.last_seq:
                 return History([], not stale, state.last_seq)
-            count = (state.subjects or {}).get(subject, 0)
+            subjects = state.subjects or {}
+            count = sum(subjects.values()) if wildcard else subjects.get(subject, 0)
             if count == 0:
                 intact = state.first_seq <= max(since, seen) + 1
                 return History([], not stale and intact, state.last_seq)
@@ -631,7 +668,13 @@ class Bus:
                         timeout=self.settings.publish_timeout,
                     )
                     for m in batch:
-                        messages.append(StoredMessage(m.metadata.sequence.stream, m.data))
+                        messages.append(
+                            StoredMessage(
+                                m.metadata.sequence.stream,
+                                m.data,
+                                channel_for(self.prefix, m.subject),
+                            )
+                        )
             finally:
                 try:
                     await psub.unsubscribe()
@@ -642,11 +685,17 @@ class Bus:
             raise Unavailable(f"history read failed ({type(exc).__name__})") from None
         lost_by_age = state.first_seq > max(since, seen) + 1
         lost_by_cap = count >= self.settings.history_size and pending >= count
+        fetched = len(messages)
+        if wildcard:
+            # a pattern: any of its channels may be at its cap; personal channels stay out
+            cap = self.settings.history_size
+            lost_by_cap = pending >= count and any(n >= cap for n in subjects.values())
+            messages = [m for m in messages if m.channel and pattern_reaches(channel, m.channel)]
         return History(
             messages,
             not (stale or lost_by_age or lost_by_cap),
             state.last_seq,
-            pending > len(messages),
+            pending > fetched,
         )
 
     async def channel_last_seq(self, channel: str) -> int:

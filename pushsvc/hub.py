@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import metrics
 from .bus import Bus, StoredMessage, Unavailable
+from .channels import is_pattern
 from .protocol import (
     CLOSE_SERVICE_RESTART,
     CLOSE_UNAUTHORIZED,
@@ -88,11 +89,25 @@ class _Channel:
         self.catchup_seen = 0
 
 
-def encode_message(channel: str, payload: bytes, seq: int | None) -> tuple[str, int]:
-    """Encode one ``message`` frame: returns ``(text, utf8_byte_length)``."""
+def encode_message(
+    channel: str, payload: bytes, seq: int | None, pattern: str | None = None
+) -> tuple[str, int]:
+    """Encode one ``message`` frame: returns ``(text, utf8_byte_length)``.
+
+    ``pattern``: the wildcard subscription delivering it (``channel`` is concrete).
+    """
     data, encoding = payload_to_data(payload)
-    raw = encode_frame(Message(channel=channel, data=data, seq=seq, encoding=encoding))
+    raw = encode_frame(
+        Message(channel=channel, data=data, seq=seq, encoding=encoding, pattern=pattern)
+    )
     return raw.decode(), len(raw)
+
+
+def encode_stored(key: str, stored: StoredMessage) -> tuple[str, int]:
+    """Encode a replayed message for the subscription ``key`` (a channel or a pattern)."""
+    if is_pattern(key):
+        return encode_message(stored.channel or key, stored.payload, stored.seq, key)
+    return encode_message(key, stored.payload, stored.seq)
 
 
 class Hub:
@@ -127,6 +142,22 @@ class Hub:
         if state is None:
             return
         frame, nbytes = encode_message(channel, payload, seq)
+        metrics.MESSAGES_RECEIVED.inc()
+        if state.catchup is not None:
+            state.catchup.append((seq, frame, nbytes))
+            return
+        self._deliver(state, seq, frame, nbytes)
+
+    def dispatch_pattern(self, pattern: str, channel: str, payload: bytes, seq: int | None) -> None:
+        """Deliver one NATS message of ``channel`` to the local subscribers of ``pattern``.
+
+        Same path as :meth:`dispatch` (one encode, seam and outage handling per
+        subscription), the frame carrying ``pattern`` beside the concrete channel.
+        """
+        state = self._channels.get(pattern)
+        if state is None:
+            return
+        frame, nbytes = encode_message(channel, payload, seq, pattern)
         metrics.MESSAGES_RECEIVED.inc()
         if state.catchup is not None:
             state.catchup.append((seq, frame, nbytes))
@@ -241,7 +272,7 @@ class Hub:
         buffered, state.catchup = state.catchup, None
         threshold = since or 0
         for stored in replay:
-            self._deliver(state, stored.seq, *encode_message(channel, stored.payload, stored.seq))
+            self._deliver(state, stored.seq, *encode_stored(channel, stored))
             threshold = stored.seq
         for seq, frame, nbytes in buffered:
             if since is None or seq is None or seq > threshold:
@@ -339,11 +370,12 @@ class Hub:
             threshold, recovered, replay = 0, False, []
         else:
             replay = history.messages
-            recovered = history.recovered
+            # (a pattern's missed messages can exceed one read: the rest would be a gap)
+            recovered = history.recovered and not history.more
             threshold = replay[-1].seq if replay else min(since, history.last_seq)
         session.send_frame(Subscribed(channel=channel, id=req_id, recovered=recovered))
         for stored in replay:
-            session.send(*encode_message(channel, stored.payload, stored.seq))
+            session.send(*encode_stored(channel, stored))
         buffered, rec.buffer = rec.buffer or [], None
         for seq, frame, nbytes in buffered:
             if seq is None or seq > threshold:

@@ -27,7 +27,7 @@ import msgspec
 
 from . import metrics
 from .bus import Bus, Unavailable
-from .channels import any_grant_matches
+from .channels import any_grant_matches, is_pattern
 from .hub import Hub
 from .protocol import NO_INFO, Join, Leave, encode_frame
 from .settings import Settings
@@ -62,7 +62,9 @@ class JoinLeave:
 
     def enabled(self, channel: str) -> bool:
         """True when ``channel`` has join/leave events (``PUSHSVC_JOIN_LEAVE_CHANNELS``)."""
-        return bool(self.patterns) and any_grant_matches(self.patterns, channel)
+        if not self.patterns or is_pattern(channel):
+            return False  # (never for wildcard subscriptions)
+        return any_grant_matches(self.patterns, channel)
 
     # --- hub observers ---------------------------------------------------------------
     def joined(self, session: Session, channel: str) -> None:

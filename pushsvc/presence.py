@@ -44,7 +44,7 @@ from nats.js.kv import KeyValue
 
 from . import metrics
 from .bus import Bus, Unavailable
-from .channels import any_grant_matches
+from .channels import any_grant_matches, is_pattern
 from .protocol import NO_INFO, ClientInfo
 from .settings import Settings
 
@@ -105,7 +105,9 @@ class PresenceRegistry:
 
     def enabled(self, channel: str) -> bool:
         """True when presence is on for ``channel`` (``PUSHSVC_PRESENCE_CHANNELS``)."""
-        return bool(self.patterns) and any_grant_matches(self.patterns, channel)
+        if not self.patterns or is_pattern(channel):
+            return False  # (never for wildcard subscriptions)
+        return any_grant_matches(self.patterns, channel)
 
     @property
     def entries(self) -> int:

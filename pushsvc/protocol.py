@@ -129,12 +129,14 @@ class Welcome(msgspec.Struct, tag_field="type", tag="welcome", omit_defaults=Tru
 
 
 class Message(msgspec.Struct, tag_field="type", tag="message", omit_defaults=True):
-    """A delivery. ``seq`` is the JetStream stream sequence (absent with history off)."""
+    """A delivery. ``seq`` is the JetStream stream sequence (absent with history off);
+    ``pattern`` is set when a wildcard subscription delivered it (``channel`` is concrete)."""
 
     channel: str
     data: msgspec.Raw
     seq: int | None = None
     encoding: str | None = None
+    pattern: str | None = None  # the wildcard subscription that delivered it
 
 
 class Ping(msgspec.Struct, tag_field="type", tag="ping"):

@@ -34,7 +34,13 @@ from typing import Any
 from . import metrics
 from .auth import Authenticator, AuthError, Principal
 from .bus import Unavailable
-from .channels import InvalidChannel, personal_channel, validate_channel
+from .channels import (
+    InvalidChannel,
+    is_pattern,
+    personal_channel,
+    validate_channel,
+    validate_pattern,
+)
 from .hub import Hub
 from .protocol import (
     BAD_REQUEST,
@@ -509,9 +515,22 @@ class Session:
         )
         return False
 
+    def _target(self, name: object) -> str:
+        """A subscription target: a channel, or a pattern when wildcards are on.
+
+        Raises:
+            InvalidChannel: malformed, or a pattern with
+                ``PUSHSVC_WILDCARD_SUBSCRIPTIONS=false``.
+        """
+        if is_pattern(name):
+            if not self.settings.wildcard_subscriptions:
+                raise InvalidChannel("wildcard subscriptions are off on this server")
+            return validate_pattern(name)
+        return validate_channel(name)
+
     async def _subscribe(self, cmd: Subscribe) -> None:
         try:
-            channel = validate_channel(cmd.channel)
+            channel = self._target(cmd.channel)
         except InvalidChannel as exc:
             self._refuse(INVALID_CHANNEL, str(exc), cmd.id)
             return
@@ -561,7 +580,7 @@ class Session:
             if self.closed:
                 return
             try:
-                validate_channel(channel)
+                self._target(channel)
             except InvalidChannel as exc:
                 self._refuse(INVALID_CHANNEL, f"server-side subscription {channel}: {exc}", None)
                 continue
@@ -585,7 +604,7 @@ class Session:
 
     async def _unsubscribe(self, cmd: Unsubscribe) -> None:
         try:
-            channel = validate_channel(cmd.channel)
+            channel = self._target(cmd.channel)
         except InvalidChannel as exc:
             self._refuse(INVALID_CHANNEL, str(exc), cmd.id)
             return

@@ -103,6 +103,7 @@ class Settings(msgspec.Struct, kw_only=True):
     presence_limit: int = 1000  # clients listed per presence answer (counts stay exact)
     join_leave_channels: list[str] = msgspec.field(default_factory=list)  # patterns
     auto_subscribe_personal: bool = False  # every session is subscribed to user.<sub>
+    wildcard_subscriptions: bool = True  # subscribe accepts patterns (orders.*, orders.>)
 
     log_level: str = "info"
 

@@ -27,21 +27,23 @@ async def hello(srv: Any, token: str, subs: dict[str, Any] | None = None) -> WSC
 
 async def test_subs_claim_subscribes_without_asking_and_resumes(start_server, nc):
     srv = await start_server()
-    news, alerts = f"news{uuid.uuid4().hex[:8]}", f"alerts{uuid.uuid4().hex[:8]}.eu"
+    news, tag = f"news{uuid.uuid4().hex[:8]}", f"alerts{uuid.uuid4().hex[:8]}"
+    alerts, eu = f"{tag}.*", f"{tag}.eu"  # a pattern, and one of its channels
     token = tok(srv, "alice", subs=[news, alerts])
     c = await hello(srv, token)
     assert c.welcome["subs"] == [news, alerts]
     await c.expect("subscribed", channel=news)
     await c.expect("subscribed", channel=alerts)
     await nc.publish(f"push.{news}", b'{"n":1}')
-    await nc.publish(f"push.{alerts}", b'{"n":2}')
+    await nc.publish(f"push.{eu}", b'{"n":2}')
     got = await c.messages(2)
-    assert [(m["channel"], m["data"]["n"]) for m in got] == [(news, 1), (alerts, 2)]
-    last = {m["channel"]: m["seq"] for m in got}
+    assert [(m["channel"], m["data"]["n"]) for m in got] == [(news, 1), (eu, 2)]
+    assert got[1]["pattern"] == alerts
+    last = {m.get("pattern", m["channel"]): m["seq"] for m in got}
     await c.close()
 
-    for n in range(3, 9):  # missed while away, on both channels
-        await nc.publish(f"push.{news if n % 2 else alerts}", json.dumps({"n": n}).encode())
+    for n in range(3, 9):  # missed while away, on both subscriptions
+        await nc.publish(f"push.{news if n % 2 else eu}", json.dumps({"n": n}).encode())
     await nc.flush()
 
     c = await hello(srv, token, {news: {"since": last[news]}, alerts: {"since": last[alerts]}})
@@ -50,14 +52,14 @@ async def test_subs_claim_subscribes_without_asking_and_resumes(start_server, nc
     await c.expect("subscribed", channel=alerts, recovered=True)
     replay_alerts = await c.messages(3)
     assert [m["data"]["n"] for m in replay_news] == [3, 5, 7]
-    assert [m["data"]["n"] for m in replay_alerts] == [4, 6, 8]
+    assert [(m["channel"], m["data"]["n"]) for m in replay_alerts] == [(eu, 4), (eu, 6), (eu, 8)]
     # a server-side subscription is an ordinary one: the client may leave it
     await c.send({"op": "unsubscribe", "channel": news})
     await c.expect("unsubscribed", channel=news)
     await nc.publish(f"push.{news}", b'{"n":9}')
-    await nc.publish(f"push.{alerts}", b'{"n":10}')
+    await nc.publish(f"push.{eu}", b'{"n":10}')
     (m,) = await c.messages(1)
-    assert m["channel"] == alerts
+    assert m["channel"] == eu
 
 
 async def test_token_without_subs_gets_no_subs_field(start_server):
@@ -86,3 +88,11 @@ async def test_server_subs_over_the_limit_are_refused_by_name(start_server):
     await c.expect("subscribed", channel=chans[1])
     err = await c.expect("error", code="limit_exceeded")
     assert chans[2] in err["message"]
+
+
+async def test_subs_pattern_refused_when_wildcards_are_off(start_server):
+    srv = await start_server(wildcard_subscriptions=False)
+    c = await srv.client(tok(srv, "eve", subs=["orders.*", "news"]))
+    err = await c.expect("error", code="invalid_channel")
+    assert "orders.*" in err["message"]
+    await c.expect("subscribed", channel="news")
