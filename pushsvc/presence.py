@@ -14,8 +14,10 @@ the bucket ``PUSHSVC_PRESENCE_BUCKET`` (created by :meth:`Bus.key_value
   ``{client, user, node, info?}``.
 
 The owning node re-puts its entries every third of the bucket's TTL, so they
-live as long as the node does; a crashed node's entries expire within the TTL;
-a clean unsubscribe or close deletes the entry at once. A write that fails
+live as long as the node does (and come back within that time after NATS lost
+its memory store: the bucket is re-created when a put finds no stream); a
+crashed node's entries expire within the TTL; a clean unsubscribe or close
+deletes the entry at once. A write that fails
 (NATS away) is repaired by the next refresh. Writes of one key leave the node in
 the order they were made (one NATS connection; each write's PUB is queued in
 the same step that checks the key is still local), so a refresh can never
@@ -190,8 +192,17 @@ class PresenceRegistry:
             return
         try:
             await kv.put(key, value, validate_keys=False)
+        except nats.errors.NoRespondersError:
+            self._lost(kv)
         except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
             log.debug("presence put of %s failed (%s); the refresh retries", key, exc)
+
+    def _lost(self, kv: KeyValue) -> None:
+        """Nothing stores ``kv``'s subjects any more (NATS lost its memory store on a
+        restart): forget it, so the next refresh creates the bucket again."""
+        if self._kv is kv:
+            self._kv = None
+            log.warning("presence bucket %s is gone; re-creating it", self.settings.presence_bucket)
 
     async def _delete(self, key: str) -> None:
         kv = self._kv
@@ -256,6 +267,8 @@ class PresenceRegistry:
                     if len(snapshot.clients) < limit:
                         snapshot.clients.append(client)
         except (TimeoutError, nats.errors.Error, nats.js.errors.Error) as exc:
+            if isinstance(exc, nats.js.errors.NotFoundError):
+                self._lost(kv)
             raise Unavailable(f"presence read failed ({type(exc).__name__})") from None
         finally:
             if watcher is not None:

@@ -68,6 +68,7 @@ async def test_presence_lists_clients_of_both_nodes(start_server, channel):
     assert by_client[a.welcome["client"]]["user"] == "alice"
     assert "info" not in by_client[b.welcome["client"]]
     assert all(c["node"] for c in answer["clients"])  # the serving node (process) id
+    assert (one.node.presence.entries, two.node.presence.entries) == (1, 2)  # owned per node
 
     watcher2 = await two.client(tok(two, "carol", channels=[], presence=["*.room"]))
     answer = await presence(watcher2, channel)
