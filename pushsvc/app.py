@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from importlib import resources
@@ -22,7 +23,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.routing import WebSocketRoute
 
 from . import __version__
-from .auth import Authenticator, mint_token, parse_revocation
+from .auth import Authenticator, Revocation, mint_token, parse_revocation
 from .bus import Bus, Unavailable
 from .channels import InvalidChannel, validate_grant
 from .embedded import EmbeddedNats
@@ -36,6 +37,7 @@ from .presence import PresenceRegistry
 from .presencehttp import presence_router
 from .protocol import CLOSE_SERVICE_RESTART
 from .ratelimit import BucketRegistry
+from .revocations import RevocationStore
 from .session import NODE_ID
 from .settings import Settings
 
@@ -71,26 +73,51 @@ class Node:
         self.hub.on_leave.append(self.join_leave.left)
         self.bus.on_event = self.join_leave.deliver
         self.bus.on_pattern_message = self.hub.dispatch_pattern
+        # stream re-created (new epoch): every position handed out is void
+        self.bus.on_epoch_changed = self.hub.stream_reset
         self.command_buckets = BucketRegistry(settings.command_rate, settings.command_burst)
         self.emit_buckets = BucketRegistry(settings.emit_rate, settings.emit_burst)
         self.endpoint = WebSocketEndpoint(
             settings, self.hub, self.auth, self.command_buckets, self.accepting
         )
         self.embedded: EmbeddedNats | None = None
+        #: revocations kept in NATS (history on), shared by every node
+        self.revocations: RevocationStore | None = None
         self.draining = False
         self.started = False
+        self._background: set[asyncio.Task[None]] = set()
 
     def _dispatch(self, channel: str, payload: bytes, seq: int | None) -> None:
         self.hub.dispatch(channel, payload, seq)
 
     def _control(self, payload: bytes) -> None:
-        """A revocation from NATS: refuse the token(s) from now on, close their sessions."""
+        """A revocation from NATS: refuse the token(s) from now on, close their sessions.
+
+        With history on it is also stored in the revocation bucket (every node
+        that receives it writes the same entry; JetStream keeps one), so nodes
+        started later refuse the token(s) too.
+        """
         revocation = parse_revocation(payload)
         if revocation is None:
             log.warning("ignored malformed control message")
             return
-        self.auth.revoke(revocation)
-        self.hub.disconnect(revocation.sub, revocation.jti)
+        at = time.time()
+        self._revoke(revocation, at)
+        if self.revocations is not None:
+            task = asyncio.ensure_future(self._store_revocation(revocation, at, payload))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    def _revoke(self, revocation: Revocation, at: float) -> None:
+        self.auth.revoke(revocation, at)
+        self.hub.disconnect(revocation.sub, revocation.jti, issued_before=at)
+
+    async def _store_revocation(self, revocation: Revocation, at: float, payload: bytes) -> None:
+        assert self.revocations is not None
+        try:
+            await self.revocations.put(revocation, at, payload)
+        except Unavailable as exc:
+            log.error("revocation applied on this node but not stored in NATS: %s", exc)
 
     @property
     def ready(self) -> bool:
@@ -113,6 +140,19 @@ class Node:
             self.settings.nats_url = self.embedded.url
             log.info("started bundled nats-server at %s", self.embedded.url)
         await self.bus.start()
+        if self.bus.history_enabled:
+            store = RevocationStore(
+                self.bus,
+                self.settings.revocation_bucket,
+                self.settings.stream_replicas,
+                self._revoke,
+            )
+            try:
+                await store.start(self.settings.connect_timeout)
+            except Unavailable:
+                await self.bus.close()
+                raise
+            self.revocations = store
         await self.presence.start()
         self.started = True
 
@@ -124,6 +164,10 @@ class Node:
         await self.hub.wait_idle()
         await self.join_leave.wait_idle()
         await self.presence.stop()
+        if self._background:
+            await asyncio.wait(list(self._background), timeout=2)
+        if self.revocations is not None:
+            await self.revocations.close()
         await self.bus.close()
         if self.embedded is not None:
             await asyncio.to_thread(self.embedded.cleanup)

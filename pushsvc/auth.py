@@ -218,13 +218,15 @@ class Authenticator:
         self._check_revoked(principal)
         return principal
 
-    def revoke(self, revocation: Revocation) -> None:
+    def revoke(self, revocation: Revocation, at: float | None = None) -> None:
         """Refuse tokens from now on: by ``jti``, and/or every token of ``sub`` issued
-        (``iat``) before now (a token of that user without ``iat`` is refused while
-        the entry lives). Entries are kept ``revocation.ttl`` seconds, at most
-        ``MAX_REVOCATIONS`` of each kind (oldest dropped first).
+        (``iat``) at or before ``at`` (Unix seconds, default now; a token of that
+        user without ``iat`` is refused while the entry lives). Entries are kept
+        until ``at + revocation.ttl``, at most ``MAX_REVOCATIONS`` of each kind
+        (expired ones, else the oldest, dropped first). Applying the same
+        revocation twice changes nothing.
         """
-        now = time.time()
+        now = time.time() if at is None else at
         until = now + revocation.ttl
         for table, key in (
             (self._revoked_jti, revocation.jti),
@@ -232,9 +234,10 @@ class Authenticator:
         ):
             if key is None:
                 continue
-            table[key] = (now, until)
+            table[key] = max(table.get(key, (now, until)), (now, until))
             if len(table) > MAX_REVOCATIONS:
-                for old in [k for k, (_, u) in table.items() if u <= now] or [next(iter(table))]:
+                clock = time.time()
+                for old in [k for k, (_, u) in table.items() if u <= clock] or [next(iter(table))]:
                     del table[old]
 
     def _check_revoked(self, principal: Principal) -> None:

@@ -27,6 +27,7 @@ local subscriber; :meth:`Bus.release` of the last one unsubscribes.
 from __future__ import annotations
 
 import asyncio
+import datetime
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -35,18 +36,16 @@ from typing import Any
 import nats
 import nats.errors
 import nats.js.errors
+from jetstreamext import (
+    BatchUnsupportedError,
+    InvalidResponseError,
+    NoMessagesError,
+    get_batch,
+)
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
-from nats.js.api import (
-    AckPolicy,
-    ConsumerConfig,
-    DeliverPolicy,
-    KeyValueConfig,
-    RePublish,
-    StorageType,
-    StreamConfig,
-)
+from nats.js.api import KeyValueConfig, RePublish, StorageType, StreamConfig, StreamInfo
 from nats.js.kv import KeyValue
 
 from .channels import channel_for, is_pattern, pattern_reaches, subject_for
@@ -61,6 +60,8 @@ EventHandler = Callable[[str, bytes], None]
 ResumeHandler = Callable[[bool], Awaitable[None]]
 
 STREAM_RETRY_MAX = 2.0  # s, longest pause between stream set-up attempts after a reconnect
+STREAM_CHECK_INTERVAL = 2.0  # s, how often a running node checks that its stream still exists
+READ_BATCH = 256  # messages per JetStream batch direct get
 
 
 class Unavailable(Exception):
@@ -124,12 +125,18 @@ class History:
             the stream (age or per-channel cap) or history is off.
         last_seq: the stream's last sequence when read (0 if empty/off).
         more: True when ``limit`` cut the result (page on with ``since`` = last seq).
+        epoch: the stream's epoch when read (see :attr:`Bus.epoch`).
+        since: the ``since`` actually applied: 0 when the caller's position belongs
+            to another epoch of the stream (then ``recovered`` is False and every
+            message the stream holds for the channel is returned).
     """
 
     messages: list[StoredMessage] = field(default_factory=list)
     recovered: bool = True
     last_seq: int = 0
     more: bool = False
+    epoch: str | None = None
+    since: int = 0
 
 
 @dataclass
@@ -176,7 +183,12 @@ class Bus:
         self.on_resumed: ResumeHandler | None = None
         #: True once this process saw the stream re-created under it.
         self.stream_reset = False
-        self._stream_created: object = None
+        #: the stream's epoch: changes whenever the stream is created anew (see
+        #: :func:`epoch_of`); None with history off or before start.
+        self.epoch: str | None = None
+        #: called (synchronously) with the new epoch when the stream turns out to
+        #: have been re-created (deleted and created again, or NATS lost its store).
+        self.on_epoch_changed: Callable[[str], None] | None = None
         self._resume_task: asyncio.Task[None] | None = None
         self.events_prefix = f"{self.prefix}-events"
         #: called with ``(channel, payload)`` for every channel event (join/leave)
@@ -186,6 +198,7 @@ class Bus:
         #: called with ``(pattern, channel, payload, seq)`` for every live message of
         #: a wildcard subscription (:meth:`acquire` of a pattern); must not block.
         self.on_pattern_message: PatternHandler | None = None
+        self._watch_task: asyncio.Task[None] | None = None
 
     # --- lifecycle -------------------------------------------------------------
     async def start(self) -> None:
@@ -233,6 +246,8 @@ class Bus:
                 raise
         if self._on_control is not None:
             self._control_sub = await self.nc.subscribe(self.control_subject, cb=self._control_cb)
+        if self.history_enabled:
+            self._watch_task = asyncio.ensure_future(self._watch_stream())
 
     async def _error_cb(self, exc: Exception) -> None:
         log.warning("NATS: %s: %s", type(exc).__name__, exc)
@@ -262,17 +277,20 @@ class Bus:
         task.add_done_callback(self._tasks.discard)
 
     async def _resume(self) -> None:
-        """After a reconnect: verify (or re-create) the stream, then tell the hub.
+        """After a reconnect: verify the stream, then tell the hub.
 
-        Retries the stream set-up with backoff (up to ``STREAM_RETRY_MAX`` s between
-        attempts) while connected: right after a NATS restart JetStream may need a
-        moment to recover its store. A stream whose creation time changed was
-        re-created: NATS lost its store and sequences restarted at 1.
+        Verification asks the stream leader (stream info), so it does not wait for
+        a JetStream meta leader election; only a missing or differently configured
+        stream is created/updated (which needs the meta leader). Retries with
+        backoff (up to ``STREAM_RETRY_MAX`` s between attempts) while connected:
+        right after a NATS restart JetStream may need a moment to recover its store.
+        A stream whose epoch changed was re-created: NATS lost its store and
+        sequences restarted at 1.
         """
         reset = False
         s = self.settings
         if self.history_enabled:
-            created = self._stream_created
+            epoch = self.epoch
             delay = 0.05
             while True:
                 if self.closing or not self.is_connected:
@@ -287,26 +305,44 @@ class Bus:
                     log.warning("stream %s not ready after reconnect: %s", s.stream, exc)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, STREAM_RETRY_MAX)
-            reset = created is not None and self._stream_created != created
-            if reset:
-                self.stream_reset = True
-                log.error(
-                    "stream %s was re-created (NATS lost its store): sequences restarted; "
-                    "history from before is gone",
-                    s.stream,
-                )
+            reset = epoch is not None and self.epoch != epoch
         if self.on_resumed is not None:
             try:
                 await self.on_resumed(reset)
             except Exception:
                 log.exception("resume after reconnect failed")
 
+    async def _watch_stream(self) -> None:
+        """Every ``STREAM_CHECK_INTERVAL`` s: notice a deleted or re-created stream.
+
+        A deleted stream is created again (emits would otherwise answer 503 until
+        another node starts); either way the epoch changes and
+        :attr:`on_epoch_changed` closes the sessions that hold positions of the old
+        one. Reads stream info only (answered by the stream leader).
+        """
+        while not self.closing:
+            await asyncio.sleep(STREAM_CHECK_INTERVAL)
+            if self.closing or not self.is_connected or self._resume_task_running():
+                continue
+            try:
+                await self._ensure_stream()
+            except (Unavailable, _NoJetStream) as exc:
+                log.debug("stream check: %s", exc)
+            except StreamConfigError as exc:
+                log.error("%s", exc)
+            except Exception:  # never let the watcher die
+                log.exception("stream check failed")
+
+    def _resume_task_running(self) -> bool:
+        return self._resume_task is not None and not self._resume_task.done()
+
     async def close(self) -> None:
         """Drain the NATS connection (pending deliveries finish, then close)."""
         self.closing = True
-        if self._resume_task is not None:
-            self._resume_task.cancel()
-            self._resume_task = None
+        for task in (self._resume_task, self._watch_task):
+            if task is not None:
+                task.cancel()
+        self._resume_task = self._watch_task = None
         nc, self.nc = self.nc, None
         if nc is not None and not nc.is_closed:
             try:
@@ -374,11 +410,12 @@ class Bus:
         )
 
     async def _ensure_stream(self) -> None:
-        """Create the stream, or update it when it exists with other settings.
+        """Make sure the stream exists with the configured settings; note its epoch.
 
-        Idempotent: JetStream accepts the same configuration as is. Records the
-        stream's creation time (``_stream_created``) so that a stream re-created
-        behind the node's back (NATS lost its store) is noticed after a reconnect.
+        Reads the stream info first (answered by the stream leader, so a JetStream
+        meta leader election does not delay it); creates the stream only when it
+        is missing and updates it only when its configuration differs, the two
+        operations that need the meta leader (NATS docs, "JetStream Clustering").
 
         Raises:
             _NoJetStream: no JetStream responder (not enabled on this server).
@@ -388,12 +425,19 @@ class Bus:
         s = self.settings
         config = self.stream_config()
         assert self.js is not None
+        created = False
         try:
             try:
-                info = await self.js.add_stream(config)
-            except nats.js.errors.BadRequestError as exc:
-                if exc.err_code != 10058:  # stream name already in use with a different config
-                    raise
+                info = await self.js.stream_info(s.stream)
+            except nats.js.errors.NotFoundError:
+                try:
+                    info = await self.js.add_stream(config)
+                    created = True
+                except nats.js.errors.BadRequestError as exc:
+                    if exc.err_code != 10058:  # name in use: created meanwhile by another node
+                        raise
+                    info = await self.js.stream_info(s.stream)
+            if _config_differs(info.config, config):
                 info = await self.js.update_stream(config)
         except nats.js.errors.ServiceUnavailableError as exc:
             if exc.err_code is None:  # no responders: JetStream is not enabled
@@ -402,6 +446,8 @@ class Bus:
         except nats.errors.NoRespondersError:
             raise _NoJetStream() from None
         except nats.js.errors.APIError as exc:
+            if exc.code == 503 or exc.err_code in (10008, 10074):  # leaderless / unavailable
+                raise Unavailable(f"JetStream unavailable: {exc.description}") from None
             raise StreamConfigError(
                 f"stream {s.stream} cannot be set up with the configured settings: "
                 f"{exc.description} (err {exc.err_code}); delete or fix the stream, "
@@ -409,15 +455,41 @@ class Bus:
             ) from None
         except (nats.errors.Error, TimeoutError) as exc:
             raise Unavailable(f"JetStream did not answer ({type(exc).__name__})") from None
-        self._stream_created = info.created
-        log.info(
-            "stream %s ready: %s.> -> %s.>, ttl %gs, %d per channel",
-            s.stream,
-            self.prefix,
-            self.live_prefix,
-            s.history_ttl,
-            s.history_size,
+        first = self.epoch is None
+        self._note_stream(info)
+        if created or first:
+            log.info(
+                "stream %s %s (epoch %s): %s.> -> %s.>, ttl %gs, %d per channel",
+                s.stream,
+                "created" if created else "ready",
+                self.epoch,
+                self.prefix,
+                self.live_prefix,
+                s.history_ttl,
+                s.history_size,
+            )
+
+    def _note_stream(self, info: StreamInfo) -> None:
+        """Record the epoch of ``info``; a change means the stream was re-created.
+
+        Calls :attr:`on_epoch_changed` (synchronously) on a change.
+        """
+        epoch = epoch_of(info)
+        if epoch is None or epoch == self.epoch:
+            return
+        old, self.epoch = self.epoch, epoch
+        if old is None:
+            return
+        self.stream_reset = True
+        log.error(
+            "stream %s was re-created (epoch %s -> %s): sequences restarted; "
+            "history from before is gone; sessions resume with recovered: false",
+            self.settings.stream,
+            old,
+            epoch,
         )
+        if self.on_epoch_changed is not None:
+            self.on_epoch_changed(epoch)
 
     # --- live subscriptions (refcounted) -----------------------------------------
     def live_subject(self, channel: str) -> str:
@@ -572,15 +644,26 @@ class Bus:
         headers = {"Nats-Msg-Id": msg_id} if msg_id else None
         try:
             if self.history_enabled:
-                assert self.js is not None
-                ack = await self.js.publish(
-                    subject,
-                    payload,
-                    timeout=self.settings.publish_timeout,
-                    stream=self.settings.stream,
-                    headers=headers,
-                )
-                return ack.seq
+                js = self.js
+                assert js is not None
+                for attempt in (1, 2):
+                    try:
+                        ack = await js.publish(
+                            subject,
+                            payload,
+                            timeout=self.settings.publish_timeout,
+                            stream=self.settings.stream,
+                            headers=headers,
+                        )
+                        return ack.seq
+                    except (nats.errors.NoRespondersError, nats.js.errors.NoStreamResponseError):
+                        if attempt == 2:
+                            raise
+                    # no stream captures the subject: it was deleted; create it again
+                    try:
+                        await self._ensure_stream()
+                    except (_NoJetStream, StreamConfigError) as exc:
+                        raise Unavailable(f"stream {self.settings.stream} is missing") from exc
             await nc.publish(subject, payload, headers=headers)
             await confirm(nc, self.settings.publish_timeout)
             return None
@@ -591,19 +674,33 @@ class Bus:
 
     # --- history -------------------------------------------------------------------
     async def history(
-        self, channel: str, since: int, limit: int | None = None, *, seen: int = 0
+        self,
+        channel: str,
+        since: int,
+        limit: int | None = None,
+        *,
+        seen: int = 0,
+        epoch: str | None = None,
     ) -> History:
         """Stored messages of ``channel`` with seq > ``since``, oldest first, at most ``limit``.
 
-        ``recovered`` is False when something after ``since`` may be gone: the
+        Positions belong to an epoch of the stream (:attr:`epoch`). ``since`` is
+        taken as a position of *another* epoch, answered like ``since=0`` with
+        ``recovered`` False (every message of the channel the stream holds is newer
+        than anything the caller saw), when ``epoch`` is given and differs from
+        the stream's, or when ``epoch`` is not given and ``since`` is past the
+        stream's last sequence (no position of this epoch can be).
+
+        ``recovered`` is also False when something after ``since`` may be gone: the
         stream's first sequence is past ``since + 1`` (max age), or the channel is
         at its per-channel cap and every retained message is newer than ``since``.
-        JetStream would silently start at its first sequence in both cases; this
-        detects and reports it. A ``since`` at or past the stream's last
-        sequence means "nothing missed", except on a node that saw the stream
-        re-created (:attr:`stream_reset`): there a ``since`` past the last sequence
-        comes from the lost stream, so it is answered like ``since=0`` with
-        ``recovered`` False.
+        JetStream would silently start at its first sequence in both cases.
+
+        Reads use stream info and JetStream batch direct gets (ADR-31), answered by
+        the stream's replicas without creating a consumer, so they work while the
+        JetStream meta leader is being elected. With replicas, a follower's answer
+        is checked against the stream leader's last message of the channel and
+        read again if it lagged.
 
         Args:
             channel: a valid channel name, or a wildcard pattern: then the stream's
@@ -618,6 +715,7 @@ class Bus:
                 this stream sequence (>= ``since``), e.g. a node catching up after
                 a reconnect: only messages stored after it count as lost when the
                 stream's head has expired. 0 = nothing known beyond ``since``.
+            epoch: the epoch ``since`` belongs to, if the caller knows it.
 
         Raises:
             Unavailable: history is off, NATS is not connected, or NATS/JetStream
@@ -631,58 +729,32 @@ class Bus:
         subject = subject_for(self.prefix, channel)
         wildcard = is_pattern(channel)
         stream = self.settings.stream
-        stale = False
         try:
             info = await self.js.stream_info(stream, subjects_filter=subject)
-            state = info.state
-            if since > state.last_seq and self.stream_reset:
-                since, stale = 0, True
-            if since >= state.last_seq:
-                return History([], not stale, state.last_seq)
-            subjects = state.subjects or {}
-            count = sum(subjects.values()) if wildcard else subjects.get(subject, 0)
-            if count == 0:
-                intact = state.first_seq <= max(since, seen) + 1
-                return History([], not stale and intact, state.last_seq)
-            psub = await self.js.pull_subscribe(
-                subject,
-                stream=stream,
-                config=ConsumerConfig(
-                    deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
-                    opt_start_seq=since + 1,
-                    ack_policy=AckPolicy.NONE,
-                    inactive_threshold=30.0,
-                    mem_storage=True,
-                    num_replicas=1,
-                    max_deliver=1,
-                ),
-            )
-            cinfo = await psub.consumer_info()
-            pending = cinfo.num_pending
-            try:
-                messages: list[StoredMessage] = []
-                want = min(pending, limit)
-                while len(messages) < want:
-                    batch = await psub.fetch(
-                        batch=min(want - len(messages), 256),
-                        timeout=self.settings.publish_timeout,
-                    )
-                    for m in batch:
-                        messages.append(
-                            StoredMessage(
-                                m.metadata.sequence.stream,
-                                m.data,
-                                channel_for(self.prefix, m.subject),
-                            )
-                        )
-            finally:
-                try:
-                    await psub.unsubscribe()
-                    await self.js.delete_consumer(stream, cinfo.name)
-                except (nats.errors.Error, nats.js.errors.Error):
-                    pass  # the consumer is ephemeral: inactive_threshold removes it
+        except nats.js.errors.NotFoundError:
+            raise Unavailable(f"stream {stream} does not exist (being re-created)") from None
         except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
             raise Unavailable(f"history read failed ({type(exc).__name__})") from None
+        self._note_stream(info)
+        current = self.epoch
+        state = info.state
+        stale = (epoch is not None and epoch != current) or (
+            epoch is None and since > state.last_seq
+        )
+        if stale:
+            since, seen = 0, 0
+        if since >= state.last_seq:
+            return History([], not stale, state.last_seq, epoch=current, since=since)
+        subjects = state.subjects or {}
+        count = sum(subjects.values()) if wildcard else subjects.get(subject, 0)
+        if count == 0:
+            intact = state.first_seq <= max(since, seen) + 1
+            return History([], not stale and intact, state.last_seq, epoch=current, since=since)
+        messages, pending = await self._read(subject, since, limit)
+        if pending > len(messages) or self.settings.stream_replicas <= 1:
+            pass
+        elif await self._lagged(subject, messages[-1].seq if messages else since):
+            messages, pending = await self._read(subject, since, limit, retry=True)
         lost_by_age = state.first_seq > max(since, seen) + 1
         lost_by_cap = count >= self.settings.history_size and pending >= count
         fetched = len(messages)
@@ -696,7 +768,82 @@ class Bus:
             not (stale or lost_by_age or lost_by_cap),
             state.last_seq,
             pending > fetched,
+            epoch=current,
+            since=since,
         )
+
+    async def _read(
+        self, subject: str, since: int, limit: int, *, retry: bool = False
+    ) -> tuple[list[StoredMessage], int]:
+        """Read up to ``limit`` messages of ``subject`` after ``since`` by batch direct gets.
+
+        Returns ``(messages, pending)``: ``pending`` is how many messages of the
+        subject the stream held after ``since`` (``Nats-Num-Pending`` of the first
+        one + 1), which may exceed ``limit``.
+
+        Raises:
+            Unavailable: no answer within ``publish_timeout`` s (after one retry
+                when ``retry``).
+        """
+        assert self.js is not None
+        messages: list[StoredMessage] = []
+        pending = 0
+        error: Exception | None = None
+        for attempt in range(2 if retry else 1):
+            if attempt:
+                await asyncio.sleep(0.05)
+            messages, pending, after = [], 0, since
+            try:
+                while len(messages) < limit:
+                    batch = min(limit - len(messages), READ_BATCH)
+                    left = None
+                    async with asyncio.timeout(self.settings.publish_timeout):
+                        async for raw in get_batch(
+                            self.js,
+                            self.settings.stream,
+                            batch=batch,
+                            seq=after + 1,
+                            subject=subject,
+                        ):
+                            seq = raw.seq or 0
+                            left = int((raw.headers or {}).get("Nats-Num-Pending", 0))
+                            if not messages:
+                                pending = left + 1
+                            messages.append(
+                                StoredMessage(
+                                    seq, raw.data or b"", channel_for(self.prefix, raw.subject)
+                                )
+                            )
+                            after = seq
+                    if not left:
+                        break
+                return messages, pending
+            except NoMessagesError:
+                return messages, pending
+            except BatchUnsupportedError:
+                raise Unavailable("history needs nats-server 2.11 or later") from None
+            except (
+                nats.errors.Error,
+                nats.js.errors.Error,
+                InvalidResponseError,
+                TimeoutError,
+            ) as e:
+                error = e
+        raise Unavailable(f"history read failed ({type(error).__name__})") from None
+
+    async def _lagged(self, subject: str, read_to: int) -> bool:
+        """True when the stream leader holds a message of ``subject`` past ``read_to``.
+
+        A non-direct get of the subject's last message is answered by the stream
+        leader, which has every acknowledged message; a direct get may have come
+        from a follower that had not applied the newest ones yet.
+        """
+        assert self.js is not None
+        try:
+            last = await self.js.get_msg(self.settings.stream, subject=subject)
+        except (nats.errors.Error, nats.js.errors.Error, TimeoutError):
+            return False
+        return (last.seq or 0) > read_to
 
     async def channel_last_seq(self, channel: str) -> int:
         """Stream sequence of the newest stored message of ``channel`` (0: none stored).
@@ -835,3 +982,50 @@ class Bus:
             del self._event_subs[channel]
             if entry[1] is not None:
                 await self._unsubscribe(entry[1])
+
+
+def epoch_of(info: StreamInfo) -> str | None:
+    """The epoch of a stream: its creation time, in microseconds, as lowercase hex.
+
+    JetStream records when a stream was created (``created`` in the stream info,
+    the same on every replica) and a stream created anew, after a delete or after
+    NATS lost its store, gets a new creation time while its sequences restart at 1.
+    Deriving the epoch from it needs no state of our own: every node computes the
+    same value, including nodes started after the reset, and operators'
+    ``nats stream add`` gets an epoch too. Clients treat it as opaque.
+    """
+    created = info.created
+    if created is None:
+        return None
+    if created.tzinfo is None:
+        created = created.replace(tzinfo=datetime.UTC)
+    micros = (created - _UNIX_EPOCH) // datetime.timedelta(microseconds=1)
+    return format(micros, "x")
+
+
+_UNIX_EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)
+
+
+def _config_differs(have: StreamConfig | None, want: StreamConfig) -> bool:
+    """True when the live stream's settings differ from the ones pushsvc manages."""
+    if have is None:
+        return True
+
+    def close(a: float | None, b: float | None) -> bool:
+        return abs((a or 0.0) - (b or 0.0)) < 1e-3
+
+    repub_have = have.republish
+    repub_want = want.republish
+    assert repub_want is not None
+    return not (
+        sorted(have.subjects or []) == sorted(want.subjects or [])
+        and close(have.max_age, want.max_age)
+        and have.max_msgs_per_subject == want.max_msgs_per_subject
+        and close(have.duplicate_window, want.duplicate_window)
+        and have.storage == want.storage
+        and (have.num_replicas or 1) == (want.num_replicas or 1)
+        and bool(have.allow_direct) == bool(want.allow_direct)
+        and repub_have is not None
+        and repub_have.src == repub_want.src
+        and repub_have.dest == repub_want.dest
+    )

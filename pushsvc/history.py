@@ -1,13 +1,18 @@
-"""``GET /history/{channel}?since=N&limit=L``: recent messages for backends.
+"""``GET /history/{channel}?since=N&epoch=E&limit=L``: recent messages for backends.
 
 Authorised like a subscribe: ``Authorization: Bearer <JWT>`` whose ``channels``
 grants cover the channel (the JWT may be a connection token, as for ``/ws``, or an
 emit token with ``PUSHSVC_EMIT_AUDIENCE``/``PUSHSVC_EMIT_TYPE``; a ``publish``
 grant is not enough), or a configured API key (any channel). Answers 200
-``{"channel", "recovered", "last_seq", "more", "messages": [{"seq", "data", "encoding"?}]}``
+``{"channel", "epoch", "recovered", "last_seq", "more", "messages": [...]}`` (each
+message ``{"seq", "data", "encoding"?}``)
 with messages of seq > ``since`` (default 0), oldest first, at most ``limit``
-(default and maximum ``PUSHSVC_HISTORY_SIZE``). Errors as the emit shim: 400 (``since``
-or ``limit`` not an integer >= 0 / >= 1), 401, 403, 422 (invalid channel), and 503
+(default and maximum ``PUSHSVC_HISTORY_SIZE``). ``epoch`` is the stream epoch
+``since`` belongs to; a position of another epoch (or, without ``epoch``, a
+``since`` past the stream's last sequence) is answered from the start of the
+current epoch with ``recovered`` false, as a WebSocket resume is. Errors as the
+emit shim: 400 (``since`` or ``limit`` not an integer >= 0 / >= 1, ``epoch`` longer
+than 64 characters), 401, 403, 422 (invalid channel), and 503
 with ``Retry-After`` when history is off or NATS cannot answer.
 """
 
@@ -41,6 +46,7 @@ class HistoryPage(msgspec.Struct):
     last_seq: int
     more: bool
     messages: list[HistoryItem]
+    epoch: str | None = None
 
 
 def history_router(settings: Settings, bus: Bus, auth: Authenticator) -> APIRouter:
@@ -53,6 +59,7 @@ def history_router(settings: Settings, bus: Bus, auth: Authenticator) -> APIRout
         request: Request,
         since: str = Query("0"),
         limit: str | None = Query(None),
+        epoch: str | None = Query(None),
     ) -> Response:
         """Stored messages of ``channel`` after ``since``."""
         try:
@@ -77,10 +84,12 @@ def history_router(settings: Settings, bus: Bus, auth: Authenticator) -> APIRout
             if not (is_api_key or principal.can_subscribe(channel)):
                 raise HTTPError(403, "forbidden", f"not allowed to read {channel}")
             after = _count(since, "since", 0)
+            if epoch is not None and not 0 < len(epoch) <= 64:
+                raise HTTPError(400, "bad_request", "epoch must be 1..64 characters")
             most = None if limit is None else _count(limit, "limit", 1)
             cap = settings.history_size
             try:
-                page = await bus.history(channel, after, min(most or cap, cap))
+                page = await bus.history(channel, after, min(most or cap, cap), epoch=epoch)
             except Unavailable as exc:
                 raise HTTPError(503, "unavailable", str(exc), retry_after=exc.retry_after) from None
         except HTTPError as exc:
@@ -89,7 +98,9 @@ def history_router(settings: Settings, bus: Bus, auth: Authenticator) -> APIRout
         for m in page.messages:
             data, encoding = payload_to_data(m.payload)
             items.append(HistoryItem(seq=m.seq, data=data, encoding=encoding))
-        body = HistoryPage(channel, page.recovered, page.last_seq, page.more, items)
+        body = HistoryPage(
+            channel, page.recovered, page.last_seq, page.more, items, epoch=page.epoch
+        )
         return Response(msgspec.json.encode(body), media_type="application/json")
 
     return router

@@ -49,7 +49,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("pushsvc.hub")
 
 CATCHUP_CONCURRENCY = 16  # channels read from the stream at once after a reconnect
-CATCHUP_ATTEMPTS = 3  # history reads per channel before its sessions are told to resume
 
 
 class _Recovery:
@@ -206,6 +205,26 @@ class Hub:
                 state.catchup_since = state.last_seq
                 state.catchup_seen = seen
 
+    @property
+    def epoch(self) -> str | None:
+        """The stream's epoch (None with history off): positions are only valid within it."""
+        return self.bus.epoch if self.bus.history_enabled else None
+
+    def stream_reset(self, epoch: str) -> None:
+        """The stream was re-created (new ``epoch``): every position handed out is void.
+
+        Called by the bus (synchronously) whenever it notices, on a reconnect, on
+        its periodic check or while answering a resume. Every session is closed
+        with 1012 so its client reconnects, learns the new epoch from ``welcome``
+        and resumes with ``recovered: false`` and a full replay, instead of
+        filtering the new epoch's (restarted, smaller) sequences as duplicates.
+        """
+        for state in self._channels.values():
+            state.catchup = None
+            state.last_seq = None
+            state.catchup_since = None
+        self.close_all(CLOSE_SERVICE_RESTART, "message stream was reset; resume")
+
     async def resume(self, reset: bool) -> None:
         """NATS is back, subscriptions restored, stream verified: fill every channel's gap.
 
@@ -222,10 +241,7 @@ class Hub:
                 restarted): every session is closed with 1012 instead.
         """
         if reset:
-            for state in self._channels.values():
-                state.catchup = None
-                state.last_seq = None
-            self.close_all(CLOSE_SERVICE_RESTART, "message stream was reset; resume")
+            self.stream_reset(self.bus.epoch or "")
             return
         limit = asyncio.Semaphore(CATCHUP_CONCURRENCY)
         jobs = [
@@ -237,14 +253,22 @@ class Hub:
             await asyncio.gather(*jobs)
 
     async def _catch_up(self, channel: str, state: _Channel, limit: asyncio.Semaphore) -> None:
-        """Deliver what ``channel`` missed while NATS was away, then its buffered frames."""
+        """Deliver what ``channel`` missed while NATS was away, then its buffered frames.
+
+        The stream reads are retried with backoff for up to ``connect_timeout``
+        seconds (a stream leader election after a cluster member died takes a few
+        seconds) before the channel's sessions are told to resume elsewhere.
+        """
         async with limit:
             since = state.catchup_since
             replay: list[StoredMessage] = []
             recovered = since is not None
-            for attempt in range(CATCHUP_ATTEMPTS if since is not None else 0):
-                if self._channels.get(channel) is not state:
-                    return  # every session left meanwhile
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + self.bus.settings.connect_timeout
+            delay = 0.05
+            while since is not None:
+                if self._channels.get(channel) is not state or state.catchup is None:
+                    return  # every session left meanwhile, or the stream was reset
                 try:
                     replay = []
                     after = since
@@ -257,11 +281,12 @@ class Hub:
                         after = history.messages[-1].seq
                     break
                 except Unavailable as exc:
-                    if attempt + 1 == CATCHUP_ATTEMPTS:
+                    if loop.time() + delay > deadline:
                         log.warning("catch-up of %s failed: %s", channel, exc)
                         recovered = False
-                    else:
-                        await asyncio.sleep(0.2 * (attempt + 1))
+                        break
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 1.0)
         if self._channels.get(channel) is not state or state.catchup is None:
             return
         if since is not None and not recovered:
@@ -295,12 +320,22 @@ class Hub:
         if self._channels.get(channel) is state and state.catchup is None:
             state.last_seq = max(state.last_seq or 0, seq)
 
-    def disconnect(self, sub: str | None, jti: str | None) -> int:
-        """Close with 4001 every session matching ``sub`` and/or ``jti``; returns how many."""
+    def disconnect(
+        self, sub: str | None, jti: str | None, issued_before: float | None = None
+    ) -> int:
+        """Close with 4001 every session matching ``sub`` and/or ``jti``; returns how many.
+
+        With ``issued_before`` (Unix seconds), a ``sub`` match only counts for tokens
+        issued (``iat``) at or before it, as a revocation by ``sub`` refuses them.
+        """
         closed = 0
         for session in list(self.sessions):
             p = session.principal
-            if (sub is None or p.sub == sub) and (jti is None or p.jti == jti):
+            if (
+                (sub is None or p.sub == sub)
+                and (jti is None or p.jti == jti)
+                and (issued_before is None or p.iat is None or p.iat <= issued_before)
+            ):
                 session.close(CLOSE_UNAUTHORIZED, "token revoked")
                 closed += 1
         return closed
@@ -332,9 +367,18 @@ class Hub:
 
     # --- session -> hub ------------------------------------------------------------------
     async def subscribe(
-        self, session: Session, channel: str, since: int | None, req_id: object
+        self,
+        session: Session,
+        channel: str,
+        since: int | None,
+        req_id: object,
+        epoch: str | None = None,
     ) -> None:
         """Subscribe ``session`` to ``channel``; sends ``subscribed`` (+ replay) to it.
+
+        ``since``/``epoch`` is the client's position (see :meth:`Bus.history` for
+        how a position of another epoch is answered: ``recovered: false`` and a
+        replay of everything the current epoch holds for the channel).
 
         Raises:
             Unavailable: NATS could not confirm the live subscription.
@@ -353,7 +397,7 @@ class Hub:
             joined(session, channel)
         if since is None:
             state.sessions.add(session)
-            session.send_frame(Subscribed(channel=channel, id=req_id))
+            session.send_frame(Subscribed(channel=channel, id=req_id, epoch=self.epoch))
             return
         if not self.bus.history_enabled:
             state.sessions.add(session)
@@ -361,7 +405,7 @@ class Hub:
             return
         rec = state.pending[session] = _Recovery()
         try:
-            history = await self.bus.history(channel, since)
+            history = await self.bus.history(channel, since, epoch=epoch)
         except Unavailable:
             history = None
         if session.closed or state.pending.get(session) is not rec:
@@ -372,8 +416,10 @@ class Hub:
             replay = history.messages
             # (a pattern's missed messages can exceed one read: the rest would be a gap)
             recovered = history.recovered and not history.more
-            threshold = replay[-1].seq if replay else min(since, history.last_seq)
-        session.send_frame(Subscribed(channel=channel, id=req_id, recovered=recovered))
+            threshold = replay[-1].seq if replay else min(history.since, history.last_seq)
+        session.send_frame(
+            Subscribed(channel=channel, id=req_id, recovered=recovered, epoch=self.epoch)
+        )
         for stored in replay:
             session.send(*encode_stored(channel, stored))
         buffered, rec.buffer = rec.buffer or [], None

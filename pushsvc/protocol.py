@@ -41,13 +41,11 @@ RequestId = int | str | None
 
 # --- client commands ------------------------------------------------------------
 class SubResume(msgspec.Struct, forbid_unknown_fields=False):
-    """Where to resume one server-side subscription: ``{"since":N?,"epoch":E?}``.
-
-    ``since`` as in ``subscribe``; ``epoch`` is passed on as ``subscribe`` would.
-    """
+    """Where to resume one server-side subscription: ``{"since":N?,"epoch":E?}``,
+    as the same fields of ``subscribe``."""
 
     since: int | None = None
-    epoch: int | str | None = None
+    epoch: str | None = None
 
 
 class Auth(msgspec.Struct, tag_field="op", tag="auth"):
@@ -59,14 +57,18 @@ class Auth(msgspec.Struct, tag_field="op", tag="auth"):
 
 
 class Subscribe(msgspec.Struct, tag_field="op", tag="subscribe"):
-    """``{"op":"subscribe","channel":C,"since":N?,"id":I?}``.
+    """``{"op":"subscribe","channel":C,"since":N?,"epoch":E?,"id":I?}``.
 
-    ``since`` is a stream sequence: replay what came after it (history on).
+    ``since`` is a stream sequence: replay what came after it (history on);
+    ``epoch`` is the stream epoch ``since`` belongs to (from ``welcome`` or
+    ``subscribed``): a position of another epoch is answered ``recovered: false``
+    with a replay of everything the current epoch holds for the channel.
     """
 
     channel: str
     since: int | None = None
     id: RequestId = None
+    epoch: str | None = None
 
 
 class Unsubscribe(msgspec.Struct, tag_field="op", tag="unsubscribe"):
@@ -117,14 +119,18 @@ Command = Auth | Subscribe | Unsubscribe | Publish | Refresh | Pong | Presence |
 
 # --- server frames ----------------------------------------------------------------
 class Welcome(msgspec.Struct, tag_field="type", tag="welcome", omit_defaults=True):
-    """Sent after a successful auth. ``ping_interval`` seconds, ``exp`` Unix seconds;
+    """Sent after a successful auth. ``ping_interval`` seconds, ``exp`` Unix seconds.
+
+    ``epoch``: the stream epoch (history on), to send back with ``since``.
     ``subs``: channels the server subscribes the session to (their ``subscribed``
-    answers follow)."""
+    answers follow).
+    """
 
     client: str
     user: str
     ping_interval: float
     exp: float
+    epoch: str | None = None
     subs: list[str] = msgspec.field(default_factory=list)  # server-side subscriptions
 
 
@@ -153,11 +159,15 @@ class Error(msgspec.Struct, tag_field="type", tag="error", omit_defaults=True):
 
 
 class Subscribed(msgspec.Struct, tag_field="type", tag="subscribed", omit_defaults=True):
-    """Answer to subscribe. ``recovered`` is set when ``since`` was given."""
+    """Answer to subscribe. ``recovered`` is set when ``since`` was given.
+
+    ``epoch``: the stream epoch the channel's sequences belong to (history on).
+    """
 
     channel: str
     id: RequestId = None
     recovered: bool | None = None
+    epoch: str | None = None
 
 
 class Unsubscribed(msgspec.Struct, tag_field="type", tag="unsubscribed", omit_defaults=True):

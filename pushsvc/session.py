@@ -388,6 +388,7 @@ class Session:
                 user=self.principal.sub,
                 ping_interval=self.settings.ping_interval,
                 exp=self.principal.exp,
+                epoch=self.hub.epoch,
                 subs=(server_subs := self.server_subscriptions()),
             )
         )
@@ -550,8 +551,11 @@ class Session:
         if cmd.since is not None and not 0 <= cmd.since <= MAX_SEQ:
             self._refuse(BAD_REQUEST, f"since must be in 0..{MAX_SEQ}", cmd.id)
             return
+        if cmd.epoch is not None and not 0 < len(cmd.epoch) <= 64:
+            self._refuse(BAD_REQUEST, "epoch must be 1..64 characters", cmd.id)
+            return
         try:
-            await self.hub.subscribe(self, channel, cmd.since, cmd.id)
+            await self.hub.subscribe(self, channel, cmd.since, cmd.id, cmd.epoch)
         except Unavailable as exc:
             self._refuse(UNAVAILABLE, str(exc), cmd.id)
 
@@ -594,11 +598,15 @@ class Session:
                 continue
             resume = self._resume.get(channel)
             since = resume.since if resume is not None else None
+            epoch = resume.epoch if resume is not None else None
             if since is not None and not 0 <= since <= MAX_SEQ:
                 self._refuse(BAD_REQUEST, f"subs.{channel}.since must be in 0..{MAX_SEQ}", None)
                 since = None
+            if epoch is not None and not 0 < len(epoch) <= 64:
+                self._refuse(BAD_REQUEST, f"subs.{channel}.epoch must be 1..64 characters", None)
+                since = epoch = None
             try:
-                await self.hub.subscribe(self, channel, since, None)
+                await self.hub.subscribe(self, channel, since, None, epoch)
             except Unavailable as exc:
                 self._refuse(UNAVAILABLE, f"server-side subscription {channel}: {exc}", None)
 

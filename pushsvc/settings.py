@@ -60,6 +60,7 @@ class Settings(msgspec.Struct, kw_only=True):
     stream: str = "PUSHSVC"
     stream_replicas: int = 1
     dedupe_window: float = 120.0
+    revocation_bucket: str = "PUSHSVC_REVOCATIONS"  # JetStream KV bucket of revocations
 
     # --- tokens --------------------------------------------------------------
     jwt_secret: str | None = None
@@ -192,6 +193,10 @@ class Settings(msgspec.Struct, kw_only=True):
             )
         if self.stream and not self.stream.replace("_", "").replace("-", "").isalnum():
             raise SettingsError("PUSHSVC_STREAM", f"invalid stream name {self.stream!r}")
+        if not _is_token(self.revocation_bucket):
+            raise SettingsError(
+                "PUSHSVC_REVOCATION_BUCKET", f"invalid bucket name {self.revocation_bucket!r}"
+            )
         if not _is_token(self.subject_prefix):
             raise SettingsError(
                 "PUSHSVC_SUBJECT_PREFIX", "must be one token of [A-Za-z0-9_-], e.g. 'push'"

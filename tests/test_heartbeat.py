@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import time
+import uuid
 
 import pytest
 import websockets
@@ -172,12 +173,15 @@ async def test_revocation_closes_sessions_on_every_node(start_server, nc, how):
     a = await start_server()
     b = await start_server()
     bystanders = [await Bystander.join(a), await Bystander.join(b)]
-    revoked_jti = await a.client(a.token("mallory", jti="j-revoked"))
-    revoked_jti_b = await b.client(b.token("mallory", jti="j-revoked"))
-    other_jti = await b.client(b.token("mallory", jti="j-kept"))
-    other_user = await a.client(a.token("trent", jti="j-revoked-not-trent"))
+    # revocations are stored in the session's shared NATS: names unique to this run
+    tag = uuid.uuid4().hex[:8]
+    mallory, revoked = f"mallory-{tag}", f"j-revoked-{tag}"
+    revoked_jti = await a.client(a.token(mallory, jti=revoked))
+    revoked_jti_b = await b.client(b.token(mallory, jti=revoked))
+    other_jti = await b.client(b.token(mallory, jti=f"j-kept-{tag}"))
+    other_user = await a.client(a.token("trent", jti=f"j-revoked-not-trent-{tag}"))
     await asyncio.sleep(0.1)  # control subscriptions are live on both nodes
-    message = {"jti": "j-revoked"} if how == "jti" else {"sub": "mallory"}
+    message = {"jti": revoked} if how == "jti" else {"sub": mallory}
     await nc.publish("push-control.disconnect", json.dumps(message).encode())
     await nc.flush()
     assert await revoked_jti.closed() == 4001
@@ -202,9 +206,10 @@ async def test_revoked_token_cannot_reconnect(start_server, nc):
     """Revocation is remembered: the revoked token is refused on reconnect (also from
     the verified-token cache), while a token issued after a `sub` revocation works."""
     srv = await start_server()
-    by_jti = srv.token("oscar", jti="j-stolen")
+    stolen = f"j-stolen-{uuid.uuid4().hex[:8]}"
+    by_jti = srv.token("oscar", jti=stolen)
     c = await srv.client(by_jti)
-    await nc.publish("push-control.disconnect", json.dumps({"jti": "j-stolen"}).encode())
+    await nc.publish("push-control.disconnect", json.dumps({"jti": stolen}).encode())
     assert await c.closed() == 4001
     again = await WSClient.connect(srv.ws_url)
     await again.send({"op": "auth", "token": by_jti})
@@ -214,13 +219,14 @@ async def test_revoked_token_cannot_reconnect(start_server, nc):
         await WSClient.connect(srv.ws_url, additional_headers={"Authorization": f"Bearer {by_jti}"})
     assert info.value.response.status_code == 403
 
-    old = srv.token("peggy")
+    peggy = f"peggy-{uuid.uuid4().hex[:8]}"
+    old = srv.token(peggy)
     c = await srv.client(old)
-    await nc.publish("push-control.disconnect", json.dumps({"sub": "peggy"}).encode())
+    await nc.publish("push-control.disconnect", json.dumps({"sub": peggy}).encode())
     assert await c.closed() == 4001
     refused = await WSClient.connect(srv.ws_url)
     await refused.send({"op": "auth", "token": old})
     assert await refused.closed() == 4001
     await asyncio.sleep(1.05 - time.time() % 1)  # iat has one-second resolution
-    fresh = await srv.client(srv.token("peggy"))
-    await fresh.subscribe("user.peggy")
+    fresh = await srv.client(srv.token(peggy))
+    await fresh.subscribe(f"user.{peggy}")

@@ -173,16 +173,41 @@ async def test_since_older_than_ttl(start_server, channel):
     await c.nothing(0.2)
 
 
-async def test_since_in_the_future_means_nothing_missed(start_server, nc, channel):
+async def test_since_past_the_stream_is_another_epoch(start_server, nc, channel):
+    """Without an epoch, a since beyond the stream's last seq cannot be of this epoch."""
     srv = await start_server()
     await nc.publish(f"push.{channel}", b'"old"')
     await nc.flush()
     c = await srv.client()
-    await c.subscribe(channel, since=10**12, recovered=True)
-    await c.nothing(0.2)
+    sub = await c.subscribe(channel, since=10**12, recovered=False)
+    assert sub["epoch"] == c.welcome["epoch"]
+    (replayed,) = await c.messages(1)
+    assert replayed["data"] == "old"
     await nc.publish(f"push.{channel}", b'"new"')
     (m,) = await c.messages(1)
-    assert m["data"] == "new" and m["seq"] > 0
+    assert m["data"] == "new" and m["seq"] > replayed["seq"]
+
+
+async def test_since_with_the_current_epoch_resumes(start_server, nc, channel):
+    srv = await start_server()
+    c = await srv.client()
+    epoch = c.welcome["epoch"]
+    assert isinstance(epoch, str) and epoch
+    await c.subscribe(channel, epoch=epoch)
+    for i in range(3):
+        await nc.publish(f"push.{channel}", str(i).encode())
+    first, *_ = await c.messages(3)
+    await c.close()
+    c = await srv.client()
+    await c.subscribe(channel, since=first["seq"], epoch=epoch, recovered=True)
+    assert [m["data"] for m in await c.messages(2)] == [1, 2]
+    await c.close()
+    # the same position with another epoch: everything the stream holds, recovered false
+    c = await srv.client()
+    sub = await c.subscribe(channel, since=first["seq"], epoch="0ld", recovered=False)
+    assert sub["epoch"] == epoch
+    assert [m["data"] for m in await c.messages(3)] == [0, 1, 2]
+    await c.nothing(0.2)
 
 
 async def test_since_with_nothing_new_and_a_quiet_channel(start_server, nc, channel):
@@ -244,7 +269,9 @@ async def test_history_off(start_server, nc, http, channel):
     srv = await start_server(history_ttl=0, subject_prefix=prefix)
     assert srv.node.bus.history_enabled is False
     c = await srv.client()
-    await c.subscribe(channel, since=3, recovered=False)
+    assert "epoch" not in c.welcome  # no stream, no epoch
+    sub = await c.subscribe(channel, since=3, epoch="e1", recovered=False)
+    assert "epoch" not in sub
     r = await emit(http, srv, channel, {"x": 1})
     assert r.status_code == 202 and r.json() == {"channel": channel, "seq": None}
     await nc.publish(f"{prefix}.{channel}", b'"core"')
@@ -284,6 +311,19 @@ async def test_history_endpoint(start_server, http, nc, channel):
     assert [m["seq"] for m in r.json()["messages"]] == seqs[5:8] and r.json()["more"] is False
     r = await http.get(url, params={"since": seqs[-1]}, headers=h)
     assert r.json()["messages"] == [] and r.json()["recovered"] is True
+    # epochs: the current one pages as before; another one restarts from the stream's start
+    epoch = r.json()["epoch"]
+    assert epoch == srv.node.bus.epoch
+    r = await http.get(url, params={"since": seqs[4], "epoch": epoch}, headers=h)
+    assert [m["seq"] for m in r.json()["messages"]] == seqs[5:] and r.json()["recovered"]
+    r = await http.get(url, params={"since": seqs[4], "epoch": "stale"}, headers=h)
+    page = r.json()
+    assert [m["seq"] for m in page["messages"]] == seqs and page["recovered"] is False
+    assert page["epoch"] == epoch
+    r = await http.get(url, params={"since": 10**12}, headers=h)
+    assert len(r.json()["messages"]) == 8 and r.json()["recovered"] is False
+    r = await http.get(url, params={"epoch": "e" * 65}, headers=h)
+    assert r.status_code == 400 and r.json()["error"] == "bad_request"
     # an API key reads any channel
     r = await http.get(url, headers=bearer("key-0123456789"))
     assert r.status_code == 200 and len(r.json()["messages"]) == 8

@@ -7,30 +7,12 @@ under uvicorn against it. Bounded: every wait has a deadline of a few seconds.
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import nats
+from helpers import bearer, until
 
 from pushsvc.embedded import EmbeddedNats, free_port
-
-
-def bearer(token: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}"}
-
-
-async def until(check: Callable[[], Awaitable[bool] | bool], within: float = 5.0) -> float:
-    """Poll ``check`` every 20 ms until true; return the seconds taken (fail after ``within``)."""
-    start = time.monotonic()
-    while True:
-        result = check()
-        if not isinstance(result, bool):
-            result = await result
-        if result:
-            return time.monotonic() - start
-        assert time.monotonic() - start < within, "condition not met in time"
-        await asyncio.sleep(0.02)
 
 
 async def stored_seqs(http: Any, srv: Any, channel: str) -> list[int]:

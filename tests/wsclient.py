@@ -70,11 +70,15 @@ class WSClient:
             assert frame.get(key) == value, f"{key}: expected {value!r}, got {frame}"
         return frame
 
-    async def subscribe(self, channel: str, since: int | None = None, **fields: Any) -> dict:
-        """Subscribe and await ``subscribed``."""
+    async def subscribe(
+        self, channel: str, since: int | None = None, *, epoch: str | None = None, **fields: Any
+    ) -> dict:
+        """Subscribe (resuming at ``since``/``epoch`` if given) and await ``subscribed``."""
         cmd: dict[str, Any] = {"op": "subscribe", "channel": channel}
         if since is not None:
             cmd["since"] = since
+        if epoch is not None:
+            cmd["epoch"] = epoch
         await self.send(cmd)
         return await self.expect("subscribed", channel=channel, **fields)
 

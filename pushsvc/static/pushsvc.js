@@ -4,8 +4,8 @@
  *
  * @example
  *   const c = new PushsvcClient({ token, getToken: async () => (await fetchToken()).token });
- *   c.on("connected", (welcome) => {});   // {client, user, ping_interval, exp}
- *   const sub = c.subscribe("news", (data, ctx) => {});   // ctx = {channel, seq, encoding, pattern}
+ *   c.on("connected", (welcome) => {});   // {client, user, ping_interval, exp, epoch?, subs?}
+ *   const sub = c.subscribe("news", (data, ctx) => {});   // ctx = {channel, seq, encoding, epoch, pattern}
  *   c.subscribe("orders.*", (data, ctx) => {});       // wildcard: ctx.channel is concrete, ctx.pattern "orders.*"
  *   const who = await c.presence("chat.room1");       // {channel, clients: [{client, user, node, info?}], users, clients_total}
  *   c.connect(); await sub.ready;                     // resolves with the `subscribed` frame
@@ -23,27 +23,32 @@
  * @property {Function} [WebSocket]    WebSocket constructor (default: the global one; set it for tests or non-browsers).
  *
  * Events (client.on(name, fn) returns an unsubscribe function; client.off(name, fn) also works):
- *   "connected"    (welcome: {client, user, ping_interval: seconds, exp: unix seconds, subs?: [channel]})
+ *   "connected"    (welcome: {client, user, ping_interval: seconds, exp: unix seconds, epoch?: string,
+ *                  subs?: [channel]})
  *                  `subs` lists the server-side subscriptions (token `subs` claim): their messages arrive
  *                  through "message" (or the handlers of a client.subscribe() of the same name), and they
- *                  are resumed with since on every reconnect (auth frame `subs` map).
+ *                  are resumed with (since, epoch) on every reconnect (auth frame `subs` map).
  *   "join", "leave" ({channel, client, user, info?}): a session joined/left a channel with join/leave events
  *   "disconnected" ({code, reason, willReconnect: boolean, delay: seconds|null})
  *   "error"        (PushsvcError): error frames not matched to a request, subscription failures,
  *                  and getToken/refresh failures. Errors for requests with an id reject that request's Promise.
- *   "message"      ({channel, data, seq, encoding, pattern}) for every delivered (non-duplicate) message;
- *                  pattern is the wildcard subscription that delivered it, or null
- *   "subscribed"   (frame {channel, id?, recovered?}); "unsubscribed" (frame {channel, id?, reason?})
+ *   "message"      ({channel, data, seq, encoding, epoch, pattern}) for every delivered (non-duplicate)
+ *                  message; pattern is the wildcard subscription that delivered it, or null
+ *   "subscribed"   (frame {channel, id?, recovered?, epoch?}); "unsubscribed" (frame {channel, id?, reason?})
  *
  * PushsvcError: Error with .code (bad_request | unauthorized | forbidden | invalid_channel | rate_limited |
  *   limit_exceeded | unavailable, or client-side: not_connected | disconnected | unsubscribed),
  *   .retryAfter (seconds, from retry_after), .id, .channel.
  *
  * Messages: data is passed as received. When ctx.encoding === "base64", data is a base64 string
- *   (PushsvcClient.decodeBase64(data) gives a Uint8Array). The highest seq per channel is tracked; a
- *   message whose seq <= the last seen seq is dropped as a duplicate. After `welcome`, every channel is
- *   (re)subscribed with `since` = last seen seq. If `subscribed` says recovered: false, the gap could not
- *   be filled: the seq is forgotten (the stream may have restarted) and the app should refetch its state.
+ *   (PushsvcClient.decodeBase64(data) gives a Uint8Array). The position (epoch, highest seq) per channel
+ *   is tracked; a message whose seq <= the last seen seq is dropped as a duplicate. After `welcome`, every
+ *   channel is (re)subscribed with `since` = last seen seq and `epoch` = the stream epoch that seq belongs
+ *   to. If `subscribed` says recovered: false, the gap could not be filled (messages expired, or the
+ *   stream was created anew: a new epoch, whose seqs restart at 1): the old position is forgotten, the
+ *   messages that follow (a replay of what the server still holds, then live ones) are all delivered, and
+ *   the app should refetch its state. To resume across page loads, keep ctx.epoch and ctx.seq and pass
+ *   them as subscribe(channel, handler, {since, epoch}).
  *
  * Heartbeat: the server sends ping every ping_interval seconds; the client answers pong at once. If no
  *   frame arrives for max(ping_interval * 1.5, ping_interval + 10) seconds the socket is closed and reopened.
@@ -112,7 +117,7 @@ var PushsvcClient = (function () {
       this._opening = false;      // awaiting getToken() before opening a socket
       this._stopped = true;       // connect() not called yet, close() called, or a terminal close code
       this._hbTimeout = this.connectTimeout;
-      this._serverSubs = new Map(); // server-side subscription -> last seen seq (or null)
+      this._serverSubs = new Map(); // server-side subscription -> {lastSeq, epoch} (position)
     }
 
     get connected() { return this._ready; }
@@ -144,7 +149,8 @@ var PushsvcClient = (function () {
     /**
      * @param {string} channel
      * @param {function(*, {channel:string, seq:(number|null), encoding:(string|null)})} handler
-     * @param {{since?: number}} [opts] since: last seq already seen, to resume from
+     * @param {{since?: number, epoch?: string}} [opts] since: last seq already seen, to resume from;
+     *   epoch: the stream epoch that seq belongs to (ctx.epoch of the message)
      * @returns {Subscription}
      */
     subscribe(channel, handler, opts) {
@@ -153,12 +159,14 @@ var PushsvcClient = (function () {
       var e = this._channels.get(channel);
       if (!e) {
         e = { channel: channel, handlers: new Set(), confirmed: false,
-          lastSeq: opts && typeof opts.since === "number" ? opts.since : null };
+          lastSeq: opts && typeof opts.since === "number" ? opts.since : null,
+          epoch: opts && typeof opts.epoch === "string" ? opts.epoch : null };
         e.ready = new Promise((resolve, reject) => { e.resolve = resolve; e.reject = reject; });
         e.ready.catch(() => {}); // no unhandled-rejection noise when the app does not await it
         this._channels.set(channel, e);
         if (this._ready && this._serverSubs.has(channel)) { // the server already subscribed it
-          e.lastSeq = this._serverSubs.get(channel); e.confirmed = true;
+          var pos = this._serverSubs.get(channel);
+          e.lastSeq = pos.lastSeq; e.epoch = pos.epoch; e.confirmed = true;
           e.resolve({ type: "subscribed", channel: channel });
         } else if (this._ready) this._sendSubscribe(e);
       }
@@ -242,10 +250,12 @@ var PushsvcClient = (function () {
 
     _authFrame() { // resumes server-side subscriptions with since
       var msg = { op: "auth", token: this.token }, subs = {}, any = false;
-      this._serverSubs.forEach((seq, channel) => {
+      this._serverSubs.forEach((pos, channel) => {
         var e = this._channels.get(channel);
-        var last = e && e.lastSeq !== null ? e.lastSeq : seq;
-        if (last !== null) { subs[channel] = { since: last }; any = true; }
+        if (e && e.lastSeq !== null) pos = e;
+        if (pos.lastSeq === null) return;
+        subs[channel] = pos.epoch !== null ? { since: pos.lastSeq, epoch: pos.epoch } : { since: pos.lastSeq };
+        any = true;
       });
       if (any) msg.subs = subs;
       return msg;
@@ -280,14 +290,20 @@ var PushsvcClient = (function () {
 
     _sendSubscribe(e) { // answered synchronously in _onFrame, so ordering with following messages holds
       var id = this._nextId++, msg = { op: "subscribe", channel: e.channel, id: id };
-      if (e.lastSeq !== null) msg.since = e.lastSeq;
+      if (e.lastSeq !== null) {
+        msg.since = e.lastSeq;
+        if (e.epoch !== null) msg.epoch = e.epoch;
+      }
       this._pending.set(id, { op: "subscribe", channel: e.channel, entry: e });
       this._sendRaw(msg);
     }
 
     _onSubscribed(e, f) {
       if (this._channels.get(e.channel) !== e) return;
-      if (f.recovered === false) e.lastSeq = null;
+      // recovered: false (gap, or a new stream epoch): forget the old position so that no
+      // message of the new epoch, whose seqs restarted, is mistaken for a duplicate
+      if (f.recovered === false || (typeof f.epoch === "string" && e.epoch !== null && f.epoch !== e.epoch)) e.lastSeq = null;
+      if (typeof f.epoch === "string") e.epoch = f.epoch;
       e.confirmed = true; e.resolve(f);
       this._emit("subscribed", f);
     }
@@ -348,7 +364,7 @@ var PushsvcClient = (function () {
           this._scheduleRefresh(f.exp);
           var serverSubs = new Map();
           (Array.isArray(f.subs) ? f.subs : []).forEach((ch) => {
-            serverSubs.set(ch, this._serverSubs.has(ch) ? this._serverSubs.get(ch) : null);
+            serverSubs.set(ch, this._serverSubs.get(ch) || { lastSeq: null, epoch: null });
           });
           this._serverSubs = serverSubs;
           this._channels.forEach((entry) => { if (!serverSubs.has(entry.channel)) this._sendSubscribe(entry); });
@@ -364,8 +380,9 @@ var PushsvcClient = (function () {
         case "subscribed":
           p = this._take(f.id);
           if ((e = p ? p.entry : this._channels.get(f.channel))) this._onSubscribed(e, f);
-          else if (this._serverSubs.has(f.channel)) {
-            if (f.recovered === false) this._serverSubs.set(f.channel, null);
+          else if ((e = this._serverSubs.get(f.channel))) { // a server-side subscription
+            if (f.recovered === false || (typeof f.epoch === "string" && e.epoch !== null && f.epoch !== e.epoch)) e.lastSeq = null;
+            if (typeof f.epoch === "string") e.epoch = f.epoch;
             this._emit("subscribed", f);
           }
           break;
@@ -394,16 +411,19 @@ var PushsvcClient = (function () {
       if (e && seq !== null) {
         if (e.lastSeq !== null && seq <= e.lastSeq) { this._log("duplicate", key, seq); return; }
         e.lastSeq = seq;
-      } else if (!e && seq !== null && this._serverSubs.has(key)) {
-        var last = this._serverSubs.get(key);
-        if (last !== null && seq <= last) { this._log("duplicate", key, seq); return; }
-        this._serverSubs.set(key, seq);
       }
-      var ctx = { channel: f.channel, seq: seq, encoding: f.encoding || null, pattern: f.pattern || null };
+      var pos = e || this._serverSubs.get(key) || null;
+      if (!e && pos && seq !== null) { // a server-side subscription without handlers
+        if (pos.lastSeq !== null && seq <= pos.lastSeq) { this._log("duplicate", key, seq); return; }
+        pos.lastSeq = seq;
+      }
+      var ctx = { channel: f.channel, seq: seq, encoding: f.encoding || null,
+        epoch: pos ? pos.epoch : null, pattern: f.pattern || null };
       if (e) Array.from(e.handlers).forEach((h) => {
         try { h(f.data, ctx); } catch (err) { console.error("[pushsvc] handler for " + key + " failed", err); }
       });
-      this._emit("message", { channel: f.channel, data: f.data, seq: seq, encoding: ctx.encoding, pattern: ctx.pattern });
+      this._emit("message", { channel: f.channel, data: f.data, seq: seq, encoding: ctx.encoding,
+        epoch: ctx.epoch, pattern: ctx.pattern });
     }
 
     _scheduleRefresh(exp, delay) { // at exp - 30 s (or halfway for tokens living < 60 s)
