@@ -96,3 +96,28 @@ async def test_subs_pattern_refused_when_wildcards_are_off(start_server):
     err = await c.expect("error", code="invalid_channel")
     assert "orders.*" in err["message"]
     await c.expect("subscribed", channel="news")
+
+
+async def test_subs_resume_with_epoch(start_server, nc):
+    """The resume map carries the epoch as ``subscribe`` does: the current epoch resumes,
+    another epoch is answered recovered: false with everything the stream holds."""
+    srv = await start_server()
+    news = f"news{uuid.uuid4().hex[:8]}"
+    token = tok(srv, "gus", subs=[news])
+    c = await hello(srv, token)
+    epoch = c.welcome["epoch"]
+    await c.expect("subscribed", channel=news, epoch=epoch)
+    await nc.publish(f"push.{news}", b"1")
+    (m,) = await c.messages(1)
+    await c.close()
+    await nc.publish(f"push.{news}", b"2")
+    await nc.flush()
+
+    c = await hello(srv, token, {news: {"since": m["seq"], "epoch": epoch}})
+    await c.expect("subscribed", channel=news, recovered=True, epoch=epoch)
+    assert [x["data"] for x in await c.messages(1)] == [2]
+    await c.close()
+
+    c = await hello(srv, token, {news: {"since": m["seq"], "epoch": "0ld"}})
+    await c.expect("subscribed", channel=news, recovered=False, epoch=epoch)
+    assert [x["data"] for x in await c.messages(2)] == [1, 2]
