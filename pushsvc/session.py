@@ -111,8 +111,8 @@ class Session:
         auth: verifies refresh tokens.
         bucket: the user's command token bucket (shared by the user's sessions).
         settings: limits and timers (seconds, bytes).
-        resume_subs: the auth frame's ``subs`` map (channel -> ``since``), used by the
-            server-side subscriptions (:meth:`server_subscriptions`).
+        resume_subs: the auth frame's ``subs`` map (channel -> ``since``/``epoch``),
+            used by the server-side subscriptions (:meth:`server_subscriptions`).
 
     Attributes:
         channels: channels this session is subscribed to.
@@ -160,7 +160,7 @@ class Session:
         self._exp_timer: asyncio.TimerHandle | None = None
         self._strikes = 0  # command refusals in a row on this connection
         self._direct = direct_protocol(receive)
-        self._resume = dict(resume_subs or {})  # server-side subs to resume: channel -> since
+        self._resume = dict(resume_subs or {})  # server-side subs to resume
 
     # --- outbound ----------------------------------------------------------------------
     @property
@@ -576,9 +576,9 @@ class Session:
         A channel in the auth frame's ``subs`` map resumes from its ``since`` (with
         ``recovered``, then the replay) exactly as a ``subscribe`` with ``since``
         would. Refusals are ``error`` frames naming the channel (no ``id``): over
-        ``PUSHSVC_MAX_SUBSCRIPTIONS`` (``limit_exceeded``), a pattern
-        (``invalid_channel``), a bad ``since`` (``bad_request``), NATS away
-        (``unavailable``).
+        ``PUSHSVC_MAX_SUBSCRIPTIONS`` (``limit_exceeded``), a pattern while
+        wildcard subscriptions are off (``invalid_channel``), a bad ``since`` or
+        ``epoch`` (``bad_request``; subscribed live instead), NATS away (``unavailable``).
         """
         for channel in channels:
             if self.closed:
