@@ -26,6 +26,7 @@ from . import __version__
 from .auth import Authenticator, Revocation, mint_token, parse_revocation
 from .bus import Bus, Unavailable
 from .channels import InvalidChannel, validate_grant
+from .demo import demo_router
 from .embedded import EmbeddedNats
 from .emit import emit_router
 from .endpoint import WebSocketEndpoint
@@ -219,11 +220,7 @@ class Node:
             return FileResponse(_static("pushsvc.js"), media_type="text/javascript")
 
         if settings.dev:
-
-            @router.get("/")
-            async def index() -> FileResponse:
-                """Demo page (dev mode only)."""
-                return FileResponse(_static("index.html"), media_type="text/html")
+            router.include_router(demo_router())
 
             @router.get("/dev/token")
             async def dev_token(

@@ -1,5 +1,7 @@
 """pushsvc.js in a real browser: Debian's chromium driven by Playwright.
 
+The demo page has its own tests in test_demo.py.
+
 Skipped when no chromium binary is installed (``.ci/run`` installs Debian's
 ``chromium`` package, so CI runs these).
 """
@@ -7,58 +9,17 @@ Skipped when no chromium binary is installed (``.ci/run`` installs Debian's
 from __future__ import annotations
 
 import json
-import os
-import shutil
 
 import pytest
+from browser import CHROMIUM, launch
 
-CHROMIUM = os.environ.get("PUSHSVC_TEST_CHROMIUM") or shutil.which("chromium")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed")
-
-ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 
 
 @pytest.fixture
 async def browser():
-    from playwright.async_api import async_playwright
-
-    async with async_playwright() as pw:
-        b = await pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS)
+    async with launch() as b:
         yield b
-        await b.close()
-
-
-async def test_demo_page_receives_a_nats_publish(start_server, browser, nc, channel):
-    srv = await start_server(dev=True)
-    page = await browser.new_page()
-    await page.goto(f"{srv.base}/")
-    await page.fill("#token", srv.token("browser"))
-    await page.click("#connect")
-    await page.fill("#channel", channel)
-    await page.click("#subscribe")
-    await page.wait_for_function(
-        "n => document.querySelector('#status').textContent.toLowerCase().includes(n)",
-        arg="connected",
-        timeout=10000,
-    )
-    # Wait until the server has the subscription, then publish from plain NATS.
-    for _ in range(200):
-        if srv.node.hub.subscribers(channel):
-            break
-        await page.wait_for_timeout(25)
-    await nc.publish(f"push.{channel}", json.dumps({"hello": "browser"}).encode())
-    item = page.locator("#log li.message").first
-    await item.wait_for(timeout=10000)
-    assert channel in await item.text_content()
-    assert "browser" in await item.text_content()
 
 
 async def test_client_resumes_after_a_server_restart_close(start_server, browser, nc, channel):

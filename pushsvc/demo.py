@@ -1,0 +1,57 @@
+"""The demo page of ``pushsvc serve --dev``: a chat plus a protocol console.
+
+Serves ``pushsvc/static/index.html`` at the base path and its assets (stylesheet,
+script, icon) under ``static/``; the page talks to the node only through
+``/static/pushsvc.js``, ``/dev/token`` and ``/ws`` like any other client. Mounted by
+:mod:`pushsvc.app` in dev mode only.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+
+from fastapi import APIRouter, HTTPException
+from fastapi.responses import FileResponse
+
+# file name in pushsvc/static -> media type; nothing else in that folder is served here
+DEMO_ASSETS: dict[str, str] = {
+    "demo.css": "text/css",
+    "demo.js": "text/javascript",
+    "favicon.svg": "image/svg+xml",
+}
+
+
+def static_path(name: str) -> str:
+    """Filesystem path of ``pushsvc/static/<name>`` (installed package data)."""
+    return str(resources.files("pushsvc") / "static" / name)
+
+
+def demo_router() -> APIRouter:
+    """Routes of the demo page, relative to the base path.
+
+    Returns:
+        A router with ``GET /`` (the page), ``GET /static/{name}`` for the names in
+        :data:`DEMO_ASSETS` (404 for any other name) and ``GET /favicon.ico`` (the SVG
+        icon, so browsers and crawlers asking for the conventional path get no 404).
+    """
+    router = APIRouter()
+
+    @router.get("/")
+    async def index() -> FileResponse:
+        """Demo page (dev mode only)."""
+        return FileResponse(static_path("index.html"), media_type="text/html")
+
+    @router.get("/favicon.ico")
+    async def favicon() -> FileResponse:
+        """The demo's icon at the conventional path."""
+        return FileResponse(static_path("favicon.svg"), media_type="image/svg+xml")
+
+    @router.get("/static/{name}")
+    async def asset(name: str) -> FileResponse:
+        """A stylesheet, script or icon of the demo page."""
+        media_type = DEMO_ASSETS.get(name)
+        if media_type is None:
+            raise HTTPException(404, "not found")
+        return FileResponse(static_path(name), media_type=media_type)
+
+    return router
