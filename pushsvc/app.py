@@ -44,6 +44,8 @@ from .settings import Settings
 
 log = logging.getLogger("pushsvc")
 
+DEV_ROOMS = ("chat.>",)  # with --dev and no settings: presence and join/leave of the demo's rooms
+
 
 class Node:
     """One pushsvc node: bus, hub, authenticator and limits for this process.
@@ -56,6 +58,9 @@ class Node:
     def __init__(self, settings: Settings) -> None:
         if settings.dev and settings.jwt_secret is None and settings.jwt_public_key is None:
             settings.jwt_secret = secrets.token_urlsafe(32)
+        if settings.dev:  # the demo's chat rooms show who is here
+            settings.presence_channels = settings.presence_channels or list(DEV_ROOMS)
+            settings.join_leave_channels = settings.join_leave_channels or list(DEV_ROOMS)
         self.settings = settings
         self.auth = Authenticator(settings)
         self.bus = Bus(settings, on_message=self._dispatch, on_control=self._control)
@@ -241,13 +246,18 @@ class Node:
         return router
 
     def dev_token(self, user: str, channels: list[str], publish: list[str], ttl: int) -> str:
-        """Mint a token with the node's secret (dev mode, tests)."""
+        """Mint a token with the node's secret (dev mode, tests).
+
+        The ``presence`` claim repeats the ``channels`` grants (who may subscribe
+        may see who is there).
+        """
         return mint_token(
             self.settings.jwt_secret or "",
             user,
             channels=channels,
             publish=publish,
             ttl=ttl,
+            extra={"presence": channels} if channels else None,
             audience=self.settings.jwt_audience,
             issuer=self.settings.jwt_issuer,
             headers={"typ": self.settings.jwt_type} if self.settings.jwt_type else None,
