@@ -147,6 +147,8 @@ async def test_presence_over_http(start_server, http, channel):
     assert r.status_code == 400 and "not enabled" in r.json()["message"]
     r = await http.get(f"{srv.base}/presence/a..b", headers={"Authorization": "Bearer k-123"})
     assert r.status_code == 422
+    metrics = (await http.get(f"{srv.base}/metrics")).text
+    assert "pushsvc_presence_entries 1.0" in metrics  # this node's present session
 
 
 async def test_info_claim_over_1_kib_is_refused(start_server):
