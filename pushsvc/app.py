@@ -4,13 +4,20 @@ This is the only module that connects the pieces: bus -> hub -> session. The
 :class:`Node` owns them for one process; its lifespan connects NATS (starting the
 bundled nats-server first when ``PUSHSVC_NATS_URL`` is unset), and on shutdown
 stops accepting, turns readiness false, closes sessions with 1012 and drains NATS.
+
+With ``PUSHSVC_DRAIN_DELAY`` > 0 the node also delays the server's SIGTERM
+handling (see :meth:`Node.hook_sigterm`): readiness turns false at once, the
+server keeps serving for the delay, then the shutdown above runs.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import secrets
+import signal
+import threading
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -19,10 +26,9 @@ from typing import Any
 
 from fastapi import APIRouter, FastAPI, Query
 from fastapi.responses import FileResponse, JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.routing import WebSocketRoute
 
-from . import __version__
+from . import __version__, metrics
 from .auth import Authenticator, Revocation, mint_token, parse_revocation
 from .bus import Bus, Unavailable
 from .channels import InvalidChannel, validate_grant
@@ -39,8 +45,7 @@ from .presencehttp import presence_router
 from .protocol import CLOSE_SERVICE_RESTART
 from .ratelimit import BucketRegistry
 from .revocations import RevocationStore
-from .session import NODE_ID
-from .settings import Settings
+from .settings import Settings, default_node_name
 
 log = logging.getLogger("pushsvc")
 
@@ -51,8 +56,12 @@ class Node:
     """One pushsvc node: bus, hub, authenticator and limits for this process.
 
     Attributes:
-        ready: True once NATS is connected and until shutdown starts.
+        ready: True once NATS is connected and until shutdown (or the drain) starts.
         embedded: the bundled nats-server when this node started one.
+        name: the node name (``PUSHSVC_NODE_NAME``, default the host name).
+        worker: this process's id under ``serve --workers N`` (N > 1), else None.
+        draining: readiness is false (SIGTERM received or shutting down).
+        stopping: the shutdown proper runs: new handshakes are refused with 503.
     """
 
     def __init__(self, settings: Settings) -> None:
@@ -61,15 +70,24 @@ class Node:
         if settings.dev:  # the demo's chat rooms show who is here
             settings.presence_channels = settings.presence_channels or list(DEV_ROOMS)
             settings.join_leave_channels = settings.join_leave_channels or list(DEV_ROOMS)
+        if settings.node_name is None:
+            settings.node_name = default_node_name()
         self.settings = settings
+        self.name = settings.node_name
+        self.worker = str(os.getpid()) if settings.workers > 1 else None
         self.auth = Authenticator(settings)
-        self.bus = Bus(settings, on_message=self._dispatch, on_control=self._control)
+        self.bus = Bus(
+            settings,
+            on_message=self.hub_dispatch,
+            on_control=self._control,
+            name=self.connection_name,
+        )
         self.hub = Hub(self.bus)
         # NATS outage: buffer live frames, then fill the gap from the stream (history on)
         self.bus.on_disconnected = self.hub.suspend
         self.bus.on_resumed = self.hub.resume
         # presence: the hub tells the registry who joins and leaves which channel
-        self.presence = PresenceRegistry(settings, self.bus, NODE_ID)
+        self.presence = PresenceRegistry(settings, self.bus, settings.node_name)
         self.hub.presence = self.presence
         self.hub.on_join.append(self.presence.joined)
         self.hub.on_leave.append(self.presence.left)
@@ -90,11 +108,26 @@ class Node:
         #: revocations kept in NATS (history on), shared by every node
         self.revocations: RevocationStore | None = None
         self.draining = False
+        self.stopping = False
         self.started = False
+        self._sigterm: tuple[Any, Any] | None = None
         self._background: set[asyncio.Task[None]] = set()
 
-    def _dispatch(self, channel: str, payload: bytes, seq: int | None) -> None:
-        self.hub.dispatch(channel, payload, seq)
+    @property
+    def connection_name(self) -> str:
+        """The NATS connection name: ``pushsvc/<node>``, plus ``/<worker pid>`` under workers.
+
+        Operators find each node (and worker) in ``nats server report connections``
+        or the server's ``/connz`` monitoring endpoint by this name.
+        """
+        base = f"pushsvc/{self.name}"
+        return f"{base}/{self.worker}" if self.worker else base
+
+    def hub_dispatch(
+        self, channel: str, payload: bytes, seq: int | None, stamp: float | None
+    ) -> None:
+        """The bus's ``on_message``: hand a live NATS message to the hub."""
+        self.hub.dispatch(channel, payload, seq, stamp)
 
     def _control(self, payload: bytes) -> None:
         """A revocation from NATS: refuse the token(s) from now on, close their sessions.
@@ -131,8 +164,9 @@ class Node:
         return self.started and not self.draining and self.bus.is_connected
 
     def accepting(self) -> bool:
-        """New WebSocket handshakes are accepted (False while draining)."""
-        return not self.draining
+        """New WebSocket handshakes are accepted (also during the drain delay; not once
+        the shutdown proper has started)."""
+        return not self.stopping
 
     async def start(self) -> None:
         """Start the bundled NATS if needed, then connect the bus.
@@ -161,10 +195,71 @@ class Node:
             self.revocations = store
         await self.presence.start()
         self.started = True
+        metrics.INFO.labels(self.name, __version__).set(1)
+        if self.settings.drain_delay > 0:
+            self.hook_sigterm()
+
+    def hook_sigterm(self) -> None:
+        """Delay the server's SIGTERM handling by ``drain_delay`` seconds.
+
+        Wraps the SIGTERM handler the server installed (uvicorn's, which starts
+        its graceful shutdown): on SIGTERM readiness turns false at once
+        (``/readyz`` answers 503, so load balancers stop routing new
+        connections here) while every socket keeps working and new handshakes
+        are still accepted; after the delay the server's own handler runs and
+        the shutdown proceeds (sessions closed 1012, bounded by
+        ``shutdown_timeout``). Further SIGTERMs during the delay are ignored
+        (``systemd`` and process-group kills signal every worker twice); SIGINT
+        is not delayed. Needs the main thread and a Python-level handler to wrap;
+        otherwise it logs a warning and the drain delay is off.
+        """
+        if threading.current_thread() is not threading.main_thread():
+            log.warning("PUSHSVC_DRAIN_DELAY ignored: the server does not run in the main thread")
+            return
+        previous = signal.getsignal(signal.SIGTERM)
+        if not callable(previous):
+            log.warning("PUSHSVC_DRAIN_DELAY ignored: no SIGTERM handler of the server to delay")
+            return
+        loop = asyncio.get_running_loop()
+
+        def on_sigterm(signum: int, frame: Any) -> None:
+            # a signal handler may interrupt the loop anywhere: only hand over
+            loop.call_soon_threadsafe(self._drain, previous, signum)
+
+        signal.signal(signal.SIGTERM, on_sigterm)
+        self._sigterm = (on_sigterm, previous)
+
+    def _drain(self, shutdown: Any, signum: int) -> None:
+        if self.draining:
+            return
+        self.draining = True
+        delay = self.settings.drain_delay
+        log.info(
+            "SIGTERM: readiness off, closing sessions after the drain delay",
+            extra={"drain_delay": delay, "connections": len(self.hub.sessions)},
+        )
+        asyncio.get_running_loop().call_later(delay, shutdown, signum, None)
+
+    def _unhook_sigterm(self) -> None:
+        if self._sigterm is None:
+            return
+        ours, previous = self._sigterm
+        self._sigterm = None
+        if signal.getsignal(signal.SIGTERM) is ours:
+            signal.signal(signal.SIGTERM, previous)
 
     async def stop(self) -> None:
-        """Graceful drain: refuse new sessions, close open ones with 1012, drain NATS."""
-        self.draining = True
+        """Graceful drain: refuse new sessions, close open ones with 1012, drain NATS.
+
+        The NATS drain is bounded by ``min(5, shutdown_timeout)`` seconds.
+        """
+        self.draining = self.stopping = True
+        self._unhook_sigterm()
+        if self.hub.sessions:
+            log.info(
+                "closing sessions: service restart (1012)",
+                extra={"connections": len(self.hub.sessions)},
+            )
         self.hub.close_all(CLOSE_SERVICE_RESTART, "service restart")
         await asyncio.sleep(0.05)  # let close frames go out
         await self.hub.wait_idle()
@@ -174,10 +269,11 @@ class Node:
             await asyncio.wait(list(self._background), timeout=2)
         if self.revocations is not None:
             await self.revocations.close()
-        await self.bus.close()
+        await self.bus.close(timeout=min(5.0, self.settings.shutdown_timeout))
         if self.embedded is not None:
             await asyncio.to_thread(self.embedded.cleanup)
             self.embedded = None
+        metrics.mark_self_dead()
 
     @asynccontextmanager
     async def lifespan(self) -> AsyncIterator[None]:
@@ -207,6 +303,7 @@ class Node:
             """Readiness: NATS connected and not draining (503 otherwise)."""
             body = {
                 "ready": self.ready,
+                "node": self.name,
                 "nats": self.bus.is_connected,
                 "draining": self.draining,
                 "history": self.bus.history_enabled,
@@ -216,8 +313,9 @@ class Node:
 
         @router.get("/metrics")
         async def metrics_endpoint() -> Response:
-            """Prometheus metrics."""
-            return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+            """Prometheus metrics (of every worker under ``serve --workers N``)."""
+            body, content_type = metrics.exposition()
+            return Response(body, media_type=content_type)
 
         @router.get("/static/pushsvc.js")
         async def client_js() -> FileResponse:

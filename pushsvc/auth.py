@@ -50,7 +50,18 @@ class AuthError(Exception):
     """The token is missing, malformed, expired or not signed by a trusted key.
 
     ``str(exc)`` is a reason safe to show a client (it never contains the token).
+
+    Attributes:
+        reason: a short fixed code for metrics and logs (the label of
+            ``pushsvc_auth_failures_total``): ``missing``, ``too_large``,
+            ``expired``, ``not_yet_valid``, ``audience``, ``issuer``, ``claims``,
+            ``algorithm``, ``signature``, ``type``, ``grants``, ``revoked``,
+            ``invalid``.
     """
+
+    def __init__(self, message: str, reason: str = "invalid") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class Principal(msgspec.Struct, frozen=True):
@@ -198,9 +209,9 @@ class Authenticator:
             AuthError: with a client-safe reason.
         """
         if not isinstance(token, str) or not token:
-            raise AuthError("missing token")
+            raise AuthError("missing token", "missing")
         if len(token) > 8192:
-            raise AuthError("token too large")
+            raise AuthError("token too large", "too_large")
         key = (hashlib.sha256(token.encode()).digest(), purpose)
         cached = self._cache.get(key)
         if cached is not None:
@@ -210,7 +221,7 @@ class Authenticator:
                 self._check_revoked(cached)
                 return cached
             del self._cache[key]
-            raise AuthError("token expired")
+            raise AuthError("token expired", "expired")
         principal = self._decode(token, purpose)
         self._cache[key] = principal
         if len(self._cache) > self._cache_size:
@@ -247,11 +258,11 @@ class Authenticator:
         if principal.jti is not None:
             entry = self._revoked_jti.get(principal.jti)
             if entry is not None and now < entry[1]:
-                raise AuthError("token revoked")
+                raise AuthError("token revoked", "revoked")
         entry = self._revoked_sub.get(principal.sub)
         if entry is not None and now < entry[1]:
             if principal.iat is None or principal.iat <= entry[0]:
-                raise AuthError("token revoked")
+                raise AuthError("token revoked", "revoked")
 
     def verify_emit(self, credential: str) -> Principal:
         """Verify an emit credential: a configured API key or a JWT.
@@ -294,25 +305,25 @@ class Authenticator:
                 options={"require": ["exp", "sub"]},
             )
         except jwt.ExpiredSignatureError:
-            raise AuthError("token expired") from None
+            raise AuthError("token expired", "expired") from None
         except jwt.ImmatureSignatureError:
-            raise AuthError("token not yet valid") from None
+            raise AuthError("token not yet valid", "not_yet_valid") from None
         except jwt.InvalidAudienceError:
-            raise AuthError("token audience not accepted") from None
+            raise AuthError("token audience not accepted", "audience") from None
         except jwt.InvalidIssuerError:
-            raise AuthError("token issuer not accepted") from None
+            raise AuthError("token issuer not accepted", "issuer") from None
         except jwt.MissingRequiredClaimError as exc:
-            raise AuthError(f"token lacks required claim {exc.claim!r}") from None
+            raise AuthError(f"token lacks required claim {exc.claim!r}", "claims") from None
         except jwt.InvalidAlgorithmError:
-            raise AuthError("token algorithm not accepted") from None
+            raise AuthError("token algorithm not accepted", "algorithm") from None
         except jwt.InvalidSignatureError:
-            raise AuthError("token signature invalid") from None
+            raise AuthError("token signature invalid", "signature") from None
         except (jwt.InvalidTokenError, ValueError, TypeError, ArithmeticError):
             # ArithmeticError: PyJWT's int() of an "exp"/"nbf" of Infinity (json allows it)
             raise AuthError("token invalid") from None
         sub = claims.get("sub")
         if not isinstance(sub, str) or not sub or len(sub) > 128:
-            raise AuthError("token 'sub' must be a non-empty string")
+            raise AuthError("token 'sub' must be a non-empty string", "claims")
         jti = claims.get("jti")
         try:
             return Principal(
@@ -327,7 +338,7 @@ class Authenticator:
                 info=_info(claims.get("info")),
             )
         except InvalidChannel as exc:
-            raise AuthError(f"token grant invalid: {exc}") from None
+            raise AuthError(f"token grant invalid: {exc}", "grants") from None
 
 
 def _info(value: object) -> bytes | None:
@@ -370,7 +381,7 @@ def _check_type(actual: object, expected: str) -> None:
         AuthError: ``typ`` absent, not a string, or another type.
     """
     if not isinstance(actual, str) or _normalise_type(actual) != _normalise_type(expected):
-        raise AuthError("token type not accepted")
+        raise AuthError("token type not accepted", "type")
 
 
 def _grants(value: object) -> tuple[str, ...]:

@@ -1,7 +1,7 @@
 """The NATS side: connection, stream setup, refcounted live subscriptions, publish, history.
 
 The bus never touches sockets. It hands every live message to one callback,
-``on_message(channel, payload, seq)``, which ``app.py`` wires to the hub.
+``on_message(channel, payload, seq, stamp)``, which ``app.py`` wires to the hub.
 
 Subjects (``prefix`` = ``PUSHSVC_SUBJECT_PREFIX``, default ``push``):
 
@@ -48,13 +48,17 @@ from nats.aio.subscription import Subscription
 from nats.js.api import KeyValueConfig, RePublish, StorageType, StreamConfig, StreamInfo
 from nats.js.kv import KeyValue
 
+from . import metrics
 from .channels import channel_for, is_pattern, pattern_reaches, subject_for
 from .settings import Settings
 
 log = logging.getLogger("pushsvc.bus")
 
-MessageHandler = Callable[[str, bytes, int | None], None]
-PatternHandler = Callable[[str, str, bytes, int | None], None]
+#: ``(channel, payload, seq, stamp)``: ``stamp`` is the message's stream time (Unix
+#: seconds, from the republished ``Nats-Time-Stamp`` header) or None.
+MessageHandler = Callable[[str, bytes, int | None, float | None], None]
+#: ``(pattern, channel, payload, seq, stamp)``: a message of a wildcard subscription.
+PatternHandler = Callable[[str, str, bytes, int | None, float | None], None]
 ControlHandler = Callable[[bytes], None]
 EventHandler = Callable[[str, bytes], None]
 ResumeHandler = Callable[[bool], Awaitable[None]]
@@ -105,6 +109,21 @@ async def confirm(nc: NatsClient, timeout: float) -> None:
     await nc.flush(timeout=timeout)
 
 
+def stream_time(value: str | None) -> float | None:
+    """A ``Nats-Time-Stamp`` header (RFC 3339, UTC, nanoseconds) as Unix seconds.
+
+    JetStream adds the header to republished messages (NATS docs, "Streams:
+    RePublish"); it is the time the stream stored the message, by the NATS
+    server's clock. Returns None when absent or malformed.
+    """
+    if not value:
+        return None
+    try:
+        return datetime.datetime.fromisoformat(value).timestamp()
+    except ValueError:
+        return None
+
+
 @dataclass
 class StoredMessage:
     """A message read back from the stream: stream ``seq``, raw ``payload`` bytes and
@@ -151,10 +170,13 @@ class Bus:
 
     Args:
         settings: NATS URL(s), prefix, stream and history settings, timeouts.
-        on_message: called with ``(channel, payload, seq)`` for every live message
-            of a channel this node holds; must not block (it runs on the NATS
-            subscription's task).
+        on_message: called with ``(channel, payload, seq, stamp)`` for every live
+            message of a channel this node holds (``stamp``: stream time, Unix
+            seconds, or None); must not block (it runs on the NATS subscription's
+            task).
         on_control: called with the raw payload of each control message.
+        name: the NATS connection name (shown by ``nats server report
+            connections`` and ``/connz``); default ``pushsvc/<node>``.
     """
 
     def __init__(
@@ -162,8 +184,10 @@ class Bus:
         settings: Settings,
         on_message: MessageHandler,
         on_control: ControlHandler | None = None,
+        name: str | None = None,
     ) -> None:
         self.settings = settings
+        self.name = name or f"pushsvc/{settings.node_name or 'pushsvc'}"
         self.prefix = settings.subject_prefix
         self.live_prefix = f"{self.prefix}-live"
         self.control_subject = f"{self.prefix}-control.disconnect"
@@ -195,8 +219,8 @@ class Bus:
         #: of a channel held with :meth:`acquire_events`; must not block.
         self.on_event: EventHandler | None = None
         self._event_subs: dict[str, list[Any]] = {}  # channel -> [refs, Subscription | None]
-        #: called with ``(pattern, channel, payload, seq)`` for every live message of
-        #: a wildcard subscription (:meth:`acquire` of a pattern); must not block.
+        #: called with ``(pattern, channel, payload, seq, stamp)`` for every live
+        #: message of a wildcard subscription (:meth:`acquire` of a pattern); must not block.
         self.on_pattern_message: PatternHandler | None = None
         self._watch_task: asyncio.Task[None] | None = None
 
@@ -219,7 +243,7 @@ class Bus:
             self.nc = await asyncio.wait_for(
                 nats.connect(
                     servers,
-                    name="pushsvc",
+                    name=self.name,
                     connect_timeout=max(1, int(self.settings.connect_timeout)),
                     allow_reconnect=True,
                     max_reconnect_attempts=-1,
@@ -237,6 +261,7 @@ class Bus:
                 f"cannot reach NATS at {', '.join(servers)} within "
                 f"{self.settings.connect_timeout:g} s ({type(exc).__name__})"
             ) from None
+        metrics.NATS_CONNECTED.set(1)
         self.js = self.nc.jetstream(timeout=self.settings.publish_timeout)
         if self.history_enabled:
             try:
@@ -253,6 +278,7 @@ class Bus:
         log.warning("NATS: %s: %s", type(exc).__name__, exc)
 
     async def _disconnected_cb(self) -> None:
+        metrics.NATS_CONNECTED.set(0)
         if self.closing:
             return
         log.warning("NATS disconnected; reconnecting (emits answer 503 meanwhile)")
@@ -268,6 +294,8 @@ class Bus:
         Runs inside nats-py's reconnect loop, so it must neither raise nor wait:
         stream verification and the hub's catch-up run in a task.
         """
+        metrics.NATS_CONNECTED.set(1)
+        metrics.NATS_RECONNECTS.inc()
         url = self.nc.connected_url.netloc if self.nc and self.nc.connected_url else "?"
         log.info("NATS reconnected to %s; subscriptions restored", url)
         if self._resume_task is not None:
@@ -336,17 +364,21 @@ class Bus:
     def _resume_task_running(self) -> bool:
         return self._resume_task is not None and not self._resume_task.done()
 
-    async def close(self) -> None:
-        """Drain the NATS connection (pending deliveries finish, then close)."""
+    async def close(self, timeout: float = 5.0) -> None:
+        """Drain the NATS connection (pending deliveries finish, then close).
+
+        The drain is bounded by ``timeout`` seconds; after it the connection is closed.
+        """
         self.closing = True
         for task in (self._resume_task, self._watch_task):
             if task is not None:
                 task.cancel()
         self._resume_task = self._watch_task = None
         nc, self.nc = self.nc, None
+        metrics.NATS_CONNECTED.set(0)
         if nc is not None and not nc.is_closed:
             try:
-                await asyncio.wait_for(nc.drain(), timeout=5)
+                await asyncio.wait_for(nc.drain(), timeout=timeout)
             except (TimeoutError, nats.errors.Error):
                 await nc.close()
 
@@ -588,13 +620,17 @@ class Bus:
 
             async def cb(msg: Msg) -> None:
                 headers = msg.headers
-                seq = headers.get("Nats-Sequence") if headers else None
-                on_message(channel, msg.data, int(seq) if seq else None)
+                if headers:
+                    seq = headers.get("Nats-Sequence")
+                    stamp = stream_time(headers.get("Nats-Time-Stamp"))
+                    on_message(channel, msg.data, int(seq) if seq else None, stamp)
+                else:
+                    on_message(channel, msg.data, None, None)
 
         else:
 
             async def cb(msg: Msg) -> None:
-                on_message(channel, msg.data, None)
+                on_message(channel, msg.data, None, None)
 
         return cb
 
@@ -611,12 +647,13 @@ class Bus:
             channel = channel_for(prefix, msg.subject)
             if channel is None or not pattern_reaches(pattern, channel):
                 return
-            seq = None
+            seq = stamp = None
             if history and msg.headers:
                 raw = msg.headers.get("Nats-Sequence")
                 seq = int(raw) if raw else None
+                stamp = stream_time(msg.headers.get("Nats-Time-Stamp"))
             if self.on_pattern_message is not None:
-                self.on_pattern_message(pattern, channel, msg.data, seq)
+                self.on_pattern_message(pattern, channel, msg.data, seq, stamp)
 
         return cb
 

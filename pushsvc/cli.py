@@ -8,17 +8,22 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import glob
 import json
 import logging
+import logging.config
 import os
 import secrets
+import shutil
 import signal
 import sys
+import tempfile
 from typing import Any
 
 import msgspec
 
-from . import __version__
+from . import __version__, logs
 from .settings import ENV_PREFIX, Settings, SettingsError
 
 log = logging.getLogger("pushsvc")
@@ -119,9 +124,10 @@ def _serve(args: argparse.Namespace) -> int:
         base_path=args.base_path,
         log_level=args.log_level,
     )
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    log_config = logs.log_config(settings.log_format, settings.node_name or "-", settings.log_level)
+    logging.config.dictConfig(log_config)
+    logging.captureWarnings(True)
+    json_logs = settings.log_format == "json"
     dev_secret = None
     if settings.dev and settings.jwt_secret is None and settings.jwt_public_key is None:
         dev_secret = settings.jwt_secret = secrets.token_urlsafe(32)
@@ -145,10 +151,20 @@ def _serve(args: argparse.Namespace) -> int:
             return 1
         base = f"http://{settings.host}:{settings.port}{settings.base_path}"
         ws = f"ws://{settings.host}:{settings.port}{settings.base_path}/ws"
-        print(f"pushsvc {__version__} serving {base}", flush=True)
-        print(f"  WebSocket: {ws}", flush=True)
-        print(f"  NATS:      {settings.nats_url}{' (bundled)' if embedded else ''}", flush=True)
-        if settings.dev:
+        if json_logs:  # every line of output is a JSON object: the banner is a log record
+            log.info(
+                "pushsvc %s serving %s",
+                __version__,
+                base,
+                extra={"websocket": ws, "nats": settings.nats_url, "bundled": bool(embedded)},
+            )
+        else:
+            print(f"pushsvc {__version__} serving {base}", flush=True)
+            print(f"  WebSocket: {ws}", flush=True)
+            print(f"  NATS:      {settings.nats_url}{' (bundled)' if embedded else ''}", flush=True)
+        if settings.dev and json_logs:
+            log.info("dev mode: demo page at %s/, tokens from %s/dev/token", base, base)
+        elif settings.dev:
             from .auth import mint_token
 
             token = mint_token(
@@ -175,17 +191,22 @@ def _serve(args: argparse.Namespace) -> int:
             http="httptools",
             loop="uvloop" if sys.platform != "win32" else "asyncio",
             log_level=settings.log_level,
+            log_config=log_config,
             lifespan="on",
-            timeout_graceful_shutdown=10,
+            timeout_graceful_shutdown=settings.shutdown_timeout,
         )
         os.environ.update(settings_to_env(settings))
         # uvicorn re-raises SIGTERM after its graceful shutdown; turn it into a normal
         # exit so the bundled nats-server is stopped by the `finally` below.
         signal.signal(signal.SIGTERM, _exit_on_sigterm)
         if settings.workers > 1:
-            uvicorn.run(
-                "pushsvc.cli:app_from_env", factory=True, workers=settings.workers, **config
-            )
+            metrics_dir = _multiprocess_metrics_dir()
+            try:
+                uvicorn.run(
+                    "pushsvc.cli:app_from_env", factory=True, workers=settings.workers, **config
+                )
+            finally:
+                metrics_dir.cleanup()
         else:
             from .app import create_app
 
@@ -209,6 +230,48 @@ def _port_free(port: int) -> bool:
         except OSError:
             return False
     return True
+
+
+class _MetricsDir:
+    """The prometheus-client multiprocess folder of one ``serve --workers N`` run."""
+
+    def __init__(self, path: str, owned: bool) -> None:
+        self.path = path
+        self.owned = owned
+
+    def cleanup(self) -> None:
+        """Remove the folder (or, when the user chose it, the files this run wrote)."""
+        if self.owned:
+            shutil.rmtree(self.path, ignore_errors=True)
+        else:
+            _wipe_db_files(self.path)
+
+
+def _multiprocess_metrics_dir() -> _MetricsDir:
+    """Set up ``PROMETHEUS_MULTIPROC_DIR`` for the workers about to start.
+
+    A fresh temporary folder, removed after the run; or the folder the user set in
+    ``PROMETHEUS_MULTIPROC_DIR``, emptied of ``*.db`` files first (the
+    prometheus-client docs: wipe it between runs). Workers inherit the variable
+    (uvicorn spawns them after this). This process's own live-gauge files, if it
+    wrote any, are removed: the supervisor serves no sockets.
+    """
+    from . import metrics
+
+    preset = os.environ.get(metrics.MULTIPROC_ENV)
+    if preset:
+        os.makedirs(preset, exist_ok=True)
+        _wipe_db_files(preset)
+        return _MetricsDir(preset, owned=False)
+    path = tempfile.mkdtemp(prefix="pushsvc-metrics-")
+    os.environ[metrics.MULTIPROC_ENV] = path
+    return _MetricsDir(path, owned=True)
+
+
+def _wipe_db_files(path: str) -> None:
+    for name in glob.glob(os.path.join(path, "*.db")):
+        with contextlib.suppress(OSError):
+            os.remove(name)
 
 
 def _exit_on_sigterm(signum: int, frame: Any) -> None:

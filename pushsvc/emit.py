@@ -69,10 +69,12 @@ def emit_router(
         header = request.headers.get("authorization", "")
         scheme, _, credential = header.partition(" ")
         if scheme.lower() != "bearer" or not credential.strip():
+            metrics.AUTH_FAILURES.labels("missing").inc()
             raise EmitError(401, "unauthorized", "missing Authorization: Bearer credential")
         try:
             principal = auth.verify_emit(credential.strip())
         except AuthError as exc:
+            metrics.AUTH_FAILURES.labels(exc.reason).inc()
             raise EmitError(401, "unauthorized", str(exc)) from None
         wait = buckets.take(principal.sub)
         if wait:

@@ -114,6 +114,7 @@ class WebSocketEndpoint:
             try:
                 principal = self.auth.verify(token)
             except AuthError as exc:
+                _auth_failed(exc, scope, "handshake")
                 await _deny(scope, receive, send, 403, str(exc), "unauthorized")
                 return
             if not self._reserve(principal.sub):
@@ -127,7 +128,7 @@ class WebSocketEndpoint:
             await send({"type": "websocket.accept"})
             resume: dict[str, SubResume] | None = None
             if principal is None:
-                authed = await self._auth_frame(receive, send)
+                authed = await self._auth_frame(scope, receive, send)
                 if authed is None:
                     return
                 principal, resume = authed
@@ -184,7 +185,7 @@ class WebSocketEndpoint:
         return None
 
     async def _auth_frame(
-        self, receive: ASGIReceive, send: ASGISend
+        self, scope: dict[str, Any], receive: ASGIReceive, send: ASGISend
     ) -> tuple[Principal, dict[str, SubResume] | None] | None:
         """Wait for ``{"op":"auth"}``; on failure close 4001/4008 and return None.
 
@@ -213,6 +214,7 @@ class WebSocketEndpoint:
         try:
             principal = self.auth.verify(cmd.token)
         except AuthError as exc:
+            _auth_failed(exc, scope, "auth frame")
             await _close(send, CLOSE_UNAUTHORIZED, str(exc))
             return None
         if not self._reserve(principal.sub):
@@ -229,6 +231,16 @@ def normalise_origin(origin: str) -> str:
     compared to these entries byte for byte.
     """
     return origin.strip().rstrip("/").lower()
+
+
+def _auth_failed(exc: AuthError, scope: dict[str, Any], where: str) -> None:
+    """Count and log a refused token (reason code and peer address; never the token)."""
+    metrics.AUTH_FAILURES.labels(exc.reason).inc()
+    client = scope.get("client")
+    log.info(
+        "token refused",
+        extra={"reason": exc.reason, "where": where, "peer": client[0] if client else None},
+    )
 
 
 async def _close(send: ASGISend, code: int, reason: str) -> None:

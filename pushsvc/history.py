@@ -22,6 +22,7 @@ import msgspec
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 
+from . import metrics
 from .auth import Authenticator, AuthError
 from .bus import Bus, Unavailable
 from .channels import InvalidChannel, validate_channel
@@ -66,6 +67,7 @@ def history_router(settings: Settings, bus: Bus, auth: Authenticator) -> APIRout
             header = request.headers.get("authorization", "")
             scheme, _, credential = header.partition(" ")
             if scheme.lower() != "bearer" or not credential.strip():
+                metrics.AUTH_FAILURES.labels("missing").inc()
                 raise HTTPError(401, "unauthorized", "missing Authorization: Bearer token")
             credential = credential.strip()
             is_api_key = auth.is_api_key(credential)
@@ -76,6 +78,7 @@ def history_router(settings: Settings, bus: Bus, auth: Authenticator) -> APIRout
                     try:  # or a backend's emit token (PUSHSVC_EMIT_AUDIENCE / _TYPE)
                         principal = auth.verify(credential, purpose="emit")
                     except AuthError:
+                        metrics.AUTH_FAILURES.labels(exc.reason).inc()
                         raise HTTPError(401, "unauthorized", str(exc)) from None
             try:
                 channel = validate_channel(channel)

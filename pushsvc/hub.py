@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
@@ -131,11 +132,19 @@ class Hub:
         self.presence: PresenceRegistry | None = None
 
     # --- bus -> hub ------------------------------------------------------------------
-    def dispatch(self, channel: str, payload: bytes, seq: int | None) -> None:
+    def dispatch(
+        self, channel: str, payload: bytes, seq: int | None, stamp: float | None = None
+    ) -> None:
         """Deliver one NATS message to every local subscriber of ``channel``.
 
         Encodes once; each session gets the same ``str`` (see :meth:`_deliver`).
         Never awaits a socket: :meth:`Session.send` only queues.
+
+        Args:
+            stamp: the message's stream time (Unix seconds, ``Nats-Time-Stamp``);
+                when given, the time from it to the hand-over to the sockets is
+                observed in ``pushsvc_delivery_latency_seconds``. Frames buffered
+                during a NATS outage are not observed (their delay is the outage).
         """
         state = self._channels.get(channel)
         if state is None:
@@ -146,12 +155,22 @@ class Hub:
             state.catchup.append((seq, frame, nbytes))
             return
         self._deliver(state, seq, frame, nbytes)
+        if stamp is not None:
+            metrics.DELIVERY_LATENCY.observe(max(0.0, time.time() - stamp))
 
-    def dispatch_pattern(self, pattern: str, channel: str, payload: bytes, seq: int | None) -> None:
+    def dispatch_pattern(
+        self,
+        pattern: str,
+        channel: str,
+        payload: bytes,
+        seq: int | None,
+        stamp: float | None = None,
+    ) -> None:
         """Deliver one NATS message of ``channel`` to the local subscribers of ``pattern``.
 
-        Same path as :meth:`dispatch` (one encode, seam and outage handling per
-        subscription), the frame carrying ``pattern`` beside the concrete channel.
+        Same path as :meth:`dispatch` (one encode, seam and outage handling and the
+        latency observation per subscription), the frame carrying ``pattern``
+        beside the concrete channel.
         """
         state = self._channels.get(pattern)
         if state is None:
@@ -162,6 +181,8 @@ class Hub:
             state.catchup.append((seq, frame, nbytes))
             return
         self._deliver(state, seq, frame, nbytes)
+        if stamp is not None:
+            metrics.DELIVERY_LATENCY.observe(max(0.0, time.time() - stamp))
 
     def _deliver(self, state: _Channel, seq: int | None, frame: str, nbytes: int) -> None:
         """Hand one encoded frame to the live set and to recovering sessions past their seam.
@@ -388,9 +409,11 @@ class Hub:
             await self.bus.release(channel)
             return
         session.channels.add(channel)
+        metrics.SUBSCRIPTIONS.inc()
         state = self._channels.get(channel)
         if state is None:
             state = self._channels[channel] = _Channel()
+            metrics.CHANNELS.inc()
             if self.bus.history_enabled:
                 self._spawn(self._learn_last_seq(channel, state))
         for joined in self.on_join:
@@ -439,12 +462,14 @@ class Hub:
         session.channels.discard(channel)
         for left in self.on_leave:
             left(session, channel)
+        metrics.SUBSCRIPTIONS.dec()
         state = self._channels.get(channel)
         if state is not None:
             state.sessions.discard(session)
             state.pending.pop(session, None)
             if not state.sessions and not state.pending:
                 del self._channels[channel]
+                metrics.CHANNELS.dec()
         self._spawn(self.bus.release(channel))
 
     async def publish(self, channel: str, payload: bytes, msg_id: str | None = None) -> int | None:

@@ -124,6 +124,7 @@ class Welcome(msgspec.Struct, tag_field="type", tag="welcome", omit_defaults=Tru
     ``epoch``: the stream epoch (history on), to send back with ``since``.
     ``subs``: channels the server subscribes the session to (their ``subscribed``
     answers follow).
+    ``node`` names the pushsvc node serving the socket (``PUSHSVC_NODE_NAME``).
     """
 
     client: str
@@ -132,6 +133,7 @@ class Welcome(msgspec.Struct, tag_field="type", tag="welcome", omit_defaults=Tru
     exp: float
     epoch: str | None = None
     subs: list[str] = msgspec.field(default_factory=list)  # server-side subscriptions
+    node: str | None = None
 
 
 class Message(msgspec.Struct, tag_field="type", tag="message", omit_defaults=True):

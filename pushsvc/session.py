@@ -47,6 +47,7 @@ from .protocol import (
     CLOSE_HEARTBEAT_TIMEOUT,
     CLOSE_INTERNAL_ERROR,
     CLOSE_RATE_LIMITED,
+    CLOSE_SERVICE_RESTART,
     CLOSE_SLOW_CONSUMER,
     CLOSE_TOO_BIG,
     CLOSE_UNAUTHORIZED,
@@ -96,7 +97,6 @@ ASGIReceive = Callable[[], Awaitable[dict[str, Any]]]
 
 _ids = itertools.count(1)
 _NODE = os.urandom(3).hex()
-NODE_ID = _NODE  #: this process's id, the prefix of its session ids (``<node>-<n>``)
 CLOSE_TIMEOUT = 2.0  # seconds to get a close frame out before dropping the socket
 MAX_SEQ = 2**63 - 1  # JetStream sequences are uint64; JSON decoding allows any int
 
@@ -321,6 +321,19 @@ class Session:
         self.closed = True
         self.close_code = code
         metrics.CLOSES.labels(str(code)).inc()
+        # a drain closes every session with 1012: one line per socket only at debug
+        level = logging.DEBUG if code == CLOSE_SERVICE_RESTART else logging.INFO
+        if log.isEnabledFor(level):
+            log.log(
+                level,
+                "session closed",
+                extra={
+                    "client": self.id,
+                    "code": code,
+                    "reason": reason,
+                    "channels": len(self.channels),
+                },
+            )
         self._cancel_timers()
         self._drop_output()
         self.hub.remove_session(self)
@@ -388,6 +401,7 @@ class Session:
                 user=self.principal.sub,
                 ping_interval=self.settings.ping_interval,
                 exp=self.principal.exp,
+                node=self.settings.node_name,
                 epoch=self.hub.epoch,
                 subs=(server_subs := self.server_subscriptions()),
             )
@@ -415,6 +429,11 @@ class Session:
             if not self.closed:
                 raise
         finally:
+            if not self.closed and log.isEnabledFor(logging.DEBUG):
+                log.debug(
+                    "client disconnected",
+                    extra={"client": self.id, "channels": len(self.channels)},
+                )
             self.closed = True
             self._cancel_timers()
             self._drop_output()
@@ -682,6 +701,7 @@ class Session:
         try:
             principal = self.auth.verify(cmd.token)
         except AuthError as exc:
+            metrics.AUTH_FAILURES.labels(exc.reason).inc()
             self.close(CLOSE_UNAUTHORIZED, f"refresh failed: {exc}")
             return
         if principal.sub != self.principal.sub:

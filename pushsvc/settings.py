@@ -11,6 +11,7 @@ line (no traceback).
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -106,7 +107,12 @@ class Settings(msgspec.Struct, kw_only=True):
     auto_subscribe_personal: bool = False  # every session is subscribed to user.<sub>
     wildcard_subscriptions: bool = True  # subscribe accepts patterns (orders.*, orders.>)
 
+    # --- operations ----------------------------------------------------------
+    node_name: str | None = None  # None: the host name (see load)
+    shutdown_timeout: float = 10.0  # bound on the graceful part of a shutdown
+    drain_delay: float = 0.0  # /readyz answers 503 this long after SIGTERM before closing
     log_level: str = "info"
+    log_format: str = "text"  # text | json
 
     @classmethod
     def load(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -139,6 +145,8 @@ class Settings(msgspec.Struct, kw_only=True):
             settings = msgspec.convert(raw, cls, strict=False)
         except msgspec.ValidationError as exc:
             raise SettingsError(_setting_from_error(str(exc)), str(exc)) from None
+        if settings.node_name is None:
+            settings.node_name = default_node_name()
         settings.validate()
         return settings
 
@@ -222,10 +230,23 @@ class Settings(msgspec.Struct, kw_only=True):
             "max_connections": self.max_connections,
             "workers": self.workers,
             "presence_limit": self.presence_limit,
+            "shutdown_timeout": self.shutdown_timeout,
         }
         for name, value in positive.items():
             if value <= 0:
                 raise SettingsError(ENV_PREFIX + name.upper(), f"must be > 0, got {value}")
+        if self.drain_delay < 0:
+            raise SettingsError("PUSHSVC_DRAIN_DELAY", "must be >= 0 (0 = close at once)")
+        if self.log_format not in ("text", "json"):
+            raise SettingsError(
+                "PUSHSVC_LOG_FORMAT", f"must be 'text' or 'json', got {self.log_format!r}"
+            )
+        if self.node_name is not None and not _is_node_name(self.node_name):
+            raise SettingsError(
+                "PUSHSVC_NODE_NAME",
+                "must be 1..64 characters of [A-Za-z0-9_.-] (it names the NATS connection, "
+                "log lines and the pushsvc_info metric)",
+            )
         if self.history_ttl < 0:
             raise SettingsError("PUSHSVC_HISTORY_TTL", "must be >= 0 (0 turns history off)")
         if self.ping_interval < 0.1:
@@ -291,6 +312,19 @@ def _is_token(value: str) -> bool:
 def _is_bucket(value: str) -> bool:
     """A JetStream KV bucket name: ``[A-Za-z0-9_-]+`` (nats-py ``VALID_BUCKET_RE``)."""
     return _is_token(value)
+
+
+def default_node_name() -> str:
+    """The host name as a node name: characters outside ``[A-Za-z0-9_.-]`` become ``-``,
+    at most 64 characters (``pushsvc`` when the host has no name)."""
+    name = "".join(
+        c if c.isascii() and (c.isalnum() or c in "_.-") else "-" for c in socket.gethostname()
+    )
+    return name[:64] or "pushsvc"
+
+
+def _is_node_name(value: str) -> bool:
+    return 0 < len(value) <= 64 and all(c.isascii() and (c.isalnum() or c in "_.-") for c in value)
 
 
 def _is_list(tp: Any) -> bool:

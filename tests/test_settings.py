@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import socket
 from pathlib import Path
 
 import msgspec
@@ -45,12 +47,26 @@ def test_env_and_overrides():
             {"PUSHSVC_JWT_SECRET": "x", "PUSHSVC_ALLOWED_ORIGINS": "a.example"},
             "PUSHSVC_ALLOWED_ORIGINS",
         ),
+        ({"PUSHSVC_JWT_SECRET": "x", "PUSHSVC_LOG_FORMAT": "xml"}, "PUSHSVC_LOG_FORMAT"),
+        ({"PUSHSVC_JWT_SECRET": "x", "PUSHSVC_DRAIN_DELAY": "-1"}, "PUSHSVC_DRAIN_DELAY"),
+        ({"PUSHSVC_JWT_SECRET": "x", "PUSHSVC_SHUTDOWN_TIMEOUT": "0"}, "PUSHSVC_SHUTDOWN_TIMEOUT"),
+        ({"PUSHSVC_JWT_SECRET": "x", "PUSHSVC_NODE_NAME": "a b"}, "PUSHSVC_NODE_NAME"),
     ],
 )
 def test_invalid_settings_name_the_setting(env, setting):
     with pytest.raises(SettingsError) as info:
         Settings.load(env=env)
     assert info.value.setting == setting
+
+
+def test_node_name_defaults_to_the_host_name():
+    host = socket.gethostname()
+    name = Settings.load(env={"PUSHSVC_JWT_SECRET": "x"}).node_name
+    assert name is not None and re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", name)
+    if re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", host):
+        assert name == host
+    chosen = Settings.load(env={"PUSHSVC_JWT_SECRET": "x", "PUSHSVC_NODE_NAME": "web-3"})
+    assert chosen.node_name == "web-3"
 
 
 def test_cluster_urls():
