@@ -87,7 +87,7 @@ class PresenceRegistry:
             ``presence_bucket``, ``presence_ttl`` (seconds), ``presence_limit``,
             ``publish_timeout`` (bound on a read, seconds).
         bus: the node's bus (owns the NATS connection and creates the bucket).
-        node: this node's id, written in every entry (``node``).
+        node: this node's name (``PUSHSVC_NODE_NAME``), written in every entry.
 
     Wire it to the hub's ``on_join``/``on_leave`` with :meth:`joined` and
     :meth:`left`; :meth:`start` after the bus, :meth:`stop` before it closes.
