@@ -350,10 +350,10 @@ def _info(value: object) -> bytes | None:
     if value is None:
         return None
     if not isinstance(value, dict):
-        raise AuthError("token 'info' must be a JSON object")
+        raise AuthError("token 'info' must be a JSON object", "claims")
     raw = msgspec.json.encode(value)
     if len(raw) > MAX_INFO_BYTES:
-        raise AuthError(f"token 'info' larger than {MAX_INFO_BYTES} bytes")
+        raise AuthError(f"token 'info' larger than {MAX_INFO_BYTES} bytes", "claims")
     return raw
 
 

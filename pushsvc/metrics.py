@@ -80,7 +80,9 @@ HANDSHAKES_REJECTED = Counter(
     "pushsvc_handshakes_rejected_total", "WebSocket handshakes refused", ["reason"]
 )
 PRESENCE_ENTRIES = Gauge(
-    "pushsvc_presence_entries", "Presence entries this node owns (present sessions x channels)"
+    "pushsvc_presence_entries",
+    "Presence entries this node owns and refreshes (present sessions x presence channels)",
+    multiprocess_mode="livesum",
 )
 JOIN_LEAVE_PUBLISHED = Counter(
     "pushsvc_join_leave_published_total", "join/leave events published by this node", ["event"]
