@@ -8,10 +8,12 @@ Public API::
 __version__ = "0.1.0"
 
 from .app import Node, create_app, setup_app
+from .natsconn import NatsRefused
 from .publisher import Publisher
 from .settings import Settings, SettingsError
 
 __all__ = [
+    "NatsRefused",
     "Node",
     "Publisher",
     "Settings",

@@ -40,6 +40,18 @@ from .history import history_router
 from .hub import Hub
 from .joinleave import JoinLeave
 from .logs import install_redaction
+from .natsconn import NatsRefused, NatsSecurity
+from .openapi import (
+    DevToken,
+    ErrorBody,
+    Health,
+    Readiness,
+    errors,
+    install,
+    json_body,
+    ref,
+    text_body,
+)
 from .presence import PresenceRegistry
 from .presencehttp import presence_router
 from .protocol import CLOSE_SERVICE_RESTART
@@ -289,16 +301,61 @@ class Node:
         settings = self.settings
         router = APIRouter()
         router.routes.append(WebSocketRoute("/ws", self.endpoint))
+
+        # Plain HTTP on /ws (WebSocket scopes never reach this route: they go to the
+        # endpoint above, or straight to it through WebSocketShortcut).
+        @router.get(
+            "/ws",
+            status_code=426,
+            operation_id="websocket",
+            summary="WebSocket endpoint (wire contract: docs/protocol.md)",
+            response_model=None,
+            responses={
+                101: {"description": "Switching Protocols: a WebSocket (docs/protocol.md)"},
+                **_WS_REFUSALS,
+            },
+        )
+        async def ws_upgrade_required() -> JSONResponse:
+            """The WebSocket endpoint; a request without a WebSocket upgrade gets 426.
+
+            RFC 9110 15.5.22 (was RFC 7231 6.5.15): a 426 carries ``Upgrade``
+            naming the protocol, here ``websocket`` version 13 (RFC 6455 4.2.2, 4.4).
+            """
+            return JSONResponse(
+                {"error": "upgrade_required", "message": "GET /ws needs a WebSocket upgrade"},
+                status_code=426,
+                headers={
+                    "Upgrade": "websocket",
+                    "Connection": "Upgrade",
+                    "Sec-WebSocket-Version": "13",
+                },
+            )
+
         router.include_router(emit_router(settings, self.hub, self.auth, self.emit_buckets))
         router.include_router(history_router(settings, self.bus, self.auth))
         router.include_router(presence_router(settings, self.presence, self.auth))
 
-        @router.get("/healthz")
+        @router.get(
+            "/healthz",
+            operation_id="healthz",
+            summary="Liveness",
+            response_model=None,
+            responses={200: json_body(ref(Health), "Alive")},
+        )
         async def healthz() -> dict[str, Any]:
             """Liveness: the process serves HTTP."""
             return {"status": "ok", "version": __version__}
 
-        @router.get("/readyz")
+        @router.get(
+            "/readyz",
+            operation_id="readyz",
+            summary="Readiness (for load balancers)",
+            response_model=None,
+            responses={
+                200: json_body(ref(Readiness), "Ready: NATS connected, not draining"),
+                503: json_body(ref(Readiness), "Not ready: NATS away, or draining"),
+            },
+        )
         async def readyz() -> JSONResponse:
             """Readiness: NATS connected and not draining (503 otherwise)."""
             body = {
@@ -311,13 +368,25 @@ class Node:
             }
             return JSONResponse(body, status_code=200 if self.ready else 503)
 
-        @router.get("/metrics")
+        @router.get(
+            "/metrics",
+            operation_id="metrics",
+            summary="Prometheus metrics",
+            response_class=Response,
+            responses={200: text_body("text/plain", "Prometheus text exposition format")},
+        )
         async def metrics_endpoint() -> Response:
             """Prometheus metrics (of every worker under ``serve --workers N``)."""
             body, content_type = metrics.exposition()
             return Response(body, media_type=content_type)
 
-        @router.get("/static/pushsvc.js")
+        @router.get(
+            "/static/pushsvc.js",
+            operation_id="clientScript",
+            summary="The browser client",
+            response_class=FileResponse,
+            responses={200: text_body("text/javascript", "The browser client (pushsvc.js)")},
+        )
         async def client_js() -> FileResponse:
             """The browser client."""
             return FileResponse(_static("pushsvc.js"), media_type="text/javascript")
@@ -325,7 +394,16 @@ class Node:
         if settings.dev:
             router.include_router(demo_router())
 
-            @router.get("/dev/token")
+            @router.get(
+                "/dev/token",
+                operation_id="devToken",
+                summary="Mint a token (dev mode)",
+                response_model=None,
+                responses={
+                    200: json_body(ref(DevToken), "A token signed with the node's secret"),
+                    **errors(400),
+                },
+            )
             async def dev_token(
                 user: str = Query("dev", min_length=1, max_length=64),
                 channels: str = Query(">"),
@@ -383,6 +461,32 @@ class WebSocketShortcut:
             await self.app(scope, receive, send)
 
 
+_WS_REFUSALS: dict[int | str, dict[str, Any]] = {
+    403: text_body("text/plain", "Origin not allowed, or a bad token in the handshake"),
+    400: text_body("text/plain", "A malformed WebSocket handshake (e.g. no Sec-WebSocket-Key)"),
+    414: text_body("text/plain", "Request line over 8 KiB (e.g. a huge ?token=)"),
+    426: {
+        "description": "Upgrade Required: a plain HTTP request, not a WebSocket (JSON), or "
+        "an unsupported Sec-WebSocket-Version (text)",
+        "content": {
+            "application/json": {"schema": ref(ErrorBody)},
+            "text/plain": {"schema": {"type": "string"}},
+        },
+        "headers": {
+            "Upgrade": {"required": True, "schema": {"type": "string", "const": "websocket"}},
+            "Sec-WebSocket-Version": {"required": True, "schema": {"type": "string"}},
+        },
+    },
+    429: text_body("text/plain", "The user holds PUSHSVC_MAX_CONNECTIONS_PER_USER sockets"),
+    431: text_body("text/plain", "A header line over 8 KiB, or more than 128 headers"),
+    503: text_body(
+        "text/plain",
+        "Draining, or PUSHSVC_MAX_CONNECTIONS reached",
+        headers={"Retry-After": {"required": True, "schema": {"type": "integer", "minimum": 1}}},
+    ),
+}
+
+
 def _static(name: str) -> str:
     return str(resources.files("pushsvc") / "static" / name)
 
@@ -421,8 +525,11 @@ def setup_app(app: FastAPI, settings: Settings, prefix: str = "") -> Node:
     """
     node = Node(settings)  # (generates the dev secret, if any, first)
     api_keys = [entry.rsplit(":", 1)[-1] for entry in settings.api_keys]
-    install_redaction([settings.jwt_secret, *api_keys])
+    install_redaction(
+        [settings.jwt_secret, *api_keys, *NatsSecurity.from_settings(settings).secrets()]
+    )
     app.include_router(node.router(), prefix=prefix)
+    install(app)
     app.add_middleware(WebSocketShortcut, path=prefix + "/ws", endpoint=node.endpoint)
     app.state.pushsvc = node
     inner = app.router.lifespan_context
@@ -434,7 +541,7 @@ def setup_app(app: FastAPI, settings: Settings, prefix: str = "") -> Node:
             async with node.lifespan():
                 async with inner(a) as state:
                     yield state
-        except Unavailable as exc:
+        except (Unavailable, NatsRefused) as exc:
             log.error("pushsvc cannot start: %s", exc)
             raise
 

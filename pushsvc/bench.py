@@ -65,11 +65,12 @@ from urllib.parse import quote, urlsplit
 
 import jwt
 import msgspec
-import nats
 from websockets.client import ClientProtocol
 from websockets.frames import Frame, Opcode
 from websockets.protocol import State
 from websockets.uri import parse_uri
+
+from . import natsconn
 
 try:  # pragma: no cover - uvloop is a Linux/macOS dependency
     import uvloop
@@ -177,6 +178,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add("--json", action="store_true", help="print one JSON object instead of the text report")
     add("--quiet", action="store_true", help="no progress lines on stderr")
+    natsconn.add_arguments(parser)  # --nats-creds ... --nats-tls-key for --via nats
 
 
 def main(args: argparse.Namespace) -> int:
@@ -265,6 +267,8 @@ def _config(args: argparse.Namespace) -> dict[str, Any]:
     netloc = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     base = parts.path.rstrip("/")
     total = args.clients + args.stall
+    security = natsconn.NatsSecurity.from_args(args)
+    security.check(args.nats_url.split(","))  # SettingsError is a ValueError
     return {
         "host": host,
         "port": port,
@@ -273,6 +277,7 @@ def _config(args: argparse.Namespace) -> dict[str, Any]:
         "base": base,
         "ws_url": f"{'wss' if tls else 'ws'}://{netloc}{base}/ws",
         "nats_url": args.nats_url,
+        "nats_security": security,
         "secret": args.secret,
         "audience": os.environ.get("PUSHSVC_JWT_AUDIENCE") or None,
         "emit_audience": os.environ.get("PUSHSVC_EMIT_AUDIENCE")
@@ -1423,22 +1428,23 @@ class _Publisher:
                 seen.append(exc)
 
             try:
-                self.nc = await asyncio.wait_for(
-                    nats.connect(
-                        servers=[u.strip() for u in cfg["nats_url"].split(",") if u.strip()],
-                        connect_timeout=min(5.0, max(0.5, wait_s)),
-                        allow_reconnect=False,
-                        max_reconnect_attempts=1,  # one try per server (0 would mean forever)
-                        reconnect_time_wait=0.1,
-                        error_cb=on_error,
-                        name="pushsvc-bench",
-                    ),
-                    max(0.5, wait_s),
+                self.nc = await natsconn.connect(
+                    [u.strip() for u in cfg["nats_url"].split(",") if u.strip()],
+                    cfg["nats_security"],
+                    timeout=max(0.5, wait_s),
+                    connect_timeout=min(5.0, max(0.5, wait_s)),
+                    allow_reconnect=False,
+                    max_reconnect_attempts=1,  # one try per server (0 would mean forever)
+                    reconnect_time_wait=0.1,
+                    error_cb=on_error,
+                    name="pushsvc-bench",
                 )
+            except natsconn.NatsRefused as exc:
+                raise _BenchFailed(str(exc)) from None
             except Exception as exc:
                 reason = seen[-1] if seen else exc
                 raise _BenchFailed(
-                    f"cannot connect to NATS at {cfg['nats_url']}: {reason!r}"
+                    f"cannot connect to NATS at {natsconn.display_url(cfg['nats_url'])}: {reason!r}"
                 ) from None
         else:
             n = max(1, min(EMIT_CONNECTIONS, cfg["messages"]))

@@ -48,7 +48,7 @@ from nats.aio.subscription import Subscription
 from nats.js.api import KeyValueConfig, RePublish, StorageType, StreamConfig, StreamInfo
 from nats.js.kv import KeyValue
 
-from . import metrics
+from . import metrics, natsconn
 from .channels import channel_for, is_pattern, pattern_reaches, subject_for
 from .settings import Settings
 
@@ -66,6 +66,7 @@ ResumeHandler = Callable[[bool], Awaitable[None]]
 STREAM_RETRY_MAX = 2.0  # s, longest pause between stream set-up attempts after a reconnect
 STREAM_CHECK_INTERVAL = 2.0  # s, how often a running node checks that its stream still exists
 READ_BATCH = 256  # messages per JetStream batch direct get
+MIN_SERVER = (2, 11)  # nats-server with batch direct gets (ADR-31) and per-message TTL (ADR-43)
 
 
 class Unavailable(Exception):
@@ -233,6 +234,8 @@ class Bus:
         :attr:`on_resumed` is awaited (see :meth:`_resume`).
 
         Raises:
+            natsconn.NatsRefused: NATS refused the credentials or TLS (at once,
+                without retrying).
             Unavailable: NATS could not be reached within ``connect_timeout`` s, or
                 JetStream did not set up the stream within that time.
             StreamConfigError: the stream exists with settings that cannot be
@@ -240,30 +243,39 @@ class Bus:
         """
         servers = self.settings.nats_servers
         try:
-            self.nc = await asyncio.wait_for(
-                nats.connect(
-                    servers,
-                    name=self.name,
-                    connect_timeout=max(1, int(self.settings.connect_timeout)),
-                    allow_reconnect=True,
-                    max_reconnect_attempts=-1,
-                    reconnect_time_wait=0.5,
-                    ping_interval=10,
-                    max_outstanding_pings=3,
-                    error_cb=self._error_cb,
-                    disconnected_cb=self._disconnected_cb,
-                    reconnected_cb=self._reconnected_cb,
-                ),
+            self.nc = await natsconn.connect(
+                servers,
+                natsconn.NatsSecurity.from_settings(self.settings),
                 timeout=self.settings.connect_timeout,
+                name=self.name,
+                connect_timeout=max(1, int(self.settings.connect_timeout)),
+                allow_reconnect=True,
+                max_reconnect_attempts=-1,
+                reconnect_time_wait=0.5,
+                ping_interval=10,
+                max_outstanding_pings=3,
+                error_cb=self._error_cb,
+                disconnected_cb=self._disconnected_cb,
+                reconnected_cb=self._reconnected_cb,
             )
         except (TimeoutError, OSError, nats.errors.Error) as exc:
+            if isinstance(exc, natsconn.NatsRefused):
+                raise
             raise Unavailable(
-                f"cannot reach NATS at {', '.join(servers)} within "
+                f"cannot reach NATS at {', '.join(map(natsconn.display_url, servers))} within "
                 f"{self.settings.connect_timeout:g} s ({type(exc).__name__})"
             ) from None
         metrics.NATS_CONNECTED.set(1)
         self.js = self.nc.jetstream(timeout=self.settings.publish_timeout)
         if self.history_enabled:
+            version = self.nc.connected_server_version
+            if (version.major, version.minor) < MIN_SERVER and version.major:
+                await self.close()
+                raise Unavailable(
+                    f"nats-server {version} is too old for history: 2.11 or later is needed "
+                    "(batch direct gets, per-message TTL); upgrade NATS or set "
+                    "PUSHSVC_HISTORY_TTL=0 (live only)"
+                )
             try:
                 self.history_enabled = await self._setup_stream()
             except Unavailable:

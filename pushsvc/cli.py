@@ -23,7 +23,7 @@ from typing import Any
 
 import msgspec
 
-from . import __version__, logs
+from . import __version__, logs, natsconn
 from .settings import ENV_PREFIX, Settings, SettingsError
 
 log = logging.getLogger("pushsvc")
@@ -71,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     publish.add_argument("--nats-url", help="NATS URL (default PUSHSVC_NATS_URL)")
     publish.add_argument("--msg-id", help="idempotency key (Nats-Msg-Id)")
     publish.add_argument("--core", action="store_true", help="core publish (no JetStream ack)")
+    natsconn.add_arguments(publish)
 
     bench = sub.add_parser("bench", help="load-test a running pushsvc")
     from . import bench as bench_module
@@ -149,19 +150,23 @@ def _serve(args: argparse.Namespace) -> int:
         except Unavailable as exc:
             print(f"pushsvc: PUSHSVC_NATS_URL: {exc}", file=sys.stderr)
             return 1
+        except natsconn.NatsRefused as exc:
+            print(f"pushsvc: {exc}", file=sys.stderr)
+            return 1
         base = f"http://{settings.host}:{settings.port}{settings.base_path}"
         ws = f"ws://{settings.host}:{settings.port}{settings.base_path}/ws"
+        nats_urls = ", ".join(map(natsconn.display_url, settings.nats_servers))
         if json_logs:  # every line of output is a JSON object: the banner is a log record
             log.info(
                 "pushsvc %s serving %s",
                 __version__,
                 base,
-                extra={"websocket": ws, "nats": settings.nats_url, "bundled": bool(embedded)},
+                extra={"websocket": ws, "nats": nats_urls, "bundled": bool(embedded)},
             )
         else:
             print(f"pushsvc {__version__} serving {base}", flush=True)
             print(f"  WebSocket: {ws}", flush=True)
-            print(f"  NATS:      {settings.nats_url}{' (bundled)' if embedded else ''}", flush=True)
+            print(f"  NATS:      {nats_urls}{' (bundled)' if embedded else ''}", flush=True)
         if settings.dev and json_logs:
             log.info("dev mode: demo page at %s/, tokens from %s/dev/token", base, base)
         elif settings.dev:
@@ -341,13 +346,18 @@ def _publish(args: argparse.Namespace) -> int:
     except ValueError:
         payload = args.data.encode()
 
+    servers = [u.strip() for u in url.split(",") if u.strip()]
+    security = msgspec.structs.asdict(natsconn.NatsSecurity.from_args(args))
+    # (Publisher checks the security settings: a SettingsError exits 2 with one line)
+    pub = Publisher(servers, prefix=prefix, jetstream=not args.core, **security)
+
     async def run() -> int | None:
-        async with Publisher(url, prefix=prefix, jetstream=not args.core) as pub:
+        async with pub:
             return await pub.publish(args.channel, payload, msg_id=args.msg_id)
 
     try:
         seq = asyncio.run(run())
-    except (Unavailable, InvalidChannel) as exc:
+    except (Unavailable, InvalidChannel, natsconn.NatsRefused) as exc:
         print(f"pushsvc: publish failed: {exc}", file=sys.stderr)
         return 1
     print(json.dumps({"channel": args.channel, "seq": seq}))

@@ -9,9 +9,12 @@ script, icon) under ``static/``; the page talks to the node only through
 from __future__ import annotations
 
 from importlib import resources
+from typing import Annotated
 
-from fastapi import APIRouter, HTTPException
+from fastapi import APIRouter, HTTPException, Path
 from fastapi.responses import FileResponse
+
+from .openapi import declare, text_body
 
 # file name in pushsvc/static -> media type; nothing else in that folder is served here
 DEMO_ASSETS: dict[str, str] = {
@@ -36,18 +39,47 @@ def demo_router() -> APIRouter:
     """
     router = APIRouter()
 
-    @router.get("/")
+    @router.get(
+        "/",
+        operation_id="demoPage",
+        summary="Demo page (dev mode)",
+        response_class=FileResponse,
+        responses={200: text_body("text/html", "The demo page")},
+    )
     async def index() -> FileResponse:
         """Demo page (dev mode only)."""
         return FileResponse(static_path("index.html"), media_type="text/html")
 
-    @router.get("/favicon.ico")
+    @router.get(
+        "/favicon.ico",
+        operation_id="demoIcon",
+        summary="Demo icon (dev mode)",
+        response_class=FileResponse,
+        responses={200: text_body("image/svg+xml", "The icon (SVG)")},
+    )
     async def favicon() -> FileResponse:
         """The demo's icon at the conventional path."""
         return FileResponse(static_path("favicon.svg"), media_type="image/svg+xml")
 
-    @router.get("/static/{name}")
-    async def asset(name: str) -> FileResponse:
+    @router.get(
+        "/static/{name}",
+        operation_id="demoAsset",
+        summary="Demo page asset (dev mode)",
+        response_class=FileResponse,
+        responses={
+            200: {
+                "description": "The asset",
+                "content": {t: {"schema": {"type": "string"}} for t in DEMO_ASSETS.values()},
+            },
+            404: {
+                "description": "Not one of the demo's assets",
+                "content": {"application/json": {"schema": {"type": "object"}}},
+            },
+        },
+    )
+    async def asset(
+        name: Annotated[str, Path(json_schema_extra=declare({"enum": sorted(DEMO_ASSETS)}))],
+    ) -> FileResponse:
         """A stylesheet, script or icon of the demo page."""
         media_type = DEMO_ASSETS.get(name)
         if media_type is None:

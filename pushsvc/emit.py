@@ -12,14 +12,20 @@ Answers: 202 ``{"channel", "seq"}`` (batch: ``{"results": [...]}``) only after
 NATS (JetStream, with history on) acknowledged the message. Errors are JSON
 ``{"error": code, "message": reason}``: 400 malformed, 401 no/bad credential,
 403 no publish grant, 413 body over ``PUSHSVC_MAX_EMIT_BYTES`` (also for chunked
-bodies), 422 invalid channel, 429 with ``Retry-After`` (per-principal token
-bucket), 503 with ``Retry-After`` when NATS did not take it.
+bodies), 415 a ``Content-Encoding`` other than ``identity`` (bodies are not
+decoded, so a gzip body would be published as its compressed bytes; RFC 9110
+15.5.16: the answer carries ``Accept-Encoding: identity``), 422 invalid channel,
+429 with ``Retry-After`` (per-principal token bucket), 503 with ``Retry-After``
+when NATS did not take it. The OpenAPI description of all this is declared here
+with the helpers of :mod:`pushsvc.openapi`.
 """
 
 from __future__ import annotations
 
+from typing import Annotated, Any
+
 import msgspec
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Header, Path, Request
 from fastapi.responses import JSONResponse
 from starlette.requests import ClientDisconnect
 
@@ -29,10 +35,59 @@ from .bus import Unavailable
 from .channels import InvalidChannel, validate_channel
 from .httperrors import HTTPError
 from .hub import Hub
+from .openapi import (
+    CHANNEL_SCHEMA,
+    SECURITY,
+    EmitBatch,
+    EmitBatchResult,
+    EmitMessage,
+    EmitResult,
+    declare,
+    errors,
+    json_body,
+    ref,
+)
 from .ratelimit import BucketRegistry
 from .settings import Settings
 
 MAX_BATCH = 1000
+
+IdempotencyKey = Annotated[
+    str | None,
+    Header(
+        alias="Idempotency-Key",
+        json_schema_extra=declare({"type": "string"}),
+        description="Becomes the NATS header Nats-Msg-Id (batch item i: KEY:i): a retry with "
+        "the same key inside the dedupe window is stored and delivered once and answered "
+        "with the original seq.",
+    ),
+]
+ChannelParam = Annotated[str, Path(json_schema_extra=CHANNEL_SCHEMA)]
+ERRORS = errors(400, 401, 403, 413, 415, 422, 429, 503)
+_EMIT_BODY: dict[str, Any] = {
+    "required": True,
+    "content": {
+        "application/json": {
+            "schema": {"anyOf": [ref(EmitMessage), ref(EmitBatch)]},
+            "examples": {
+                "one": {"value": {"channel": "chat.room1", "data": {"text": "hello"}}},
+                "batch": {"value": {"messages": [{"channel": "news", "data": 1}]}},
+            },
+        }
+    },
+}
+_RAW_BODY: dict[str, Any] = {
+    "required": True,
+    "description": "The payload, bytes as sent (mapped into the message's data as "
+    "docs/protocol.md says: JSON embedded, other UTF-8 as a string, other bytes base64). "
+    "The Content-Type is not interpreted.",
+    "content": {
+        "application/json": {"schema": {}},
+        "text/plain": {"schema": {"type": "string"}},
+        "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+        "*/*": {"schema": {"type": "string", "format": "binary"}},
+    },
+}
 
 
 class EmitItem(msgspec.Struct):
@@ -83,6 +138,14 @@ def emit_router(
         return principal
 
     async def read_body(request: Request) -> bytes:
+        encoding = request.headers.get("content-encoding", "identity").strip().lower()
+        if encoding not in ("identity", ""):
+            raise EmitError(
+                415,
+                "unsupported_media_type",
+                "Content-Encoding not supported: send the body uncompressed",
+                headers={"Accept-Encoding": "identity"},
+            )
         limit = settings.max_emit_bytes
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > limit:
@@ -114,15 +177,34 @@ def emit_router(
         except Unavailable as exc:
             raise EmitError(503, "unavailable", str(exc), retry_after=exc.retry_after) from None
 
-    @router.post("/emit", status_code=202)
-    async def emit(request: Request) -> JSONResponse:
-        """Publish one JSON message, or a batch, into NATS."""
+    @router.post(
+        "/emit",
+        status_code=202,
+        operation_id="emit",
+        summary="Publish JSON messages",
+        response_model=None,
+        dependencies=SECURITY,
+        responses={
+            202: json_body(
+                {"anyOf": [ref(EmitResult), ref(EmitBatchResult)]},
+                "Accepted: NATS (JetStream, with history on) has the message(s)",
+            ),
+            **ERRORS,
+        },
+        openapi_extra={"requestBody": _EMIT_BODY},
+    )
+    async def emit(request: Request, idempotency_key: IdempotencyKey = None) -> JSONResponse:
+        """Publish one JSON message, or a batch, into NATS.
+
+        Answered 202 only once NATS has every message; a batch interrupted by a 503
+        says how many items were accepted.
+        """
         try:
             principal = await authorise(request)
             body = await read_body(request)
             items, batch = _parse(body)
             checked = [(check(principal, item.channel), _payload(item)) for item in items]
-            key = request.headers.get("idempotency-key")
+            key = idempotency_key
             results = []
             for i, (channel, payload) in enumerate(checked):
                 msg_id = None if key is None else (f"{key}:{i}" if batch else key)
@@ -138,14 +220,25 @@ def emit_router(
         metrics.EMITS.labels("202").inc(len(results))
         return JSONResponse({"results": results} if batch else results[0], status_code=202)
 
-    @router.post("/emit/{channel}", status_code=202)
-    async def emit_raw(channel: str, request: Request) -> JSONResponse:
+    @router.post(
+        "/emit/{channel}",
+        status_code=202,
+        operation_id="emitRaw",
+        summary="Publish the raw body to a channel",
+        response_model=None,
+        dependencies=SECURITY,
+        responses={202: json_body(ref(EmitResult), "Accepted: NATS has the message"), **ERRORS},
+        openapi_extra={"requestBody": _RAW_BODY},
+    )
+    async def emit_raw(
+        channel: ChannelParam, request: Request, idempotency_key: IdempotencyKey = None
+    ) -> JSONResponse:
         """Publish the raw request body to ``channel``."""
         try:
             principal = await authorise(request)
             channel = check(principal, channel)
             body = await read_body(request)
-            seq = await publish(channel, body, request.headers.get("idempotency-key"))
+            seq = await publish(channel, body, idempotency_key)
         except EmitError as exc:
             return exc.response()
         metrics.EMITS.labels("202").inc()

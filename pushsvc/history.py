@@ -18,8 +18,10 @@ with ``Retry-After`` when history is off or NATS cannot answer.
 
 from __future__ import annotations
 
+from typing import Annotated, Literal
+
 import msgspec
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Path, Query, Request
 from fastapi.responses import Response
 
 from . import metrics
@@ -27,25 +29,28 @@ from .auth import Authenticator, AuthError
 from .bus import Bus, Unavailable
 from .channels import InvalidChannel, validate_channel
 from .httperrors import HTTPError
+from .openapi import CHANNEL_SCHEMA, SECURITY, declare, errors, json_body, ref
 from .protocol import payload_to_data
 from .settings import Settings
+
+MAX_SEQ = 2**64 - 1  # stream sequences are unsigned 64-bit (docs/protocol.md)
 
 
 class HistoryItem(msgspec.Struct, omit_defaults=True):
     """One stored message as returned by the history endpoint."""
 
-    seq: int
-    data: msgspec.Raw
-    encoding: str | None = None
+    seq: Annotated[int, msgspec.Meta(ge=1)]
+    data: Annotated[msgspec.Raw, msgspec.Meta(description="the payload mapped as on /ws")]
+    encoding: Literal["base64"] | None = None
 
 
 class HistoryPage(msgspec.Struct):
     """Body of a history answer."""
 
     channel: str
-    recovered: bool
-    last_seq: int
-    more: bool
+    recovered: Annotated[bool, msgspec.Meta(description="nothing after since is missing")]
+    last_seq: Annotated[int, msgspec.Meta(ge=0, description="the stream's last sequence")]
+    more: Annotated[bool, msgspec.Meta(description="limit cut the page: ask again")]
     messages: list[HistoryItem]
     epoch: str | None = None
 
@@ -54,13 +59,37 @@ def history_router(settings: Settings, bus: Bus, auth: Authenticator) -> APIRout
     """Build the history route (reads the JetStream stream through the bus)."""
     router = APIRouter()
 
-    @router.get("/history/{channel}")
+    # since/limit are parsed here (400 with the error body, not FastAPI's 422), so
+    # the integer schema is only declared.
+    @router.get(
+        "/history/{channel}",
+        operation_id="history",
+        summary="Stored messages of a channel",
+        response_model=None,
+        dependencies=SECURITY,
+        responses={
+            200: json_body(ref(HistoryPage), "Stored messages after since, oldest first"),
+            **errors(400, 401, 403, 422, 503),
+        },
+    )
     async def history(
-        channel: str,
+        channel: Annotated[str, Path(json_schema_extra=CHANNEL_SCHEMA)],
         request: Request,
-        since: str = Query("0"),
-        limit: str | None = Query(None),
-        epoch: str | None = Query(None),
+        since: str | None = Query(
+            None,
+            description="answer messages with seq > since",
+            json_schema_extra=declare({"type": "integer", "minimum": 0, "maximum": MAX_SEQ}),
+        ),
+        limit: str | None = Query(
+            None,
+            description="at most this many (default and maximum PUSHSVC_HISTORY_SIZE)",
+            json_schema_extra=declare({"type": "integer", "minimum": 1, "maximum": MAX_SEQ}),
+        ),
+        epoch: str | None = Query(
+            None,
+            description="the stream epoch since belongs to (from welcome/subscribed/history)",
+            json_schema_extra=declare({"type": "string", "minLength": 1, "maxLength": 64}),
+        ),
     ) -> Response:
         """Stored messages of ``channel`` after ``since``."""
         try:
@@ -86,7 +115,7 @@ def history_router(settings: Settings, bus: Bus, auth: Authenticator) -> APIRout
                 raise HTTPError(422, "invalid_channel", str(exc)) from None
             if not (is_api_key or principal.can_subscribe(channel)):
                 raise HTTPError(403, "forbidden", f"not allowed to read {channel}")
-            after = _count(since, "since", 0)
+            after = 0 if since is None else _count(since, "since", 0)
             if epoch is not None and not 0 < len(epoch) <= 64:
                 raise HTTPError(400, "bad_request", "epoch must be 1..64 characters")
             most = None if limit is None else _count(limit, "limit", 1)
@@ -110,12 +139,14 @@ def history_router(settings: Settings, bus: Bus, auth: Authenticator) -> APIRout
 
 
 def _count(value: str, name: str, minimum: int) -> int:
-    """Parse a query parameter as an integer >= ``minimum``.
+    """Parse a query parameter as an integer in ``minimum``..2^64-1 (stream sequences are u64).
 
     Raises:
         HTTPError: 400 ``bad_request`` naming the parameter.
     """
     number = int(value) if value.isascii() and value.isdigit() and len(value) <= 20 else None
-    if number is None or number < minimum:
-        raise HTTPError(400, "bad_request", f"{name} must be an integer >= {minimum}")
+    if number is None or not minimum <= number <= MAX_SEQ:
+        raise HTTPError(
+            400, "bad_request", f"{name} must be an integer from {minimum} to {MAX_SEQ}"
+        )
     return number

@@ -2,7 +2,8 @@
 
 Body ``{"error": code, "message": reason, "retry_after"?: seconds}``; 401 carries
 ``WWW-Authenticate: Bearer`` (RFC 6750 3) and 429/503 carry ``Retry-After`` in
-whole seconds (RFC 9110 10.2.3).
+whole seconds (RFC 9110 10.2.3). The OpenAPI description of these answers is
+:func:`pushsvc.openapi.errors`.
 """
 
 from __future__ import annotations
@@ -20,19 +21,26 @@ class HTTPError(Exception):
         code: machine-readable code, e.g. ``invalid_channel``.
         message: reason safe to show the caller (never a token or secret).
         retry_after: seconds the caller should wait (429, 503), or None.
+        headers: further response headers, e.g. ``Accept-Encoding`` on 415.
     """
 
     def __init__(
-        self, status: int, code: str, message: str, retry_after: float | None = None
+        self,
+        status: int,
+        code: str,
+        message: str,
+        retry_after: float | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.retry_after = retry_after
+        self.headers = headers or {}
 
     def response(self) -> JSONResponse:
         """The JSON response for this error."""
-        headers = {}
+        headers = dict(self.headers)
         body: dict[str, object] = {"error": self.code, "message": str(self)}
         if self.retry_after is not None:
             headers["Retry-After"] = str(max(1, math.ceil(self.retry_after)))

@@ -5,12 +5,13 @@ record:
 
 - ``token=...`` (query strings such as ``/ws?token=``; also ``access_token=``),
 - ``Bearer ...`` (``Authorization`` headers, logged by ``websockets`` at DEBUG),
+- passwords inside URLs (``nats://user:password@host``),
 - ``Cookie:`` / ``Set-Cookie:`` header lines (the cookie named by
   ``PUSHSVC_AUTH_COOKIE`` may be called anything),
 - anything shaped like a JWS compact serialisation (``eyJ...``.``...``.``...``,
   RFC 7515 7.1), wherever it appears,
-- the literal values registered with :func:`install_redaction` (the JWT secret
-  and the API keys).
+- the literal values registered with :func:`install_redaction` (the JWT secret,
+  the API keys, the NATS password and token).
 
 It is installed on the loggers uvicorn and pushsvc log to, and on every handler
 attached to them and to the root logger when :func:`install_redaction` runs
@@ -44,6 +45,8 @@ _PATTERNS = (
     (re.compile(r"(?i)(bearer\s+)[A-Za-z0-9._~+/=-]+"), r"\1" + REDACTED),
     (re.compile(r"(?im)((?:set-)?cookie:\s*)[^\r\n]*"), r"\1" + REDACTED),
     (re.compile(r"(?i)(\"(?:token|access_token|api_key)\"\s*:\s*\")[^\"]*"), r"\1" + REDACTED),
+    # passwords in URLs (nats://user:secret@host)
+    (re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://[^:/@\s]*:)[^@\s/]+@"), r"\1" + REDACTED + "@"),
     # JWS compact serialisations, also when a logger shortened them ("eyJhb...Xyz")
     (re.compile(r"eyJ[A-Za-z0-9_.-]*"), REDACTED),
 )

@@ -13,14 +13,17 @@ when presence is unavailable (no JetStream, NATS away).
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import msgspec
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Path, Request
 from fastapi.responses import Response
 
 from .auth import Authenticator, AuthError
 from .bus import Unavailable
 from .channels import InvalidChannel, validate_channel
 from .httperrors import HTTPError
+from .openapi import CHANNEL_SCHEMA, SECURITY, errors, json_body, ref
 from .presence import PresenceRegistry
 from .protocol import ClientInfo
 from .settings import Settings
@@ -30,10 +33,13 @@ class PresencePage(msgspec.Struct, omit_defaults=True):
     """Body of a presence answer (the ``presence`` frame without ``type``/``id``)."""
 
     channel: str
-    clients: list[ClientInfo]
-    users: int
-    clients_total: int
-    truncated: bool | None = None
+    clients: Annotated[
+        list[ClientInfo],
+        msgspec.Meta(description="present sessions, at most PUSHSVC_PRESENCE_LIMIT"),
+    ]
+    users: Annotated[int, msgspec.Meta(ge=0, description="distinct users present (exact)")]
+    clients_total: Annotated[int, msgspec.Meta(ge=0, description="sessions present (exact)")]
+    truncated: Annotated[bool, msgspec.Meta(description="clients lists fewer")] | None = None
 
 
 def presence_router(
@@ -42,8 +48,20 @@ def presence_router(
     """Build the presence route (reads the KV bucket through ``registry``)."""
     router = APIRouter()
 
-    @router.get("/presence/{channel}")
-    async def presence(channel: str, request: Request) -> Response:
+    @router.get(
+        "/presence/{channel}",
+        operation_id="presence",
+        summary="Who is subscribed to a channel, on every node",
+        response_model=None,
+        dependencies=SECURITY,
+        responses={
+            200: json_body(ref(PresencePage), "Present sessions (list capped, counts exact)"),
+            **errors(400, 401, 403, 422, 503),
+        },
+    )
+    async def presence(
+        channel: Annotated[str, Path(json_schema_extra=CHANNEL_SCHEMA)], request: Request
+    ) -> Response:
         """Present sessions of ``channel`` on every node."""
         try:
             header = request.headers.get("authorization", "")

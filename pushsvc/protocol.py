@@ -12,7 +12,7 @@ server encodes is guaranteed to contain no raw newline.
 from __future__ import annotations
 
 import base64
-from typing import Final
+from typing import Annotated, Final
 
 import msgspec
 
@@ -194,17 +194,24 @@ class Refreshed(msgspec.Struct, tag_field="type", tag="refreshed", omit_defaults
     id: RequestId = None
 
 
-NO_INFO: Final = msgspec.Raw()  # an absent ``info`` (omitted when encoding)
+NO_INFO: Final = msgspec.UNSET  # an absent ``info`` (omitted when encoding)
+Info = Annotated[
+    msgspec.Raw,
+    msgspec.Meta(
+        description="the token's info claim (a JSON object, at most 1 KiB)",
+        extra_json_schema={"type": "object"},
+    ),
+]
 
 
 class ClientInfo(msgspec.Struct, omit_defaults=True):
     """One present session: ``client`` id, ``user`` (JWT ``sub``), ``node`` serving it,
     ``info`` (the token's ``info`` claim, a JSON object) when the token had one."""
 
-    client: str
-    user: str
-    node: str
-    info: msgspec.Raw = NO_INFO
+    client: Annotated[str, msgspec.Meta(description="session id (welcome.client)")]
+    user: Annotated[str, msgspec.Meta(description="the session's JWT sub")]
+    node: Annotated[str, msgspec.Meta(description="PUSHSVC_NODE_NAME of the serving node")]
+    info: Info | msgspec.UnsetType = NO_INFO
 
 
 class PresenceResult(msgspec.Struct, tag_field="type", tag="presence", omit_defaults=True):
@@ -237,7 +244,7 @@ class Join(msgspec.Struct, tag_field="type", tag="join", omit_defaults=True):
     channel: str
     client: str
     user: str
-    info: msgspec.Raw = NO_INFO
+    info: Info | msgspec.UnsetType = NO_INFO
 
 
 class Leave(msgspec.Struct, tag_field="type", tag="leave", omit_defaults=True):
@@ -246,7 +253,7 @@ class Leave(msgspec.Struct, tag_field="type", tag="leave", omit_defaults=True):
     channel: str
     client: str
     user: str
-    info: msgspec.Raw = NO_INFO
+    info: Info | msgspec.UnsetType = NO_INFO
 
 
 Frame = (

@@ -5,11 +5,13 @@ this adds channel validation, JSON encoding and idempotency::
 
     async with Publisher("nats://127.0.0.1:4222") as pub:
         seq = await pub.publish("news", {"title": "hi"}, msg_id="news-42")
+
+    # a secured NATS: operator-mode creds and a private CA
+    Publisher("tls://nats.example:4222", creds="/etc/pushsvc/app.creds", tls_ca="/etc/ca.pem")
 """
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 import msgspec
@@ -19,6 +21,7 @@ import nats.js.errors
 
 from .bus import Unavailable, confirm
 from .channels import subject_for, validate_channel
+from .natsconn import NatsRefused, NatsSecurity, connect, display_url
 
 
 class Publisher:
@@ -30,6 +33,21 @@ class Publisher:
         jetstream: wait for the JetStream ack and return the stream sequence
             (history on); False = core publish + flush, returns None.
         timeout: seconds to wait for NATS.
+        creds: path of a NATS ``.creds`` file (user JWT + NKey seed).
+        nkey: path of a file holding an NKey user seed.
+        user: user name (with ``password``).
+        password: password (with ``user``).
+        token: authentication token.
+        tls_ca: PEM file of the CA(s) to trust (TLS; ``tls://`` URLs).
+        tls_cert: PEM client certificate for mutual TLS (with ``tls_key``).
+        tls_key: PEM private key of ``tls_cert``.
+
+    The security arguments are those of ``PUSHSVC_NATS_*`` (see
+    :mod:`pushsvc.natsconn`); at most one authentication method.
+
+    Raises:
+        SettingsError: (a ``ValueError``) a file cannot be read, a pair is
+            incomplete, or two authentication methods are given.
     """
 
     def __init__(
@@ -39,8 +57,27 @@ class Publisher:
         prefix: str = "push",
         jetstream: bool = True,
         timeout: float = 2.0,
+        creds: str | None = None,
+        nkey: str | None = None,
+        user: str | None = None,
+        password: str | None = None,
+        token: str | None = None,
+        tls_ca: str | None = None,
+        tls_cert: str | None = None,
+        tls_key: str | None = None,
     ) -> None:
         self.servers = servers
+        self.security = NatsSecurity(
+            creds=creds,
+            nkey=nkey,
+            user=user,
+            password=password,
+            token=token,
+            tls_ca=tls_ca,
+            tls_cert=tls_cert,
+            tls_key=tls_key,
+        )
+        self.security.check([servers] if isinstance(servers, str) else list(servers))
         self.prefix = prefix
         self.jetstream = jetstream
         self.timeout = timeout
@@ -51,20 +88,25 @@ class Publisher:
         """Connect to NATS.
 
         Raises:
+            NatsRefused: NATS refused the credentials or the TLS handshake failed
+                (at once, no retries); the message names the URL and the cause.
             Unavailable: NATS not reachable within ``timeout`` seconds.
         """
         try:
-            self._nc = await asyncio.wait_for(
-                nats.connect(
-                    self.servers,
-                    connect_timeout=max(1, int(self.timeout)),
-                    max_reconnect_attempts=-1,
-                    error_cb=_quiet,
-                ),
+            self._nc = await connect(
+                self.servers,
+                self.security,
                 timeout=self.timeout,
+                connect_timeout=max(1, int(self.timeout)),
+                max_reconnect_attempts=-1,
+                error_cb=_quiet,
             )
+        except NatsRefused:
+            raise
         except (nats.errors.Error, OSError, TimeoutError) as exc:
-            raise Unavailable(f"cannot reach NATS ({type(exc).__name__})") from None
+            urls = [self.servers] if isinstance(self.servers, str) else self.servers
+            where = ", ".join(map(display_url, urls))
+            raise Unavailable(f"cannot reach NATS at {where} ({type(exc).__name__})") from None
         return self
 
     async def close(self) -> None:

@@ -62,6 +62,15 @@ class Settings(msgspec.Struct, kw_only=True):
     stream_replicas: int = 1
     dedupe_window: float = 120.0
     revocation_bucket: str = "PUSHSVC_REVOCATIONS"  # JetStream KV bucket of revocations
+    # secured NATS (see pushsvc.natsconn): at most one auth method; paths are files
+    nats_creds: str | None = None  # .creds file: user JWT + NKey seed (operator mode)
+    nats_nkey: str | None = None  # file holding an NKey user seed
+    nats_user: str | None = None
+    nats_password: str | None = None
+    nats_token: str | None = None
+    nats_tls_ca: str | None = None  # PEM CA bundle to verify the NATS server
+    nats_tls_cert: str | None = None  # PEM client certificate (mutual TLS)
+    nats_tls_key: str | None = None  # PEM private key of nats_tls_cert
 
     # --- tokens --------------------------------------------------------------
     jwt_secret: str | None = None
@@ -166,15 +175,20 @@ class Settings(msgspec.Struct, kw_only=True):
         Raises:
             SettingsError: naming the first setting that is wrong.
         """
+        from .natsconn import NatsSecurity, display_url  # natsconn builds on SettingsError
+
         if self.nats_url is not None:
             for url in self.nats_servers or [""]:
                 parts = urlsplit(url if "://" in url else "nats://" + url)
                 if parts.scheme not in ("nats", "tls", "ws", "wss") or not parts.hostname:
-                    raise SettingsError("PUSHSVC_NATS_URL", f"not a NATS URL: {url!r}")
+                    raise SettingsError("PUSHSVC_NATS_URL", f"not a NATS URL: {display_url(url)!r}")
                 try:
                     parts.port  # noqa: B018 - raises on a bad port
                 except ValueError:
-                    raise SettingsError("PUSHSVC_NATS_URL", f"bad port in {url!r}") from None
+                    raise SettingsError(
+                        "PUSHSVC_NATS_URL", f"bad port in {display_url(url)!r}"
+                    ) from None
+        NatsSecurity.from_settings(self).check(self.nats_servers)
         if self.jwt_public_key is not None:
             path = Path(self.jwt_public_key)
             try:

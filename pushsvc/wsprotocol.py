@@ -1,4 +1,4 @@
-"""uvicorn's ``websockets-sansio`` protocol with two handshake-refusal fixes.
+"""uvicorn's ``websockets-sansio`` protocol with three handshake-refusal fixes.
 
 Use it as uvicorn's ``ws`` setting: ``ws="pushsvc.wsprotocol:WebSocketProtocol"``
 (``pushsvc serve`` and the test fixtures do). Found by tests/test_hostile.py
@@ -16,14 +16,22 @@ against uvicorn 0.54 / websockets 17:
    extension (pushsvc's 403/429/503 before accept) is logged by uvicorn as an
    ERROR "ASGI callable returned without completing handshake.": hostile clients
    could flood the error log. The refusal is complete once its body is sent.
+3. A handshake asking for a ``Sec-WebSocket-Version`` other than 13 got ``400``;
+   RFC 6455 4.2.2 (and 4.4) asks for ``426 Upgrade Required`` with
+   ``Sec-WebSocket-Version: 13`` so that the client can retry with a version the
+   server speaks.
 """
 
 from __future__ import annotations
 
 from collections.abc import Coroutine
+from http import HTTPStatus
 from typing import Any
 
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+from websockets.http11 import Request
+
+WEBSOCKET_VERSION = "13"  # RFC 6455 4.1 (the only version)
 
 
 class WebSocketProtocol(WebSocketsSansIOProtocol):
@@ -41,6 +49,28 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
             self.handshake_complete = True
             self.close_sent = True
             self.transport.close()
+
+    def handle_connect(self, event: Request) -> None:
+        """An opening handshake: 426 for an unsupported version, else as uvicorn does."""
+        versions = event.headers.get_all("Sec-WebSocket-Version")
+        if len(versions) != 1 or versions[0].strip() == WEBSOCKET_VERSION:
+            super().handle_connect(event)
+            return
+        response = self.conn.reject(
+            HTTPStatus.UPGRADE_REQUIRED,
+            f"Failed to open a WebSocket connection: unsupported Sec-WebSocket-Version "
+            f"(this server speaks {WEBSOCKET_VERSION}).\n",
+        )
+        response.headers["Upgrade"] = "websocket"
+        response.headers["Sec-WebSocket-Version"] = WEBSOCKET_VERSION
+        self.request = event
+        self.response = response
+        self.handshake_initiated = True
+        self.handshake_complete = True
+        self.close_sent = True
+        self.conn.send_response(response)
+        self.transport.write(b"".join(self.conn.data_to_send()))
+        self.transport.close()
 
     def send(self, message: Any) -> Coroutine[Any, Any, None]:
         """ASGI send; a finished denial response completes the handshake (no ERROR log).

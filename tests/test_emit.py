@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gzip
+
 import pytest
 
 
@@ -107,3 +109,21 @@ async def test_emit_503_when_nats_is_down(start_server, http, own_nats, channel)
     assert r.json()["error"] == "unavailable"
     ready = await http.get(f"{srv.base}/readyz")
     assert ready.status_code == 503
+
+
+async def test_compressed_emit_is_refused_not_published(start_server, http, channel):
+    """A gzip body would otherwise be published as its compressed bytes (base64 garbage)."""
+    srv = await start_server()
+    sub = await srv.client()
+    await sub.subscribe(channel)
+    h = {**bearer(srv.token("svc", publish=[channel])), "Content-Encoding": "gzip"}
+    body = gzip.compress(b'{"n": 1}')
+    r = await http.post(f"{srv.base}/emit/{channel}", content=body, headers=h)
+    assert r.status_code == 415 and r.headers["accept-encoding"] == "identity"
+    r = await http.post(f"{srv.base}/emit", content=body, headers=h)
+    assert r.status_code == 415 and r.json()["error"] == "unsupported_media_type"
+    await sub.nothing()
+    ok = {**h, "Content-Encoding": "identity"}
+    r = await http.post(f"{srv.base}/emit/{channel}", content=b'{"n": 2}', headers=ok)
+    assert r.status_code == 202
+    assert [m["data"] for m in await sub.messages(1)] == [{"n": 2}]
