@@ -178,6 +178,8 @@ class PresenceRegistry:
 
     def left(self, session: Session, channel: str) -> None:
         """``session`` left ``channel``: delete its entry at once."""
+        if not self._local:
+            return
         key = self.key(session, channel)
         if self._local.pop(key, None) is None:
             return
