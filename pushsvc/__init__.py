@@ -2,7 +2,7 @@
 
 Public API::
 
-    from pushsvc import create_app, setup_app, Settings, Publisher
+    from pushsvc import create_app, setup_app, Settings, Publisher, uvicorn_config
 """
 
 __version__ = "0.1.0"
@@ -10,6 +10,7 @@ __version__ = "0.1.0"
 from .app import Node, create_app, setup_app
 from .natsconn import NatsRefused
 from .publisher import Publisher
+from .serving import uvicorn_config
 from .settings import Settings, SettingsError
 
 __all__ = [
@@ -21,4 +22,5 @@ __all__ = [
     "__version__",
     "create_app",
     "setup_app",
+    "uvicorn_config",
 ]

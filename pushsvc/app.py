@@ -33,7 +33,7 @@ from .auth import Authenticator, Revocation, mint_token, parse_revocation
 from .bus import Bus, Unavailable
 from .channels import InvalidChannel, validate_grant
 from .demo import demo_router
-from .embedded import EmbeddedNats
+from .embedded import EmbeddedNats, start_default
 from .emit import emit_router
 from .endpoint import WebSocketEndpoint
 from .history import history_router
@@ -69,7 +69,8 @@ class Node:
 
     Attributes:
         ready: True once NATS is connected and until shutdown (or the drain) starts.
-        embedded: the bundled nats-server when this node started one.
+        embedded: the bundled nats-server when this node started one (library
+            mode without ``PUSHSVC_NATS_URL``); its URL is :attr:`nats_url`.
         name: the node name (``PUSHSVC_NODE_NAME``, default the host name).
         worker: this process's id under ``serve --workers N`` (N > 1), else None.
         draining: readiness is false (SIGTERM received or shutting down).
@@ -94,7 +95,9 @@ class Node:
             on_control=self._control,
             name=self.connection_name,
         )
-        self.hub = Hub(self.bus)
+        self.hub = Hub(
+            self.bus, write_delay=settings.write_delay, coalesce_bytes=settings.coalesce_bytes
+        )
         # NATS outage: buffer live frames, then fill the gap from the stream (history on)
         self.bus.on_disconnected = self.hub.suspend
         self.bus.on_resumed = self.hub.resume
@@ -171,6 +174,16 @@ class Node:
             log.error("revocation applied on this node but not stored in NATS: %s", exc)
 
     @property
+    def nats_url(self) -> str | None:
+        """The NATS URL(s) this node uses, comma-separated: ``PUSHSVC_NATS_URL``, or the
+        bundled nats-server's ``nats://127.0.0.1:PORT`` once started (None before).
+
+        Producers publish to ``<prefix>.<channel>`` there, e.g. with
+        ``Publisher(app.state.pushsvc.nats_url)``.
+        """
+        return self.settings.nats_url
+
+    @property
     def ready(self) -> bool:
         """Ready to take traffic: started, NATS connected, not draining."""
         return self.started and not self.draining and self.bus.is_connected
@@ -187,10 +200,17 @@ class Node:
             Unavailable: NATS not reachable within ``connect_timeout`` seconds.
         """
         if self.settings.nats_url is None:
-            self.embedded = EmbeddedNats(data_dir=self.settings.data_dir)
-            await asyncio.to_thread(self.embedded.start)
+            self.embedded = await asyncio.to_thread(start_default, self.settings.data_dir)
             self.settings.nats_url = self.embedded.url
-            log.info("started bundled nats-server at %s", self.embedded.url)
+            # WARNING, not INFO: under a plain uvicorn only warnings of other loggers
+            # are shown, and producers must learn where to publish.
+            log.warning(
+                "PUSHSVC_NATS_URL is unset: started the bundled nats-server at %s "
+                "(publish to it: PUSHSVC_NATS_URL=%s pushsvc publish CHANNEL DATA; "
+                "the app sees it as app.state.pushsvc.nats_url)",
+                self.embedded.url,
+                self.embedded.url,
+            )
         await self.bus.start()
         if self.bus.history_enabled:
             store = RevocationStore(
@@ -459,6 +479,20 @@ class WebSocketShortcut:
             await self.endpoint(scope, receive, send)
         else:
             await self.app(scope, receive, send)
+
+
+def serve_app(app: FastAPI) -> WebSocketShortcut:
+    """The ASGI callable ``pushsvc serve`` hands uvicorn: ``app`` with ``/ws`` routed first.
+
+    Inside ``app`` a WebSocket handshake still passes FastAPI's own layers (its
+    telemetry and body-limit wrappers, Starlette's error middleware) before the
+    shortcut: about 5% of the server's CPU per connection in a reconnect storm
+    (py-spy). ``pushsvc serve`` adds no middleware of its own, so the endpoint is
+    called first here; everything else (HTTP, lifespan) goes to ``app`` unchanged.
+    Apps that embed pushsvc with :func:`setup_app` keep their middleware for ``/ws``.
+    """
+    node: Node = app.state.pushsvc
+    return WebSocketShortcut(app, node.settings.base_path + "/ws", node.endpoint)
 
 
 _WS_REFUSALS: dict[int | str, dict[str, Any]] = {

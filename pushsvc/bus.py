@@ -93,6 +93,25 @@ class _NoJetStream(Exception):
     """Nothing answers the JetStream API: JetStream is not enabled on this NATS."""
 
 
+def connect_failure(exc: BaseException, attempts: list[Exception] | None = None) -> str:
+    """Why a NATS connect failed, in a few words, e.g. ``connection refused``.
+
+    Args:
+        exc: the exception that ended the connect (often a timeout).
+        attempts: errors nats-py reported to ``error_cb`` on the way; the last
+            one is the real cause when ``exc`` is only the timeout.
+    """
+    last = attempts[-1] if attempts else exc
+    if isinstance(last, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(last, OSError) and last.strerror:
+        return last.strerror[:1].lower() + last.strerror[1:]
+    if isinstance(last, TimeoutError | asyncio.TimeoutError | nats.errors.TimeoutError):
+        return "no answer (timeout)"
+    text = str(last).strip()
+    return f"{type(last).__name__}: {text}" if text else type(last).__name__
+
+
 async def confirm(nc: NatsClient, timeout: float) -> None:
     """Wait until the NATS server has processed everything written on ``nc`` so far.
 
@@ -223,6 +242,7 @@ class Bus:
         #: called with ``(pattern, channel, payload, seq, stamp)`` for every live
         #: message of a wildcard subscription (:meth:`acquire` of a pattern); must not block.
         self.on_pattern_message: PatternHandler | None = None
+        self._connect_errors: list[Exception] | None = None
         self._watch_task: asyncio.Task[None] | None = None
 
     # --- lifecycle -------------------------------------------------------------
@@ -242,6 +262,9 @@ class Bus:
                 changed in place (history on).
         """
         servers = self.settings.nats_servers
+        # nats-py reports every failed attempt to error_cb; during the initial
+        # connect they are collected and summed up in one Unavailable instead.
+        self._connect_errors: list[Exception] | None = []
         try:
             self.nc = await natsconn.connect(
                 servers,
@@ -261,10 +284,13 @@ class Bus:
         except (TimeoutError, OSError, nats.errors.Error) as exc:
             if isinstance(exc, natsconn.NatsRefused):
                 raise
+            cause = connect_failure(exc, self._connect_errors)
             raise Unavailable(
                 f"cannot reach NATS at {', '.join(map(natsconn.display_url, servers))} within "
-                f"{self.settings.connect_timeout:g} s ({type(exc).__name__})"
+                f"{self.settings.connect_timeout:g} s: {cause}"
             ) from None
+        finally:
+            self._connect_errors = None
         metrics.NATS_CONNECTED.set(1)
         self.js = self.nc.jetstream(timeout=self.settings.publish_timeout)
         if self.history_enabled:
@@ -287,12 +313,15 @@ class Bus:
             self._watch_task = asyncio.ensure_future(self._watch_stream())
 
     async def _error_cb(self, exc: Exception) -> None:
+        if self._connect_errors is not None:  # initial connect: summed up by start()
+            self._connect_errors.append(exc)
+            return
         log.warning("NATS: %s: %s", type(exc).__name__, exc)
 
     async def _disconnected_cb(self) -> None:
         metrics.NATS_CONNECTED.set(0)
-        if self.closing:
-            return
+        if self.closing or self._connect_errors is not None:
+            return  # closing, or the first connect gave up: start() says why, once
         log.warning("NATS disconnected; reconnecting (emits answer 503 meanwhile)")
         if self._resume_task is not None:
             self._resume_task.cancel()

@@ -1,4 +1,4 @@
-"""Command line: ``pushsvc serve | token | publish | bench``.
+"""Command line: ``pushsvc serve | token | publish | subscribe | bench``.
 
 Every ``serve`` flag overrides the ``PUSHSVC_*`` variable of the same name;
 errors in configuration print one line naming the setting and exit with 2.
@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import glob
 import json
 import logging
@@ -24,9 +25,15 @@ from typing import Any
 import msgspec
 
 from . import __version__, logs, natsconn
-from .settings import ENV_PREFIX, Settings, SettingsError
+from .settings import ENV_PREFIX, Settings, SettingsError, check_nats_url
 
 log = logging.getLogger("pushsvc")
+
+#: where ``pushsvc subscribe`` connects without --url / PUSHSVC_URL
+DEFAULT_URL = "http://127.0.0.1:8000"
+#: where ``pushsvc publish`` goes without --nats-url / PUSHSVC_NATS_URL: the bundled
+#: nats-server of ``pushsvc serve`` when port 4222 was free (NATS's default port)
+DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -68,10 +75,33 @@ def main(argv: list[str] | None = None) -> int:
     publish = sub.add_parser("publish", help="publish a message to a channel through NATS")
     publish.add_argument("channel")
     publish.add_argument("data", help="payload; JSON is delivered as JSON, else as a string")
-    publish.add_argument("--nats-url", help="NATS URL (default PUSHSVC_NATS_URL)")
+    publish.add_argument(
+        "--nats-url", help="NATS URL(s) (default PUSHSVC_NATS_URL, else nats://127.0.0.1:4222)"
+    )
     publish.add_argument("--msg-id", help="idempotency key (Nats-Msg-Id)")
     publish.add_argument("--core", action="store_true", help="core publish (no JetStream ack)")
     natsconn.add_arguments(publish)
+
+    subscribe = sub.add_parser(
+        "subscribe",
+        help="print a channel's messages, one JSON object per line (resumes after disconnects)",
+    )
+    subscribe.add_argument("channel")
+    subscribe.add_argument(
+        "--url",
+        default=os.environ.get("PUSHSVC_URL") or DEFAULT_URL,
+        help=f"server URL (default PUSHSVC_URL, else {DEFAULT_URL})",
+    )
+    subscribe.add_argument(
+        "--since", type=int, help="replay what came after this seq first (0 = all history)"
+    )
+    subscribe.add_argument("--epoch", help="stream epoch the --since seq belongs to")
+    subscribe.add_argument("--token", help="JWT to present (default PUSHSVC_TOKEN)")
+    subscribe.add_argument(
+        "--secret", help="mint the token with this HS256 secret (default PUSHSVC_JWT_SECRET)"
+    )
+    subscribe.add_argument("--sub", help="user id of the minted token (with --secret)")
+    subscribe.add_argument("--raw", action="store_true", help="print only each message's data")
 
     bench = sub.add_parser("bench", help="load-test a running pushsvc")
     from . import bench as bench_module
@@ -86,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
             return _token(args)
         if args.command == "publish":
             return _publish(args)
+        if args.command == "subscribe":
+            return _subscribe(args)
         return bench_module.main(args)
     except SettingsError as exc:
         print(f"pushsvc: configuration error: {exc}", file=sys.stderr)
@@ -110,9 +142,11 @@ def settings_to_env(settings: Settings) -> dict[str, str]:
 
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
+    from uvicorn.supervisors import Multiprocess
 
     from .bus import Bus, Unavailable
-    from .embedded import EmbeddedNats, EmbeddedNatsError
+    from .embedded import EmbeddedNatsError, start_default
+    from .serving import ListenError, listen_socket, uvicorn_config
 
     settings = Settings.load(
         host=args.host,
@@ -129,112 +163,100 @@ def _serve(args: argparse.Namespace) -> int:
     logging.config.dictConfig(log_config)
     logging.captureWarnings(True)
     json_logs = settings.log_format == "json"
+    # The listen address first: a busy port fails before NATS starts or anything is printed.
+    try:
+        sock = listen_socket(settings.host, settings.port)
+    except ListenError as exc:
+        print(f"pushsvc: {exc}", file=sys.stderr)
+        return 1
+    settings.port = sock.getsockname()[1]  # the real port when 0 (any free port) was asked
     dev_secret = None
     if settings.dev and settings.jwt_secret is None and settings.jwt_public_key is None:
         dev_secret = settings.jwt_secret = secrets.token_urlsafe(32)
     embedded = None
-    if settings.nats_url is None:
-        # The conventional client port when it is free, so `nats pub` and
-        # `pushsvc publish` work with their defaults; any free port otherwise.
-        port = DEFAULT_NATS_PORT if _port_free(DEFAULT_NATS_PORT) else 0
-        embedded = EmbeddedNats(port=port, data_dir=settings.data_dir)
-        try:
-            embedded.start()
-        except EmbeddedNatsError as exc:
-            print(f"pushsvc: cannot start the bundled nats-server: {exc}", file=sys.stderr)
-            return 1
-        settings.nats_url = embedded.url
     try:
+        if settings.nats_url is None:
+            try:
+                embedded = start_default(settings.data_dir)
+            except EmbeddedNatsError as exc:
+                print(f"pushsvc: cannot start the bundled nats-server: {exc}", file=sys.stderr)
+                return 1
+            settings.nats_url = embedded.url
         try:
             asyncio.run(_probe_nats(settings, Bus))
         except Unavailable as exc:
-            print(f"pushsvc: PUSHSVC_NATS_URL: {exc}", file=sys.stderr)
+            source = "bundled nats-server" if embedded else "PUSHSVC_NATS_URL"
+            print(f"pushsvc: {source}: {exc}", file=sys.stderr)
             return 1
         except natsconn.NatsRefused as exc:
             print(f"pushsvc: {exc}", file=sys.stderr)
             return 1
-        base = f"http://{settings.host}:{settings.port}{settings.base_path}"
-        ws = f"ws://{settings.host}:{settings.port}{settings.base_path}/ws"
-        nats_urls = ", ".join(map(natsconn.display_url, settings.nats_servers))
-        if json_logs:  # every line of output is a JSON object: the banner is a log record
-            log.info(
-                "pushsvc %s serving %s",
-                __version__,
-                base,
-                extra={"websocket": ws, "nats": nats_urls, "bundled": bool(embedded)},
-            )
-        else:
-            print(f"pushsvc {__version__} serving {base}", flush=True)
-            print(f"  WebSocket: {ws}", flush=True)
-            print(f"  NATS:      {nats_urls}{' (bundled)' if embedded else ''}", flush=True)
-        if settings.dev and json_logs:
-            log.info("dev mode: demo page at %s/, tokens from %s/dev/token", base, base)
-        elif settings.dev:
-            from .auth import mint_token
-
-            token = mint_token(
-                settings.jwt_secret or "",
-                "dev",
-                channels=[">"],
-                publish=[">"],
-                ttl=86400,
-                audience=settings.jwt_audience,
-                issuer=settings.jwt_issuer,
-            )
-            print(f"  Demo page: {base}/", flush=True)
-            print(f"  Dev token (user 'dev', all channels, 24 h):\n    {token}", flush=True)
-            if dev_secret:
-                print("  JWT secret generated for this run (set PUSHSVC_JWT_SECRET to keep one)")
-        config: dict[str, Any] = dict(
-            host=settings.host,
-            port=settings.port,
-            ws=args.ws,
-            ws_max_size=settings.max_frame_bytes,
-            ws_per_message_deflate=False,
-            ws_ping_interval=20.0,
-            ws_ping_timeout=20.0,
-            http="httptools",
-            loop="uvloop" if sys.platform != "win32" else "asyncio",
-            log_level=settings.log_level,
-            log_config=log_config,
-            lifespan="on",
-            timeout_graceful_shutdown=settings.shutdown_timeout,
-        )
+        _banner(settings, embedded is not None, dev_secret is not None, json_logs)
+        config: dict[str, Any] = uvicorn_config(settings)
+        config["ws"] = args.ws
+        config["log_config"] = log_config
         os.environ.update(settings_to_env(settings))
         # uvicorn re-raises SIGTERM after its graceful shutdown; turn it into a normal
         # exit so the bundled nats-server is stopped by the `finally` below.
         signal.signal(signal.SIGTERM, _exit_on_sigterm)
         if settings.workers > 1:
+            uv = uvicorn.Config(
+                "pushsvc.cli:app_from_env", factory=True, workers=settings.workers, **config
+            )
             metrics_dir = _multiprocess_metrics_dir()
             try:
-                uvicorn.run(
-                    "pushsvc.cli:app_from_env", factory=True, workers=settings.workers, **config
-                )
+                Multiprocess(uv, sockets=[sock]).run()
             finally:
                 metrics_dir.cleanup()
-        else:
-            from .app import create_app
+            return 0
+        from .app import create_app, serve_app
 
-            uvicorn.run(create_app(settings), **config)
-        return 0
+        app = serve_app(create_app(settings))
+        tune_gc()
+        server = uvicorn.Server(uvicorn.Config(app, **config))
+        server.run(sockets=[sock])
+        return 0 if server.started else 1
     finally:
+        sock.close()
         if embedded is not None:
             embedded.cleanup()
 
 
-DEFAULT_NATS_PORT = 4222
+def _banner(settings: Settings, bundled: bool, generated_secret: bool, json_logs: bool) -> None:
+    """What ``pushsvc serve`` prints once NATS answered and the port is bound."""
+    host = f"[{settings.host}]" if ":" in settings.host else settings.host
+    base = f"http://{host}:{settings.port}{settings.base_path}"
+    ws = f"ws://{host}:{settings.port}{settings.base_path}/ws"
+    nats_urls = ", ".join(map(natsconn.display_url, settings.nats_servers))
+    if json_logs:  # every line of output is a JSON object: the banner is a log record
+        log.info(
+            "pushsvc %s serving %s",
+            __version__,
+            base,
+            extra={"websocket": ws, "nats": nats_urls, "bundled": bundled},
+        )
+        if settings.dev:
+            log.info("dev mode: demo page at %s/, tokens from %s/dev/token", base, base)
+        return
+    print(f"pushsvc {__version__} serving {base}", flush=True)
+    print(f"  WebSocket: {ws}", flush=True)
+    print(f"  NATS:      {nats_urls}{' (bundled)' if bundled else ''}", flush=True)
+    if settings.dev:
+        from .auth import mint_token
 
-
-def _port_free(port: int) -> bool:
-    """True when ``port`` can be bound on loopback right now."""
-    import socket
-
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
+        token = mint_token(
+            settings.jwt_secret or "",
+            "dev",
+            channels=[">"],
+            publish=[">"],
+            ttl=86400,
+            audience=settings.jwt_audience,
+            issuer=settings.jwt_issuer,
+        )
+        print(f"  Demo page: {base}/", flush=True)
+        print(f"  Dev token (user 'dev', all channels, 24 h):\n    {token}", flush=True)
+        if generated_secret:
+            print("  JWT secret generated for this run (set PUSHSVC_JWT_SECRET to keep one)")
 
 
 class _MetricsDir:
@@ -285,9 +307,33 @@ def _exit_on_sigterm(signum: int, frame: Any) -> None:
 
 def app_from_env() -> Any:
     """uvicorn factory for ``--workers N``: each worker builds its app from the environment."""
-    from .app import create_app
+    from .app import create_app, serve_app
 
-    return create_app(Settings.load())
+    app = serve_app(create_app(Settings.load()))
+    tune_gc()
+    return app
+
+
+GC_OLDEST_THRESHOLD = 1000  # CPython's default is 10
+
+
+def tune_gc() -> None:
+    """Garbage-collector settings of a ``pushsvc serve`` process (not of embedding apps).
+
+    Every connection keeps a few hundred container objects alive for its whole
+    life, and CPython runs a full collection (over every object of the process)
+    each time 10 young-generation collections have happened and the old
+    generation grew by 25%: while thousands of sockets connect, that was most of
+    the server's CPU per connection (docs/benchmarks.md, "Reconnect"). Full
+    collections now wait for ``GC_OLDEST_THRESHOLD`` young collections (the 25%
+    rule still applies); the young generations keep their defaults, so short-lived
+    cycles are freed as promptly as before. ``gc.freeze()`` moves what the process
+    built at start (imports, app, routes) out of the collector's way for good.
+    """
+    gen0, gen1, _ = gc.get_threshold()
+    gc.set_threshold(gen0, gen1, GC_OLDEST_THRESHOLD)
+    gc.collect()
+    gc.freeze()
 
 
 async def _probe_nats(settings: Settings, bus_cls: Any) -> None:
@@ -338,7 +384,13 @@ def _publish(args: argparse.Namespace) -> int:
     from .channels import InvalidChannel
     from .publisher import Publisher
 
-    url = args.nats_url or os.environ.get("PUSHSVC_NATS_URL") or "nats://127.0.0.1:4222"
+    if args.nats_url:
+        url = args.nats_url
+        setting = "--nats-url"
+    else:
+        url = os.environ.get("PUSHSVC_NATS_URL") or DEFAULT_NATS_URL
+        setting = "PUSHSVC_NATS_URL"
+    servers = [check_nats_url(u.strip(), setting) for u in url.split(",") if u.strip()]
     prefix = os.environ.get("PUSHSVC_SUBJECT_PREFIX", "push")
     try:
         data: Any = json.loads(args.data)
@@ -346,7 +398,6 @@ def _publish(args: argparse.Namespace) -> int:
     except ValueError:
         payload = args.data.encode()
 
-    servers = [u.strip() for u in url.split(",") if u.strip()]
     security = msgspec.structs.asdict(natsconn.NatsSecurity.from_args(args))
     # (Publisher checks the security settings: a SettingsError exits 2 with one line)
     pub = Publisher(servers, prefix=prefix, jetstream=not args.core, **security)
@@ -360,5 +411,68 @@ def _publish(args: argparse.Namespace) -> int:
     except (Unavailable, InvalidChannel, natsconn.NatsRefused) as exc:
         print(f"pushsvc: publish failed: {exc}", file=sys.stderr)
         return 1
-    print(json.dumps({"channel": args.channel, "seq": seq}))
+    # The server it went to, so a publish to another NATS than the one pushsvc uses
+    # (another bundled server, a stale PUSHSVC_NATS_URL) is visible.
+    print(json.dumps({"channel": args.channel, "seq": seq, "nats": pub.url}))
+    return 0
+
+
+def _subscribe(args: argparse.Namespace) -> int:
+    from .auth import mint_token
+    from .channels import InvalidChannel, validate_channel
+    from .subscriber import SubscribeError, Subscriber, ws_url
+
+    try:
+        channel = validate_channel(args.channel)
+    except InvalidChannel as exc:
+        print(f"pushsvc: subscribe: {exc}", file=sys.stderr)
+        return 2
+    try:
+        ws_url(args.url)
+    except ValueError as exc:
+        raise SettingsError("--url", str(exc)) from None
+    if args.since is not None and args.since < 0:
+        raise SettingsError("--since", f"must be >= 0, got {args.since}")
+    token = args.token or (None if args.sub else os.environ.get("PUSHSVC_TOKEN"))
+    renewable = False
+    if token is not None:
+        fixed = token
+
+        def make_token() -> str:
+            return fixed
+
+    elif args.sub:
+        secret = args.secret or os.environ.get("PUSHSVC_JWT_SECRET")
+        if not secret:
+            raise SettingsError("--secret", "missing: needed with --sub to mint a token")
+        sub, audience = args.sub, os.environ.get("PUSHSVC_JWT_AUDIENCE")
+
+        def make_token() -> str:
+            return mint_token(
+                secret,
+                sub,
+                channels=[channel],
+                ttl=3600,
+                audience=audience,
+                issuer=os.environ.get("PUSHSVC_JWT_ISSUER"),
+                headers=_typ_header(os.environ.get("PUSHSVC_JWT_TYPE")),
+            )
+
+        renewable = True
+    else:
+        raise SettingsError("--token", "missing: give --token T (or PUSHSVC_TOKEN), or --sub NAME")
+    try:
+        subscriber = Subscriber(
+            args.url,
+            channel,
+            make_token,
+            since=args.since,
+            epoch=args.epoch,
+            raw=args.raw,
+            renewable=renewable,
+        )
+        asyncio.run(subscriber.run())
+    except SubscribeError as exc:
+        print(f"pushsvc: subscribe: {exc}", file=sys.stderr)
+        return 1
     return 0

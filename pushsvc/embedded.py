@@ -162,6 +162,45 @@ class EmbeddedNats:
         self.cleanup()
 
 
+#: the conventional NATS client port (NATS docs), which ``nats pub`` and
+#: ``pushsvc publish`` use by default
+DEFAULT_PORT = 4222
+
+
+def start_default(data_dir: str | os.PathLike[str] | None = None) -> EmbeddedNats:
+    """Start the bundled server the way ``pushsvc serve`` and library mode do.
+
+    On the conventional port 4222 when it is free on loopback, so NATS clients
+    work with their defaults; on any free port otherwise (also when 4222 was taken
+    between the check and the start). Read the URL from :attr:`EmbeddedNats.url`.
+
+    Args:
+        data_dir: JetStream store folder; None = a temporary folder.
+
+    Raises:
+        EmbeddedNatsError: the binary is missing or the server did not come up.
+    """
+    if _port_free(DEFAULT_PORT):
+        server = EmbeddedNats(port=DEFAULT_PORT, data_dir=data_dir)
+        try:
+            return server.start()
+        except EmbeddedNatsError:
+            server.cleanup()
+            if _port_free(DEFAULT_PORT):
+                raise  # not a race for the port: a real failure
+    return EmbeddedNats(port=0, data_dir=data_dir).start()
+
+
+def _port_free(port: int) -> bool:
+    """True when ``port`` can be bound on loopback right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
 def _read_port(ports_dir: Path, pid: int) -> int | None:
     path = ports_dir / f"{Path(find_binary()).name}_{pid}.ports"
     try:

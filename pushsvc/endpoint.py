@@ -15,7 +15,8 @@ ASGI "websocket.http.response" extension when the server offers it (status
 
 Checks, in order (OWASP WebSocket Security Cheat Sheet):
 
-1. ``Origin`` against ``PUSHSVC_ALLOWED_ORIGINS`` (exact match) -> 403;
+1. a present ``Origin`` against ``PUSHSVC_ALLOWED_ORIGINS`` (exact match) -> 403
+   (no ``Origin`` header: a non-browser client, checked by its token only);
 2. draining -> 503 (``Retry-After``);
 3. ``PUSHSVC_MAX_CONNECTIONS`` sockets on the node, *including* sockets still
    waiting for their auth frame -> 503 (``Retry-After``);
@@ -87,8 +88,13 @@ class WebSocketEndpoint:
         assert scope["type"] == "websocket"
         headers = Headers(scope=scope)
         # OWASP WebSocket cheat sheet: check Origin before accepting (cross-site
-        # WebSocket hijacking); exact match, scheme and port included.
-        if self.allowed_origins and headers.get("origin") not in self.allowed_origins:
+        # WebSocket hijacking); exact match, scheme and port included. Browsers always
+        # send Origin on a WebSocket handshake (RFC 6455 4.1, Fetch), so a missing
+        # header means a non-browser client, which hijacking cannot involve: it is
+        # accepted (its token is still required), as NATS's same_origin and
+        # gorilla/websocket do. A present Origin not in the list, `null` included, is not.
+        origin = headers.get("origin")
+        if self.allowed_origins and origin is not None and origin not in self.allowed_origins:
             await _deny(scope, receive, send, 403, "origin not allowed", "origin")
             return
         if not self.accepting():

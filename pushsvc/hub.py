@@ -1,8 +1,20 @@
 """The hub: channel -> local sessions; one encode per message; fan-out to session buffers.
 
 Data flows one way: the bus calls :meth:`Hub.dispatch` with a NATS message, the
-hub encodes it once into a ``message`` frame and hands that same ``str`` to every
-local subscriber's :meth:`Session.send` (which never waits on the socket).
+hub encodes it once into a ``message`` frame and appends it to the channel's
+*batch*; no per-socket work happens per message. Once per loop iteration (or,
+with ``PUSHSVC_WRITE_DELAY``, once per delay window) every channel with a batch
+is flushed: its frames are joined by ``\n`` into one text (wire contract: a frame
+may carry several objects), framed once, and handed to every live subscriber by
+:func:`~pushsvc.session.fan_out` (a direct write when the socket is idle and
+writable, else the session's bounded buffer; never waits on a socket). A batch
+that reaches ``coalesce_bytes`` is flushed at once.
+
+Batches keep the per-session order of frames exactly: a session joining the live
+set while a batch is open is owed only the frames after its join (handed to it
+through its own buffer at the flush), a session leaving is handed what the batch
+owes it first, and a session with frames already buffered queues the batch
+behind them.
 
 Subscribing with ``since`` runs the recovery protocol so a client gets no gap and
 no duplicate at the seam between replayed history and live delivery:
@@ -42,6 +54,8 @@ from .protocol import (
     encode_frame,
     payload_to_data,
 )
+from .session import fan_out
+from .transport import utf8_len
 
 if TYPE_CHECKING:
     from .presence import PresenceRegistry
@@ -78,9 +92,26 @@ class _Channel:
             the connection dropped: everything of this channel up to it arrived.
     """
 
-    __slots__ = ("catchup", "catchup_seen", "catchup_since", "last_seq", "pending", "sessions")
+    __slots__ = (
+        "batch",
+        "batch_bytes",
+        "catchup",
+        "catchup_seen",
+        "catchup_since",
+        "flush_scheduled",
+        "last_seq",
+        "late",
+        "pending",
+        "sessions",
+    )
 
     def __init__(self) -> None:
+        self.batch: list[str] = []  # live frames not yet handed to the live set
+        self.batch_bytes = 0  # UTF-8 bytes of the batch joined by "\n"
+        self.flush_scheduled = False  # in the hub's dirty list
+        # live sessions that joined while the batch had frames: the index of the
+        # first frame they are owed (they were not subscribed for the ones before)
+        self.late: dict[Session, int] = {}
         self.sessions: set[Session] = set()
         self.pending: dict[Session, _Recovery] = {}
         self.last_seq: int | None = None
@@ -110,15 +141,33 @@ def encode_stored(key: str, stored: StoredMessage) -> tuple[str, int]:
     return encode_message(key, stored.payload, stored.seq)
 
 
+def _send_frames(session: Session, frames: list[str]) -> None:
+    """Queue ``frames`` (encoded objects, in order) to one session as one text."""
+    if frames:
+        nbytes = sum(utf8_len(f) for f in frames) + len(frames) - 1
+        session.send(frames[0] if len(frames) == 1 else "\n".join(frames), nbytes)
+
+
 class Hub:
     """Local registry of channels, users and sessions for one node.
 
     Args:
         bus: the node's :class:`~pushsvc.bus.Bus` (subscriptions, publish, history).
+        write_delay: seconds a channel's batch is held before it is written
+            (``PUSHSVC_WRITE_DELAY``; 0 = at the next loop iteration). Each socket
+            then gets at most one write per window from the hub, and a message waits
+            at most ``write_delay`` plus one loop iteration when the socket is
+            writable.
+        coalesce_bytes: a batch reaching this many bytes is written at once
+            (``PUSHSVC_COALESCE_BYTES``), so a batch never exceeds one frame's cap.
     """
 
-    def __init__(self, bus: Bus) -> None:
+    def __init__(self, bus: Bus, write_delay: float = 0.0, coalesce_bytes: int = 65536) -> None:
         self.bus = bus
+        self.write_delay = write_delay
+        self._coalesce = coalesce_bytes
+        self._dirty: list[_Channel] = []  # channels with a batch, in the order they got it
+        self._flush_handle: asyncio.Handle | asyncio.TimerHandle | None = None
         self._channels: dict[str, _Channel] = {}
         self.users: dict[str, set[Session]] = {}
         self.sessions: set[Session] = set()
@@ -137,14 +186,16 @@ class Hub:
     ) -> None:
         """Deliver one NATS message to every local subscriber of ``channel``.
 
-        Encodes once; each session gets the same ``str`` (see :meth:`_deliver`).
-        Never awaits a socket: :meth:`Session.send` only queues.
+        Encodes once and appends the frame to the channel's batch (see
+        :meth:`_deliver`); the batch is handed to the sockets at the next loop
+        iteration, or when the ``write_delay`` window ends. Never awaits a socket.
 
         Args:
             stamp: the message's stream time (Unix seconds, ``Nats-Time-Stamp``);
-                when given, the time from it to the hand-over to the sockets is
-                observed in ``pushsvc_delivery_latency_seconds``. Frames buffered
-                during a NATS outage are not observed (their delay is the outage).
+                when given, the time from it to the hand-over to the hub's batch is
+                observed in ``pushsvc_delivery_latency_seconds`` (a write delay
+                comes on top). Frames buffered during a NATS outage are not
+                observed (their delay is the outage).
         """
         state = self._channels.get(channel)
         if state is None:
@@ -185,17 +236,32 @@ class Hub:
             metrics.DELIVERY_LATENCY.observe(max(0.0, time.time() - stamp))
 
     def _deliver(self, state: _Channel, seq: int | None, frame: str, nbytes: int) -> None:
-        """Hand one encoded frame to the live set and to recovering sessions past their seam.
+        """Add one encoded frame to the live set's batch; hand it to recovering sessions.
 
-        Iterates over a snapshot of the live set: :meth:`Session.send` may close a
-        slow consumer, which leaves the channel at once.
+        Recovering sessions (``pending``) get it through :meth:`Session.send` once
+        past their seam, joining the live set then.
         """
         if seq is not None and (state.last_seq is None or seq > state.last_seq):
             state.last_seq = seq
-        members = tuple(state.sessions)
-        for session in members:
-            session.send(frame, nbytes)
-        delivered = len(members)
+        delivered = len(state.sessions)
+        if delivered:
+            batch = state.batch
+            if batch:
+                if state.batch_bytes + 1 + nbytes > self._coalesce:
+                    self._flush_channel(state)  # a full frame's worth goes out now
+                    state.batch.append(frame)
+                    state.batch_bytes = nbytes
+                else:
+                    batch.append(frame)
+                    state.batch_bytes += 1 + nbytes
+            else:
+                batch.append(frame)
+                state.batch_bytes = nbytes
+            if not state.flush_scheduled:
+                state.flush_scheduled = True
+                self._dirty.append(state)
+                if self._flush_handle is None:
+                    self._schedule_flush()
         if state.pending:
             for session, rec in list(state.pending.items()):
                 if rec.buffer is not None:
@@ -204,10 +270,66 @@ class Hub:
                     # join the live set first: send() may close the session, and
                     # closing must find it where it is
                     del state.pending[session]
-                    state.sessions.add(session)
+                    self._join(state, session)
                     session.send(frame, nbytes)
                     delivered += 1
         metrics.DELIVERIES.inc(delivered)
+
+    # --- batches: one write per socket per loop iteration or write-delay window ----------
+    def _schedule_flush(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self.write_delay > 0:
+            self._flush_handle = loop.call_later(self.write_delay, self._flush_batches)
+        else:
+            self._flush_handle = loop.call_soon(self._flush_batches)
+
+    def _flush_batches(self) -> None:
+        """Write every channel's batch (the scheduled flush)."""
+        self._flush_handle = None
+        dirty, self._dirty = self._dirty, []
+        single = len(dirty) == 1
+        for state in dirty:
+            state.flush_scheduled = False
+            try:
+                self._flush_channel(state, single)
+            except Exception:  # a bug must not leave the other channels unflushed
+                log.exception("flush of a channel batch failed")
+
+    def _flush_channel(self, state: _Channel, single: bool = True) -> None:
+        """Hand ``state``'s batch to its live set now (see :func:`~pushsvc.session.fan_out`).
+
+        Sessions that joined during the batch get only the frames after their join,
+        through their own buffer.
+        """
+        batch = state.batch
+        late = state.late
+        if late:
+            state.late = {}
+        if not batch:
+            return
+        nbytes = state.batch_bytes
+        state.batch = []
+        state.batch_bytes = 0
+        text = batch[0] if len(batch) == 1 else "\n".join(batch)
+        if not late:
+            fan_out(tuple(state.sessions), text, nbytes, single=single)
+            return
+        fan_out(tuple(s for s in state.sessions if s not in late), text, nbytes, single=single)
+        for session, start in late.items():
+            _send_frames(session, batch[start:])
+
+    def _join(self, state: _Channel, session: Session) -> None:
+        """Add ``session`` to the live set; it is owed only the batch's frames from now on."""
+        if state.batch:
+            state.late[session] = len(state.batch)
+        state.sessions.add(session)
+
+    def _leave(self, state: _Channel, session: Session) -> None:
+        """Remove ``session`` from the live set, handing it what the batch owes it first."""
+        start = state.late.pop(session, 0)
+        if state.batch and session in state.sessions and not session.closed:
+            _send_frames(session, state.batch[start:])
+        state.sessions.discard(session)
 
     # --- NATS outage: suspend, then catch up ------------------------------------------
     def suspend(self) -> None:
@@ -419,11 +541,11 @@ class Hub:
         for joined in self.on_join:
             joined(session, channel)
         if since is None:
-            state.sessions.add(session)
+            self._join(state, session)
             session.send_frame(Subscribed(channel=channel, id=req_id, epoch=self.epoch))
             return
         if not self.bus.history_enabled:
-            state.sessions.add(session)
+            self._join(state, session)
             session.send_frame(Subscribed(channel=channel, id=req_id, recovered=False))
             return
         rec = state.pending[session] = _Recovery()
@@ -465,7 +587,7 @@ class Hub:
         metrics.SUBSCRIPTIONS.dec()
         state = self._channels.get(channel)
         if state is not None:
-            state.sessions.discard(session)
+            self._leave(state, session)
             state.pending.pop(session, None)
             if not state.sessions and not state.pending:
                 del self._channels[channel]

@@ -19,7 +19,7 @@ import nats
 import nats.errors
 import nats.js.errors
 
-from .bus import Unavailable, confirm
+from .bus import Unavailable, confirm, connect_failure
 from .channels import subject_for, validate_channel
 from .natsconn import NatsRefused, NatsSecurity, connect, display_url
 
@@ -92,6 +92,11 @@ class Publisher:
                 (at once, no retries); the message names the URL and the cause.
             Unavailable: NATS not reachable within ``timeout`` seconds.
         """
+        attempts: list[Exception] = []
+
+        async def collect(exc: Exception) -> None:
+            attempts.append(exc)
+
         try:
             self._nc = await connect(
                 self.servers,
@@ -99,15 +104,20 @@ class Publisher:
                 timeout=self.timeout,
                 connect_timeout=max(1, int(self.timeout)),
                 max_reconnect_attempts=-1,
-                error_cb=_quiet,
+                error_cb=collect,
             )
         except NatsRefused:
             raise
         except (nats.errors.Error, OSError, TimeoutError) as exc:
-            urls = [self.servers] if isinstance(self.servers, str) else self.servers
-            where = ", ".join(map(display_url, urls))
-            raise Unavailable(f"cannot reach NATS at {where} ({type(exc).__name__})") from None
+            cause = connect_failure(exc, attempts)
+            raise Unavailable(f"cannot reach NATS at {self.url}: {cause}") from None
         return self
+
+    @property
+    def url(self) -> str:
+        """The NATS server URL(s) this publisher uses, comma-separated, credentials masked."""
+        urls = [self.servers] if isinstance(self.servers, str) else self.servers
+        return ",".join(map(display_url, urls))
 
     async def close(self) -> None:
         """Flush and close the connection."""
@@ -152,9 +162,12 @@ class Publisher:
             await self._nc.publish(subject, payload, headers=headers)
             await confirm(self._nc, self.timeout)
             return None
+        except (nats.errors.NoRespondersError, nats.js.errors.NoStreamResponseError):
+            raise Unavailable(
+                f"no JetStream stream stores {subject} on the NATS at {self.url}: is this "
+                "the NATS pushsvc uses, with history on? (history off: publish without JetStream)"
+            ) from None
         except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
-            raise Unavailable(f"NATS did not take the message ({type(exc).__name__})") from None
-
-
-async def _quiet(exc: Exception) -> None:
-    """nats-py error callback: connection errors surface as :class:`Unavailable`."""
+            raise Unavailable(
+                f"the NATS at {self.url} did not take the message ({type(exc).__name__})"
+            ) from None

@@ -1,6 +1,9 @@
 """One authenticated WebSocket: command reader, outbound buffer + writer, heartbeat, limits.
 
-Outbound path (what the hub calls, :meth:`Session.send`) never awaits the socket:
+Outbound path never awaits the socket. The hub hands each channel batch to its
+sessions with :func:`fan_out`: a direct transport write for a session with
+nothing pending and an idle, open socket, else :meth:`Session.send`, which (like
+every answer and ping) goes through the session's buffer:
 
 - frames are appended to an outbound buffer bounded in bytes
   (``PUSHSVC_SEND_QUEUE_BYTES``, counted exactly in UTF-8 bytes, including a
@@ -28,8 +31,8 @@ import itertools
 import logging
 import os
 from collections import deque
-from collections.abc import Awaitable, Callable, Coroutine, Mapping
-from typing import Any
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
+from typing import TYPE_CHECKING, Any
 
 from . import metrics
 from .auth import Authenticator, AuthError, Principal
@@ -41,7 +44,6 @@ from .channels import (
     validate_channel,
     validate_pattern,
 )
-from .hub import Hub
 from .protocol import (
     BAD_REQUEST,
     CLOSE_HEARTBEAT_TIMEOUT,
@@ -89,6 +91,9 @@ from .transport import (
     text_frame,
     utf8_len,
 )
+
+if TYPE_CHECKING:  # the hub imports this module (fan_out); sessions only hold a reference
+    from .hub import Hub
 
 log = logging.getLogger("pushsvc.session")
 
@@ -160,6 +165,8 @@ class Session:
         self._exp_timer: asyncio.TimerHandle | None = None
         self._strikes = 0  # command refusals in a row on this connection
         self._direct = direct_protocol(receive)
+        # the direct path's transport, read by fan_out (one attribute, no protocol hop)
+        self._transport = None if self._direct is None else self._direct.transport
         self._resume = dict(resume_subs or {})  # server-side subs to resume
 
     # --- outbound ----------------------------------------------------------------------
@@ -714,3 +721,48 @@ class Session:
                 self.hub.unsubscribe(self, channel)
                 self.send_frame(Unsubscribed(channel=channel, reason=FORBIDDEN))
         self.send_frame(Refreshed(exp=principal.exp, id=cmd.id))
+
+
+def fan_out(sessions: Iterable[Session], text: str, nbytes: int, *, single: bool = True) -> None:
+    """Hand ``text`` (one or more encoded frames joined by ``\\n``) to every session.
+
+    The hub's delivery loop, once per channel batch (see :class:`~pushsvc.hub.Hub`).
+    A session with nothing pending (no buffered frame, no writer task busy), on
+    uvicorn's direct path (:func:`~pushsvc.transport.direct_protocol`), whose
+    transport is open and holds no unsent bytes, gets the pre-framed bytes (RFC 6455
+    5.2, framed once for all sessions) written to its transport here: no buffer, no
+    flush callback, no ASGI send. Every other session goes through
+    :meth:`Session.send`, so the byte bound, 4009, coalescing behind a backlog,
+    backpressure (uvicorn's ``writable`` event) and ordering after its pending frames
+    hold.
+
+    Why these checks are enough: a transport with an empty write buffer is never
+    paused (asyncio and uvloop resume writing when the buffer drains), and the
+    connection leaves OPEN only with the transport closing (the peer's close or a
+    protocol error: uvicorn closes it) or with the session closed (a closed session
+    has already left its channels). Each check is one attribute or one C call: this
+    loop runs once per socket per batch.
+
+    Args:
+        sessions: a snapshot (the loop must not see the set change under it).
+        text: the encoded frame(s); ``nbytes`` its UTF-8 length in bytes.
+        single: False when the same flush has more than one channel to write: a
+            session subscribed to several channels then queues through its buffer
+            so it still gets one write per flush.
+    """
+    framed = None
+    for session in sessions:
+        transport = session._transport
+        if (
+            transport is not None
+            and not session._out_bytes
+            and session._writer is None
+            and (single or len(session.channels) == 1)
+            and not transport.get_write_buffer_size()
+            and not transport.is_closing()
+        ):
+            if framed is None:
+                framed = text_frame(text)
+            transport.write(framed)
+        else:
+            session.send(text, nbytes)

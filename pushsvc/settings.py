@@ -22,6 +22,7 @@ import msgspec
 from .channels import InvalidChannel, validate_grant
 
 ENV_PREFIX = "PUSHSVC_"
+MAX_WRITE_DELAY = 1.0  # seconds: a longer hold would stall interactive channels
 
 
 class SettingsError(ValueError):
@@ -95,6 +96,7 @@ class Settings(msgspec.Struct, kw_only=True):
     send_queue_bytes: int = 1048576
     send_timeout: float = 10.0
     coalesce_bytes: int = 65536
+    write_delay: float = 0.0  # seconds a channel's messages are held to coalesce (0 = none)
     allowed_origins: list[str] = msgspec.field(default_factory=list)
 
     # --- limits --------------------------------------------------------------
@@ -175,19 +177,11 @@ class Settings(msgspec.Struct, kw_only=True):
         Raises:
             SettingsError: naming the first setting that is wrong.
         """
-        from .natsconn import NatsSecurity, display_url  # natsconn builds on SettingsError
+        from .natsconn import NatsSecurity  # natsconn builds on SettingsError
 
         if self.nats_url is not None:
             for url in self.nats_servers or [""]:
-                parts = urlsplit(url if "://" in url else "nats://" + url)
-                if parts.scheme not in ("nats", "tls", "ws", "wss") or not parts.hostname:
-                    raise SettingsError("PUSHSVC_NATS_URL", f"not a NATS URL: {display_url(url)!r}")
-                try:
-                    parts.port  # noqa: B018 - raises on a bad port
-                except ValueError:
-                    raise SettingsError(
-                        "PUSHSVC_NATS_URL", f"bad port in {display_url(url)!r}"
-                    ) from None
+                check_nats_url(url, "PUSHSVC_NATS_URL")
         NatsSecurity.from_settings(self).check(self.nats_servers)
         if self.jwt_public_key is not None:
             path = Path(self.jwt_public_key)
@@ -223,8 +217,8 @@ class Settings(msgspec.Struct, kw_only=True):
             raise SettingsError(
                 "PUSHSVC_SUBJECT_PREFIX", "must be one token of [A-Za-z0-9_-], e.g. 'push'"
             )
+        check_port(self.port, "PUSHSVC_PORT", any_free=True)
         positive = {
-            "port": self.port,
             "max_frame_bytes": self.max_frame_bytes,
             "max_emit_bytes": self.max_emit_bytes,
             "send_queue_bytes": self.send_queue_bytes,
@@ -263,6 +257,11 @@ class Settings(msgspec.Struct, kw_only=True):
             )
         if self.history_ttl < 0:
             raise SettingsError("PUSHSVC_HISTORY_TTL", "must be >= 0 (0 turns history off)")
+        if not 0 <= self.write_delay <= MAX_WRITE_DELAY:
+            raise SettingsError(
+                "PUSHSVC_WRITE_DELAY",
+                f"must be in 0..{MAX_WRITE_DELAY} seconds (0 turns it off), got {self.write_delay}",
+            )
         if self.ping_interval < 0.1:
             raise SettingsError("PUSHSVC_PING_INTERVAL", "must be >= 0.1 s")
         if self.auth_cookie and not self.allowed_origins:
@@ -317,6 +316,58 @@ _KNOWN_ALGORITHMS = {
     "PS512",
     "EdDSA",
 }
+
+
+def check_port(port: int, setting: str, *, any_free: bool = False) -> None:
+    """Check a TCP port number: 1..65535 (RFC 6335 6), or 0 when ``any_free`` allows it.
+
+    Args:
+        port: the port number.
+        setting: what to name in the error (a variable or a flag, e.g. ``PUSHSVC_PORT``).
+        any_free: 0 is accepted and means "any free port" (the caller prints the real one).
+
+    Raises:
+        SettingsError: out of range.
+    """
+    low = 0 if any_free else 1
+    if not low <= port <= 65535:
+        extra = " (0 = any free port)" if any_free else ""
+        raise SettingsError(setting, f"port must be {low}..65535{extra}, got {port}")
+
+
+def check_nats_url(url: str, setting: str) -> str:
+    """Check one NATS server URL (``nats://host:port``; scheme ``nats``, ``tls``, ``ws``, ``wss``).
+
+    A URL without a scheme gets ``nats://``. The port, when given, must be 1..65535.
+
+    Args:
+        url: the URL to check.
+        setting: what to name in the error, e.g. ``PUSHSVC_NATS_URL`` or ``--nats-url``.
+
+    Returns:
+        The URL as given.
+
+    Raises:
+        SettingsError: not a NATS URL, or a bad port.
+    """
+    from .natsconn import display_url  # natsconn builds on SettingsError
+
+    shown = display_url(url)  # credentials in the URL never reach a message
+    parts = urlsplit(url if "://" in url else "nats://" + url)
+    if parts.scheme not in ("nats", "tls", "ws", "wss") or not parts.hostname:
+        raise SettingsError(setting, f"not a NATS URL: {shown!r}")
+    try:
+        port = parts.port
+    except ValueError:
+        raise SettingsError(setting, f"bad port in {shown!r} (1..65535)") from None
+    if port is not None:
+        try:
+            check_port(port, setting)
+        except SettingsError:
+            raise SettingsError(setting, f"port must be 1..65535 in {shown!r}") from None
+    elif parts.netloc.endswith(":"):  # "host:" would silently mean the default 4222
+        raise SettingsError(setting, f"empty port in {shown!r}")
+    return url
 
 
 def _is_token(value: str) -> bool:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -115,18 +117,78 @@ def test_config_errors_are_one_line(env, setting):
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
-def test_unreachable_nats_fails_fast():
-    port = free_port()
+def test_unreachable_nats_fails_fast_with_one_line():
+    url = f"nats://127.0.0.1:{free_port()}"
     started = time.monotonic()
     r = run(
         ["serve", "--port", str(free_port())],
         PUSHSVC_JWT_SECRET="s",
-        PUSHSVC_NATS_URL=f"nats://127.0.0.1:{port}",
+        PUSHSVC_NATS_URL=url,
         PUSHSVC_CONNECT_TIMEOUT="2",
     )
     assert r.returncode == 1
     assert time.monotonic() - started < 20
-    assert "PUSHSVC_NATS_URL" in r.stderr and "Traceback" not in r.stderr
+    # one line naming the setting, the URL and the cause; no per-attempt warnings
+    assert r.stderr.count("\n") == 1, r.stderr
+    assert "PUSHSVC_NATS_URL" in r.stderr and url in r.stderr
+    assert "connection refused" in r.stderr
+    assert r.stdout == ""  # no banner, no token
+
+
+def test_busy_port_fails_before_banner_and_nats(tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        r = run(["serve", "--dev", "--port", str(port), "--data-dir", str(tmp_path / "nats")])
+    assert r.returncode == 1
+    assert r.stdout == ""  # no banner, no dev token
+    assert r.stderr == f"pushsvc: cannot listen on 127.0.0.1:{port}: address already in use\n"
+    assert not (tmp_path / "nats").exists()  # the bundled nats-server was never started
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "setting"),
+    [
+        (["serve", "--port", "99999"], {}, "PUSHSVC_PORT"),
+        (["serve", "--port", "-1"], {}, "PUSHSVC_PORT"),
+        (["serve"], {"PUSHSVC_PORT": "65536"}, "PUSHSVC_PORT"),
+        (["serve"], {"PUSHSVC_NATS_URL": "nats://127.0.0.1:99999"}, "PUSHSVC_NATS_URL"),
+        (["serve"], {"PUSHSVC_NATS_URL": "nats://127.0.0.1:0"}, "PUSHSVC_NATS_URL"),
+        (["serve"], {"PUSHSVC_NATS_URL": "nats://127.0.0.1:"}, "PUSHSVC_NATS_URL"),
+        (["publish", "a", "1", "--nats-url", "nats://127.0.0.1:70000"], {}, "--nats-url"),
+        (["publish", "a", "1"], {"PUSHSVC_NATS_URL": "nats://a:1,nats://b:0"}, "PUSHSVC_NATS_URL"),
+        (["subscribe", "a", "--token", "t", "--url", "http://127.0.0.1:99999"], {}, "--url"),
+        (["subscribe", "a", "--token", "t"], {"PUSHSVC_URL": "http://127.0.0.1:0"}, "--url"),
+    ],
+)
+def test_ports_are_1_to_65535(args, env, setting):
+    r = run(args, PUSHSVC_JWT_SECRET="s", **env)
+    assert r.returncode == 2, r.stderr
+    assert setting in r.stderr and "port" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and r.stdout == ""
+
+
+async def test_port_0_is_any_free_port_and_the_banner_says_which(nats_url):
+    proc = subprocess.Popen(  # noqa: ASYNC220 - the server under test, read from a thread
+        [*PUSHSVC, "serve", "--port", "0"],
+        env=clean_env(PUSHSVC_JWT_SECRET="s", PUSHSVC_NATS_URL=nats_url),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        banner = await asyncio.to_thread(proc.stdout.readline)
+        base = banner.split()[-1]
+        assert base.startswith("http://127.0.0.1:") and not base.endswith(":0"), banner
+        async with httpx.AsyncClient() as http:
+            # the socket listens before the banner: the request waits in the backlog
+            r = await http.get(f"{base}/healthz", timeout=30)
+        assert r.json()["status"] == "ok"
+    finally:
+        proc.terminate()
+        await asyncio.to_thread(proc.wait, 20)
 
 
 async def test_token_and_publish_commands(start_server, nats_url, channel):
@@ -147,7 +209,21 @@ async def test_token_and_publish_commands(start_server, nats_url, channel):
         run, ["publish", "chat.room", '{"from": "cli"}'], PUSHSVC_NATS_URL=nats_url
     )
     assert p.returncode == 0, p.stderr
+    # the output names the server it published to
+    out = json.loads(p.stdout)
+    assert out["channel"] == "chat.room" and out["seq"] > 0 and out["nats"] == nats_url
     (m,) = await c.messages(1)
     assert m["data"] == {"from": "cli"}
     bad = run(["publish", "chat.*", "1"], PUSHSVC_NATS_URL=nats_url)
     assert bad.returncode == 1 and "channel" in bad.stderr
+
+
+def test_publish_failures_name_the_url(own_nats):
+    url = f"nats://127.0.0.1:{free_port()}"
+    r = run(["publish", "news", "1"], PUSHSVC_NATS_URL=url)
+    assert r.returncode == 1
+    assert r.stderr == f"pushsvc: publish failed: cannot reach NATS at {url}: connection refused\n"
+    # a NATS that is not pushsvc's (no stream stores push.>): refused, not "published"
+    r = run(["publish", "news", "1", "--nats-url", own_nats.url])
+    assert r.returncode == 1 and r.stdout == ""
+    assert own_nats.url in r.stderr and "no JetStream stream stores push.news" in r.stderr

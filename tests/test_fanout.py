@@ -123,6 +123,70 @@ async def collect(client: Any, into: list[int]) -> None:
         into.append((await client.expect("message", timeout=30))["data"]["i"])
 
 
+async def test_write_delay_coalesces_a_window_into_one_frame_in_order(start_server, nc, channel):
+    srv = await start_server(write_delay=0.3)
+    client = await srv.client(srv.token("alice"))
+    await client.subscribe(channel)
+    before = len(client.raw_frames)
+    for i in range(10):
+        await nc.publish(f"push.{channel}", json.dumps({"i": i}).encode())
+    await nc.flush()
+    got = [m["data"]["i"] for m in await client.messages(10)]
+    assert got == list(range(10))
+    frames = client.raw_frames[before:]
+    # published within a few ms, so one window (two if a window ended mid-way)
+    assert len(frames) <= 2, frames
+    assert "\n".join(frames).count('"type":"message"') == 10
+
+
+async def test_subscribing_inside_a_write_delay_window_gets_only_later_messages(
+    start_server, nc, channel
+):
+    srv = await start_server(write_delay=1.0)
+    alice = await srv.client(srv.token("alice"))
+    await alice.subscribe(channel)
+    for i in range(5):
+        await nc.publish(f"push.{channel}", json.dumps({"i": i}).encode())
+    await nc.flush()
+    state = srv.node.hub._channels[channel]
+    await until(lambda: len(state.batch) == 5, 5, "the five messages to reach the hub")
+    bob = await srv.client(srv.token("bob"))
+    await bob.subscribe(channel)  # answered at once: control frames are not delayed
+    assert len(state.batch) == 5, "the window closed before bob joined"
+    for i in range(5, 10):
+        await nc.publish(f"push.{channel}", json.dumps({"i": i}).encode())
+    await nc.flush()
+    assert [m["data"]["i"] for m in await alice.messages(10)] == list(range(10))
+    assert [m["data"]["i"] for m in await bob.messages(5)] == list(range(5, 10))
+    await bob.nothing(0.3)
+
+
+async def test_write_delay_holds_a_message_at_most_one_window(start_server, nc, channel):
+    """A steady stream must not keep postponing the write (a debounce would hold the
+    first message until the stream stops, 1.5 s here)."""
+    delay = 0.2
+    srv = await start_server(write_delay=delay)
+    client = await srv.client(srv.token("alice"))
+    await client.subscribe(channel)
+
+    async def publish() -> None:
+        for i in range(30):
+            body = {"i": i, "t": time.monotonic()}
+            await nc.publish(f"push.{channel}", json.dumps(body).encode())
+            await nc.flush()
+            await asyncio.sleep(0.05)
+
+    publisher = asyncio.create_task(publish())
+    held = []
+    for _ in range(30):
+        message = await client.expect("message", timeout=10)
+        held.append(time.monotonic() - message["data"]["t"])  # same host, same clock
+    await publisher
+    assert [m["data"]["i"] for m in client.frames if m["type"] == "message"] == list(range(30))
+    # the delay plus one loop iteration, with a generous margin for a busy machine
+    assert max(held) < delay + 0.6, held
+
+
 async def stop(*tasks: asyncio.Task[Any]) -> None:
     """Cancel ``tasks`` and wait until they are done."""
     for task in tasks:
@@ -130,8 +194,11 @@ async def stop(*tasks: asyncio.Task[Any]) -> None:
     await asyncio.gather(*tasks, return_exceptions=True)
 
 
-async def test_stalled_client_closed_4009_while_others_get_everything(start_server, nc, channel):
-    srv = await start_server(send_queue_bytes=256 * 1024)
+@pytest.mark.parametrize("write_delay", [0.0, 0.005])
+async def test_stalled_client_closed_4009_while_others_get_everything(
+    start_server, nc, channel, write_delay
+):
+    srv = await start_server(send_queue_bytes=256 * 1024, write_delay=write_delay)
     hub, bus = srv.node.hub, srv.node.bus
     good = [await srv.client(srv.token("alice")), await srv.client(srv.token("bob"))]
     got: list[list[int]] = [[], []]
@@ -405,6 +472,7 @@ class _FakeSession:
         self.closed = False
         self.close_on_send = close_on_send
         self.got: list[str] = []
+        self._transport = None  # no uvicorn socket: fan_out queues through send()
 
     def send(self, frame: str, nbytes: int) -> None:
         if self.closed:
@@ -426,7 +494,9 @@ async def test_dispatch_survives_a_session_closing_during_fan_out():
         hub.add_session(s)  # type: ignore[arg-type]
         await hub.subscribe(s, "room", None, None)  # type: ignore[arg-type]
     hub.dispatch("room", b'{"n": 1}', None)
+    await asyncio.sleep(0)  # the channel's batch is handed out at the next loop iteration
     hub.dispatch("room", b'{"n": 2}', None)
+    await asyncio.sleep(0)
     await hub.wait_idle()
     for i, s in enumerate(sessions):
         assert len(s.got) == (1 if i % 3 == 1 else 2), i

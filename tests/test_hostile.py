@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gc
 import hashlib
 import hmac
 import json
@@ -426,18 +427,41 @@ async def test_foreign_origin_refused_before_accept(start_server, nc):
         "https://app.example.com:8443",
         "https://app.example.com.evil.net",
         "null",
-        "",
     ):
         with pytest.raises(websockets.InvalidStatus) as info:
-            await WSClient.connect(srv.ws_url, token, origin=origin or None)
+            await WSClient.connect(srv.ws_url, token, origin=origin)
         assert info.value.response.status_code == 403, origin
         with pytest.raises(websockets.InvalidStatus) as info:
-            await WSClient.connect(f"{srv.ws_url}?token={token}", origin=origin or None)
+            await WSClient.connect(f"{srv.ws_url}?token={token}", origin=origin)
         assert info.value.response.status_code == 403, origin
+    # a present but empty Origin is not in the list either
+    answer = await _exchange(srv.settings.port, _upgrade(extra="Origin: \r\n"))
+    assert answer.startswith(b"HTTP/1.1 403")
     # configured entries are normalised (lower case, no trailing slash) like browsers send them
     c = await WSClient.connect(srv.ws_url, token, origin="https://other.example")
     await c.close()
     await bystander.still_served(nc)
+
+
+async def test_no_origin_is_a_non_browser_client_still_needing_a_token(start_server, nc):
+    """Browsers always send Origin: without one the allowlist does not apply, tokens do."""
+    srv = await start_server(allowed_origins=["https://app.example"])
+    token = srv.token("cli")
+    c = await WSClient.connect(srv.ws_url, token)  # auth frame, no Origin header
+    assert c.welcome["user"] == "cli"
+    h = await WSClient.connect(
+        srv.ws_url, None, additional_headers={"Authorization": f"Bearer {token}"}
+    )
+    await h.expect("welcome", user="cli")
+    with pytest.raises(websockets.InvalidStatus) as info:  # a bad token is still refused
+        await WSClient.connect(f"{srv.ws_url}?token=not-a-jwt")
+    assert info.value.response.status_code == 403
+    n = await WSClient.connect(srv.ws_url)
+    await n.send({"op": "auth", "token": "not-a-jwt"})
+    assert await n.closed() == 4001
+    await c.subscribe("cli.news")
+    await nc.publish("push.cli.news", b"1")
+    assert (await c.messages(1))[0]["data"] == 1
 
 
 async def test_cookie_auth_requires_allowlist_and_checks_origin(start_server, nc):
@@ -452,6 +476,13 @@ async def test_cookie_auth_requires_allowlist_and_checks_origin(start_server, nc
     with pytest.raises(websockets.InvalidStatus) as info:
         await WSClient.connect(srv.ws_url, origin="https://evil.example", additional_headers=cookie)
     assert info.value.response.status_code == 403
+    with pytest.raises(websockets.InvalidStatus) as info:
+        await WSClient.connect(srv.ws_url, origin="null", additional_headers=cookie)
+    assert info.value.response.status_code == 403
+    # no Origin: not a browser (a browser sending the cookie also sends Origin), so the
+    # same rule as for other tokens: the cookie's token decides
+    d = await WSClient.connect(srv.ws_url, additional_headers=cookie)
+    await d.expect("welcome", user="mallory")
     await bystander.still_served(nc)
 
 
@@ -576,3 +607,26 @@ async def test_broken_handshakes_are_answered_and_shutdown_still_works(start_ser
     assert bystander.close_code == 1012
     assert "Traceback" not in logs.text, logs.text
     assert "ERROR" not in logs.text, logs.text
+
+
+async def test_upgraded_connections_leave_no_garbage_cycles(start_server, nc, channel):
+    """The HTTP protocol object that read an upgrade is freed at once, not by the cyclic GC.
+
+    Otherwise every WebSocket leaves ~5 KiB for full collections to find: a reconnect
+    storm's memory and most of its CPU (docs/benchmarks.md).
+    """
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    srv = await start_server()
+    gc.collect()
+    gc.disable()  # nothing may be freed here except by reference counting
+    try:
+        clients = [await srv.client(srv.token(f"u{i}")) for i in range(20)]
+        for c in clients:
+            await c.subscribe(channel)
+        await asyncio.sleep(0.05)
+        leftover = [o for o in gc.get_objects() if isinstance(o, HttpToolsProtocol)]
+        assert leftover == []
+        assert len(srv.node.hub.sessions) == 20
+    finally:
+        gc.enable()

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import socket
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import pytest
+import uvicorn
 from conftest import docker_available
 from fastapi import FastAPI
 from wsclient import WSClient
 
-from pushsvc import Publisher, Settings, setup_app
+from pushsvc import Publisher, Settings, setup_app, uvicorn_config
 from pushsvc.channels import InvalidChannel
+from pushsvc.embedded import DEFAULT_PORT
 
 
 async def test_setup_app_mounts_under_a_base_path(start_server, http, channel):
@@ -66,6 +72,53 @@ async def test_publisher(start_server, nats_url, channel):
     assert (m1["data"], m1["seq"]) == ({"a": 1}, seq1)
     assert (m2["data"], m2["seq"]) == ("raw", seq2)
     await c.nothing()
+
+
+async def test_library_mode_bundled_nats_is_logged_and_exposed(start_server, caplog, channel):
+    """Without PUSHSVC_NATS_URL the app starts the bundled server and says where it is."""
+    with socket.socket() as hold:
+        # keep the test off the conventional 4222 (used when free): any free port then
+        with contextlib.suppress(OSError):
+            hold.bind(("127.0.0.1", DEFAULT_PORT))
+        with caplog.at_level(logging.WARNING, logger="pushsvc"):
+            srv = await start_server(nats_url=None)
+    url = srv.node.nats_url
+    assert url is not None and url.startswith("nats://127.0.0.1:")
+    assert not url.endswith(f":{DEFAULT_PORT}")
+    assert srv.node.embedded is not None and url == srv.node.embedded.url
+    assert any(url in r.getMessage() for r in caplog.records if r.name == "pushsvc")
+    c = await srv.client()
+    await c.subscribe(channel)
+    async with Publisher(url) as pub:  # what the log and the docs tell producers to do
+        seq = await pub.publish(channel, {"via": "bundled"})
+    (m,) = await c.messages(1)
+    assert (m["data"], m["seq"]) == ({"via": "bundled"}, seq)
+    await srv.stop()
+    assert srv.node.embedded is None  # stopped with the app
+
+
+def test_uvicorn_config_is_what_serve_uses():
+    """One source for the uvicorn settings of docs/operations.md and README."""
+    settings = Settings.load(env={}, jwt_secret="x", max_frame_bytes=1234)
+    cfg = uvicorn_config(settings)
+    assert cfg["ws"] == "pushsvc.wsprotocol:WebSocketProtocol"
+    assert cfg["ws_max_size"] == 1234 and cfg["ws_per_message_deflate"] is False
+    assert cfg["ws_ping_interval"] == 20 and cfg["ws_ping_timeout"] == 20
+    uvicorn.Config(FastAPI(), **cfg)  # valid uvicorn arguments
+    readme = Path(__file__).resolve().parent.parent / "README.md"
+    ops = readme.parent / "docs" / "operations.md"
+    flags = (
+        "--ws pushsvc.wsprotocol:WebSocketProtocol",
+        "--ws-max-size 65536",
+        "--ws-per-message-deflate false",
+        "--ws-ping-interval 20",
+        "--ws-ping-timeout 20",
+    )
+    for doc in (readme, ops):
+        text = doc.read_text()
+        assert "uvicorn_config" in text, doc
+        for flag in flags:
+            assert flag in text, (doc, flag)
 
 
 def test_testcontainers_nats_module():
