@@ -605,6 +605,9 @@ class Hub:
     def broadcast(self, channel: str, frame: str, nbytes: int) -> None:
         """Hand one encoded non-message frame (join/leave) to ``channel``'s local sessions.
 
+        Through each session's own buffer, not the channel's batch: events carry no
+        ``seq`` and are not ordered with messages (they travel on another NATS
+        subject), so one may overtake messages of a batch not yet written.
         Sessions still recovering with ``since`` get it after their replay (it
         joins their seam buffer, where frames without ``seq`` always pass).
         """
