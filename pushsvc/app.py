@@ -38,6 +38,7 @@ from .emit import emit_router
 from .endpoint import WebSocketEndpoint
 from .history import history_router
 from .hub import Hub
+from .joinleave import JoinLeave
 from .logs import install_redaction
 from .natsconn import NatsRefused, NatsSecurity
 from .openapi import (
@@ -51,12 +52,16 @@ from .openapi import (
     ref,
     text_body,
 )
+from .presence import PresenceRegistry
+from .presencehttp import presence_router
 from .protocol import CLOSE_SERVICE_RESTART
 from .ratelimit import BucketRegistry
 from .revocations import RevocationStore
 from .settings import Settings, default_node_name
 
 log = logging.getLogger("pushsvc")
+
+DEV_ROOMS = ("chat.>",)  # with --dev and no settings: presence and join/leave of the demo's rooms
 
 
 class Node:
@@ -75,6 +80,9 @@ class Node:
     def __init__(self, settings: Settings) -> None:
         if settings.dev and settings.jwt_secret is None and settings.jwt_public_key is None:
             settings.jwt_secret = secrets.token_urlsafe(32)
+        if settings.dev:  # the demo's chat rooms show who is here
+            settings.presence_channels = settings.presence_channels or list(DEV_ROOMS)
+            settings.join_leave_channels = settings.join_leave_channels or list(DEV_ROOMS)
         if settings.node_name is None:
             settings.node_name = default_node_name()
         self.settings = settings
@@ -93,6 +101,17 @@ class Node:
         # NATS outage: buffer live frames, then fill the gap from the stream (history on)
         self.bus.on_disconnected = self.hub.suspend
         self.bus.on_resumed = self.hub.resume
+        # presence: the hub tells the registry who joins and leaves which channel
+        self.presence = PresenceRegistry(settings, self.bus, settings.node_name)
+        self.hub.presence = self.presence
+        self.hub.on_join.append(self.presence.joined)
+        self.hub.on_leave.append(self.presence.left)
+        # join/leave events: published through NATS, delivered by every node's hub
+        self.join_leave = JoinLeave(settings, self.bus, self.hub)
+        self.hub.on_join.append(self.join_leave.joined)
+        self.hub.on_leave.append(self.join_leave.left)
+        self.bus.on_event = self.join_leave.deliver
+        self.bus.on_pattern_message = self.hub.dispatch_pattern
         # stream re-created (new epoch): every position handed out is void
         self.bus.on_epoch_changed = self.hub.stream_reset
         self.command_buckets = BucketRegistry(settings.command_rate, settings.command_burst)
@@ -206,6 +225,7 @@ class Node:
                 await self.bus.close()
                 raise
             self.revocations = store
+        await self.presence.start()
         self.started = True
         metrics.INFO.labels(self.name, __version__).set(1)
         if self.settings.drain_delay > 0:
@@ -275,6 +295,8 @@ class Node:
         self.hub.close_all(CLOSE_SERVICE_RESTART, "service restart")
         await asyncio.sleep(0.05)  # let close frames go out
         await self.hub.wait_idle()
+        await self.join_leave.wait_idle()
+        await self.presence.stop()
         if self._background:
             await asyncio.wait(list(self._background), timeout=2)
         if self.revocations is not None:
@@ -331,6 +353,7 @@ class Node:
 
         router.include_router(emit_router(settings, self.hub, self.auth, self.emit_buckets))
         router.include_router(history_router(settings, self.bus, self.auth))
+        router.include_router(presence_router(settings, self.presence, self.auth))
 
         @router.get(
             "/healthz",
@@ -419,13 +442,18 @@ class Node:
         return router
 
     def dev_token(self, user: str, channels: list[str], publish: list[str], ttl: int) -> str:
-        """Mint a token with the node's secret (dev mode, tests)."""
+        """Mint a token with the node's secret (dev mode, tests).
+
+        The ``presence`` claim repeats the ``channels`` grants (who may subscribe
+        may see who is there).
+        """
         return mint_token(
             self.settings.jwt_secret or "",
             user,
             channels=channels,
             publish=publish,
             ttl=ttl,
+            extra={"presence": channels} if channels else None,
             audience=self.settings.jwt_audience,
             issuer=self.settings.jwt_issuer,
             headers={"typ": self.settings.jwt_type} if self.settings.jwt_type else None,

@@ -33,7 +33,14 @@ from typing import Any
 import jwt
 import msgspec
 
-from .channels import InvalidChannel, any_grant_matches, personal_channel, validate_grant
+from .channels import (
+    InvalidChannel,
+    any_grant_matches,
+    grant_covers,
+    is_pattern,
+    personal_channel,
+    validate_grant,
+)
 from .settings import Settings
 
 PERSONAL_PREFIX = personal_channel("")  # "user."
@@ -67,6 +74,12 @@ class Principal(msgspec.Struct, frozen=True):
         publish: publish grants (NATS wildcard patterns).
         jti: token id (JWT ``jti``) or None; used for revocation.
         iat: issued-at, Unix seconds (JWT ``iat``) or None; used for revocation by ``sub``.
+        presence: presence grants (JWT ``presence``): channels whose presence the
+            holder may read (NATS wildcard patterns).
+        subs: server-side subscriptions (JWT ``subs``): channels the session is
+            subscribed to at ``welcome`` without asking.
+        info: the JWT ``info`` claim (a JSON object of at most ``MAX_INFO_BYTES``
+            bytes) as compact JSON bytes, shown in presence and join/leave; or None.
     """
 
     sub: str
@@ -75,26 +88,53 @@ class Principal(msgspec.Struct, frozen=True):
     publish: tuple[str, ...] = ()
     jti: str | None = None
     iat: float | None = None
+    presence: tuple[str, ...] = ()
+    subs: tuple[str, ...] = ()
+    info: bytes | None = None
+
+    def can_see_presence(self, channel: str) -> bool:
+        """True when a ``presence`` grant covers ``channel`` (same personal-channel rule
+        as :meth:`can_subscribe`: another user's ``user.<x>`` needs a ``user.`` grant)."""
+        if channel.startswith(PERSONAL_PREFIX) and channel != personal_channel(self.sub):
+            return any_grant_matches(
+                tuple(g for g in self.presence if g.startswith(PERSONAL_PREFIX)), channel
+            )
+        return any_grant_matches(self.presence, channel)
 
     def can_subscribe(self, channel: str) -> bool:
         """True when a grant covers ``channel`` or it is the user's personal channel.
 
+        A channel listed in ``subs`` (server-side subscriptions) is granted too. A
+        wildcard ``channel`` (``orders.*``) needs a grant covering all of it.
         Personal channels of *other* users (``user.<x>``) need a grant that names
         ``user`` as its first token (``user.*``, ``user.bob``, ``user.>``): wildcard
         grants such as ``>`` or ``*.bob`` do not reach them (least privilege).
         """
-        if channel == personal_channel(self.sub):
+        if channel == personal_channel(self.sub) or channel in self.subs:
             return True
+        if is_pattern(channel):
+            return self._covers(channel)
         if channel.startswith(PERSONAL_PREFIX):
             return any_grant_matches(
                 tuple(g for g in self.channels if g.startswith(PERSONAL_PREFIX)), channel
             )
         return any_grant_matches(self.channels, channel)
 
+    def _covers(self, pattern: str) -> bool:
+        """A wildcard subscription: some grant covers every channel of ``pattern``
+        (:func:`~pushsvc.channels.grant_covers`); a ``user.`` pattern needs a ``user.`` grant."""
+        grants = self.channels
+        if pattern.startswith(PERSONAL_PREFIX):
+            grants = tuple(g for g in grants if g.startswith(PERSONAL_PREFIX))
+        return any(grant_covers(g, pattern) for g in grants)
+
     def can_publish(self, channel: str) -> bool:
         """True when a ``publish`` grant covers ``channel``."""
         return any_grant_matches(self.publish, channel)
 
+
+MAX_INFO_BYTES = 1024  # largest ``info`` claim, as compact JSON
+MAX_SUBS = 128  # most channels a ``subs`` claim may list
 
 MAX_REVOCATIONS = 100_000
 DEFAULT_REVOCATION_TTL = 86400.0  # seconds a revocation is remembered without "ttl"
@@ -293,9 +333,40 @@ class Authenticator:
                 publish=_grants(claims.get("publish")),
                 jti=jti if isinstance(jti, str) else None,
                 iat=float(claims["iat"]) if isinstance(claims.get("iat"), int | float) else None,
+                presence=_grants(claims.get("presence")),
+                subs=_subs(claims.get("subs")),
+                info=_info(claims.get("info")),
             )
         except InvalidChannel as exc:
             raise AuthError(f"token grant invalid: {exc}", "grants") from None
+
+
+def _info(value: object) -> bytes | None:
+    """The ``info`` claim as compact JSON bytes.
+
+    Raises:
+        AuthError: not a JSON object, or larger than ``MAX_INFO_BYTES`` bytes encoded.
+    """
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise AuthError("token 'info' must be a JSON object", "claims")
+    raw = msgspec.json.encode(value)
+    if len(raw) > MAX_INFO_BYTES:
+        raise AuthError(f"token 'info' larger than {MAX_INFO_BYTES} bytes", "claims")
+    return raw
+
+
+def _subs(value: object) -> tuple[str, ...]:
+    """The ``subs`` claim: a list of channels or grant patterns (at most ``MAX_SUBS``).
+
+    Raises:
+        InvalidChannel: not a list of valid channels/patterns, or too long.
+    """
+    subs = _grants(value)
+    if len(subs) > MAX_SUBS:
+        raise InvalidChannel(f"'subs' lists more than {MAX_SUBS} channels")
+    return tuple(dict.fromkeys(subs))
 
 
 def _normalise_type(value: str) -> str:

@@ -14,7 +14,11 @@ Subjects (``prefix`` = ``PUSHSVC_SUBJECT_PREFIX``, default ``push``):
   sequence, and duplicates by ``Nats-Msg-Id`` are never republished;
 - with history off (``PUSHSVC_HISTORY_TTL=0`` or no JetStream) nodes subscribe to
   ``<prefix>.<channel>`` directly and messages carry no sequence;
-- revocations arrive on ``<prefix>-control.disconnect``.
+- revocations arrive on ``<prefix>-control.disconnect``;
+- channel events (join/leave) travel on ``<prefix>-events.<channel>`` (core NATS,
+  never stored), one refcounted subscription per channel with local subscribers
+  where they are on (:meth:`Bus.acquire_events`);
+- presence lives in a JetStream KV bucket (:meth:`Bus.key_value`).
 
 Interest-based: a node holds one NATS subscription per channel with at least one
 local subscriber; :meth:`Bus.release` of the last one unsubscribes.
@@ -27,6 +31,7 @@ import datetime
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import nats
 import nats.errors
@@ -40,10 +45,11 @@ from jetstreamext import (
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
-from nats.js.api import RePublish, StorageType, StreamConfig, StreamInfo
+from nats.js.api import KeyValueConfig, RePublish, StorageType, StreamConfig, StreamInfo
+from nats.js.kv import KeyValue
 
 from . import metrics, natsconn
-from .channels import subject_for
+from .channels import channel_for, is_pattern, pattern_reaches, subject_for
 from .settings import Settings
 
 log = logging.getLogger("pushsvc.bus")
@@ -51,7 +57,10 @@ log = logging.getLogger("pushsvc.bus")
 #: ``(channel, payload, seq, stamp)``: ``stamp`` is the message's stream time (Unix
 #: seconds, from the republished ``Nats-Time-Stamp`` header) or None.
 MessageHandler = Callable[[str, bytes, int | None, float | None], None]
+#: ``(pattern, channel, payload, seq, stamp)``: a message of a wildcard subscription.
+PatternHandler = Callable[[str, str, bytes, int | None, float | None], None]
 ControlHandler = Callable[[bytes], None]
+EventHandler = Callable[[str, bytes], None]
 ResumeHandler = Callable[[bool], Awaitable[None]]
 
 STREAM_RETRY_MAX = 2.0  # s, longest pause between stream set-up attempts after a reconnect
@@ -137,10 +146,12 @@ def stream_time(value: str | None) -> float | None:
 
 @dataclass
 class StoredMessage:
-    """A message read back from the stream: stream ``seq`` and raw ``payload`` bytes."""
+    """A message read back from the stream: stream ``seq``, raw ``payload`` bytes and
+    its concrete ``channel`` (None when not known)."""
 
     seq: int
     payload: bytes
+    channel: str | None = None
 
 
 @dataclass
@@ -223,6 +234,14 @@ class Bus:
         #: have been re-created (deleted and created again, or NATS lost its store).
         self.on_epoch_changed: Callable[[str], None] | None = None
         self._resume_task: asyncio.Task[None] | None = None
+        self.events_prefix = f"{self.prefix}-events"
+        #: called with ``(channel, payload)`` for every channel event (join/leave)
+        #: of a channel held with :meth:`acquire_events`; must not block.
+        self.on_event: EventHandler | None = None
+        self._event_subs: dict[str, list[Any]] = {}  # channel -> [refs, Subscription | None]
+        #: called with ``(pattern, channel, payload, seq, stamp)`` for every live
+        #: message of a wildcard subscription (:meth:`acquire` of a pattern); must not block.
+        self.on_pattern_message: PatternHandler | None = None
         self._connect_errors: list[Exception] | None = None
         self._watch_task: asyncio.Task[None] | None = None
 
@@ -635,6 +654,8 @@ class Bus:
             pass  # connection closing: the server forgets the subscription anyway
 
     def _make_callback(self, channel: str) -> Callable[[Msg], Awaitable[None]]:
+        if is_pattern(channel):
+            return self._make_pattern_callback(channel)
         on_message = self._on_message
         if self.history_enabled:
 
@@ -651,6 +672,29 @@ class Bus:
 
             async def cb(msg: Msg) -> None:
                 on_message(channel, msg.data, None, None)
+
+        return cb
+
+    def _make_pattern_callback(self, pattern: str) -> Callable[[Msg], Awaitable[None]]:
+        """Callback of a wildcard subscription: the concrete channel comes from the subject.
+
+        Personal channels are skipped unless the pattern starts with ``user``
+        (:func:`~pushsvc.channels.pattern_reaches`).
+        """
+        prefix = self.live_prefix if self.history_enabled else self.prefix
+        history = self.history_enabled
+
+        async def cb(msg: Msg) -> None:
+            channel = channel_for(prefix, msg.subject)
+            if channel is None or not pattern_reaches(pattern, channel):
+                return
+            seq = stamp = None
+            if history and msg.headers:
+                raw = msg.headers.get("Nats-Sequence")
+                seq = int(raw) if raw else None
+                stamp = stream_time(msg.headers.get("Nats-Time-Stamp"))
+            if self.on_pattern_message is not None:
+                self.on_pattern_message(pattern, channel, msg.data, seq, stamp)
 
         return cb
 
@@ -737,7 +781,12 @@ class Bus:
         read again if it lagged.
 
         Args:
-            channel: a valid channel name.
+            channel: a valid channel name, or a wildcard pattern: then the stream's
+                messages of every matching channel (personal ones only for a
+                ``user.`` pattern), each with its ``channel``; ``recovered`` is
+                also False when a matching channel is at its cap and nothing
+                retained is older than ``since`` (a pattern's read may need
+                paging: see ``more``).
             since: stream sequence; messages with a greater one are returned.
             limit: at most this many messages (default ``history_size``).
             seen: the caller is known to hold every message of the channel up to
@@ -756,6 +805,7 @@ class Bus:
             raise Unavailable("NATS is not connected")
         limit = limit or self.settings.history_size
         subject = subject_for(self.prefix, channel)
+        wildcard = is_pattern(channel)
         stream = self.settings.stream
         try:
             info = await self.js.stream_info(stream, subjects_filter=subject)
@@ -773,7 +823,8 @@ class Bus:
             since, seen = 0, 0
         if since >= state.last_seq:
             return History([], not stale, state.last_seq, epoch=current, since=since)
-        count = (state.subjects or {}).get(subject, 0)
+        subjects = state.subjects or {}
+        count = sum(subjects.values()) if wildcard else subjects.get(subject, 0)
         if count == 0:
             intact = state.first_seq <= max(since, seen) + 1
             return History([], not stale and intact, state.last_seq, epoch=current, since=since)
@@ -784,11 +835,17 @@ class Bus:
             messages, pending = await self._read(subject, since, limit, retry=True)
         lost_by_age = state.first_seq > max(since, seen) + 1
         lost_by_cap = count >= self.settings.history_size and pending >= count
+        fetched = len(messages)
+        if wildcard:
+            # a pattern: any of its channels may be at its cap; personal channels stay out
+            cap = self.settings.history_size
+            lost_by_cap = pending >= count and any(n >= cap for n in subjects.values())
+            messages = [m for m in messages if m.channel and pattern_reaches(channel, m.channel)]
         return History(
             messages,
             not (stale or lost_by_age or lost_by_cap),
             state.last_seq,
-            pending > len(messages),
+            pending > fetched,
             epoch=current,
             since=since,
         )
@@ -830,7 +887,11 @@ class Bus:
                             left = int((raw.headers or {}).get("Nats-Num-Pending", 0))
                             if not messages:
                                 pending = left + 1
-                            messages.append(StoredMessage(seq, raw.data or b""))
+                            messages.append(
+                                StoredMessage(
+                                    seq, raw.data or b"", channel_for(self.prefix, raw.subject)
+                                )
+                            )
                             after = seq
                     if not left:
                         break
@@ -882,6 +943,123 @@ class Bus:
         except (nats.errors.Error, TimeoutError) as exc:
             raise Unavailable(f"last message lookup failed ({type(exc).__name__})") from None
         return msg.seq or 0
+
+    # --- presence KV bucket ------------------------------------------------------------
+    async def key_value(self, bucket: str, ttl: float) -> tuple[KeyValue, float]:
+        """Create (or open) the JetStream KV bucket ``bucket`` for presence.
+
+        New buckets keep one value per key (``history=1``) in memory storage with
+        ``max_age`` = ``ttl`` seconds and ``stream_replicas`` replicas (NATS docs,
+        "Key/Value Store"). A bucket that already exists with another configuration
+        (e.g. another node's TTL) is opened as it is and its own TTL is returned,
+        so every node refreshes at the pace the bucket actually expires.
+
+        Returns:
+            ``(kv, ttl_seconds)``; ``ttl_seconds`` is 0 for a bucket without max age.
+
+        Raises:
+            Unavailable: history/JetStream is off, NATS is not connected, or
+                JetStream did not create/open the bucket.
+        """
+        if not self.history_enabled or self.js is None:
+            raise Unavailable("presence needs JetStream (history is off)")
+        if not self.is_connected:
+            raise Unavailable("NATS is not connected")
+        config = KeyValueConfig(
+            bucket=bucket,
+            history=1,
+            ttl=ttl,
+            storage=StorageType.MEMORY,
+            replicas=self.settings.stream_replicas,
+            direct=True,
+        )
+        try:
+            try:
+                return await self.js.create_key_value(config), ttl
+            except nats.js.errors.BadRequestError as exc:
+                if exc.err_code != 10058:  # exists with a different configuration
+                    raise
+            kv = await self.js.key_value(bucket)
+            status = await kv.status()
+            actual = status.ttl or 0.0
+            log.warning(
+                "presence bucket %s exists with other settings (ttl %gs); using it as it is",
+                bucket,
+                actual,
+            )
+            return kv, actual
+        except nats.errors.NoRespondersError:
+            raise Unavailable("JetStream is not enabled on this NATS") from None
+        except nats.js.errors.APIError as exc:
+            raise Unavailable(f"presence bucket {bucket}: {exc.description}") from None
+        except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
+            raise Unavailable(
+                f"presence bucket {bucket} not ready ({type(exc).__name__})"
+            ) from None
+
+    # --- channel events (join/leave) ------------------------------------------------
+    def events_subject(self, channel: str) -> str:
+        """Subject of ``channel``'s events: ``<prefix>-events.<channel>``."""
+        return subject_for(self.events_prefix, channel)
+
+    async def publish_event(self, channel: str, payload: bytes) -> None:
+        """Core-publish one event of ``channel`` (not stored, no ack awaited).
+
+        Raises:
+            Unavailable: NATS is not connected or refused the write.
+        """
+        nc = self.nc
+        if nc is None or not nc.is_connected:
+            raise Unavailable("NATS is not connected")
+        try:
+            await nc.publish(self.events_subject(channel), payload)
+        except (nats.errors.Error, OSError) as exc:
+            raise Unavailable(f"NATS did not take the event ({type(exc).__name__})") from None
+
+    async def acquire_events(self, channel: str) -> None:
+        """Take a reference on ``channel``'s event subscription, subscribing on the first.
+
+        The SUB is written before any later PUB on this connection, so this node's
+        own events published after this returns reach it (NATS processes a
+        connection's protocol in order).
+
+        Raises:
+            Unavailable: NATS is not connected.
+        """
+        entry = self._event_subs.get(channel)
+        if entry is not None:
+            entry[0] += 1
+            return
+        nc = self.nc
+        if nc is None or not nc.is_connected:
+            raise Unavailable("NATS is not connected")
+        entry = self._event_subs[channel] = [1, None]
+
+        async def cb(msg: Msg) -> None:
+            if self.on_event is not None:
+                self.on_event(channel, msg.data)
+
+        try:
+            sub = await nc.subscribe(self.events_subject(channel), cb=cb)
+        except nats.errors.Error as exc:
+            if self._event_subs.get(channel) is entry:
+                del self._event_subs[channel]
+            raise Unavailable(f"NATS refused the subscription ({type(exc).__name__})") from None
+        if self._event_subs.get(channel) is not entry:  # released meanwhile
+            await self._unsubscribe(sub)
+            return
+        entry[1] = sub
+
+    async def release_events(self, channel: str) -> None:
+        """Drop a reference; the last one unsubscribes ``channel``'s events."""
+        entry = self._event_subs.get(channel)
+        if entry is None:
+            return
+        entry[0] -= 1
+        if entry[0] <= 0:
+            del self._event_subs[channel]
+            if entry[1] is not None:
+                await self._unsubscribe(entry[1])
 
 
 def epoch_of(info: StreamInfo) -> str | None:

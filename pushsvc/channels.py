@@ -5,6 +5,10 @@ of ``[A-Za-z0-9_-]`` (wire contract v1). Channels never contain wildcards, so a
 channel name can never widen a NATS subscription. A channel ``C`` lives on the
 NATS subject ``<prefix>.C``.
 
+A *pattern* subscription (``orders.*``) uses the same wildcard grammar as a grant
+and lives on the NATS subject ``<prefix>.<pattern>``: one NATS subscription per
+distinct pattern on a node.
+
 A *grant* (JWT ``channels`` / ``publish`` claims) is a channel pattern with NATS
 wildcard semantics (NATS docs, "Subject-Based Messaging: Wildcards"): ``*``
 matches exactly one token, ``>`` matches one or more trailing tokens and may
@@ -93,6 +97,62 @@ def grant_matches(pattern: str, channel: str) -> bool:
 def any_grant_matches(patterns: tuple[str, ...], channel: str) -> bool:
     """True when any of ``patterns`` covers ``channel``."""
     return any(grant_matches(p, channel) for p in patterns)
+
+
+def is_pattern(name: object) -> bool:
+    """True when ``name`` is a string with a wildcard token (``*`` or ``>``)."""
+    return isinstance(name, str) and ("*" in name or ">" in name)
+
+
+def validate_pattern(name: object) -> str:
+    """Return ``name`` if it is a valid wildcard subscription pattern, else raise.
+
+    A pattern is a grant (:func:`validate_grant`) with at least one wildcard whose
+    first token is not reserved (``_INBOX``...).
+
+    Raises:
+        InvalidChannel: malformed, no wildcard, or a reserved first token.
+    """
+    if not isinstance(name, str) or not is_pattern(name):
+        raise InvalidChannel("a pattern needs a '*' or '>' token")
+    validate_grant(name)
+    if name.split(".", 1)[0] in RESERVED_FIRST_TOKENS:
+        raise InvalidChannel("pattern uses a reserved NATS prefix")
+    return name
+
+
+@lru_cache(maxsize=4096)
+def grant_covers(grant: str, pattern: str) -> bool:
+    """True when every channel ``pattern`` matches is matched by ``grant`` (NATS rules).
+
+    Token by token: ``>`` in the grant covers any non-empty rest of the pattern
+    (wildcards included); ``*`` covers one literal or ``*`` token (not ``>``); a
+    literal covers only itself.
+
+    >>> grant_covers("orders.>", "orders.*"), grant_covers("orders.eu", "orders.*")
+    (True, False)
+    >>> grant_covers("orders.*", "orders.>"), grant_covers("*.eu", "orders.eu")
+    (False, True)
+    """
+    g_tokens = grant.split(".")
+    p_tokens = pattern.split(".")
+    for i, g in enumerate(g_tokens):
+        if g == ">":
+            return len(p_tokens) > i
+        if i >= len(p_tokens) or p_tokens[i] == ">":
+            return False
+        if g != "*" and g != p_tokens[i]:
+            return False
+    return len(g_tokens) == len(p_tokens)
+
+
+def pattern_reaches(pattern: str, channel: str) -> bool:
+    """True when a ``pattern`` subscription delivers ``channel``'s messages.
+
+    Personal channels (``user.<sub>``) are reached only by patterns whose first
+    token is literally ``user`` (``>`` or ``*.bob`` never deliver them), as for grants.
+    """
+    return not channel.startswith("user.") or pattern.split(".", 1)[0] == "user"
 
 
 def subject_for(prefix: str, channel: str) -> str:

@@ -44,6 +44,7 @@ from .protocol import (
     CLOSE_UNAUTHORIZED,
     Auth,
     ProtocolError,
+    SubResume,
     decode_command,
 )
 from .ratelimit import BucketRegistry
@@ -131,10 +132,12 @@ class WebSocketEndpoint:
             if message["type"] != "websocket.connect":
                 return
             await send({"type": "websocket.accept"})
+            resume: dict[str, SubResume] | None = None
             if principal is None:
-                principal = await self._auth_frame(scope, receive, send)
-                if principal is None:
+                authed = await self._auth_frame(scope, receive, send)
+                if authed is None:
                     return
+                principal, resume = authed
                 reserved = principal.sub
             session = Session(
                 send,
@@ -144,6 +147,7 @@ class WebSocketEndpoint:
                 self.auth,
                 self.buckets.get(principal.sub),
                 self.settings,
+                resume_subs=resume,
             )
         finally:
             # Session.run registers with the hub before its first await, so handing
@@ -188,8 +192,12 @@ class WebSocketEndpoint:
 
     async def _auth_frame(
         self, scope: dict[str, Any], receive: ASGIReceive, send: ASGISend
-    ) -> Principal | None:
-        """Wait for ``{"op":"auth"}``; on failure close 4001/4008 and return None."""
+    ) -> tuple[Principal, dict[str, SubResume] | None] | None:
+        """Wait for ``{"op":"auth"}``; on failure close 4001/4008 and return None.
+
+        Returns:
+            The principal and the frame's ``subs`` resume map (or None).
+        """
         try:
             async with asyncio.timeout(self.settings.auth_timeout):
                 message = await receive()
@@ -218,7 +226,7 @@ class WebSocketEndpoint:
         if not self._reserve(principal.sub):
             await _close(send, CLOSE_RATE_LIMITED, "too many connections for this user")
             return None
-        return principal
+        return principal, cmd.subs
 
 
 def normalise_origin(origin: str) -> str:

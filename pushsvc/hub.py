@@ -40,11 +40,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
 from . import metrics
 from .bus import Bus, StoredMessage, Unavailable
+from .channels import is_pattern
 from .protocol import (
     CLOSE_SERVICE_RESTART,
     CLOSE_UNAUTHORIZED,
@@ -57,6 +58,7 @@ from .session import fan_out
 from .transport import utf8_len
 
 if TYPE_CHECKING:
+    from .presence import PresenceRegistry
     from .session import Session
 
 log = logging.getLogger("pushsvc.hub")
@@ -118,11 +120,25 @@ class _Channel:
         self.catchup_seen = 0
 
 
-def encode_message(channel: str, payload: bytes, seq: int | None) -> tuple[str, int]:
-    """Encode one ``message`` frame: returns ``(text, utf8_byte_length)``."""
+def encode_message(
+    channel: str, payload: bytes, seq: int | None, pattern: str | None = None
+) -> tuple[str, int]:
+    """Encode one ``message`` frame: returns ``(text, utf8_byte_length)``.
+
+    ``pattern``: the wildcard subscription delivering it (``channel`` is concrete).
+    """
     data, encoding = payload_to_data(payload)
-    raw = encode_frame(Message(channel=channel, data=data, seq=seq, encoding=encoding))
+    raw = encode_frame(
+        Message(channel=channel, data=data, seq=seq, encoding=encoding, pattern=pattern)
+    )
     return raw.decode(), len(raw)
+
+
+def encode_stored(key: str, stored: StoredMessage) -> tuple[str, int]:
+    """Encode a replayed message for the subscription ``key`` (a channel or a pattern)."""
+    if is_pattern(key):
+        return encode_message(stored.channel or key, stored.payload, stored.seq, key)
+    return encode_message(key, stored.payload, stored.seq)
 
 
 def _send_frames(session: Session, frames: list[str]) -> None:
@@ -156,6 +172,13 @@ class Hub:
         self.users: dict[str, set[Session]] = {}
         self.sessions: set[Session] = set()
         self._background: set[asyncio.Task[None]] = set()
+        #: membership observers (presence, join/leave): each is called with
+        #: ``(session, channel)`` when a session has joined (NATS interest
+        #: confirmed) or left (unsubscribe, close) a channel. Must not block.
+        self.on_join: list[Callable[[Session, str], None]] = []
+        self.on_leave: list[Callable[[Session, str], None]] = []
+        #: the node's presence registry (reads for the ``presence`` commands).
+        self.presence: PresenceRegistry | None = None
 
     # --- bus -> hub ------------------------------------------------------------------
     def dispatch(
@@ -178,6 +201,32 @@ class Hub:
         if state is None:
             return
         frame, nbytes = encode_message(channel, payload, seq)
+        metrics.MESSAGES_RECEIVED.inc()
+        if state.catchup is not None:
+            state.catchup.append((seq, frame, nbytes))
+            return
+        self._deliver(state, seq, frame, nbytes)
+        if stamp is not None:
+            metrics.DELIVERY_LATENCY.observe(max(0.0, time.time() - stamp))
+
+    def dispatch_pattern(
+        self,
+        pattern: str,
+        channel: str,
+        payload: bytes,
+        seq: int | None,
+        stamp: float | None = None,
+    ) -> None:
+        """Deliver one NATS message of ``channel`` to the local subscribers of ``pattern``.
+
+        Same path as :meth:`dispatch` (one encode, seam and outage handling and the
+        latency observation per subscription), the frame carrying ``pattern``
+        beside the concrete channel.
+        """
+        state = self._channels.get(pattern)
+        if state is None:
+            return
+        frame, nbytes = encode_message(channel, payload, seq, pattern)
         metrics.MESSAGES_RECEIVED.inc()
         if state.catchup is not None:
             state.catchup.append((seq, frame, nbytes))
@@ -391,7 +440,7 @@ class Hub:
         buffered, state.catchup = state.catchup, None
         threshold = since or 0
         for stored in replay:
-            self._deliver(state, stored.seq, *encode_message(channel, stored.payload, stored.seq))
+            self._deliver(state, stored.seq, *encode_stored(channel, stored))
             threshold = stored.seq
         for seq, frame, nbytes in buffered:
             if since is None or seq is None or seq > threshold:
@@ -489,6 +538,8 @@ class Hub:
             metrics.CHANNELS.inc()
             if self.bus.history_enabled:
                 self._spawn(self._learn_last_seq(channel, state))
+        for joined in self.on_join:
+            joined(session, channel)
         if since is None:
             self._join(state, session)
             session.send_frame(Subscribed(channel=channel, id=req_id, epoch=self.epoch))
@@ -508,13 +559,14 @@ class Hub:
             threshold, recovered, replay = 0, False, []
         else:
             replay = history.messages
-            recovered = history.recovered
+            # (a pattern's missed messages can exceed one read: the rest would be a gap)
+            recovered = history.recovered and not history.more
             threshold = replay[-1].seq if replay else min(history.since, history.last_seq)
         session.send_frame(
             Subscribed(channel=channel, id=req_id, recovered=recovered, epoch=self.epoch)
         )
         for stored in replay:
-            session.send(*encode_message(channel, stored.payload, stored.seq))
+            session.send(*encode_stored(channel, stored))
         buffered, rec.buffer = rec.buffer or [], None
         for seq, frame, nbytes in buffered:
             if seq is None or seq > threshold:
@@ -530,6 +582,8 @@ class Hub:
         if channel not in session.channels:
             return
         session.channels.discard(channel)
+        for left in self.on_leave:
+            left(session, channel)
         metrics.SUBSCRIPTIONS.dec()
         state = self._channels.get(channel)
         if state is not None:
@@ -547,6 +601,26 @@ class Hub:
             Unavailable: NATS did not take it.
         """
         return await self.bus.publish(channel, payload, msg_id)
+
+    def broadcast(self, channel: str, frame: str, nbytes: int) -> None:
+        """Hand one encoded non-message frame (join/leave) to ``channel``'s local sessions.
+
+        Through each session's own buffer, not the channel's batch: events carry no
+        ``seq`` and are not ordered with messages (they travel on another NATS
+        subject), so one may overtake messages of a batch not yet written.
+        Sessions still recovering with ``since`` get it after their replay (it
+        joins their seam buffer, where frames without ``seq`` always pass).
+        """
+        state = self._channels.get(channel)
+        if state is None:
+            return
+        for session in tuple(state.sessions):
+            session.send(frame, nbytes)
+        for session, rec in list(state.pending.items()):
+            if rec.buffer is not None:
+                rec.buffer.append((None, frame, nbytes))
+            else:
+                session.send(frame, nbytes)
 
     def subscribers(self, channel: str) -> int:
         """Local sessions subscribed to ``channel`` (live or recovering)."""

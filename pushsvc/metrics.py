@@ -79,6 +79,14 @@ RATE_LIMITED = Counter("pushsvc_rate_limited_total", "Client commands and emits 
 HANDSHAKES_REJECTED = Counter(
     "pushsvc_handshakes_rejected_total", "WebSocket handshakes refused", ["reason"]
 )
+PRESENCE_ENTRIES = Gauge(
+    "pushsvc_presence_entries",
+    "Presence entries this node owns and refreshes (present sessions x presence channels)",
+    multiprocess_mode="livesum",
+)
+JOIN_LEAVE_PUBLISHED = Counter(
+    "pushsvc_join_leave_published_total", "join/leave events published by this node", ["event"]
+)
 AUTH_FAILURES = Counter(
     "pushsvc_auth_failures_total",
     "Tokens and API keys refused (handshake, auth frame, refresh, emit, history) by reason",

@@ -226,7 +226,8 @@ JWT_SCHEME = HTTPBearer(
     bearerFormat="JWT",
     scheme_name="bearerJWT",
     description="A JWT signed with PUSHSVC_JWT_SECRET / PUSHSVC_JWT_PUBLIC_KEY: emit needs a "
-    "`publish` grant covering the channel, history a `channels` grant (docs/protocol.md).",
+    "`publish` grant covering the channel, history a `channels` grant, presence a `presence` "
+    "grant (docs/protocol.md).",
     auto_error=False,
 )
 API_KEY_SCHEME = HTTPBearer(

@@ -12,7 +12,7 @@ server encodes is guaranteed to contain no raw newline.
 from __future__ import annotations
 
 import base64
-from typing import Final
+from typing import Annotated, Final
 
 import msgspec
 
@@ -40,10 +40,20 @@ RequestId = int | str | None
 
 
 # --- client commands ------------------------------------------------------------
+class SubResume(msgspec.Struct, forbid_unknown_fields=False):
+    """Where to resume one server-side subscription: ``{"since":N?,"epoch":E?}``,
+    as the same fields of ``subscribe``."""
+
+    since: int | None = None
+    epoch: str | None = None
+
+
 class Auth(msgspec.Struct, tag_field="op", tag="auth"):
-    """``{"op":"auth","token":T}``: the first frame; answered by ``welcome``."""
+    """``{"op":"auth","token":T,"subs":{C:{"since":N}}?}``: the first frame; answered by
+    ``welcome``. ``subs`` resumes server-side subscriptions (token ``subs`` claim)."""
 
     token: str
+    subs: dict[str, SubResume] | None = None
 
 
 class Subscribe(msgspec.Struct, tag_field="op", tag="subscribe"):
@@ -87,7 +97,24 @@ class Pong(msgspec.Struct, tag_field="op", tag="pong"):
     """``{"op":"pong"}``: answer to a server ``ping``."""
 
 
-Command = Auth | Subscribe | Unsubscribe | Publish | Refresh | Pong
+class Presence(msgspec.Struct, tag_field="op", tag="presence"):
+    """``{"op":"presence","channel":C,"id":I?}``: who is subscribed to ``C``, cluster-wide.
+
+    Needs a ``presence`` grant and a channel in ``PUSHSVC_PRESENCE_CHANNELS``.
+    """
+
+    channel: str
+    id: RequestId = None
+
+
+class PresenceStats(msgspec.Struct, tag_field="op", tag="presence_stats"):
+    """``{"op":"presence_stats","channel":C,"id":I?}``: counts only (clients, users)."""
+
+    channel: str
+    id: RequestId = None
+
+
+Command = Auth | Subscribe | Unsubscribe | Publish | Refresh | Pong | Presence | PresenceStats
 
 
 # --- server frames ----------------------------------------------------------------
@@ -95,6 +122,8 @@ class Welcome(msgspec.Struct, tag_field="type", tag="welcome", omit_defaults=Tru
     """Sent after a successful auth. ``ping_interval`` seconds, ``exp`` Unix seconds.
 
     ``epoch``: the stream epoch (history on), to send back with ``since``.
+    ``subs``: channels the server subscribes the session to (their ``subscribed``
+    answers follow).
     ``node`` names the pushsvc node serving the socket (``PUSHSVC_NODE_NAME``).
     """
 
@@ -103,16 +132,19 @@ class Welcome(msgspec.Struct, tag_field="type", tag="welcome", omit_defaults=Tru
     ping_interval: float
     exp: float
     epoch: str | None = None
+    subs: list[str] = msgspec.field(default_factory=list)  # server-side subscriptions
     node: str | None = None
 
 
 class Message(msgspec.Struct, tag_field="type", tag="message", omit_defaults=True):
-    """A delivery. ``seq`` is the JetStream stream sequence (absent with history off)."""
+    """A delivery. ``seq`` is the JetStream stream sequence (absent with history off);
+    ``pattern`` is set when a wildcard subscription delivered it (``channel`` is concrete)."""
 
     channel: str
     data: msgspec.Raw
     seq: int | None = None
     encoding: str | None = None
+    pattern: str | None = None  # the wildcard subscription that delivered it
 
 
 class Ping(msgspec.Struct, tag_field="type", tag="ping"):
@@ -162,7 +194,82 @@ class Refreshed(msgspec.Struct, tag_field="type", tag="refreshed", omit_defaults
     id: RequestId = None
 
 
-Frame = Welcome | Message | Ping | Error | Subscribed | Unsubscribed | Published | Refreshed
+NO_INFO: Final = msgspec.UNSET  # an absent ``info`` (omitted when encoding)
+Info = Annotated[
+    msgspec.Raw,
+    msgspec.Meta(
+        description="the token's info claim (a JSON object, at most 1 KiB)",
+        extra_json_schema={"type": "object"},
+    ),
+]
+
+
+class ClientInfo(msgspec.Struct, omit_defaults=True):
+    """One present session: ``client`` id, ``user`` (JWT ``sub``), ``node`` serving it,
+    ``info`` (the token's ``info`` claim, a JSON object) when the token had one."""
+
+    client: Annotated[str, msgspec.Meta(description="session id (welcome.client)")]
+    user: Annotated[str, msgspec.Meta(description="the session's JWT sub")]
+    node: Annotated[str, msgspec.Meta(description="PUSHSVC_NODE_NAME of the serving node")]
+    info: Info | msgspec.UnsetType = NO_INFO
+
+
+class PresenceResult(msgspec.Struct, tag_field="type", tag="presence", omit_defaults=True):
+    """Answer to ``presence``: ``clients`` (at most ``PUSHSVC_PRESENCE_LIMIT``),
+    exact ``users`` (distinct) and ``clients_total`` counts, ``truncated`` when the
+    list was cut."""
+
+    channel: str
+    clients: list[ClientInfo]
+    users: int
+    clients_total: int
+    truncated: bool | None = None
+    id: RequestId = None
+
+
+class PresenceStatsResult(
+    msgspec.Struct, tag_field="type", tag="presence_stats", omit_defaults=True
+):
+    """Answer to ``presence_stats``: ``clients`` and distinct ``users`` present."""
+
+    channel: str
+    clients: int
+    users: int
+    id: RequestId = None
+
+
+class Join(msgspec.Struct, tag_field="type", tag="join", omit_defaults=True):
+    """Session ``client`` of ``user`` subscribed to ``channel`` (on any node)."""
+
+    channel: str
+    client: str
+    user: str
+    info: Info | msgspec.UnsetType = NO_INFO
+
+
+class Leave(msgspec.Struct, tag_field="type", tag="leave", omit_defaults=True):
+    """Session ``client`` of ``user`` unsubscribed from ``channel`` or disconnected."""
+
+    channel: str
+    client: str
+    user: str
+    info: Info | msgspec.UnsetType = NO_INFO
+
+
+Frame = (
+    Welcome
+    | Message
+    | Ping
+    | Error
+    | Subscribed
+    | Unsubscribed
+    | Published
+    | Refreshed
+    | PresenceResult
+    | PresenceStatsResult
+    | Join
+    | Leave
+)
 
 _command_decoder = msgspec.json.Decoder(Command)
 _encoder = msgspec.json.Encoder()

@@ -31,13 +31,19 @@ import itertools
 import logging
 import os
 from collections import deque
-from collections.abc import Awaitable, Callable, Coroutine, Iterable
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from . import metrics
 from .auth import Authenticator, AuthError, Principal
 from .bus import Unavailable
-from .channels import InvalidChannel, validate_channel
+from .channels import (
+    InvalidChannel,
+    is_pattern,
+    personal_channel,
+    validate_channel,
+    validate_pattern,
+)
 from .protocol import (
     BAD_REQUEST,
     CLOSE_HEARTBEAT_TIMEOUT,
@@ -57,11 +63,16 @@ from .protocol import (
     Error,
     Frame,
     Pong,
+    Presence,
+    PresenceResult,
+    PresenceStats,
+    PresenceStatsResult,
     ProtocolError,
     Publish,
     Published,
     Refresh,
     Refreshed,
+    SubResume,
     Subscribe,
     Unsubscribe,
     Unsubscribed,
@@ -105,6 +116,8 @@ class Session:
         auth: verifies refresh tokens.
         bucket: the user's command token bucket (shared by the user's sessions).
         settings: limits and timers (seconds, bytes).
+        resume_subs: the auth frame's ``subs`` map (channel -> ``since``/``epoch``),
+            used by the server-side subscriptions (:meth:`server_subscriptions`).
 
     Attributes:
         channels: channels this session is subscribed to.
@@ -122,6 +135,8 @@ class Session:
         auth: Authenticator,
         bucket: TokenBucket,
         settings: Settings,
+        *,
+        resume_subs: Mapping[str, SubResume] | None = None,
     ) -> None:
         self._send = send
         self._receive = receive
@@ -152,6 +167,7 @@ class Session:
         self._direct = direct_protocol(receive)
         # the direct path's transport, read by fan_out (one attribute, no protocol hop)
         self._transport = None if self._direct is None else self._direct.transport
+        self._resume = dict(resume_subs or {})  # server-side subs to resume
 
     # --- outbound ----------------------------------------------------------------------
     @property
@@ -394,11 +410,14 @@ class Session:
                 exp=self.principal.exp,
                 node=self.settings.node_name,
                 epoch=self.hub.epoch,
+                subs=(server_subs := self.server_subscriptions()),
             )
         )
         self._schedule_ping()
         self._schedule_expiry()
         try:
+            if server_subs:
+                await self._server_subscribe(server_subs)
             while True:
                 if self.closed:
                     # Closed by a command (4001 refresh, 4008, 1009): returning now would
@@ -484,6 +503,8 @@ class Session:
             await self._publish(cmd)
         elif isinstance(cmd, Refresh):
             self._refresh(cmd)
+        elif isinstance(cmd, Presence | PresenceStats):
+            await self._presence(cmd)
 
     def _refuse(self, code: str, message: str, req_id: object, *, charge: bool = False) -> None:
         """Answer ``error``; with ``charge`` the frame also costs a command token."""
@@ -521,9 +542,22 @@ class Session:
         )
         return False
 
+    def _target(self, name: object) -> str:
+        """A subscription target: a channel, or a pattern when wildcards are on.
+
+        Raises:
+            InvalidChannel: malformed, or a pattern with
+                ``PUSHSVC_WILDCARD_SUBSCRIPTIONS=false``.
+        """
+        if is_pattern(name):
+            if not self.settings.wildcard_subscriptions:
+                raise InvalidChannel("wildcard subscriptions are off on this server")
+            return validate_pattern(name)
+        return validate_channel(name)
+
     async def _subscribe(self, cmd: Subscribe) -> None:
         try:
-            channel = validate_channel(cmd.channel)
+            channel = self._target(cmd.channel)
         except InvalidChannel as exc:
             self._refuse(INVALID_CHANNEL, str(exc), cmd.id)
             return
@@ -551,9 +585,60 @@ class Session:
         except Unavailable as exc:
             self._refuse(UNAVAILABLE, str(exc), cmd.id)
 
+    def server_subscriptions(self) -> list[str]:
+        """Channels the server subscribes this session to at ``welcome``, in order.
+
+        The token's ``subs`` claim (Centrifugo's server-side subscriptions),
+        preceded by ``user.<sub>`` with ``PUSHSVC_AUTO_SUBSCRIBE_PERSONAL``.
+        """
+        subs = list(self.principal.subs)
+        if self.settings.auto_subscribe_personal:
+            subs.insert(0, personal_channel(self.principal.sub))
+        return list(dict.fromkeys(subs))
+
+    async def _server_subscribe(self, channels: list[str]) -> None:
+        """Subscribe to the server-side subscriptions, each answered ``subscribed``.
+
+        A channel in the auth frame's ``subs`` map resumes from its ``since`` (with
+        ``recovered``, then the replay) exactly as a ``subscribe`` with ``since``
+        would. Refusals are ``error`` frames naming the channel (no ``id``): over
+        ``PUSHSVC_MAX_SUBSCRIPTIONS`` (``limit_exceeded``), a pattern while
+        wildcard subscriptions are off (``invalid_channel``), a bad ``since`` or
+        ``epoch`` (``bad_request``; subscribed live instead), NATS away (``unavailable``).
+        """
+        for channel in channels:
+            if self.closed:
+                return
+            try:
+                self._target(channel)
+            except InvalidChannel as exc:
+                self._refuse(INVALID_CHANNEL, f"server-side subscription {channel}: {exc}", None)
+                continue
+            if len(self.channels) >= self.settings.max_subscriptions:
+                self._refuse(
+                    LIMIT_EXCEEDED,
+                    f"server-side subscription {channel}: at most "
+                    f"{self.settings.max_subscriptions} subscriptions per connection",
+                    None,
+                )
+                continue
+            resume = self._resume.get(channel)
+            since = resume.since if resume is not None else None
+            epoch = resume.epoch if resume is not None else None
+            if since is not None and not 0 <= since <= MAX_SEQ:
+                self._refuse(BAD_REQUEST, f"subs.{channel}.since must be in 0..{MAX_SEQ}", None)
+                since = None
+            if epoch is not None and not 0 < len(epoch) <= 64:
+                self._refuse(BAD_REQUEST, f"subs.{channel}.epoch must be 1..64 characters", None)
+                since = epoch = None
+            try:
+                await self.hub.subscribe(self, channel, since, None, epoch)
+            except Unavailable as exc:
+                self._refuse(UNAVAILABLE, f"server-side subscription {channel}: {exc}", None)
+
     async def _unsubscribe(self, cmd: Unsubscribe) -> None:
         try:
-            channel = validate_channel(cmd.channel)
+            channel = self._target(cmd.channel)
         except InvalidChannel as exc:
             self._refuse(INVALID_CHANNEL, str(exc), cmd.id)
             return
@@ -575,6 +660,49 @@ class Session:
             self._refuse(UNAVAILABLE, str(exc), cmd.id)
             return
         self.send_frame(Published(id=cmd.id, seq=seq))
+
+    async def _presence(self, cmd: Presence | PresenceStats) -> None:
+        """Answer ``presence`` / ``presence_stats``: grant, then channel, then the read.
+
+        Refusals: ``invalid_channel``; ``forbidden`` without a ``presence`` grant;
+        ``bad_request`` when the channel is outside ``PUSHSVC_PRESENCE_CHANNELS``;
+        ``unavailable`` without JetStream or when the bucket does not answer.
+        """
+        try:
+            channel = validate_channel(cmd.channel)
+        except InvalidChannel as exc:
+            self._refuse(INVALID_CHANNEL, str(exc), cmd.id)
+            return
+        if not self.principal.can_see_presence(channel):
+            self._refuse(FORBIDDEN, f"not allowed to see presence of {channel}", cmd.id)
+            return
+        registry = self.hub.presence
+        if registry is None or not registry.enabled(channel):
+            self._refuse(BAD_REQUEST, f"presence is not enabled for {channel}", cmd.id)
+            return
+        stats = isinstance(cmd, PresenceStats)
+        try:
+            snap = await registry.read(channel, 0 if stats else self.settings.presence_limit)
+        except Unavailable as exc:
+            self._refuse(UNAVAILABLE, f"presence is unavailable: {exc}", cmd.id)
+            return
+        if stats:
+            self.send_frame(
+                PresenceStatsResult(
+                    channel=channel, clients=snap.clients_total, users=snap.users, id=cmd.id
+                )
+            )
+            return
+        self.send_frame(
+            PresenceResult(
+                channel=channel,
+                clients=snap.clients,
+                users=snap.users,
+                clients_total=snap.clients_total,
+                truncated=True if snap.truncated else None,
+                id=cmd.id,
+            )
+        )
 
     def _refresh(self, cmd: Refresh) -> None:
         try:

@@ -19,6 +19,8 @@ from urllib.parse import urlsplit
 
 import msgspec
 
+from .channels import InvalidChannel, validate_grant
+
 ENV_PREFIX = "PUSHSVC_"
 MAX_WRITE_DELAY = 1.0  # seconds: a longer hold would stall interactive channels
 
@@ -106,6 +108,15 @@ class Settings(msgspec.Struct, kw_only=True):
     max_connections_per_user: int = 10
     max_subscriptions: int = 128
     max_connections: int = 20000
+
+    # --- presence, join/leave, server-side subscriptions ---------------------------
+    presence_bucket: str = "PUSHSVC_PRESENCE"  # JetStream KV bucket of presence entries
+    presence_ttl: float = 60.0  # s an entry outlives its node's last refresh
+    presence_channels: list[str] = msgspec.field(default_factory=list)  # patterns; none = off
+    presence_limit: int = 1000  # clients listed per presence answer (counts stay exact)
+    join_leave_channels: list[str] = msgspec.field(default_factory=list)  # patterns
+    auto_subscribe_personal: bool = False  # every session is subscribed to user.<sub>
+    wildcard_subscriptions: bool = True  # subscribe accepts patterns (orders.*, orders.>)
 
     # --- operations ----------------------------------------------------------
     node_name: str | None = None  # None: the host name (see load)
@@ -226,6 +237,7 @@ class Settings(msgspec.Struct, kw_only=True):
             "max_subscriptions": self.max_subscriptions,
             "max_connections": self.max_connections,
             "workers": self.workers,
+            "presence_limit": self.presence_limit,
             "shutdown_timeout": self.shutdown_timeout,
         }
         for name, value in positive.items():
@@ -265,6 +277,18 @@ class Settings(msgspec.Struct, kw_only=True):
         for entry in self.api_keys:
             if not entry.rsplit(":", 1)[-1]:
                 raise SettingsError("PUSHSVC_API_KEYS", "empty API key")
+        if self.presence_ttl < 1:
+            raise SettingsError("PUSHSVC_PRESENCE_TTL", "must be >= 1 s")
+        if not _is_bucket(self.presence_bucket):
+            raise SettingsError(
+                "PUSHSVC_PRESENCE_BUCKET", f"invalid KV bucket name {self.presence_bucket!r}"
+            )
+        for name in ("presence_channels", "join_leave_channels"):
+            for pattern in getattr(self, name):
+                try:
+                    validate_grant(pattern)
+                except InvalidChannel as exc:
+                    raise SettingsError(ENV_PREFIX + name.upper(), str(exc)) from None
         if self.base_path and (not self.base_path.startswith("/") or self.base_path.endswith("/")):
             raise SettingsError("PUSHSVC_BASE_PATH", "must start with '/' and not end with '/'")
 
@@ -348,6 +372,11 @@ def check_nats_url(url: str, setting: str) -> str:
 
 def _is_token(value: str) -> bool:
     return bool(value) and all(c.isascii() and (c.isalnum() or c in "_-") for c in value)
+
+
+def _is_bucket(value: str) -> bool:
+    """A JetStream KV bucket name: ``[A-Za-z0-9_-]+`` (nats-py ``VALID_BUCKET_RE``)."""
+    return _is_token(value)
 
 
 def default_node_name() -> str:

@@ -58,3 +58,77 @@ async def test_client_resumes_after_a_server_restart_close(start_server, browser
     seqs = [s for _, s in got]
     assert seqs == sorted(set(seqs))
     assert 1012 in await page.evaluate("window.closes")
+
+
+async def test_client_api_presence_join_leave_wildcards_server_subs(
+    start_server, browser, nc, channel
+):
+    """pushsvc.js public API only: presence(), presenceStats(), join/leave events,
+    wildcard ctx, server-side subscriptions delivered through on("message") and resumed."""
+    srv = await start_server(dev=True, presence_channels=["*.room"], join_leave_channels=["*.room"])
+    page = await browser.new_page()
+    await page.goto(f"{srv.base}/")
+    tag = channel.split(".")[0]
+    alice = srv.token("alice", extra={"presence": ["*.room"], "info": {"name": "Alice"}})
+    bob = srv.token("bob", extra={"subs": [f"{tag}.news"]})
+    await page.evaluate(
+        """async ([alice, bob, channel, tag]) => {
+            window.events = []; window.bobGot = []; window.wild = [];
+            const a = new PushsvcClient({ token: alice });
+            a.on("join", (e) => window.events.push(["join", e.user, e.info || null]));
+            a.on("leave", (e) => window.events.push(["leave", e.user]));
+            a.subscribe(channel, () => {});
+            a.subscribe(tag + ".*", (data, ctx) =>
+                window.wild.push([ctx.channel, ctx.pattern, data]));
+            a.connect();
+            const b = new PushsvcClient({ token: bob });
+            b.on("connected", (w) => { window.bobSubs = w.subs; });
+            b.on("message", (m) => window.bobGot.push([m.channel, m.data, m.seq]));
+            b.subscribe(channel, () => {});
+            b.connect();
+            window.a = a; window.b = b;
+        }""",
+        [alice, bob, channel, tag],
+    )
+    await page.wait_for_function(
+        "() => window.events.filter(e => e[0] === 'join').length === 2", timeout=10000
+    )
+    events = await page.evaluate("window.events")
+    assert sorted(e[1] for e in events) == ["alice", "bob"]
+    assert ["join", "alice", {"name": "Alice"}] in events
+
+    who = await page.evaluate(f"window.a.presence({json.dumps(channel)})")
+    assert who["clients_total"] == 2 and who["users"] == 2
+    assert {c["user"] for c in who["clients"]} == {"alice", "bob"}
+    stats = await page.evaluate(f"window.a.presenceStats({json.dumps(channel)})")
+    assert (stats["clients"], stats["users"]) == (2, 2)
+    refused = await page.evaluate(
+        f"window.b.presence({json.dumps(channel)}).then(() => null, (e) => e.code)"
+    )
+    assert refused == "forbidden"
+
+    # wildcard: the concrete channel and the pattern reach the handler
+    await nc.publish(f"push.{tag}.eu", b'{"n":1}')
+    await page.wait_for_function("() => window.wild.length === 1", timeout=10000)
+    assert await page.evaluate("window.wild") == [[f"{tag}.eu", f"{tag}.*", {"n": 1}]]
+
+    # server-side subscription: listed on connected, delivered through on("message")
+    assert await page.evaluate("window.bobSubs") == [f"{tag}.news"]
+    await nc.publish(f"push.{tag}.news", b'{"n":2}')
+    await page.wait_for_function("() => window.bobGot.length === 1", timeout=10000)
+    # ... and resumed with since after a restart close: nothing lost, nothing twice
+    for sess in list(srv.node.hub.sessions):
+        if sess.principal.sub == "bob":
+            sess.close(1012, "service restart")
+    for n in (3, 4):
+        await nc.publish(f"push.{tag}.news", json.dumps({"n": n}).encode())
+    await nc.flush()
+    await page.wait_for_function("() => window.bobGot.length >= 3", timeout=15000)
+    await page.wait_for_timeout(300)
+    got = await page.evaluate("window.bobGot")
+    assert [d["n"] for _, d, _ in got] == [2, 3, 4]
+
+    await page.evaluate("window.b.close()")
+    await page.wait_for_function(
+        "() => window.events.some(e => e[0] === 'leave' && e[1] === 'bob')", timeout=10000
+    )

@@ -86,7 +86,10 @@ async def test_grants(start_server, nc):
     await c.subscribe("user.dave")  # personal channel always granted
     await c.send({"op": "subscribe", "channel": "user.erin", "id": 3})
     await c.expect("error", code="forbidden", id=3)
-    for bad in ("chat.*", "chat.>", "", "a..b", "$SYS.x", "_INBOX.x", "x" * 129, "a b"):
+    # wildcard subscriptions (on by default): a grant must cover the whole pattern
+    await c.send({"op": "subscribe", "channel": "chat.>", "id": 4})
+    await c.expect("error", code="forbidden", id=4)
+    for bad in ("chat.*.>.x", "_INBOX.*", "", "a..b", "$SYS.x", "_INBOX.x", "x" * 129, "a b"):
         await c.send({"op": "subscribe", "channel": bad, "id": "b"})
         await c.expect("error", code="invalid_channel", id="b")
     await c.send({"op": "subscribe", "channel": 5})

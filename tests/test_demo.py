@@ -245,3 +245,48 @@ async def test_demo_works_under_a_base_path(start_server, browser):
     await say(page, "under a base path")
     await wait_for_text(page, "under a base path")
     assert not problems.seen
+
+
+MEMBERS = "() => Array.from(document.querySelectorAll('#members li'), li => li.dataset.user)"
+
+
+async def members_are(page: Any, users: list[str]) -> None:
+    """Wait until the shown room's "who is here" list is exactly ``users`` (sorted)."""
+    await page.wait_for_function(
+        f"want => JSON.stringify(({MEMBERS})()) === JSON.stringify(want)",
+        arg=sorted(users),
+        timeout=10000,
+    )
+
+
+@browser_only
+async def test_who_is_here_follows_presence_and_join_leave(start_server, browser):
+    """The room lists who is present (presence on joining), then follows join/leave events
+    from the other page, on the same node, through the public client API only."""
+    srv = await start_server(dev=True)  # --dev: presence and join/leave on chat.>
+    problems = Problems()
+    room = f"r{uuid.uuid4().hex[:8]}"
+    wide = await open_chat(browser, srv, problems)
+    alice = await wide.input_value("#user")
+    await join(wide, room)
+    await members_are(wide, [alice])
+    assert await wide.locator("#members li.me").text_content() == alice
+
+    phone = await open_chat(browser, srv, problems, width=390)
+    bob = await phone.input_value("#user")
+    await join(phone, room)
+    await members_are(phone, [alice, bob])  # from presence
+    await members_are(wide, [alice, bob])  # from bob's join event
+    assert await wide.text_content("#member-count") == "(2)"
+
+    await phone.click("#leave")  # unsubscribes: a leave event for the others
+    await members_are(wide, [alice])
+    await phone.close()
+
+    late = await open_chat(browser, srv, problems)
+    carol = await late.input_value("#user")
+    await join(late, room)
+    await members_are(wide, [alice, carol])
+    await late.close()  # the socket goes away: leave
+    await members_are(wide, [alice])
+    assert not problems.seen

@@ -231,3 +231,52 @@ async def test_quiet_channel_survives_a_blip_after_its_history_expired(own_nats,
     finally:
         await srv.stop()  # before NATS, so the node does not reconnect in teardown
         back.stop()
+
+
+async def test_pattern_and_presence_survive_a_nats_restart(own_nats, start_server):
+    """A wildcard subscription is caught up from the stream like a channel; presence
+    entries come back (bucket re-created in the new server's memory) within the TTL."""
+    srv = await start_server(nats_url=own_nats.url, presence_channels=["p.>"], presence_ttl=3)
+    c = await srv.client(srv.token("pat", extra={"presence": ["p.>"]}))
+    await c.subscribe("p.*")
+    await c.subscribe("p.room")  # present in p.room (patterns are never present)
+
+    async def present() -> int:
+        await c.send({"op": "presence", "channel": "p.room", "id": 1})
+        while True:
+            answer = await c.recv()
+            if answer.get("id") == 1:
+                return answer.get("clients_total", -1)
+
+    assert await present() == 1
+    producer = await nats.connect(own_nats.url)
+    await producer.jetstream().publish("push.p.a", b"0")
+    (m,) = await c.messages(1)
+    assert m["pattern"] == "p.*" and m["channel"] == "p.a"
+    await producer.close()
+
+    own_nats.kill()
+    await until(lambda: not srv.node.bus.is_connected, 3)
+    side = EmbeddedNats(port=free_port(), data_dir=own_nats.data_dir).start()
+    try:
+        producer = await nats.connect(side.url)
+        js = producer.jetstream()
+        missed = [(await js.publish(f"push.p.{x}", b'"%s"' % x.encode())).seq for x in "bcb"]
+        await producer.drain()
+    finally:
+        side.stop()
+    back = EmbeddedNats(port=own_nats.port, data_dir=own_nats.data_dir).start()
+    try:
+        await until(lambda: srv.node.bus.is_connected, 5)
+        got = await c.messages(3, timeout=10)
+        assert [(g["seq"], g["channel"], g["pattern"]) for g in got] == [
+            (seq, f"p.{x}", "p.*") for seq, x in zip(missed, "bcb", strict=True)
+        ]
+
+        async def back_in_presence() -> bool:
+            return await present() == 1
+
+        await until(back_in_presence, 10)  # TTL 3 s: refreshed every second
+    finally:
+        await srv.stop()  # before NATS, so the node does not reconnect in teardown
+        back.stop()

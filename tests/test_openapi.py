@@ -106,6 +106,7 @@ async def test_generated_requests_get_declared_answers(start_server, http):
         "POST /emit",
         "POST /emit/{channel}",
         "GET /history/{channel}",
+        "GET /presence/{channel}",
         "GET /healthz",
         "GET /readyz",
         "GET /metrics",
@@ -236,6 +237,30 @@ async def test_unavailable_answers_are_declared(start_server, http, own_nats, ch
             assert response.json()["error"] == "unavailable"
             assert int(response.headers["retry-after"]) >= 1
     assert answers[("GET", "/readyz")].json()["nats"] is False
+
+
+async def test_presence_answers_are_declared(start_server, http, channel):
+    srv = await start_server(presence_channels=["*.room"], api_keys=[f"ops:{API_KEY}"])
+    doc = await served(http, srv)
+    c = await srv.client(srv.token("alice", extra={"info": {"seat": 1}}))
+    await c.subscribe(channel)
+    url = f"{srv.base}/presence"
+    watcher = bearer(srv.token("w", channels=[], extra={"presence": ["*.room"]}))
+    cases = [
+        (200, await http.get(f"{url}/{channel}", headers=bearer(API_KEY))),
+        (200, await http.get(f"{url}/{channel}", headers=watcher)),
+        (400, await http.get(f"{url}/elsewhere", headers=bearer(API_KEY))),
+        (401, await http.get(f"{url}/{channel}")),
+        (403, await http.get(f"{url}/{channel}", headers=bearer(srv.token("nogrant")))),
+        (422, await http.get(f"{url}/a..b", headers=watcher)),
+    ]
+    off = await start_server(history_ttl=0, presence_channels=["*.room"])
+    cases.append((503, await http.get(f"{off.base}/presence/{channel}", headers=watcher)))
+    for expected, response in cases:
+        assert response.status_code == expected, response.text
+        conforms(doc, "GET", "/presence/{channel}", response)
+    assert cases[0][1].json()["clients"][0]["info"] == {"seat": 1}
+    assert int(cases[-1][1].headers["retry-after"]) >= 1
 
 
 def upgrade_headers(**extra: str) -> dict[str, str]:

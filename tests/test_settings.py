@@ -9,7 +9,14 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from pushsvc.channels import InvalidChannel, grant_matches, validate_channel, validate_grant
+from pushsvc.channels import (
+    InvalidChannel,
+    grant_covers,
+    grant_matches,
+    validate_channel,
+    validate_grant,
+    validate_pattern,
+)
 from pushsvc.settings import Settings, SettingsError
 
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -122,3 +129,44 @@ def test_grants(pattern, channel, expected):
 def test_invalid_grants(pattern):
     with pytest.raises(InvalidChannel):
         validate_grant(pattern)
+
+
+@pytest.mark.parametrize(
+    ("grant", "pattern", "expected"),
+    [
+        ("orders.>", "orders.*", True),
+        ("orders.>", "orders.>", True),
+        ("orders.>", "orders.*.x", True),
+        ("orders.*", "orders.*", True),
+        ("orders.*", "orders.>", False),  # > reaches deeper than one token
+        ("orders.eu", "orders.*", False),
+        ("*.eu", "*.eu", True),
+        ("*.eu", "*.*", False),
+        (">", ">", True),
+        ("a.>", ">", False),
+    ],
+)
+def test_grant_covers_a_wildcard_subscription(grant, pattern, expected):
+    assert grant_covers(grant, validate_pattern(pattern)) is expected
+
+
+@pytest.mark.parametrize("name", ["orders", "_INBOX.*", "a.>.b", "a..*", ""])
+def test_invalid_patterns(name):
+    with pytest.raises(InvalidChannel):
+        validate_pattern(name)
+
+
+def test_presence_settings_are_validated():
+    base = {"PUSHSVC_JWT_SECRET": "x"}
+    for env, setting in (
+        ({"PUSHSVC_PRESENCE_TTL": "0.5"}, "PUSHSVC_PRESENCE_TTL"),
+        ({"PUSHSVC_PRESENCE_BUCKET": "a.b"}, "PUSHSVC_PRESENCE_BUCKET"),
+        ({"PUSHSVC_PRESENCE_CHANNELS": "chat.>.x"}, "PUSHSVC_PRESENCE_CHANNELS"),
+        ({"PUSHSVC_JOIN_LEAVE_CHANNELS": "a..b"}, "PUSHSVC_JOIN_LEAVE_CHANNELS"),
+        ({"PUSHSVC_PRESENCE_LIMIT": "0"}, "PUSHSVC_PRESENCE_LIMIT"),
+    ):
+        with pytest.raises(SettingsError) as err:
+            Settings.load(env={**base, **env})
+        assert err.value.setting == setting
+    s = Settings.load(env={**base, "PUSHSVC_PRESENCE_CHANNELS": "chat.>, rooms.*"})
+    assert s.presence_channels == ["chat.>", "rooms.*"]

@@ -7,6 +7,9 @@
  * is the `sub` of the connection's token (from `welcome`) and ts the sender's clock in ms. pushsvc
  * does not stamp publishers, so the name is what the sender claims; messages without these
  * fields (e.g. `nats pub push.chat.room1 ...`) are shown as they are.
+ * Who is here: for the shown room, the users present (client.presence() when the room is
+ * joined, then the "join"/"leave" events; `pushsvc serve --dev` turns both on for chat.>). Events
+ * arriving while the presence answer is on its way are applied after it, in order.
  * Console: subscribe/publish on any channel; every WebSocket frame in both directions (tokens
  * redacted), seen through the client's `WebSocket` option.
  * Tokens: a dev token for the name from GET dev/token (renewed by the client), or a pasted token,
@@ -112,7 +115,8 @@
 
   // ---- chat state ---------------------------------------------------------------------------
 
-  // name -> {name, channel, sub, items: <li>s (detached when not shown), unread, lastSeq, epoch, joined}
+  // name -> {name, channel, sub, items: <li>s (detached when not shown), unread, lastSeq, epoch, joined,
+  //          members: Map(client id -> user) | null (presence unknown), early: events while loading | null}
   var rooms = new Map();
   var current = null;
   var client = null, pasted = false, wasConnected = false, me = null;
@@ -136,6 +140,56 @@
     $("room-channel").textContent = current ? current.channel : "join a room to chat";
     $("leave").hidden = !current;
     $("send").disabled = $("text").disabled = !current;
+    renderMembers();
+  }
+
+  // ---- who is here (presence + join/leave) --------------------------------------------------
+
+  function renderMembers() {
+    var ul = $("members"), count = $("member-count"), room = current;
+    ul.textContent = "";
+    if (!room || !room.members) { count.textContent = room && room.presenceError ? "(" + room.presenceError + ")" : ""; return; }
+    var users = new Map(); // user -> sessions
+    room.members.forEach(function (user) { users.set(user, (users.get(user) || 0) + 1); });
+    count.textContent = "(" + users.size + ")";
+    Array.from(users.keys()).sort().forEach(function (user) {
+      var li = document.createElement("li");
+      li.textContent = user;
+      li.dataset.user = user;
+      if (user === me) li.className = "me";
+      var n = users.get(user);
+      if (n > 1) { var s = document.createElement("span"); s.className = "sessions muted"; s.textContent = "\u00d7" + n; li.appendChild(s); }
+      ul.appendChild(li);
+    });
+  }
+
+  function applyEvent(room, e) {
+    if (e.type === "join") room.members.set(e.client, e.user); else room.members.delete(e.client);
+  }
+
+  function loadPresence(room) {
+    var c = client;
+    room.members = null; room.early = []; room.presenceError = null;
+    c.presence(room.channel).then(function (p) {
+      if (c !== client || rooms.get(room.name) !== room) return;
+      room.members = new Map();
+      p.clients.forEach(function (m) { room.members.set(m.client, m.user); });
+      room.early.forEach(function (e) { applyEvent(room, e); });
+      room.early = null;
+      if (room === current) renderMembers();
+    }, function (err) {
+      if (c !== client || rooms.get(room.name) !== room) return;
+      room.early = null; room.presenceError = err.code === "bad_request" ? "presence off" : (err.code || "unavailable");
+      if (room === current) renderMembers();
+    });
+  }
+
+  function onMemberEvent(type, e) {
+    var room = e.channel.slice(0, 5) === "chat." ? rooms.get(e.channel.slice(5)) : null;
+    if (!room || room.channel !== e.channel) return;
+    var ev = { type: type, client: e.client, user: e.user };
+    if (room.early) room.early.push(ev);
+    else if (room.members) { applyEvent(room, ev); if (room === current) renderMembers(); }
   }
 
   function showRoom(room) {
@@ -208,7 +262,8 @@
   function joinRoom(name, show) {
     var room = rooms.get(name);
     if (!room) {
-      room = { name: name, channel: "chat." + name, sub: null, items: [], unread: 0, lastSeq: null, epoch: null, joined: false };
+      room = { name: name, channel: "chat." + name, sub: null, items: [], unread: 0, lastSeq: null, epoch: null, joined: false,
+        members: null, early: null, presenceError: null };
       rooms.set(name, room);
       subscribeRoom(room);
     }
@@ -304,8 +359,15 @@
       if (f.channel.slice(0, 5) === "chat." && room && room.channel === f.channel) {
         if (!room.joined) { room.joined = true; notice(room, "joined " + f.channel + " as " + me); }
         else if (f.recovered === false) notice(room, "messages sent while you were away may be missing (history expired or was reset)", true);
+        loadPresence(room);
       }
     }));
+    c.on("disconnected", mine(function () { // unknown until the rooms are joined again
+      rooms.forEach(function (room) { room.members = null; room.early = null; });
+      renderMembers();
+    }));
+    c.on("join", mine(function (e) { onMemberEvent("join", e); }));
+    c.on("leave", mine(function (e) { onMemberEvent("leave", e); }));
     c.on("unsubscribed", mine(function (f) {
       if (!f.reason) return;
       var room = f.channel.slice(0, 5) === "chat." ? rooms.get(f.channel.slice(5)) : null;

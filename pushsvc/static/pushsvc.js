@@ -4,8 +4,10 @@
  *
  * @example
  *   const c = new PushsvcClient({ token, getToken: async () => (await fetchToken()).token });
- *   c.on("connected", (welcome) => {});   // {client, user, ping_interval, exp, epoch?}
- *   const sub = c.subscribe("news", (data, ctx) => {});   // ctx = {channel, seq, encoding, epoch}
+ *   c.on("connected", (welcome) => {});   // {client, user, ping_interval, exp, epoch?, subs?}
+ *   const sub = c.subscribe("news", (data, ctx) => {});   // ctx = {channel, seq, encoding, epoch, pattern}
+ *   c.subscribe("orders.*", (data, ctx) => {});       // wildcard: ctx.channel is concrete, ctx.pattern "orders.*"
+ *   const who = await c.presence("chat.room1");       // {channel, clients: [{client, user, node, info?}], users, clients_total}
  *   c.connect(); await sub.ready;                     // resolves with the `subscribed` frame
  *   await c.publish("chat.room1", { text: "hi" });    // resolves with the `published` frame {id, seq?}
  *   sub.unsubscribe(); c.close();
@@ -21,11 +23,17 @@
  * @property {Function} [WebSocket]    WebSocket constructor (default: the global one; set it for tests or non-browsers).
  *
  * Events (client.on(name, fn) returns an unsubscribe function; client.off(name, fn) also works):
- *   "connected"    (welcome: {client, user, ping_interval: seconds, exp: unix seconds, epoch?: string})
+ *   "connected"    (welcome: {client, user, ping_interval: seconds, exp: unix seconds, epoch?: string,
+ *                  subs?: [channel]})
+ *                  `subs` lists the server-side subscriptions (token `subs` claim): their messages arrive
+ *                  through "message" (or the handlers of a client.subscribe() of the same name), and they
+ *                  are resumed with (since, epoch) on every reconnect (auth frame `subs` map).
+ *   "join", "leave" ({channel, client, user, info?}): a session joined/left a channel with join/leave events
  *   "disconnected" ({code, reason, willReconnect: boolean, delay: seconds|null})
  *   "error"        (PushsvcError): error frames not matched to a request, subscription failures,
  *                  and getToken/refresh failures. Errors for requests with an id reject that request's Promise.
- *   "message"      ({channel, data, seq, encoding, epoch}) for every delivered (non-duplicate) message
+ *   "message"      ({channel, data, seq, encoding, epoch, pattern}) for every delivered (non-duplicate)
+ *                  message; pattern is the wildcard subscription that delivered it, or null
  *   "subscribed"   (frame {channel, id?, recovered?, epoch?}); "unsubscribed" (frame {channel, id?, reason?})
  *
  * PushsvcError: Error with .code (bad_request | unauthorized | forbidden | invalid_channel | rate_limited |
@@ -109,6 +117,7 @@ var PushsvcClient = (function () {
       this._opening = false;      // awaiting getToken() before opening a socket
       this._stopped = true;       // connect() not called yet, close() called, or a terminal close code
       this._hbTimeout = this.connectTimeout;
+      this._serverSubs = new Map(); // server-side subscription -> {lastSeq, epoch} (position)
     }
 
     get connected() { return this._ready; }
@@ -155,7 +164,11 @@ var PushsvcClient = (function () {
         e.ready = new Promise((resolve, reject) => { e.resolve = resolve; e.reject = reject; });
         e.ready.catch(() => {}); // no unhandled-rejection noise when the app does not await it
         this._channels.set(channel, e);
-        if (this._ready) this._sendSubscribe(e);
+        if (this._ready && this._serverSubs.has(channel)) { // the server already subscribed it
+          var pos = this._serverSubs.get(channel);
+          e.lastSeq = pos.lastSeq; e.epoch = pos.epoch; e.confirmed = true;
+          e.resolve({ type: "subscribed", channel: channel });
+        } else if (this._ready) this._sendSubscribe(e);
       }
       e.handlers.add(handler);
       return new Subscription(this, e, handler);
@@ -172,6 +185,15 @@ var PushsvcClient = (function () {
     publish(channel, data) {
       return this._request({ op: "publish", channel: channel, data: data === undefined ? null : data });
     }
+
+    /**
+     * Who is subscribed to a channel, on every node. Needs a `presence` grant in the token.
+     * Resolves with {channel, clients: [{client, user, node, info?}], users, clients_total, truncated?}.
+     */
+    presence(channel) { return this._request({ op: "presence", channel: channel }); }
+
+    /** Counts only: resolves with {channel, clients, users}. */
+    presenceStats(channel) { return this._request({ op: "presence_stats", channel: channel }); }
 
     /** Send op refresh with a new token (also used for reconnects). Resolves with the `refreshed` frame {exp}. */
     refresh(token) {
@@ -219,11 +241,24 @@ var PushsvcClient = (function () {
       try { ws = new this._WS(this.url); } catch (err) { this._emit("error", err); return this._onClose(1006, String(err)); }
       ws.binaryType = "arraybuffer";
       this._ws = ws; this._ready = false;
-      ws.onopen = () => { if (this._ws === ws) this._sendRaw({ op: "auth", token: this.token }); };
+      ws.onopen = () => { if (this._ws === ws) this._sendRaw(this._authFrame()); };
       ws.onmessage = (ev) => { if (this._ws === ws) this._onData(ev.data); };
       ws.onclose = (ev) => { if (this._ws === ws) this._onClose(ev.code, ev.reason); };
       ws.onerror = () => this._log("socket error");
       this._armWatchdog(this.connectTimeout);
+    }
+
+    _authFrame() { // resumes server-side subscriptions with since
+      var msg = { op: "auth", token: this.token }, subs = {}, any = false;
+      this._serverSubs.forEach((pos, channel) => {
+        var e = this._channels.get(channel);
+        if (e && e.lastSeq !== null) pos = e;
+        if (pos.lastSeq === null) return;
+        subs[channel] = pos.epoch !== null ? { since: pos.lastSeq, epoch: pos.epoch } : { since: pos.lastSeq };
+        any = true;
+      });
+      if (any) msg.subs = subs;
+      return msg;
     }
 
     _armWatchdog(seconds) {
@@ -327,7 +362,12 @@ var PushsvcClient = (function () {
           this._ready = true; this._attempt = 0; this.welcome = f; this.state = "connected";
           this._armWatchdog(this._hbTimeout);
           this._scheduleRefresh(f.exp);
-          this._channels.forEach((entry) => this._sendSubscribe(entry));
+          var serverSubs = new Map();
+          (Array.isArray(f.subs) ? f.subs : []).forEach((ch) => {
+            serverSubs.set(ch, this._serverSubs.get(ch) || { lastSeq: null, epoch: null });
+          });
+          this._serverSubs = serverSubs;
+          this._channels.forEach((entry) => { if (!serverSubs.has(entry.channel)) this._sendSubscribe(entry); });
           this._emit("connected", f);
           break;
         case "message": this._onMessage(f); break;
@@ -340,6 +380,14 @@ var PushsvcClient = (function () {
         case "subscribed":
           p = this._take(f.id);
           if ((e = p ? p.entry : this._channels.get(f.channel))) this._onSubscribed(e, f);
+          else if ((e = this._serverSubs.get(f.channel))) { // a server-side subscription
+            if (f.recovered === false || (typeof f.epoch === "string" && e.epoch !== null && f.epoch !== e.epoch)) e.lastSeq = null;
+            if (typeof f.epoch === "string") e.epoch = f.epoch;
+            this._emit("subscribed", f);
+          }
+          break;
+        case "join": case "leave":
+          this._emit(f.type, { channel: f.channel, client: f.client, user: f.user, info: f.info });
           break;
         case "unsubscribed":
           p = this._take(f.id);
@@ -357,17 +405,25 @@ var PushsvcClient = (function () {
     }
 
     _onMessage(f) {
-      var e = this._channels.get(f.channel);
+      var key = typeof f.pattern === "string" ? f.pattern : f.channel; // the subscription it came through
+      var e = this._channels.get(key);
       var seq = typeof f.seq === "number" ? f.seq : null;
       if (e && seq !== null) {
-        if (e.lastSeq !== null && seq <= e.lastSeq) { this._log("duplicate", f.channel, seq); return; }
+        if (e.lastSeq !== null && seq <= e.lastSeq) { this._log("duplicate", key, seq); return; }
         e.lastSeq = seq;
       }
-      var ctx = { channel: f.channel, seq: seq, encoding: f.encoding || null, epoch: e ? e.epoch : null };
+      var pos = e || this._serverSubs.get(key) || null;
+      if (!e && pos && seq !== null) { // a server-side subscription without handlers
+        if (pos.lastSeq !== null && seq <= pos.lastSeq) { this._log("duplicate", key, seq); return; }
+        pos.lastSeq = seq;
+      }
+      var ctx = { channel: f.channel, seq: seq, encoding: f.encoding || null,
+        epoch: pos ? pos.epoch : null, pattern: f.pattern || null };
       if (e) Array.from(e.handlers).forEach((h) => {
-        try { h(f.data, ctx); } catch (err) { console.error("[pushsvc] handler for " + f.channel + " failed", err); }
+        try { h(f.data, ctx); } catch (err) { console.error("[pushsvc] handler for " + key + " failed", err); }
       });
-      this._emit("message", { channel: f.channel, data: f.data, seq: seq, encoding: ctx.encoding, epoch: ctx.epoch });
+      this._emit("message", { channel: f.channel, data: f.data, seq: seq, encoding: ctx.encoding,
+        epoch: ctx.epoch, pattern: ctx.pattern });
     }
 
     _scheduleRefresh(exp, delay) { // at exp - 30 s (or halfway for tokens living < 60 s)
