@@ -20,8 +20,9 @@ Entries (NATS docs, "Key/Value Store"; per-message TTL needs nats-server 2.11+):
   time (5 s resolution), so the N nodes that receive the same control message
   store it once (JetStream de-duplication).
 
-The bucket is read with an ordered consumer (a KV watch); nothing here is on the
-delivery path.
+At start the bucket is read by JetStream batch direct gets (every entry, then
+done); while running, a KV watch (an ordered consumer) delivers new entries.
+Applying an entry twice changes nothing. Nothing here is on the delivery path.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from collections.abc import Callable
 import msgspec
 import nats.errors
 import nats.js.errors
+from jetstreamext import InvalidResponseError, NoMessagesError, get_batch
 from nats.js.api import KeyValueConfig, StorageType
 from nats.js.kv import KeyValue
 
@@ -45,6 +47,7 @@ from .bus import Bus, Unavailable
 log = logging.getLogger("pushsvc.revocations")
 
 MAX_TTL = 365 * 86400.0  # s: the longest revocation accepted (see auth.parse_revocation)
+LOAD_BATCH = 1024  # entries per batch direct get while loading the bucket
 
 
 class StoredRevocation(msgspec.Struct, omit_defaults=True):
@@ -93,6 +96,7 @@ class RevocationStore:
         self._task: asyncio.Task[None] | None = None
         #: entries applied since start (loaded + watched)
         self.applied = 0
+        self._initial = asyncio.Event()  # the watch delivered its initial values
 
     async def start(self, timeout: float) -> None:
         """Open (or create) the bucket, apply every live entry, then keep watching.
@@ -117,24 +121,58 @@ class RevocationStore:
                             ttl=MAX_TTL,
                             storage=StorageType.FILE,
                             replicas=self.replicas,
+                            direct=True,  # the load below reads it by batch direct gets
                         )
                     )
+                # Watch first (every later write arrives there), then read every
+                # stored entry by batch direct gets: the watch's own "initial values
+                # done" marker can come before the values it announces (nats-py
+                # decides it from consumer info), so the load does not rely on it.
                 watcher = await self._kv.watchall()
-                while True:
-                    entry = await watcher.updates(timeout)
-                    if entry is None:
-                        break  # every stored entry has been delivered
-                    self._entry(entry.value, entry.operation)
-        except (TimeoutError, nats.errors.Error, nats.js.errors.Error) as exc:
+                self._task = asyncio.ensure_future(self._watch(watcher))
+                try:
+                    await self._load()
+                except nats.errors.NoRespondersError:
+                    # a bucket created elsewhere without allow_direct: the watch's
+                    # marker is all there is
+                    log.warning("bucket %s has no allow_direct; loading by its watch", self.bucket)
+                    await self._initial.wait()
+        except (TimeoutError, nats.errors.Error, nats.js.errors.Error, InvalidResponseError) as exc:
+            await self.close()
             raise Unavailable(
                 f"revocation bucket {self.bucket} could not be read ({type(exc).__name__}: {exc})"
             ) from None
-        self._task = asyncio.ensure_future(self._watch(watcher))
-        log.info("revocations: %d active loaded from bucket %s", self.applied, self.bucket)
+        log.info("revocations loaded from bucket %s (%d applied)", self.bucket, self.applied)
+
+    async def _load(self) -> None:
+        """Apply every entry the bucket holds (one message per key: history is 1)."""
+        js = self.bus.js
+        assert js is not None
+        after = 0
+        while True:
+            left = 0
+            try:
+                async for raw in get_batch(
+                    js,
+                    f"KV_{self.bucket}",
+                    batch=LOAD_BATCH,
+                    seq=after + 1,
+                    subject=f"$KV.{self.bucket}.>",
+                ):
+                    headers = raw.headers or {}
+                    left = int(headers.get("Nats-Num-Pending", 0))
+                    after = raw.seq or after
+                    self._entry(raw.data, headers.get("KV-Operation"))
+            except NoMessagesError:
+                return
+            if not left:
+                return
 
     async def _watch(self, watcher: KeyValue.KeyWatcher) -> None:
         async for entry in watcher:
-            if entry is not None:
+            if entry is None:
+                self._initial.set()
+            else:
                 self._entry(entry.value, entry.operation)
 
     def _entry(self, value: bytes | None, operation: str | None) -> None:
