@@ -29,7 +29,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,7 +45,14 @@ from jetstreamext import (
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
-from nats.js.api import KeyValueConfig, RePublish, StorageType, StreamConfig, StreamInfo
+from nats.js.api import (
+    KeyValueConfig,
+    RawStreamMsg,
+    RePublish,
+    StorageType,
+    StreamConfig,
+    StreamInfo,
+)
 from nats.js.kv import KeyValue
 
 from . import metrics, natsconn
@@ -908,6 +915,36 @@ class Bus:
             ) as e:
                 error = e
         raise Unavailable(f"history read failed ({type(error).__name__})") from None
+
+    async def scan(
+        self, stream: str, subject: str, batch: int = 1024
+    ) -> AsyncIterator[RawStreamMsg]:
+        """Every message of ``stream`` on ``subject`` (wildcards allowed), oldest first.
+
+        JetStream batch direct gets (ADR-31), page by page until none is pending:
+        no consumer, so no meta leader and no "initial values done" marker to
+        trust. The stream needs ``allow_direct``.
+
+        Raises:
+            nats.errors.NoRespondersError: the stream has no ``allow_direct``.
+            nats.errors.Error, nats.js.errors.Error, InvalidResponseError: NATS or
+                JetStream failed; callers bound the time.
+        """
+        assert self.js is not None
+        after = 0
+        while True:
+            left = 0
+            try:
+                async for raw in get_batch(
+                    self.js, stream, batch=batch, seq=after + 1, subject=subject
+                ):
+                    left = int((raw.headers or {}).get("Nats-Num-Pending", 0))
+                    after = raw.seq or after
+                    yield raw
+            except NoMessagesError:
+                return
+            if not left:
+                return
 
     async def _lagged(self, subject: str, read_to: int) -> bool:
         """True when the stream leader holds a message of ``subject`` past ``read_to``.

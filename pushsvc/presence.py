@@ -23,9 +23,11 @@ the order they were made (one NATS connection; each write's PUB is queued in
 the same step that checks the key is still local), so a refresh can never
 resurrect an entry deleted before it.
 
-Reads (:meth:`PresenceRegistry.read`) watch ``<channel>.*`` with last-per-key
-delivery, deletes ignored, and stop at the end of the snapshot: counts are exact,
-the list is capped at ``PUSHSVC_PRESENCE_LIMIT``.
+Reads (:meth:`PresenceRegistry.read`) scan ``<channel>.*`` by JetStream batch
+direct gets (the bucket keeps one value per key and allows direct gets), delete
+markers skipped, after this node's pending writes have finished (a session that
+subscribed on this node before the read is listed): no consumer per read, counts
+are exact, the list is capped at ``PUSHSVC_PRESENCE_LIMIT``.
 
 Presence needs JetStream: with history off or no JetStream every read raises
 :class:`~pushsvc.bus.Unavailable` and nothing is written.
@@ -42,6 +44,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 import nats.errors
 import nats.js.errors
+from jetstreamext import InvalidResponseError
 from nats.js.kv import KeyValue
 
 from . import metrics
@@ -248,35 +251,34 @@ class PresenceRegistry:
         if not self.bus.is_connected:
             raise Unavailable("NATS is not connected")
         kv = await self._bucket()
+        if self._tasks:
+            # read this node's own writes: joins and leaves made before the read
+            await asyncio.wait(list(self._tasks), timeout=self.settings.publish_timeout)
         snapshot = Snapshot()
         users: set[str] = set()
-        watcher = None
+        bucket = self.settings.presence_bucket
         try:
             async with asyncio.timeout(self.settings.publish_timeout):
-                watcher = await kv.watch(
-                    f"{channel}.*", ignore_deletes=True, inactive_threshold=10.0
-                )
-                async for entry in watcher:
-                    if entry is None:  # end of the current values
-                        break
+                async for raw in self.bus.scan(f"KV_{bucket}", f"$KV.{bucket}.{channel}.*"):
+                    if (raw.headers or {}).get("KV-Operation") or not raw.data:
+                        continue  # a delete/purge marker: the session left
                     try:
-                        client = _decode_info.decode(entry.value)
+                        client = _decode_info.decode(raw.data)
                     except msgspec.DecodeError:
-                        log.warning("ignored a malformed presence entry %s", entry.key)
+                        log.warning("ignored a malformed presence entry %s", raw.subject)
                         continue
                     snapshot.clients_total += 1
                     users.add(client.user)
                     if len(snapshot.clients) < limit:
                         snapshot.clients.append(client)
-        except (TimeoutError, nats.errors.Error, nats.js.errors.Error) as exc:
-            if isinstance(exc, nats.js.errors.NotFoundError):
+        except (
+            TimeoutError,
+            nats.errors.Error,
+            nats.js.errors.Error,
+            InvalidResponseError,
+        ) as exc:
+            if isinstance(exc, nats.js.errors.NotFoundError | nats.errors.NoRespondersError):
                 self._lost(kv)
             raise Unavailable(f"presence read failed ({type(exc).__name__})") from None
-        finally:
-            if watcher is not None:
-                try:
-                    await watcher.stop()
-                except nats.errors.Error:
-                    pass  # the consumer is ephemeral: inactive_threshold removes it
         snapshot.users = len(users)
         return snapshot

@@ -37,7 +37,7 @@ from collections.abc import Callable
 import msgspec
 import nats.errors
 import nats.js.errors
-from jetstreamext import InvalidResponseError, NoMessagesError, get_batch
+from jetstreamext import InvalidResponseError
 from nats.js.api import KeyValueConfig, StorageType
 from nats.js.kv import KeyValue
 
@@ -47,7 +47,6 @@ from .bus import Bus, Unavailable
 log = logging.getLogger("pushsvc.revocations")
 
 MAX_TTL = 365 * 86400.0  # s: the longest revocation accepted (see auth.parse_revocation)
-LOAD_BATCH = 1024  # entries per batch direct get while loading the bucket
 
 
 class StoredRevocation(msgspec.Struct, omit_defaults=True):
@@ -146,27 +145,8 @@ class RevocationStore:
 
     async def _load(self) -> None:
         """Apply every entry the bucket holds (one message per key: history is 1)."""
-        js = self.bus.js
-        assert js is not None
-        after = 0
-        while True:
-            left = 0
-            try:
-                async for raw in get_batch(
-                    js,
-                    f"KV_{self.bucket}",
-                    batch=LOAD_BATCH,
-                    seq=after + 1,
-                    subject=f"$KV.{self.bucket}.>",
-                ):
-                    headers = raw.headers or {}
-                    left = int(headers.get("Nats-Num-Pending", 0))
-                    after = raw.seq or after
-                    self._entry(raw.data, headers.get("KV-Operation"))
-            except NoMessagesError:
-                return
-            if not left:
-                return
+        async for raw in self.bus.scan(f"KV_{self.bucket}", f"$KV.{self.bucket}.>"):
+            self._entry(raw.data, (raw.headers or {}).get("KV-Operation"))
 
     async def _watch(self, watcher: KeyValue.KeyWatcher) -> None:
         async for entry in watcher:
