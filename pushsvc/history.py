@@ -24,10 +24,10 @@ import msgspec
 from fastapi import APIRouter, Path, Query, Request
 from fastapi.responses import Response
 
-from . import metrics
-from .auth import Authenticator, AuthError
+from .auth import Authenticator
 from .bus import Bus, Unavailable
 from .channels import InvalidChannel, validate_channel
+from .httpauth import reader
 from .httperrors import HTTPError
 from .openapi import CHANNEL_SCHEMA, SECURITY, declare, errors, json_body, ref
 from .protocol import payload_to_data
@@ -93,27 +93,12 @@ def history_router(settings: Settings, bus: Bus, auth: Authenticator) -> APIRout
     ) -> Response:
         """Stored messages of ``channel`` after ``since``."""
         try:
-            header = request.headers.get("authorization", "")
-            scheme, _, credential = header.partition(" ")
-            if scheme.lower() != "bearer" or not credential.strip():
-                metrics.AUTH_FAILURES.labels("missing").inc()
-                raise HTTPError(401, "unauthorized", "missing Authorization: Bearer token")
-            credential = credential.strip()
-            is_api_key = auth.is_api_key(credential)
-            if not is_api_key:
-                try:
-                    principal = auth.verify(credential)  # a connection token, as for /ws
-                except AuthError as exc:
-                    try:  # or a backend's emit token (PUSHSVC_EMIT_AUDIENCE / _TYPE)
-                        principal = auth.verify(credential, purpose="emit")
-                    except AuthError:
-                        metrics.AUTH_FAILURES.labels(exc.reason).inc()
-                        raise HTTPError(401, "unauthorized", str(exc)) from None
+            principal = reader(request, auth)
             try:
                 channel = validate_channel(channel)
             except InvalidChannel as exc:
                 raise HTTPError(422, "invalid_channel", str(exc)) from None
-            if not (is_api_key or principal.can_subscribe(channel)):
+            if not (principal is None or principal.can_subscribe(channel)):
                 raise HTTPError(403, "forbidden", f"not allowed to read {channel}")
             after = 0 if since is None else _count(since, "since", 0)
             if epoch is not None and not 0 < len(epoch) <= 64:

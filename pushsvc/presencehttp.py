@@ -19,9 +19,10 @@ import msgspec
 from fastapi import APIRouter, Path, Request
 from fastapi.responses import Response
 
-from .auth import Authenticator, AuthError
+from .auth import Authenticator
 from .bus import Unavailable
 from .channels import InvalidChannel, validate_channel
+from .httpauth import reader
 from .httperrors import HTTPError
 from .openapi import CHANNEL_SCHEMA, SECURITY, errors, json_body, ref
 from .presence import PresenceRegistry
@@ -64,25 +65,12 @@ def presence_router(
     ) -> Response:
         """Present sessions of ``channel`` on every node."""
         try:
-            header = request.headers.get("authorization", "")
-            scheme, _, credential = header.partition(" ")
-            if scheme.lower() != "bearer" or not credential.strip():
-                raise HTTPError(401, "unauthorized", "missing Authorization: Bearer token")
-            credential = credential.strip()
-            is_api_key = auth.is_api_key(credential)
-            if not is_api_key:
-                try:
-                    principal = auth.verify(credential)
-                except AuthError as exc:
-                    try:
-                        principal = auth.verify(credential, purpose="emit")
-                    except AuthError:
-                        raise HTTPError(401, "unauthorized", str(exc)) from None
+            principal = reader(request, auth)
             try:
                 channel = validate_channel(channel)
             except InvalidChannel as exc:
                 raise HTTPError(422, "invalid_channel", str(exc)) from None
-            if not (is_api_key or principal.can_see_presence(channel)):
+            if not (principal is None or principal.can_see_presence(channel)):
                 raise HTTPError(403, "forbidden", f"not allowed to see presence of {channel}")
             if not registry.enabled(channel):
                 raise HTTPError(400, "bad_request", f"presence is not enabled for {channel}")
