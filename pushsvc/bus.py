@@ -30,6 +30,7 @@ import asyncio
 import datetime
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -870,40 +871,29 @@ class Bus:
             Unavailable: no answer within ``publish_timeout`` s (after one retry
                 when ``retry``).
         """
-        assert self.js is not None
         messages: list[StoredMessage] = []
         pending = 0
         error: Exception | None = None
         for attempt in range(2 if retry else 1):
             if attempt:
                 await asyncio.sleep(0.05)
-            messages, pending, after = [], 0, since
+            messages, pending = [], 0
             try:
-                while len(messages) < limit:
-                    batch = min(limit - len(messages), READ_BATCH)
-                    left = None
-                    async with asyncio.timeout(self.settings.publish_timeout):
-                        async for raw in get_batch(
-                            self.js,
-                            self.settings.stream,
-                            batch=batch,
-                            seq=after + 1,
-                            subject=subject,
-                        ):
-                            seq = raw.seq or 0
-                            left = int((raw.headers or {}).get("Nats-Num-Pending", 0))
-                            if not messages:
-                                pending = left + 1
-                            messages.append(
-                                StoredMessage(
-                                    seq, raw.data or b"", channel_for(self.prefix, raw.subject)
-                                )
-                            )
-                            after = seq
-                    if not left:
-                        break
-                return messages, pending
-            except NoMessagesError:
+                async with (
+                    asyncio.timeout(self.settings.publish_timeout),
+                    aclosing(
+                        self.scan(
+                            self.settings.stream, subject, after=since, batch=min(limit, READ_BATCH)
+                        )
+                    ) as stored,
+                ):
+                    async for raw in stored:
+                        if not messages:
+                            pending = int((raw.headers or {}).get("Nats-Num-Pending", 0)) + 1
+                        channel = channel_for(self.prefix, raw.subject)
+                        messages.append(StoredMessage(raw.seq or 0, raw.data or b"", channel))
+                        if len(messages) >= limit:
+                            break
                 return messages, pending
             except BatchUnsupportedError:
                 raise Unavailable("history needs nats-server 2.11 or later") from None
@@ -917,9 +907,10 @@ class Bus:
         raise Unavailable(f"history read failed ({type(error).__name__})") from None
 
     async def scan(
-        self, stream: str, subject: str, batch: int = 1024
+        self, stream: str, subject: str, *, after: int = 0, batch: int = 1024
     ) -> AsyncIterator[RawStreamMsg]:
-        """Every message of ``stream`` on ``subject`` (wildcards allowed), oldest first.
+        """Every message of ``stream`` on ``subject`` (wildcards allowed) with a sequence
+        greater than ``after``, oldest first.
 
         JetStream batch direct gets (ADR-31), page by page until none is pending:
         no consumer, so no meta leader and no "initial values done" marker to
@@ -931,7 +922,6 @@ class Bus:
                 JetStream failed; callers bound the time.
         """
         assert self.js is not None
-        after = 0
         while True:
             left = 0
             try:

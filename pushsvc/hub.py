@@ -197,17 +197,7 @@ class Hub:
                 comes on top). Frames buffered during a NATS outage are not
                 observed (their delay is the outage).
         """
-        state = self._channels.get(channel)
-        if state is None:
-            return
-        frame, nbytes = encode_message(channel, payload, seq)
-        metrics.MESSAGES_RECEIVED.inc()
-        if state.catchup is not None:
-            state.catchup.append((seq, frame, nbytes))
-            return
-        self._deliver(state, seq, frame, nbytes)
-        if stamp is not None:
-            metrics.DELIVERY_LATENCY.observe(max(0.0, time.time() - stamp))
+        self.dispatch_pattern(channel, channel, payload, seq, stamp)
 
     def dispatch_pattern(
         self,
@@ -220,13 +210,16 @@ class Hub:
         """Deliver one NATS message of ``channel`` to the local subscribers of ``pattern``.
 
         Same path as :meth:`dispatch` (one encode, seam and outage handling and the
-        latency observation per subscription), the frame carrying ``pattern``
-        beside the concrete channel.
+        latency observation per subscription); when ``pattern`` is a wildcard the
+        frame carries it beside the concrete channel (``pattern == channel`` for a
+        plain subscription).
         """
         state = self._channels.get(pattern)
         if state is None:
             return
-        frame, nbytes = encode_message(channel, payload, seq, pattern)
+        frame, nbytes = encode_message(
+            channel, payload, seq, None if pattern == channel else pattern
+        )
         metrics.MESSAGES_RECEIVED.inc()
         if state.catchup is not None:
             state.catchup.append((seq, frame, nbytes))
