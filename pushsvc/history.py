@@ -30,7 +30,7 @@ from .channels import InvalidChannel, validate_channel
 from .httpauth import reader
 from .httperrors import HTTPError
 from .openapi import CHANNEL_SCHEMA, SECURITY, declare, errors, json_body, ref
-from .protocol import payload_to_data
+from .protocol import payload_to_data, position_error
 from .settings import Settings
 
 MAX_SEQ = 2**64 - 1  # stream sequences are unsigned 64-bit (docs/protocol.md)
@@ -101,8 +101,8 @@ def history_router(settings: Settings, bus: Bus, auth: Authenticator) -> APIRout
             if not (principal is None or principal.can_subscribe(channel)):
                 raise HTTPError(403, "forbidden", f"not allowed to read {channel}")
             after = 0 if since is None else _count(since, "since", 0)
-            if epoch is not None and not 0 < len(epoch) <= 64:
-                raise HTTPError(400, "bad_request", "epoch must be 1..64 characters")
+            if (problem := position_error(None, epoch, MAX_SEQ)) is not None:
+                raise HTTPError(400, "bad_request", problem)
             most = None if limit is None else _count(limit, "limit", 1)
             cap = settings.history_size
             try:

@@ -37,6 +37,20 @@ LIMIT_EXCEEDED: Final = "limit_exceeded"
 UNAVAILABLE: Final = "unavailable"
 
 RequestId = int | str | None
+MAX_EPOCH_LENGTH: Final = 64  # characters of an ``epoch`` a client may send back
+
+
+def position_error(since: int | None, epoch: str | None, max_seq: int) -> str | None:
+    """Why a resume position (``since``, ``epoch``) is malformed, or None when it is fine.
+
+    ``since`` is a stream sequence in ``0..max_seq``; ``epoch`` an opaque string of
+    1..``MAX_EPOCH_LENGTH`` characters (docs/protocol.md, "epoch").
+    """
+    if since is not None and not 0 <= since <= max_seq:
+        return f"since must be in 0..{max_seq}"
+    if epoch is not None and not 0 < len(epoch) <= MAX_EPOCH_LENGTH:
+        return f"epoch must be 1..{MAX_EPOCH_LENGTH} characters"
+    return None
 
 
 # --- client commands ------------------------------------------------------------

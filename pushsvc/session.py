@@ -79,6 +79,7 @@ from .protocol import (
     Welcome,
     decode_command,
     encode_frame,
+    position_error,
 )
 from .ratelimit import TokenBucket
 from .settings import Settings
@@ -574,11 +575,8 @@ class Session:
                 cmd.id,
             )
             return
-        if cmd.since is not None and not 0 <= cmd.since <= MAX_SEQ:
-            self._refuse(BAD_REQUEST, f"since must be in 0..{MAX_SEQ}", cmd.id)
-            return
-        if cmd.epoch is not None and not 0 < len(cmd.epoch) <= 64:
-            self._refuse(BAD_REQUEST, "epoch must be 1..64 characters", cmd.id)
+        if (problem := position_error(cmd.since, cmd.epoch, MAX_SEQ)) is not None:
+            self._refuse(BAD_REQUEST, problem, cmd.id)
             return
         try:
             await self.hub.subscribe(self, channel, cmd.since, cmd.id, cmd.epoch)
@@ -625,11 +623,8 @@ class Session:
             resume = self._resume.get(channel)
             since = resume.since if resume is not None else None
             epoch = resume.epoch if resume is not None else None
-            if since is not None and not 0 <= since <= MAX_SEQ:
-                self._refuse(BAD_REQUEST, f"subs.{channel}.since must be in 0..{MAX_SEQ}", None)
-                since = None
-            if epoch is not None and not 0 < len(epoch) <= 64:
-                self._refuse(BAD_REQUEST, f"subs.{channel}.epoch must be 1..64 characters", None)
+            if (problem := position_error(since, epoch, MAX_SEQ)) is not None:
+                self._refuse(BAD_REQUEST, f"subs.{channel}.{problem}", None)
                 since = epoch = None
             try:
                 await self.hub.subscribe(self, channel, since, None, epoch)
