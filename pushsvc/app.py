@@ -21,7 +21,6 @@ import threading
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from importlib import resources
 from typing import Any
 
 from fastapi import APIRouter, FastAPI, Query
@@ -32,7 +31,7 @@ from . import __version__, metrics
 from .auth import Authenticator, Revocation, mint_token, parse_revocation
 from .bus import Bus, Unavailable
 from .channels import InvalidChannel, validate_grant
-from .demo import demo_router
+from .demo import demo_router, static_path
 from .embedded import EmbeddedNats, start_default
 from .emit import emit_router
 from .endpoint import WebSocketEndpoint
@@ -91,7 +90,7 @@ class Node:
         self.auth = Authenticator(settings)
         self.bus = Bus(
             settings,
-            on_message=self.hub_dispatch,
+            on_message=self._hub_dispatch,
             on_control=self._control,
             name=self.connection_name,
         )
@@ -138,7 +137,7 @@ class Node:
         base = f"pushsvc/{self.name}"
         return f"{base}/{self.worker}" if self.worker else base
 
-    def hub_dispatch(
+    def _hub_dispatch(
         self, channel: str, payload: bytes, seq: int | None, stamp: float | None
     ) -> None:
         """The bus's ``on_message``: hand a live NATS message to the hub."""
@@ -409,7 +408,7 @@ class Node:
         )
         async def client_js() -> FileResponse:
             """The browser client."""
-            return FileResponse(_static("pushsvc.js"), media_type="text/javascript")
+            return FileResponse(static_path("pushsvc.js"), media_type="text/javascript")
 
         if settings.dev:
             router.include_router(demo_router())
@@ -519,10 +518,6 @@ _WS_REFUSALS: dict[int | str, dict[str, Any]] = {
         headers={"Retry-After": {"required": True, "schema": {"type": "integer", "minimum": 1}}},
     ),
 }
-
-
-def _static(name: str) -> str:
-    return str(resources.files("pushsvc") / "static" / name)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

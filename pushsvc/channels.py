@@ -73,30 +73,31 @@ def validate_grant(pattern: str) -> str:
     return pattern
 
 
-@lru_cache(maxsize=4096)
 def grant_matches(pattern: str, channel: str) -> bool:
     """True when the grant ``pattern`` covers ``channel`` (NATS wildcard rules).
+
+    A concrete channel is the simplest pattern, so this is :func:`grant_covers`.
 
     >>> grant_matches("chat.*", "chat.room1"), grant_matches("chat.*", "chat.a.b")
     (True, False)
     >>> grant_matches("chat.>", "chat.a.b"), grant_matches("chat.>", "chat")
     (True, False)
     """
-    p_tokens = pattern.split(".")
-    c_tokens = channel.split(".")
-    for i, p in enumerate(p_tokens):
-        if p == ">":
-            return len(c_tokens) > i
-        if i >= len(c_tokens):
-            return False
-        if p != "*" and p != c_tokens[i]:
-            return False
-    return len(p_tokens) == len(c_tokens)
+    return grant_covers(pattern, channel)
 
 
 def any_grant_matches(patterns: tuple[str, ...], channel: str) -> bool:
     """True when any of ``patterns`` covers ``channel``."""
     return any(grant_matches(p, channel) for p in patterns)
+
+
+def concrete_match(patterns: tuple[str, ...], channel: str) -> bool:
+    """True when ``channel`` is a concrete channel (no wildcard) covered by ``patterns``.
+
+    The rule of per-channel features configured by patterns (presence, join/leave
+    events): never on for a wildcard subscription.
+    """
+    return bool(patterns) and not is_pattern(channel) and any_grant_matches(patterns, channel)
 
 
 def is_pattern(name: object) -> bool:

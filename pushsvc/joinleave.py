@@ -27,7 +27,7 @@ import msgspec
 
 from . import metrics
 from .bus import Bus, Unavailable
-from .channels import any_grant_matches, is_pattern
+from .channels import concrete_match
 from .hub import Hub
 from .protocol import NO_INFO, Join, Leave, encode_frame
 from .settings import Settings
@@ -62,9 +62,7 @@ class JoinLeave:
 
     def enabled(self, channel: str) -> bool:
         """True when ``channel`` has join/leave events (``PUSHSVC_JOIN_LEAVE_CHANNELS``)."""
-        if not self.patterns or is_pattern(channel):
-            return False  # (never for wildcard subscriptions)
-        return any_grant_matches(self.patterns, channel)
+        return concrete_match(self.patterns, channel)
 
     # --- hub observers ---------------------------------------------------------------
     def joined(self, session: Session, channel: str) -> None:

@@ -49,7 +49,7 @@ from nats.js.kv import KeyValue
 
 from . import metrics
 from .bus import Bus, Unavailable
-from .channels import any_grant_matches, is_pattern
+from .channels import concrete_match
 from .protocol import NO_INFO, ClientInfo
 from .settings import Settings
 
@@ -110,9 +110,7 @@ class PresenceRegistry:
 
     def enabled(self, channel: str) -> bool:
         """True when presence is on for ``channel`` (``PUSHSVC_PRESENCE_CHANNELS``)."""
-        if not self.patterns or is_pattern(channel):
-            return False  # (never for wildcard subscriptions)
-        return any_grant_matches(self.patterns, channel)
+        return concrete_match(self.patterns, channel)
 
     @property
     def entries(self) -> int:

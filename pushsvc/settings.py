@@ -279,7 +279,7 @@ class Settings(msgspec.Struct, kw_only=True):
                 raise SettingsError("PUSHSVC_API_KEYS", "empty API key")
         if self.presence_ttl < 1:
             raise SettingsError("PUSHSVC_PRESENCE_TTL", "must be >= 1 s")
-        if not _is_bucket(self.presence_bucket):
+        if not _is_token(self.presence_bucket):
             raise SettingsError(
                 "PUSHSVC_PRESENCE_BUCKET", f"invalid KV bucket name {self.presence_bucket!r}"
             )
@@ -372,11 +372,6 @@ def check_nats_url(url: str, setting: str) -> str:
 
 def _is_token(value: str) -> bool:
     return bool(value) and all(c.isascii() and (c.isalnum() or c in "_-") for c in value)
-
-
-def _is_bucket(value: str) -> bool:
-    """A JetStream KV bucket name: ``[A-Za-z0-9_-]+`` (nats-py ``VALID_BUCKET_RE``)."""
-    return _is_token(value)
 
 
 def default_node_name() -> str:

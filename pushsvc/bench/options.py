@@ -192,6 +192,8 @@ def build_config(args: argparse.Namespace) -> dict[str, Any]:
         or os.environ.get("PUSHSVC_JWT_AUDIENCE")
         or None,
         "issuer": os.environ.get("PUSHSVC_JWT_ISSUER") or None,
+        "typ": os.environ.get("PUSHSVC_JWT_TYPE") or None,
+        "emit_typ": os.environ.get("PUSHSVC_EMIT_TYPE") or None,
         "prefix": args.prefix,
         "clients": args.clients,
         "channels": args.channels,

@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from typing import Any
 from urllib.parse import urlencode
 
 import h11
-import jwt
 
+from ..auth import mint_token
 from .httpclient import HttpConnection
 from .options import BenchError
 from .system import new_loop, ssl_context
@@ -30,34 +29,33 @@ DEV_TOKEN_TIMEOUT = 120.0  # seconds for fetching every token
 GRANTS = "bench.>"
 
 
-def mint(cfg: dict[str, Any], sub: str, audience: str | None) -> str:
-    """An HS256 token for ``sub`` signed with ``cfg["secret"]``, valid TOKEN_TTL seconds."""
-    now = int(time.time())
-    claims: dict[str, Any] = {
-        "sub": sub,
-        "exp": now + TOKEN_TTL,
-        "channels": [GRANTS],
-        "publish": [GRANTS],
-    }
-    if audience:
-        claims["aud"] = audience
-    if cfg["issuer"]:
-        claims["iss"] = cfg["issuer"]
-    return jwt.encode(claims, cfg["secret"], algorithm="HS256")
+def mint(cfg: dict[str, Any], sub: str, audience: str | None, typ: str | None = None) -> str:
+    """An HS256 token for ``sub`` signed with ``cfg["secret"]``, valid TOKEN_TTL seconds
+    (:func:`pushsvc.auth.mint_token`; ``typ`` is the JOSE header the server may require)."""
+    return mint_token(
+        cfg["secret"],
+        sub,
+        channels=[GRANTS],
+        publish=[GRANTS],
+        ttl=TOKEN_TTL,
+        audience=audience,
+        issuer=cfg["issuer"],
+        headers={"typ": typ} if typ else None,
+    )
 
 
 def client_token(cfg: dict[str, Any], gid: int) -> str:
     """The token of bench client ``gid`` (user ``bench-<gid>``)."""
     if cfg["tokens"] is not None:
         return cfg["tokens"]["clients"][gid]
-    return mint(cfg, f"bench-{gid}", cfg["audience"])
+    return mint(cfg, f"bench-{gid}", cfg["audience"], cfg.get("typ"))
 
 
 def emit_token(cfg: dict[str, Any], k: int) -> str:
     """The token of emitter ``k`` (user ``bench-emit-<k>``), for ``POST /emit``."""
     if cfg["tokens"] is not None:
         return cfg["tokens"]["emit"][k]
-    return mint(cfg, f"bench-emit-{k}", cfg["emit_audience"])
+    return mint(cfg, f"bench-emit-{k}", cfg["emit_audience"], cfg.get("emit_typ"))
 
 
 def emitters(cfg: dict[str, Any]) -> int:
@@ -73,9 +71,13 @@ def mint_all(cfg: dict[str, Any]) -> dict[str, list[str]]:
     n_emit = emitters(cfg) if cfg["via"] == "emit" else 0
     return {
         "clients": [
-            mint(cfg, f"bench-{n}", cfg["audience"]) for n in range(cfg["clients"] + cfg["stall"])
+            mint(cfg, f"bench-{n}", cfg["audience"], cfg.get("typ"))
+            for n in range(cfg["clients"] + cfg["stall"])
         ],
-        "emit": [mint(cfg, f"bench-emit-{k}", cfg["emit_audience"]) for k in range(n_emit)],
+        "emit": [
+            mint(cfg, f"bench-emit-{k}", cfg["emit_audience"], cfg.get("emit_typ"))
+            for k in range(n_emit)
+        ],
     }
 
 
