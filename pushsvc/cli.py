@@ -25,7 +25,7 @@ from typing import Any
 import msgspec
 
 from . import __version__, logs, natsconn
-from .settings import ENV_PREFIX, Settings, SettingsError, check_nats_url
+from .settings import ENV_PREFIX, Settings, SettingsError, check_nats_url, split_servers
 
 log = logging.getLogger("pushsvc")
 
@@ -390,7 +390,7 @@ def _publish(args: argparse.Namespace) -> int:
     else:
         url = os.environ.get("PUSHSVC_NATS_URL") or DEFAULT_NATS_URL
         setting = "PUSHSVC_NATS_URL"
-    servers = [check_nats_url(u.strip(), setting) for u in url.split(",") if u.strip()]
+    servers = [check_nats_url(u, setting) for u in split_servers(url)]
     prefix = os.environ.get("PUSHSVC_SUBJECT_PREFIX", "push")
     try:
         data: Any = json.loads(args.data)

@@ -169,7 +169,7 @@ class Settings(msgspec.Struct, kw_only=True):
     @property
     def nats_servers(self) -> list[str]:
         """``nats_url`` split on commas (cluster seed servers)."""
-        return [u.strip() for u in (self.nats_url or "").split(",") if u.strip()]
+        return split_servers(self.nats_url or "")
 
     def validate(self) -> None:
         """Check cross-field rules.
@@ -368,6 +368,11 @@ def check_nats_url(url: str, setting: str) -> str:
     elif parts.netloc.endswith(":"):  # "host:" would silently mean the default 4222
         raise SettingsError(setting, f"empty port in {shown!r}")
     return url
+
+
+def split_servers(url: str) -> list[str]:
+    """A comma-separated NATS URL list (``PUSHSVC_NATS_URL``, ``--nats-url``) as URLs."""
+    return [u.strip() for u in url.split(",") if u.strip()]
 
 
 def _is_token(value: str) -> bool:

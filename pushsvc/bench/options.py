@@ -14,6 +14,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from .. import natsconn
+from ..settings import split_servers
 
 DEFAULT_URL = "http://127.0.0.1:8000"  # `pushsvc serve`'s default address
 EMIT_CONCURRENCY = 16  # default parallel emit POSTs (one HTTP connection and emit user each)
@@ -174,7 +175,7 @@ def build_config(args: argparse.Namespace) -> dict[str, Any]:
     base = parts.path.rstrip("/")
     total = args.clients + args.stall
     security = natsconn.NatsSecurity.from_args(args)
-    security.check(args.nats_url.split(","))  # SettingsError is a ValueError
+    security.check(split_servers(args.nats_url))  # SettingsError is a ValueError
     return {
         "host": host,
         "port": port,

@@ -22,6 +22,8 @@ from typing import Any
 from urllib.parse import quote
 
 from .. import natsconn
+from ..bus import connect_failure
+from ..settings import split_servers
 from .client import ERROR_SAMPLES
 from .httpclient import HttpConnection
 from .options import BenchError
@@ -105,7 +107,7 @@ class Publisher:
 
             try:
                 self.nc = await natsconn.connect(
-                    [u.strip() for u in cfg["nats_url"].split(",") if u.strip()],
+                    split_servers(cfg["nats_url"]),
                     cfg["nats_security"],
                     timeout=max(0.5, wait_s),
                     connect_timeout=min(5.0, max(0.5, wait_s)),
@@ -118,9 +120,9 @@ class Publisher:
             except natsconn.NatsRefused as exc:
                 raise BenchError(str(exc)) from None
             except Exception as exc:
-                reason = seen[-1] if seen else exc
                 raise BenchError(
-                    f"cannot connect to NATS at {natsconn.display_url(cfg['nats_url'])}: {reason!r}"
+                    f"cannot connect to NATS at {natsconn.display_url(cfg['nats_url'])}: "
+                    f"{connect_failure(exc, seen)}"
                 ) from None
         else:
             tls = ssl_context(cfg["tls"])
