@@ -23,6 +23,8 @@ from functools import lru_cache
 MAX_CHANNEL_LENGTH = 128
 
 _TOKEN = r"[A-Za-z0-9_-]+"
+#: the channel grammar (docs/protocol.md) as an anchored regular expression
+CHANNEL_PATTERN = rf"^{_TOKEN}(\.{_TOKEN})*$"
 _CHANNEL_RE = re.compile(rf"{_TOKEN}(?:\.{_TOKEN})*")
 _GRANT_TOKEN_RE = re.compile(r"[A-Za-z0-9_-]+|\*|>")
 

@@ -351,13 +351,12 @@ def _token(args: argparse.Namespace) -> int:
         with open(args.private_key) as f:
             key = f.read()
         algorithm = args.algorithm or ("ES256" if "EC PRIVATE" in key else "RS256")
-        audience = args.audience or os.environ.get("PUSHSVC_JWT_AUDIENCE")
     else:
         key = args.secret or os.environ.get("PUSHSVC_JWT_SECRET")
         if not key:
             raise SettingsError("PUSHSVC_JWT_SECRET", "missing: needed to sign tokens")
         algorithm = args.algorithm or "HS256"
-        audience = args.audience or os.environ.get("PUSHSVC_JWT_AUDIENCE")
+    audience = args.audience or os.environ.get("PUSHSVC_JWT_AUDIENCE")
     print(
         mint_token(
             key,

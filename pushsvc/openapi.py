@@ -29,19 +29,18 @@ from fastapi import FastAPI, Security
 from fastapi.security import HTTPBearer
 from msgspec import UNSET, Meta, UnsetType
 
-CHANNEL_PATTERN = r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$"
-"""The channel grammar of docs/protocol.md as a JSON Schema pattern (length: 1..128)."""
+from .channels import CHANNEL_PATTERN, MAX_CHANNEL_LENGTH
 
 CHANNEL_SCHEMA: dict[str, Any] = {
     "type": "string",
     "minLength": 1,
-    "maxLength": 128,
+    "maxLength": MAX_CHANNEL_LENGTH,
     "pattern": CHANNEL_PATTERN,
     "description": "Channel name: dot-separated tokens of [A-Za-z0-9_-], 1..128 characters; "
     "the first tokens _INBOX, _R_ and _JS are reserved. Anything else is answered 422.",
 }
 
-Channel = Annotated[str, Meta(min_length=1, max_length=128, pattern=CHANNEL_PATTERN)]
+Channel = Annotated[str, Meta(min_length=1, max_length=MAX_CHANNEL_LENGTH, pattern=CHANNEL_PATTERN)]
 Seq = Annotated[int, Meta(ge=1, description="JetStream stream sequence (unsigned 64-bit)")]
 
 
