@@ -125,7 +125,6 @@ class Node:
         self.stopping = False
         self.started = False
         self._sigterm: tuple[Any, Any] | None = None
-        self._background: set[asyncio.Task[None]] = set()
 
     @property
     def connection_name(self) -> str:
@@ -155,22 +154,15 @@ class Node:
             log.warning("ignored malformed control message")
             return
         at = time.time()
-        self._revoke(revocation, at)
         if self.revocations is not None:
-            task = asyncio.ensure_future(self._store_revocation(revocation, at, payload))
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
+            self.revocations.record(revocation, at, payload)
+        else:
+            self._revoke(revocation, at)
 
     def _revoke(self, revocation: Revocation, at: float) -> None:
+        """Refuse the revoked token(s) from now on and close their sessions."""
         self.auth.revoke(revocation, at)
         self.hub.disconnect(revocation.sub, revocation.jti, issued_before=at)
-
-    async def _store_revocation(self, revocation: Revocation, at: float, payload: bytes) -> None:
-        assert self.revocations is not None
-        try:
-            await self.revocations.put(revocation, at, payload)
-        except Unavailable as exc:
-            log.error("revocation applied on this node but not stored in NATS: %s", exc)
 
     @property
     def nats_url(self) -> str | None:
@@ -212,12 +204,7 @@ class Node:
             )
         await self.bus.start()
         if self.bus.history_enabled:
-            store = RevocationStore(
-                self.bus,
-                self.settings.revocation_bucket,
-                self.settings.stream_replicas,
-                self._revoke,
-            )
+            store = RevocationStore(self.bus, self.settings.revocation_bucket, self._revoke)
             try:
                 await store.start(self.settings.connect_timeout)
             except Unavailable:
@@ -296,8 +283,6 @@ class Node:
         await self.hub.wait_idle()
         await self.join_leave.wait_idle()
         await self.presence.stop()
-        if self._background:
-            await asyncio.wait(list(self._background), timeout=2)
         if self.revocations is not None:
             await self.revocations.close()
         await self.bus.close(timeout=min(5.0, self.settings.shutdown_timeout))

@@ -138,6 +138,7 @@ MAX_SUBS = 128  # most channels a ``subs`` claim may list
 
 MAX_REVOCATIONS = 100_000
 DEFAULT_REVOCATION_TTL = 86400.0  # seconds a revocation is remembered without "ttl"
+MAX_REVOCATION_TTL = 365 * 86400.0  # seconds: the longest revocation accepted
 
 
 class Revocation(msgspec.Struct, frozen=True):
@@ -152,6 +153,13 @@ class Revocation(msgspec.Struct, frozen=True):
     jti: str | None = None
     ttl: float = DEFAULT_REVOCATION_TTL
 
+    @property
+    def valid(self) -> bool:
+        """Names a ``sub`` and/or a ``jti``, and ``0 < ttl <=`` :data:`MAX_REVOCATION_TTL`."""
+        return (self.sub is not None or self.jti is not None) and (
+            0 < self.ttl <= MAX_REVOCATION_TTL
+        )
+
 
 def parse_revocation(payload: bytes) -> Revocation | None:
     """Decode a control message; None when it is malformed or names neither sub nor jti."""
@@ -159,11 +167,7 @@ def parse_revocation(payload: bytes) -> Revocation | None:
         revocation = msgspec.json.decode(payload, type=Revocation)
     except (msgspec.DecodeError, RecursionError):
         return None
-    if revocation.sub is None and revocation.jti is None:
-        return None
-    if not 0 < revocation.ttl <= 365 * 86400:
-        return None
-    return revocation
+    return revocation if revocation.valid else None
 
 
 class Authenticator:

@@ -18,7 +18,7 @@ Subjects (``prefix`` = ``PUSHSVC_SUBJECT_PREFIX``, default ``push``):
 - channel events (join/leave) travel on ``<prefix>-events.<channel>`` (core NATS,
   never stored), one refcounted subscription per channel with local subscribers
   where they are on (:meth:`Bus.acquire_events`);
-- presence lives in a JetStream KV bucket (:meth:`Bus.key_value`).
+- presence and revocations live in JetStream KV buckets (:meth:`Bus.key_value`).
 
 Interest-based: a node holds one NATS subscription per channel with at least one
 local subscriber; :meth:`Bus.release` of the last one unsubscribes.
@@ -972,14 +972,22 @@ class Bus:
         return msg.seq or 0
 
     # --- presence KV bucket ------------------------------------------------------------
-    async def key_value(self, bucket: str, ttl: float) -> tuple[KeyValue, float]:
-        """Create (or open) the JetStream KV bucket ``bucket`` for presence.
+    async def key_value(
+        self,
+        bucket: str,
+        ttl: float,
+        *,
+        storage: StorageType = StorageType.MEMORY,
+        description: str | None = None,
+    ) -> tuple[KeyValue, float]:
+        """Create (or open) the JetStream KV bucket ``bucket`` (presence, revocations).
 
-        New buckets keep one value per key (``history=1``) in memory storage with
-        ``max_age`` = ``ttl`` seconds and ``stream_replicas`` replicas (NATS docs,
-        "Key/Value Store"). A bucket that already exists with another configuration
-        (e.g. another node's TTL) is opened as it is and its own TTL is returned,
-        so every node refreshes at the pace the bucket actually expires.
+        New buckets keep one value per key (``history=1``) in ``storage`` with
+        ``max_age`` = ``ttl`` seconds, ``stream_replicas`` replicas and direct gets
+        allowed (read by :meth:`scan_kv`; NATS docs, "Key/Value Store"). A bucket
+        that already exists with another configuration (e.g. another node's TTL)
+        is opened as it is and its own TTL is returned, so every node works at the
+        pace the bucket actually expires.
 
         Returns:
             ``(kv, ttl_seconds)``; ``ttl_seconds`` is 0 for a bucket without max age.
@@ -989,14 +997,15 @@ class Bus:
                 JetStream did not create/open the bucket.
         """
         if not self.history_enabled or self.js is None:
-            raise Unavailable("presence needs JetStream (history is off)")
+            raise Unavailable(f"bucket {bucket} needs JetStream (history is off)")
         if not self.is_connected:
             raise Unavailable("NATS is not connected")
         config = KeyValueConfig(
             bucket=bucket,
+            description=description,
             history=1,
             ttl=ttl,
-            storage=StorageType.MEMORY,
+            storage=storage,
             replicas=self.settings.stream_replicas,
             direct=True,
         )
@@ -1010,7 +1019,7 @@ class Bus:
             status = await kv.status()
             actual = status.ttl or 0.0
             log.warning(
-                "presence bucket %s exists with other settings (ttl %gs); using it as it is",
+                "bucket %s exists with other settings (ttl %gs); using it as it is",
                 bucket,
                 actual,
             )
@@ -1018,11 +1027,42 @@ class Bus:
         except nats.errors.NoRespondersError:
             raise Unavailable("JetStream is not enabled on this NATS") from None
         except nats.js.errors.APIError as exc:
-            raise Unavailable(f"presence bucket {bucket}: {exc.description}") from None
+            raise Unavailable(f"bucket {bucket}: {exc.description}") from None
         except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
-            raise Unavailable(
-                f"presence bucket {bucket} not ready ({type(exc).__name__})"
-            ) from None
+            raise Unavailable(f"bucket {bucket} not ready ({type(exc).__name__})") from None
+
+    def scan_kv(self, bucket: str, keys: str) -> AsyncIterator[RawStreamMsg]:
+        """Every stored entry of ``bucket`` whose key matches ``keys`` (wildcards allowed).
+
+        :meth:`scan` over the bucket's stream ``KV_<bucket>`` and subjects
+        ``$KV.<bucket>.<keys>`` (ADR-8); delete/purge markers are included (header
+        ``KV-Operation``), for the caller to skip.
+        """
+        return self.scan(f"KV_{bucket}", f"$KV.{bucket}.{keys}")
+
+    async def kv_put(self, bucket: str, key: str, value: bytes, *, ttl: float, msg_id: str) -> None:
+        """Write ``key`` of ``bucket`` with a per-message TTL of ``ttl`` seconds.
+
+        A KV put is a JetStream publish to ``$KV.<bucket>.<key>`` (ADR-8); nats-py's
+        ``KeyValue.put`` sets no TTL, so it is published here with ``Nats-TTL``
+        (nats-server 2.11+) and ``Nats-Msg-Id`` = ``msg_id`` (writers of the same
+        entry inside the dedupe window store it once).
+
+        Raises:
+            Unavailable: JetStream did not take it within ``publish_timeout`` s.
+        """
+        if self.js is None or not self.is_connected:
+            raise Unavailable("NATS is not connected")
+        try:
+            await self.js.publish(
+                f"$KV.{bucket}.{key}",
+                value,
+                headers={"Nats-Msg-Id": msg_id},
+                msg_ttl=max(1.0, ttl),
+                timeout=self.settings.publish_timeout,
+            )
+        except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
+            raise Unavailable(f"{bucket} write failed ({type(exc).__name__})") from None
 
     # --- channel events (join/leave) ------------------------------------------------
     def events_subject(self, channel: str) -> str:

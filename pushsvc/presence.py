@@ -254,10 +254,9 @@ class PresenceRegistry:
             await asyncio.wait(list(self._tasks), timeout=self.settings.publish_timeout)
         snapshot = Snapshot()
         users: set[str] = set()
-        bucket = self.settings.presence_bucket
         try:
             async with asyncio.timeout(self.settings.publish_timeout):
-                async for raw in self.bus.scan(f"KV_{bucket}", f"$KV.{bucket}.{channel}.*"):
+                async for raw in self.bus.scan_kv(self.settings.presence_bucket, f"{channel}.*"):
                     if (raw.headers or {}).get("KV-Operation") or not raw.data:
                         continue  # a delete/purge marker: the session left
                     try:

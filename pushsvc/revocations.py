@@ -38,15 +38,13 @@ import msgspec
 import nats.errors
 import nats.js.errors
 from jetstreamext import InvalidResponseError
-from nats.js.api import KeyValueConfig, StorageType
+from nats.js.api import StorageType
 from nats.js.kv import KeyValue
 
-from .auth import Revocation
+from .auth import MAX_REVOCATION_TTL, Revocation
 from .bus import Bus, Unavailable
 
 log = logging.getLogger("pushsvc.revocations")
-
-MAX_TTL = 365 * 86400.0  # s: the longest revocation accepted (see auth.parse_revocation)
 
 
 class StoredRevocation(msgspec.Struct, omit_defaults=True):
@@ -79,20 +77,19 @@ class RevocationStore:
     """The node's view of the revocation bucket.
 
     Args:
-        bus: the node's connected :class:`~pushsvc.bus.Bus` (its JetStream context).
+        bus: the node's connected :class:`~pushsvc.bus.Bus` (all NATS access).
         bucket: bucket name (``PUSHSVC_REVOCATION_BUCKET``).
-        replicas: bucket replicas (``PUSHSVC_STREAM_REPLICAS``).
-        apply: called with ``(revocation, revoked_at)`` for every entry loaded or
-            watched (revoked_at in Unix seconds); must not block.
+        apply: called with ``(revocation, revoked_at)`` for every revocation
+            recorded here, loaded or watched (revoked_at in Unix seconds): refuse
+            the tokens and close their sessions. Must not block.
     """
 
-    def __init__(self, bus: Bus, bucket: str, replicas: int, apply: Applier) -> None:
+    def __init__(self, bus: Bus, bucket: str, apply: Applier) -> None:
         self.bus = bus
         self.bucket = bucket
-        self.replicas = replicas
         self._apply = apply
-        self._kv: KeyValue | None = None
         self._task: asyncio.Task[None] | None = None
+        self._writes: set[asyncio.Task[None]] = set()
         #: entries applied since start (loaded + watched)
         self.applied = 0
         self._initial = asyncio.Event()  # the watch delivered its initial values
@@ -105,32 +102,23 @@ class RevocationStore:
         Raises:
             Unavailable: the bucket could not be opened or read within ``timeout`` s.
         """
-        js = self.bus.js
-        assert js is not None
         try:
             async with asyncio.timeout(timeout):
-                try:
-                    self._kv = await js.key_value(self.bucket)
-                except nats.js.errors.BucketNotFoundError:
-                    self._kv = await js.create_key_value(
-                        KeyValueConfig(
-                            bucket=self.bucket,
-                            description="pushsvc token revocations",
-                            history=1,
-                            ttl=MAX_TTL,
-                            storage=StorageType.FILE,
-                            replicas=self.replicas,
-                            direct=True,  # the load below reads it by batch direct gets
-                        )
-                    )
+                kv, _ = await self.bus.key_value(
+                    self.bucket,
+                    MAX_REVOCATION_TTL,
+                    storage=StorageType.FILE,
+                    description="pushsvc token revocations",
+                )
                 # Watch first (every later write arrives there), then read every
                 # stored entry by batch direct gets: the watch's own "initial values
                 # done" marker can come before the values it announces (nats-py
                 # decides it from consumer info), so the load does not rely on it.
-                watcher = await self._kv.watchall()
+                watcher = await kv.watchall()
                 self._task = asyncio.ensure_future(self._watch(watcher))
                 try:
-                    await self._load()
+                    async for raw in self.bus.scan_kv(self.bucket, ">"):
+                        self._entry(raw.data, (raw.headers or {}).get("KV-Operation"))
                 except nats.errors.NoRespondersError:
                     # a bucket created elsewhere without allow_direct: the watch's
                     # marker is all there is
@@ -142,11 +130,6 @@ class RevocationStore:
                 f"revocation bucket {self.bucket} could not be read ({type(exc).__name__}: {exc})"
             ) from None
         log.info("revocations loaded from bucket %s (%d applied)", self.bucket, self.applied)
-
-    async def _load(self) -> None:
-        """Apply every entry the bucket holds (one message per key: history is 1)."""
-        async for raw in self.bus.scan(f"KV_{self.bucket}", f"$KV.{self.bucket}.>"):
-            self._entry(raw.data, (raw.headers or {}).get("KV-Operation"))
 
     async def _watch(self, watcher: KeyValue.KeyWatcher) -> None:
         async for entry in watcher:
@@ -163,13 +146,31 @@ class RevocationStore:
         except (msgspec.DecodeError, RecursionError):
             log.warning("ignored malformed entry in revocation bucket %s", self.bucket)
             return
-        if (stored.sub is None and stored.jti is None) or not 0 < stored.ttl <= MAX_TTL:
+        revocation = stored.revocation()
+        if not revocation.valid:
             log.warning("ignored invalid entry in revocation bucket %s", self.bucket)
             return
         if stored.at + stored.ttl <= time.time():
             return  # over already
         self.applied += 1
-        self._apply(stored.revocation(), stored.at)
+        self._apply(revocation, stored.at)
+
+    def record(self, revocation: Revocation, at: float, payload: bytes) -> None:
+        """A control message arrived: apply it now, store it in the background.
+
+        ``at``: when it arrived (Unix seconds). A failed write is logged: the
+        revocation still holds on the running nodes that received the message.
+        """
+        self._apply(revocation, at)
+        task = asyncio.ensure_future(self._store(revocation, at, payload))
+        self._writes.add(task)
+        task.add_done_callback(self._writes.discard)
+
+    async def _store(self, revocation: Revocation, at: float, payload: bytes) -> None:
+        try:
+            await self.put(revocation, at, payload)
+        except Unavailable as exc:
+            log.error("revocation applied on this node but not stored in NATS: %s", exc)
 
     async def put(self, revocation: Revocation, at: float, payload: bytes) -> None:
         """Store ``revocation`` (revoked at ``at``, Unix seconds) for ``revocation.ttl`` s.
@@ -180,28 +181,20 @@ class RevocationStore:
         Raises:
             Unavailable: JetStream did not take it.
         """
-        js = self.bus.js
-        if js is None or self._kv is None:
-            raise Unavailable("revocation bucket not open")
         value = msgspec.json.encode(
             StoredRevocation(at=at, ttl=revocation.ttl, sub=revocation.sub, jti=revocation.jti)
         )
         # the same control message seen by every node within a few seconds: one entry
         digest = hashlib.sha256(payload + str(int(at) // 5).encode()).hexdigest()[:32]
         for key in entry_keys(revocation):
-            try:
-                await js.publish(
-                    f"$KV.{self.bucket}.{key}",
-                    value,
-                    headers={"Nats-Msg-Id": f"{key}:{digest}"},
-                    msg_ttl=max(1.0, revocation.ttl),
-                    timeout=self.bus.settings.publish_timeout,
-                )
-            except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
-                raise Unavailable(f"revocation not stored ({type(exc).__name__})") from None
+            await self.bus.kv_put(
+                self.bucket, key, value, ttl=revocation.ttl, msg_id=f"{key}:{digest}"
+            )
 
     async def close(self) -> None:
-        """Stop watching."""
+        """Finish pending writes (at most 2 s), stop watching."""
+        if self._writes:
+            await asyncio.wait(list(self._writes), timeout=2)
         if self._task is not None:
             self._task.cancel()
             self._task = None
