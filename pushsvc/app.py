@@ -6,7 +6,7 @@ bundled nats-server first when ``PUSHSVC_NATS_URL`` is unset), and on shutdown
 stops accepting, turns readiness false, closes sessions with 1012 and drains NATS.
 
 With ``PUSHSVC_DRAIN_DELAY`` > 0 the node also delays the server's SIGTERM
-handling (see :meth:`Node.hook_sigterm`): readiness turns false at once, the
+handling (see :mod:`pushsvc.drain`): readiness turns false at once, the
 server keeps serving for the delay, then the shutdown above runs.
 """
 
@@ -16,8 +16,6 @@ import asyncio
 import logging
 import os
 import secrets
-import signal
-import threading
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -32,6 +30,7 @@ from .auth import Authenticator, Revocation, mint_token, parse_revocation
 from .bus import Bus, Unavailable
 from .channels import InvalidChannel, validate_grant
 from .demo import demo_router, static_path
+from .drain import SigtermDelay
 from .embedded import EmbeddedNats, start_default
 from .emit import emit_router
 from .endpoint import WebSocketEndpoint
@@ -124,7 +123,7 @@ class Node:
         self.draining = False
         self.stopping = False
         self.started = False
-        self._sigterm: tuple[Any, Any] | None = None
+        self._sigterm = SigtermDelay(settings.drain_delay, self._begin_drain)
 
     @property
     def connection_name(self) -> str:
@@ -215,56 +214,18 @@ class Node:
         self.started = True
         metrics.INFO.labels(self.name, __version__).set(1)
         if self.settings.drain_delay > 0:
-            self.hook_sigterm()
+            self._sigterm.install()
 
-    def hook_sigterm(self) -> None:
-        """Delay the server's SIGTERM handling by ``drain_delay`` seconds.
-
-        Wraps the SIGTERM handler the server installed (uvicorn's, which starts
-        its graceful shutdown): on SIGTERM readiness turns false at once
-        (``/readyz`` answers 503, so load balancers stop routing new
-        connections here) while every socket keeps working and new handshakes
-        are still accepted; after the delay the server's own handler runs and
-        the shutdown proceeds (sessions closed 1012, bounded by
-        ``shutdown_timeout``). Further SIGTERMs during the delay are ignored
-        (``systemd`` and process-group kills signal every worker twice); SIGINT
-        is not delayed. Needs the main thread and a Python-level handler to wrap;
-        otherwise it logs a warning and the drain delay is off.
-        """
-        if threading.current_thread() is not threading.main_thread():
-            log.warning("PUSHSVC_DRAIN_DELAY ignored: the server does not run in the main thread")
-            return
-        previous = signal.getsignal(signal.SIGTERM)
-        if not callable(previous):
-            log.warning("PUSHSVC_DRAIN_DELAY ignored: no SIGTERM handler of the server to delay")
-            return
-        loop = asyncio.get_running_loop()
-
-        def on_sigterm(signum: int, frame: Any) -> None:
-            # a signal handler may interrupt the loop anywhere: only hand over
-            loop.call_soon_threadsafe(self._drain, previous, signum)
-
-        signal.signal(signal.SIGTERM, on_sigterm)
-        self._sigterm = (on_sigterm, previous)
-
-    def _drain(self, shutdown: Any, signum: int) -> None:
+    def _begin_drain(self) -> bool:
+        """SIGTERM with a drain delay: readiness off now; False if already draining."""
         if self.draining:
-            return
+            return False
         self.draining = True
-        delay = self.settings.drain_delay
         log.info(
             "SIGTERM: readiness off, closing sessions after the drain delay",
-            extra={"drain_delay": delay, "connections": len(self.hub.sessions)},
+            extra={"drain_delay": self.settings.drain_delay, "connections": len(self.hub.sessions)},
         )
-        asyncio.get_running_loop().call_later(delay, shutdown, signum, None)
-
-    def _unhook_sigterm(self) -> None:
-        if self._sigterm is None:
-            return
-        ours, previous = self._sigterm
-        self._sigterm = None
-        if signal.getsignal(signal.SIGTERM) is ours:
-            signal.signal(signal.SIGTERM, previous)
+        return True
 
     async def stop(self) -> None:
         """Graceful drain: refuse new sessions, close open ones with 1012, drain NATS.
@@ -272,7 +233,7 @@ class Node:
         The NATS drain is bounded by ``min(5, shutdown_timeout)`` seconds.
         """
         self.draining = self.stopping = True
-        self._unhook_sigterm()
+        self._sigterm.uninstall()
         if self.hub.sessions:
             log.info(
                 "closing sessions: service restart (1012)",
