@@ -201,6 +201,14 @@ var PushsvcClient = (function () {
       return this._request({ op: "refresh", token: token }).then((f) => { this._scheduleRefresh(f.exp); return f; });
     }
 
+    /** Apply a `subscribed` frame to a position {lastSeq, epoch}: on recovered: false (a gap, or a
+     *  new stream epoch) or a changed epoch, forget the old seq so that no message of the new epoch,
+     *  whose seqs restarted, is mistaken for a duplicate; then adopt the frame's epoch. */
+    static _settlePosition(pos, f) {
+      if (f.recovered === false || (typeof f.epoch === "string" && pos.epoch !== null && f.epoch !== pos.epoch)) pos.lastSeq = null;
+      if (typeof f.epoch === "string") pos.epoch = f.epoch;
+    }
+
     static decodeBase64(s) {
       var bin = atob(s), out = new Uint8Array(bin.length);
       for (var i = 0; i < bin.length; i++) out[i] = bin.charCodeAt(i);
@@ -300,10 +308,7 @@ var PushsvcClient = (function () {
 
     _onSubscribed(e, f) {
       if (this._channels.get(e.channel) !== e) return;
-      // recovered: false (gap, or a new stream epoch): forget the old position so that no
-      // message of the new epoch, whose seqs restarted, is mistaken for a duplicate
-      if (f.recovered === false || (typeof f.epoch === "string" && e.epoch !== null && f.epoch !== e.epoch)) e.lastSeq = null;
-      if (typeof f.epoch === "string") e.epoch = f.epoch;
+      PushsvcClient._settlePosition(e, f);
       e.confirmed = true; e.resolve(f);
       this._emit("subscribed", f);
     }
@@ -381,8 +386,7 @@ var PushsvcClient = (function () {
           p = this._take(f.id);
           if ((e = p ? p.entry : this._channels.get(f.channel))) this._onSubscribed(e, f);
           else if ((e = this._serverSubs.get(f.channel))) { // a server-side subscription
-            if (f.recovered === false || (typeof f.epoch === "string" && e.epoch !== null && f.epoch !== e.epoch)) e.lastSeq = null;
-            if (typeof f.epoch === "string") e.epoch = f.epoch;
+            PushsvcClient._settlePosition(e, f);
             this._emit("subscribed", f);
           }
           break;
@@ -408,12 +412,8 @@ var PushsvcClient = (function () {
       var key = typeof f.pattern === "string" ? f.pattern : f.channel; // the subscription it came through
       var e = this._channels.get(key);
       var seq = typeof f.seq === "number" ? f.seq : null;
-      if (e && seq !== null) {
-        if (e.lastSeq !== null && seq <= e.lastSeq) { this._log("duplicate", key, seq); return; }
-        e.lastSeq = seq;
-      }
-      var pos = e || this._serverSubs.get(key) || null;
-      if (!e && pos && seq !== null) { // a server-side subscription without handlers
+      var pos = e || this._serverSubs.get(key) || null; // (a server-side subscription may have no handlers)
+      if (pos && seq !== null) {
         if (pos.lastSeq !== null && seq <= pos.lastSeq) { this._log("duplicate", key, seq); return; }
         pos.lastSeq = seq;
       }
