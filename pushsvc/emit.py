@@ -33,6 +33,7 @@ from . import metrics
 from .auth import Authenticator, AuthError, Principal
 from .bus import Unavailable
 from .channels import InvalidChannel, validate_channel
+from .httpauth import bearer_credential
 from .httperrors import HTTPError
 from .hub import Hub
 from .openapi import (
@@ -121,13 +122,12 @@ def emit_router(
     router = APIRouter()
 
     async def authorise(request: Request) -> Principal:
-        header = request.headers.get("authorization", "")
-        scheme, _, credential = header.partition(" ")
-        if scheme.lower() != "bearer" or not credential.strip():
-            metrics.AUTH_FAILURES.labels("missing").inc()
-            raise EmitError(401, "unauthorized", "missing Authorization: Bearer credential")
         try:
-            principal = auth.verify_emit(credential.strip())
+            credential = bearer_credential(request)
+        except HTTPError as exc:  # re-raised as an emit refusal (counted as one)
+            raise EmitError(exc.status, exc.code, str(exc)) from None
+        try:
+            principal = auth.verify_emit(credential)
         except AuthError as exc:
             metrics.AUTH_FAILURES.labels(exc.reason).inc()
             raise EmitError(401, "unauthorized", str(exc)) from None

@@ -1,4 +1,4 @@
-"""Bearer credentials of the HTTP read endpoints (``/history``, ``/presence``).
+"""Bearer credentials of the HTTP endpoints (emit, ``/history``, ``/presence``).
 
 A reader presents ``Authorization: Bearer <credential>`` (RFC 6750 2.1): a
 configured API key (any channel), a connection token (as for ``/ws``), or a
@@ -15,6 +15,22 @@ from .auth import Authenticator, AuthError, Principal
 from .httperrors import HTTPError
 
 
+def bearer_credential(request: Request) -> str:
+    """The credential of ``Authorization: Bearer <credential>`` (RFC 6750 2.1).
+
+    Raises:
+        HTTPError: 401 ``unauthorized`` when the header is missing or malformed
+            (counted in ``pushsvc_auth_failures_total{reason="missing"}``).
+    """
+    header = request.headers.get("authorization", "")
+    scheme, _, credential = header.partition(" ")
+    credential = credential.strip()
+    if scheme.lower() != "bearer" or not credential:
+        metrics.AUTH_FAILURES.labels("missing").inc()
+        raise HTTPError(401, "unauthorized", "missing Authorization: Bearer credential")
+    return credential
+
+
 def reader(request: Request, auth: Authenticator) -> Principal | None:
     """The principal behind the request's bearer credential; None for an API key.
 
@@ -23,12 +39,7 @@ def reader(request: Request, auth: Authenticator) -> Principal | None:
             the token is invalid, expired or revoked (counted in
             ``pushsvc_auth_failures_total`` by reason).
     """
-    header = request.headers.get("authorization", "")
-    scheme, _, credential = header.partition(" ")
-    credential = credential.strip()
-    if scheme.lower() != "bearer" or not credential:
-        metrics.AUTH_FAILURES.labels("missing").inc()
-        raise HTTPError(401, "unauthorized", "missing Authorization: Bearer token")
+    credential = bearer_credential(request)
     if auth.is_api_key(credential):
         return None
     try:
