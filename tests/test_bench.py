@@ -36,7 +36,7 @@ import re
 import signal
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import pytest
 from conftest import SECRET
@@ -125,27 +125,17 @@ def assert_clean(code: int, report: dict[str, Any], err: str, expected: int) -> 
     assert code == 0, context
 
 
-class SplittingProxy:
-    """A TCP proxy to the server that cuts the server-to-client stream in awkward places.
-
-    The HTTP handshake response goes through whole. After it, the proxy reads the
-    server's WebSocket frame headers and cuts the stream 1, 3 and 7 bytes into
-    every frame (inside 2-, 4- and 10-byte headers) and halfway through its
-    payload, the last piece of a frame also carrying the start of the next one when
-    the server already sent it. Pieces are written a few milliseconds apart, so the
-    client reads them separately. Client-to-server bytes pass unchanged.
-    """
-
-    GAP = 0.003  # seconds between pieces
+class _Proxy:
+    """A loopback TCP proxy to ``target_port``: each accepted connection is piped by
+    :meth:`_relay` (subclasses), tracked so ``async with`` exit cancels it."""
 
     def __init__(self, target_port: int) -> None:
         self.target_port = target_port
         self.port = 0
-        self.pieces = 0  # server-to-client writes
         self.server: asyncio.Server | None = None
         self.tasks: set[asyncio.Task[None]] = set()
 
-    async def __aenter__(self) -> SplittingProxy:
+    async def __aenter__(self) -> Self:
         self.server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
         self.port = self.server.sockets[0].getsockname()[1]
         return self
@@ -164,12 +154,48 @@ class SplittingProxy:
         self.tasks.add(task)
         try:
             s_reader, s_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
-            await asyncio.gather(self._forward(c_reader, s_writer), self._split(s_reader, c_writer))
+            await self._relay(c_reader, c_writer, s_reader, s_writer)
         except (OSError, asyncio.CancelledError):
             pass
         finally:
             self.tasks.discard(task)
             c_writer.close()
+
+    async def _relay(
+        self,
+        c_reader: asyncio.StreamReader,
+        c_writer: asyncio.StreamWriter,
+        s_reader: asyncio.StreamReader,
+        s_writer: asyncio.StreamWriter,
+    ) -> None:
+        raise NotImplementedError
+
+
+class SplittingProxy(_Proxy):
+    """A TCP proxy to the server that cuts the server-to-client stream in awkward places.
+
+    The HTTP handshake response goes through whole. After it, the proxy reads the
+    server's WebSocket frame headers and cuts the stream 1, 3 and 7 bytes into
+    every frame (inside 2-, 4- and 10-byte headers) and halfway through its
+    payload, the last piece of a frame also carrying the start of the next one when
+    the server already sent it. Pieces are written a few milliseconds apart, so the
+    client reads them separately. Client-to-server bytes pass unchanged.
+    """
+
+    GAP = 0.003  # seconds between pieces
+
+    def __init__(self, target_port: int) -> None:
+        super().__init__(target_port)
+        self.pieces = 0  # server-to-client writes
+
+    async def _relay(
+        self,
+        c_reader: asyncio.StreamReader,
+        c_writer: asyncio.StreamWriter,
+        s_reader: asyncio.StreamReader,
+        s_writer: asyncio.StreamWriter,
+    ) -> None:
+        await asyncio.gather(self._forward(c_reader, s_writer), self._split(s_reader, c_writer))
 
     async def _forward(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -447,7 +473,7 @@ async def test_floor_measures_raw_fan_out_without_a_server():
 # ----------------------------------------------------------------------------- emit
 
 
-class CountingProxy:
+class CountingProxy(_Proxy):
     """A TCP proxy to the server that watches the HTTP POSTs going through it.
 
     A connection whose first bytes are ``POST`` is an emit connection. A POST is
@@ -456,43 +482,23 @@ class CountingProxy:
     """
 
     def __init__(self, target_port: int) -> None:
-        self.target_port = target_port
-        self.port = 0
+        super().__init__(target_port)
         self.post_connections = 0
         self.in_flight = 0
         self.max_in_flight = 0
-        self.server: asyncio.Server | None = None
-        self.tasks: set[asyncio.Task[None]] = set()
 
-    async def __aenter__(self) -> CountingProxy:
-        self.server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
-        self.port = self.server.sockets[0].getsockname()[1]
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self.server is not None
-        self.server.close()
-        for task in list(self.tasks):
-            task.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
-        await self.server.wait_closed()
-
-    async def _accept(self, c_reader: asyncio.StreamReader, c_writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self.tasks.add(task)
+    async def _relay(
+        self,
+        c_reader: asyncio.StreamReader,
+        c_writer: asyncio.StreamWriter,
+        s_reader: asyncio.StreamReader,
+        s_writer: asyncio.StreamWriter,
+    ) -> None:
         state = {"post": None, "busy": False}
-        try:
-            s_reader, s_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
-            await asyncio.gather(
-                self._pipe(c_reader, s_writer, state, upstream=True),
-                self._pipe(s_reader, c_writer, state, upstream=False),
-            )
-        except (OSError, asyncio.CancelledError):
-            pass
-        finally:
-            self.tasks.discard(task)
-            c_writer.close()
+        await asyncio.gather(
+            self._pipe(c_reader, s_writer, state, upstream=True),
+            self._pipe(s_reader, c_writer, state, upstream=False),
+        )
 
     async def _pipe(
         self,
