@@ -34,16 +34,14 @@ import jwt
 import msgspec
 
 from .channels import (
+    PERSONAL_PREFIX,
     InvalidChannel,
     any_grant_matches,
     grant_covers,
-    is_pattern,
     personal_channel,
     validate_grant,
 )
 from .settings import Settings
-
-PERSONAL_PREFIX = personal_channel("")  # "user."
 
 
 class AuthError(Exception):
@@ -95,11 +93,7 @@ class Principal(msgspec.Struct, frozen=True):
     def can_see_presence(self, channel: str) -> bool:
         """True when a ``presence`` grant covers ``channel`` (same personal-channel rule
         as :meth:`can_subscribe`: another user's ``user.<x>`` needs a ``user.`` grant)."""
-        if channel.startswith(PERSONAL_PREFIX) and channel != personal_channel(self.sub):
-            return any_grant_matches(
-                tuple(g for g in self.presence if g.startswith(PERSONAL_PREFIX)), channel
-            )
-        return any_grant_matches(self.presence, channel)
+        return self._granted(self.presence, channel)
 
     def can_subscribe(self, channel: str) -> bool:
         """True when a grant covers ``channel`` or it is the user's personal channel.
@@ -112,21 +106,15 @@ class Principal(msgspec.Struct, frozen=True):
         """
         if channel == personal_channel(self.sub) or channel in self.subs:
             return True
-        if is_pattern(channel):
-            return self._covers(channel)
-        if channel.startswith(PERSONAL_PREFIX):
-            return any_grant_matches(
-                tuple(g for g in self.channels if g.startswith(PERSONAL_PREFIX)), channel
-            )
-        return any_grant_matches(self.channels, channel)
+        return self._granted(self.channels, channel)
 
-    def _covers(self, pattern: str) -> bool:
-        """A wildcard subscription: some grant covers every channel of ``pattern``
-        (:func:`~pushsvc.channels.grant_covers`); a ``user.`` pattern needs a ``user.`` grant."""
-        grants = self.channels
-        if pattern.startswith(PERSONAL_PREFIX):
+    def _granted(self, grants: tuple[str, ...], name: str) -> bool:
+        """Some grant covers every channel ``name`` (a channel or a pattern) matches
+        (:func:`~pushsvc.channels.grant_covers`); another user's personal channels,
+        and ``user.`` patterns, only by grants whose first token is ``user``."""
+        if name.startswith(PERSONAL_PREFIX) and name != personal_channel(self.sub):
             grants = tuple(g for g in grants if g.startswith(PERSONAL_PREFIX))
-        return any(grant_covers(g, pattern) for g in grants)
+        return any(grant_covers(g, name) for g in grants)
 
     def can_publish(self, channel: str) -> bool:
         """True when a ``publish`` grant covers ``channel``."""

@@ -149,13 +149,16 @@ def grant_covers(grant: str, pattern: str) -> bool:
     return len(g_tokens) == len(p_tokens)
 
 
+PERSONAL_PREFIX = "user."  # personal channels: user.<sub> (see personal_channel)
+
+
 def pattern_reaches(pattern: str, channel: str) -> bool:
     """True when a ``pattern`` subscription delivers ``channel``'s messages.
 
     Personal channels (``user.<sub>``) are reached only by patterns whose first
     token is literally ``user`` (``>`` or ``*.bob`` never deliver them), as for grants.
     """
-    return not channel.startswith("user.") or pattern.split(".", 1)[0] == "user"
+    return not channel.startswith(PERSONAL_PREFIX) or pattern.startswith(PERSONAL_PREFIX)
 
 
 def subject_for(prefix: str, channel: str) -> str:
@@ -173,4 +176,4 @@ def channel_for(prefix: str, subject: str) -> str | None:
 
 def personal_channel(sub: str) -> str:
     """The personal channel of user ``sub``: ``user.<sub>``."""
-    return f"user.{sub}"
+    return PERSONAL_PREFIX + sub
