@@ -21,15 +21,14 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import APIRouter, FastAPI, Query
+from fastapi import APIRouter, FastAPI
 from fastapi.responses import FileResponse, JSONResponse, Response
 from starlette.routing import WebSocketRoute
 
 from . import __version__, metrics
-from .auth import Authenticator, Revocation, mint_token, parse_revocation
+from .auth import Authenticator, Revocation, parse_revocation
 from .bus import Bus, Unavailable
-from .channels import InvalidChannel, validate_grant
-from .demo import demo_router, static_path
+from .demo import demo_router, dev_token_router, static_path
 from .drain import SigtermDelay
 from .embedded import EmbeddedNats, start_default
 from .emit import emit_router
@@ -40,11 +39,9 @@ from .joinleave import JoinLeave
 from .logs import install_redaction
 from .natsconn import NatsRefused, NatsSecurity
 from .openapi import (
-    DevToken,
     ErrorBody,
     Health,
     Readiness,
-    errors,
     install,
     json_body,
     ref,
@@ -358,51 +355,9 @@ class Node:
 
         if settings.dev:
             router.include_router(demo_router())
-
-            @router.get(
-                "/dev/token",
-                operation_id="devToken",
-                summary="Mint a token (dev mode)",
-                response_model=None,
-                responses={
-                    200: json_body(ref(DevToken), "A token signed with the node's secret"),
-                    **errors(400),
-                },
-            )
-            async def dev_token(
-                user: str = Query("dev", min_length=1, max_length=64),
-                channels: str = Query(">"),
-                publish: str = Query(">"),
-                ttl: int = Query(3600, ge=1, le=86400),
-            ) -> JSONResponse:
-                """Mint a token (dev mode only; never enabled without ``--dev``)."""
-                try:
-                    grants = [validate_grant(c) for c in channels.split(",") if c]
-                    pub = [validate_grant(c) for c in publish.split(",") if c]
-                except InvalidChannel as exc:
-                    return JSONResponse({"error": "bad_request", "message": str(exc)}, 400)
-                token = self.dev_token(user, grants, pub, ttl)
-                return JSONResponse({"token": token, "user": user, "ttl": ttl})
+            router.include_router(dev_token_router(settings))
 
         return router
-
-    def dev_token(self, user: str, channels: list[str], publish: list[str], ttl: int) -> str:
-        """Mint a token with the node's secret (dev mode, tests).
-
-        The ``presence`` claim repeats the ``channels`` grants (who may subscribe
-        may see who is there).
-        """
-        return mint_token(
-            self.settings.jwt_secret or "",
-            user,
-            channels=channels,
-            publish=publish,
-            ttl=ttl,
-            extra={"presence": channels} if channels else None,
-            audience=self.settings.jwt_audience,
-            issuer=self.settings.jwt_issuer,
-            headers={"typ": self.settings.jwt_type} if self.settings.jwt_type else None,
-        )
 
 
 class WebSocketShortcut:

@@ -2,8 +2,9 @@
 
 Serves ``pushsvc/static/index.html`` at the base path and its assets (stylesheet,
 script, icon) under ``static/``; the page talks to the node only through
-``/static/pushsvc.js``, ``/dev/token`` and ``/ws`` like any other client. Mounted by
-:mod:`pushsvc.app` in dev mode only.
+``/static/pushsvc.js``, ``/dev/token`` (also here: it mints tokens with the node's
+secret) and ``/ws`` like any other client. Mounted by :mod:`pushsvc.app` in dev
+mode only.
 """
 
 from __future__ import annotations
@@ -11,10 +12,14 @@ from __future__ import annotations
 from importlib import resources
 from typing import Annotated
 
-from fastapi import APIRouter, HTTPException, Path
-from fastapi.responses import FileResponse
+from fastapi import APIRouter, HTTPException, Path, Query
+from fastapi.responses import FileResponse, JSONResponse
 
-from .openapi import declare, text_body
+from .auth import mint_token
+from .channels import InvalidChannel, validate_grant
+from .httperrors import HTTPError
+from .openapi import DevToken, declare, errors, json_body, ref, text_body
+from .settings import Settings
 
 # file name in pushsvc/static -> media type; nothing else in that folder is served here
 DEMO_ASSETS: dict[str, str] = {
@@ -85,5 +90,53 @@ def demo_router() -> APIRouter:
         if media_type is None:
             raise HTTPException(404, "not found")
         return FileResponse(static_path(name), media_type=media_type)
+
+    return router
+
+
+def dev_token_router(settings: Settings) -> APIRouter:
+    """``GET /dev/token?user=&channels=&publish=&ttl=``: a token signed with the node's
+    secret (dev mode only; never mounted without ``--dev``).
+
+    ``channels``/``publish`` are comma-separated grants (default ``>``); the
+    ``presence`` claim repeats the ``channels`` grants (who may subscribe may see who
+    is there); ``ttl`` seconds, 1..86400. A malformed grant answers 400.
+    """
+    router = APIRouter()
+
+    @router.get(
+        "/dev/token",
+        operation_id="devToken",
+        summary="Mint a token (dev mode)",
+        response_model=None,
+        responses={
+            200: json_body(ref(DevToken), "A token signed with the node's secret"),
+            **errors(400),
+        },
+    )
+    async def dev_token(
+        user: str = Query("dev", min_length=1, max_length=64),
+        channels: str = Query(">"),
+        publish: str = Query(">"),
+        ttl: int = Query(3600, ge=1, le=86400),
+    ) -> JSONResponse:
+        """Mint a token (dev mode only; never enabled without ``--dev``)."""
+        try:
+            grants = [validate_grant(c) for c in channels.split(",") if c]
+            pub = [validate_grant(c) for c in publish.split(",") if c]
+        except InvalidChannel as exc:
+            return HTTPError(400, "bad_request", str(exc)).response()
+        token = mint_token(
+            settings.jwt_secret or "",
+            user,
+            channels=grants,
+            publish=pub,
+            ttl=ttl,
+            extra={"presence": grants} if grants else None,
+            audience=settings.jwt_audience,
+            issuer=settings.jwt_issuer,
+            headers={"typ": settings.jwt_type} if settings.jwt_type else None,
+        )
+        return JSONResponse({"token": token, "user": user, "ttl": ttl})
 
     return router
