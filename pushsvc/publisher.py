@@ -19,9 +19,9 @@ import nats
 import nats.errors
 import nats.js.errors
 
-from .bus import Unavailable, confirm, connect_failure
+from .bus import Unavailable, confirm
 from .channels import subject_for, validate_channel
-from .natsconn import NatsRefused, NatsSecurity, connect, display_url
+from .natsconn import NatsSecurity, NatsUnreachable, connect, display_url
 
 
 class Publisher:
@@ -92,11 +92,6 @@ class Publisher:
                 (at once, no retries); the message names the URL and the cause.
             Unavailable: NATS not reachable within ``timeout`` seconds.
         """
-        attempts: list[Exception] = []
-
-        async def collect(exc: Exception) -> None:
-            attempts.append(exc)
-
         try:
             self._nc = await connect(
                 self.servers,
@@ -104,13 +99,9 @@ class Publisher:
                 timeout=self.timeout,
                 connect_timeout=max(1, int(self.timeout)),
                 max_reconnect_attempts=-1,
-                error_cb=collect,
             )
-        except NatsRefused:
-            raise
-        except (nats.errors.Error, OSError, TimeoutError) as exc:
-            cause = connect_failure(exc, attempts)
-            raise Unavailable(f"cannot reach NATS at {self.url}: {cause}") from None
+        except NatsUnreachable as exc:
+            raise Unavailable(str(exc)) from None
         return self
 
     @property
