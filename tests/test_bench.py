@@ -583,6 +583,19 @@ async def test_no_secret_and_no_dev_server_exits_2(start_server, nats_url):
     assert "Traceback" not in err, err
 
 
+async def test_unreachable_nats_exits_1_naming_url_and_cause(start_server):
+    srv = await start_server()
+    url = f"nats://127.0.0.1:{free_port()}"  # nothing listens there
+    code, out, err = await bench(
+        *("--url", srv.base, "--nats-url", url, "--secret", SECRET, "--json"),
+        *("--clients", "1", "--messages", "1", "--timeout", "5"),
+    )
+    assert code == 1, (out, err)
+    # one line naming the URL and the cause (natsconn.connect's NatsUnreachable)
+    assert f"pushsvc bench: cannot reach NATS at {url}: connection refused\n" in err, err
+    assert "Traceback" not in err, err
+
+
 def test_no_secret_and_no_server_exits_2(monkeypatch, capsys):
     for name in list(os.environ):
         if name.startswith("PUSHSVC_"):

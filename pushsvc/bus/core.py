@@ -12,13 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
-from nats.js.api import RawStreamMsg, StorageType
-from nats.js.kv import KeyValue
 
 from ..settings import Settings
 from .connection import Connection
@@ -26,7 +24,7 @@ from .errors import Unavailable
 from .events import EventHandler, Events
 from .kv import KeyValueStore
 from .publish import publish
-from .reads import History, Reader
+from .reads import Reader
 from .stream import Streams
 from .subscriptions import LiveSubscriptions, MessageHandler, PatternHandler
 
@@ -60,6 +58,23 @@ class Bus:
         on_resumed: awaited after a reconnect once the stream is verified, with
             ``True`` when the stream was re-created (NATS lost its store:
             sequences restarted).
+
+    Operations (the parts' methods, bound):
+
+    - live subscriptions: ``holds(channel)``, ``acquire(channel)``,
+      ``release(channel)`` (:class:`~pushsvc.bus.subscriptions.LiveSubscriptions`);
+    - history: ``history(channel, since, limit, *, seen, epoch)``,
+      ``channel_last_seq(channel)`` (:class:`~pushsvc.bus.reads.Reader`);
+    - KV buckets: ``key_value(bucket, ttl, *, storage, description)``,
+      ``scan_kv(bucket, keys)``, ``kv_put(bucket, key, value, *, ttl, msg_id)``
+      (:class:`~pushsvc.bus.kv.KeyValueStore`);
+    - channel events: ``events_subject(channel)``, ``publish_event(channel,
+      payload)``, ``acquire_events(channel)``, ``release_events(channel)``
+      (:class:`~pushsvc.bus.events.Events`);
+    - :meth:`publish`.
+
+    Each raises :class:`~pushsvc.bus.errors.Unavailable` when NATS or JetStream
+    cannot serve it.
     """
 
     def __init__(
@@ -83,6 +98,20 @@ class Bus:
         self.on_resumed: ResumeHandler | None = None
         self._resume_task: asyncio.Task[None] | None = None
         self._watch_task: asyncio.Task[None] | None = None
+        # the parts' operations under the names the node uses (bound methods: no
+        # extra call on the way)
+        self.holds = self.live.holds
+        self.acquire = self.live.acquire
+        self.release = self.live.release
+        self.history = self.reader.history
+        self.channel_last_seq = self.reader.channel_last_seq
+        self.key_value = self.kv.key_value
+        self.scan_kv = self.kv.scan
+        self.kv_put = self.kv.put
+        self.events_subject = self.events.subject
+        self.publish_event = self.events.publish
+        self.acquire_events = self.events.acquire
+        self.release_events = self.events.release
 
     # --- lifecycle -------------------------------------------------------------
     async def start(self) -> None:
@@ -178,11 +207,6 @@ class Bus:
         return self.conn.is_connected
 
     @property
-    def closing(self) -> bool:
-        """True once :meth:`close` began."""
-        return self.conn.closing
-
-    @property
     def history_enabled(self) -> bool:
         """History on: the stream is set up (turned off at start when NATS has no
         JetStream; may be turned off before :meth:`start` for a live-only probe)."""
@@ -234,28 +258,10 @@ class Bus:
     def on_event(self, handler: EventHandler | None) -> None:
         self.events.on_event = handler
 
-    # --- live subscriptions ----------------------------------------------------------
-    def holds(self, channel: str) -> bool:
-        """True when this node holds a NATS subscription for ``channel``."""
-        return self.live.holds(channel)
-
     @property
     def subscription_count(self) -> int:
         """Number of live channel subscriptions held in NATS."""
         return self.live.count
-
-    async def acquire(self, channel: str) -> None:
-        """Take a reference on ``channel``'s (or a pattern's) live subscription; see
-        :meth:`LiveSubscriptions.acquire <pushsvc.bus.subscriptions.LiveSubscriptions.acquire>`.
-
-        Raises:
-            Unavailable: NATS is down or did not confirm in time.
-        """
-        await self.live.acquire(channel)
-
-    async def release(self, channel: str) -> None:
-        """Drop a reference; the last one unsubscribes ``channel`` in NATS."""
-        await self.live.release(channel)
 
     # --- publish ---------------------------------------------------------------------
     async def publish(self, channel: str, payload: bytes, msg_id: str | None = None) -> int | None:
@@ -267,87 +273,3 @@ class Bus:
                 JetStream refused the message.
         """
         return await publish(self.conn, self.streams, channel, payload, msg_id)
-
-    # --- history ---------------------------------------------------------------------
-    async def history(
-        self,
-        channel: str,
-        since: int,
-        limit: int | None = None,
-        *,
-        seen: int = 0,
-        epoch: str | None = None,
-    ) -> History:
-        """Stored messages of ``channel`` (or a pattern) with seq > ``since``, oldest
-        first; see :meth:`Reader.history <pushsvc.bus.reads.Reader.history>`.
-
-        Raises:
-            Unavailable: history is off, NATS is not connected, or NATS/JetStream
-                did not answer within ``publish_timeout`` s.
-        """
-        return await self.reader.history(channel, since, limit, seen=seen, epoch=epoch)
-
-    async def channel_last_seq(self, channel: str) -> int:
-        """Stream sequence of the newest stored message of ``channel`` (0: none stored).
-
-        Raises:
-            Unavailable: history is off, NATS is not connected or did not answer.
-        """
-        return await self.reader.channel_last_seq(channel)
-
-    # --- KV buckets ------------------------------------------------------------------
-    async def key_value(
-        self,
-        bucket: str,
-        ttl: float,
-        *,
-        storage: StorageType = StorageType.MEMORY,
-        description: str | None = None,
-    ) -> tuple[KeyValue, float]:
-        """Create (or open) the KV bucket ``bucket``: ``(kv, ttl_seconds)``; see
-        :meth:`KeyValueStore.key_value <pushsvc.bus.kv.KeyValueStore.key_value>`.
-
-        Raises:
-            Unavailable: history/JetStream is off, NATS is not connected, or
-                JetStream did not create/open the bucket.
-        """
-        return await self.kv.key_value(bucket, ttl, storage=storage, description=description)
-
-    def scan_kv(self, bucket: str, keys: str) -> AsyncIterator[RawStreamMsg]:
-        """Every stored entry of ``bucket`` whose key matches ``keys`` (wildcards
-        allowed), delete markers included; see :meth:`KeyValueStore.scan
-        <pushsvc.bus.kv.KeyValueStore.scan>`."""
-        return self.kv.scan(bucket, keys)
-
-    async def kv_put(self, bucket: str, key: str, value: bytes, *, ttl: float, msg_id: str) -> None:
-        """Write ``key`` of ``bucket`` with a per-message TTL of ``ttl`` seconds.
-
-        Raises:
-            Unavailable: JetStream did not take it within ``publish_timeout`` s.
-        """
-        await self.kv.put(bucket, key, value, ttl=ttl, msg_id=msg_id)
-
-    # --- channel events (join/leave) --------------------------------------------------
-    def events_subject(self, channel: str) -> str:
-        """Subject of ``channel``'s events: ``<prefix>-events.<channel>``."""
-        return self.events.subject(channel)
-
-    async def publish_event(self, channel: str, payload: bytes) -> None:
-        """Core-publish one event of ``channel`` (not stored, no ack awaited).
-
-        Raises:
-            Unavailable: NATS is not connected or refused the write.
-        """
-        await self.events.publish(channel, payload)
-
-    async def acquire_events(self, channel: str) -> None:
-        """Take a reference on ``channel``'s event subscription, subscribing on the first.
-
-        Raises:
-            Unavailable: NATS is not connected.
-        """
-        await self.events.acquire(channel)
-
-    async def release_events(self, channel: str) -> None:
-        """Drop a reference; the last one unsubscribes ``channel``'s events."""
-        await self.events.release(channel)
