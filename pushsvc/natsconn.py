@@ -408,6 +408,7 @@ async def connect(
     loop = asyncio.get_running_loop()
     refused: asyncio.Future[NatsRefused] = loop.create_future()
     attempts: list[Exception] = []  # failed attempts of the first connect
+    connected = False
     nc = NatsClient()
 
     def refusal(exc: BaseException) -> str | None:
@@ -423,7 +424,7 @@ async def connect(
             # reported to error_cb like any other error
             refused.set_result(NatsRefused(_current_url(nc, urls), reason))
             return
-        if not task.done():  # the first connect: summed up in NatsUnreachable
+        if not connected:  # the first connect: summed up in NatsUnreachable
             attempts.append(exc)
         elif error_cb is not None:
             await error_cb(exc)
@@ -440,6 +441,7 @@ async def connect(
         await _close_quietly(nc, task)
         raise
     if task in done and task.exception() is None:
+        connected = True
         return nc
     exc: BaseException | None
     if task in done:
