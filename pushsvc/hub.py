@@ -388,8 +388,9 @@ class Hub:
             fan_out(sessions, text, nbytes, single=single)
             return
         flight = state.flight = _Flight(sessions, text, nbytes, single)
-        flight.write(size)
+        # scheduled first: a failing slice must not leave the channel's flight open
         asyncio.get_running_loop().call_soon(self._fly, state, flight)
+        flight.write(size)
 
     def _fly(self, state: _Channel, flight: _Flight) -> None:
         """Write the next slice of ``flight``; when done, the batch that waited for it."""
