@@ -98,7 +98,6 @@ class Node:
         self.bus.on_resumed = self.hub.resume
         # presence: the hub tells the registry who joins and leaves which channel
         self.presence = PresenceRegistry(settings, self.bus, settings.node_name)
-        self.hub.presence = self.presence
         self.hub.on_join.append(self.presence.joined)
         self.hub.on_leave.append(self.presence.left)
         # join/leave events: published through NATS, delivered by every node's hub
@@ -112,7 +111,12 @@ class Node:
         self.command_buckets = BucketRegistry(settings.command_rate, settings.command_burst)
         self.emit_buckets = BucketRegistry(settings.emit_rate, settings.emit_burst)
         self.endpoint = WebSocketEndpoint(
-            settings, self.hub, self.auth, self.command_buckets, self.accepting
+            settings,
+            self.hub,
+            self.auth,
+            self.command_buckets,
+            self.accepting,
+            presence=self.presence,
         )
         self.embedded: EmbeddedNats | None = None
         #: revocations kept in NATS (history on), shared by every node
