@@ -397,9 +397,9 @@ def _publish(args: argparse.Namespace) -> int:
     except ValueError:
         payload = args.data.encode()
 
-    security = msgspec.structs.asdict(natsconn.NatsSecurity.from_args(args))
+    security = natsconn.NatsSecurity.from_args(args)
     # (Publisher checks the security settings: a SettingsError exits 2 with one line)
-    pub = Publisher(servers, prefix=prefix, jetstream=not args.core, **security)
+    pub = Publisher(servers, prefix=prefix, jetstream=not args.core, security=security)
 
     async def run() -> int | None:
         async with pub:
