@@ -105,7 +105,6 @@ ASGIReceive = Callable[[], Awaitable[dict[str, Any]]]
 _ids = itertools.count(1)
 _NODE = os.urandom(3).hex()
 CLOSE_TIMEOUT = 2.0  # seconds to get a close frame out before dropping the socket
-MAX_SEQ = 2**63 - 1  # JetStream sequences are uint64; JSON decoding allows any int
 
 
 class Session:
@@ -580,7 +579,7 @@ class Session:
                 cmd.id,
             )
             return
-        if (problem := position_error(cmd.since, cmd.epoch, MAX_SEQ)) is not None:
+        if (problem := position_error(cmd.since, cmd.epoch)) is not None:
             self._refuse(BAD_REQUEST, problem, cmd.id)
             return
         try:
@@ -628,7 +627,7 @@ class Session:
             resume = self._resume.get(channel)
             since = resume.since if resume is not None else None
             epoch = resume.epoch if resume is not None else None
-            if (problem := position_error(since, epoch, MAX_SEQ)) is not None:
+            if (problem := position_error(since, epoch)) is not None:
                 self._refuse(BAD_REQUEST, f"subs.{channel}.{problem}", None)
                 since = epoch = None
             try:
