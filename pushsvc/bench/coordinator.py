@@ -20,26 +20,8 @@ from collections import Counter
 from typing import Any, TypeVar
 
 from .. import natsconn
+from . import messages as pipe
 from .client import ERROR_SAMPLES
-from .messages import (
-    Answer,
-    Bye,
-    Close,
-    Closed,
-    Command,
-    Connect,
-    Dead,
-    Done,
-    Exit,
-    Progress,
-    Published,
-    Ready,
-    Reconnect,
-    Reconnected,
-    Result,
-    Stop,
-    Up,
-)
 from .options import BenchError
 from .publishers import Publisher, PublishResult
 from .report import latency_ms
@@ -47,7 +29,7 @@ from .system import add_pipe_reader, cpu_seconds, run_loop, server_sample
 from .tokens import emitters
 from .worker import worker_entry
 
-A = TypeVar("A", bound=Answer)
+A = TypeVar("A", bound=pipe.Answer)
 
 
 class Coordinator:
@@ -64,7 +46,7 @@ class Coordinator:
         self.reserve = min(8.0, 0.25 * cfg["duration_limit"])
         self.work_deadline = self.deadline - self.reserve
         cfg["hard_deadline"] = self.deadline + 3.0  # workers exit by themselves then
-        self.progress: dict[int, Progress] = {}
+        self.progress: dict[int, pipe.Progress] = {}
         self.done: dict[int, int] = {}
         self.dead: set[int] = set()
         self.expected_total = 0
@@ -73,7 +55,7 @@ class Coordinator:
         self.server_ready: dict[str, float] | None = None  # sampled once every client is ready
         # set by _run, inside the event loop
         self.loop: asyncio.AbstractEventLoop
-        self.inbox: list[asyncio.Queue[Answer]] = []
+        self.inbox: list[asyncio.Queue[pipe.Answer]] = []
         self.all_done: asyncio.Event
 
     # processes ------------------------------------------------------------------
@@ -115,7 +97,7 @@ class Coordinator:
                 conn.close()
 
     # messages ---------------------------------------------------------------------
-    def _broadcast(self, msg: Command) -> None:
+    def _broadcast(self, msg: pipe.Command) -> None:
         for wid, conn in enumerate(self.conns):
             if wid not in self.dead:
                 try:
@@ -128,7 +110,7 @@ class Coordinator:
             self.dead.add(wid)
             with contextlib.suppress(Exception):
                 self.loop.remove_reader(self.conns[wid].fileno())
-            self.inbox[wid].put_nowait(Dead())
+            self.inbox[wid].put_nowait(pipe.Dead())
             self._check_done()
 
     def _on_pipe(self, wid: int) -> None:
@@ -136,9 +118,9 @@ class Coordinator:
         try:
             while conn.poll():
                 msg = conn.recv()
-                if isinstance(msg, Progress):
+                if isinstance(msg, pipe.Progress):
                     self.progress[wid] = msg
-                elif isinstance(msg, Done):
+                elif isinstance(msg, pipe.Done):
                     self.done[wid] = msg.last_ns
                     self._check_done()
                 else:
@@ -221,7 +203,7 @@ class Coordinator:
         progress = asyncio.ensure_future(self._show_progress()) if cfg["progress"] else None
         publisher: Publisher | None = None
         try:
-            ups = await self._collect(Up, self._left(self.work_deadline))
+            ups = await self._collect(pipe.Up, self._left(self.work_deadline))
             if len(ups) < len(self.conns):
                 raise BenchError("workers did not start in time")
             publisher = Publisher(cfg)
@@ -232,15 +214,15 @@ class Coordinator:
                 progress.cancel()
             if publisher is not None:
                 await publisher.close()
-            self._broadcast(Exit())
+            self._broadcast(pipe.Exit())
 
     async def _phases(self, publisher: Publisher) -> dict[str, Any]:
         cfg = self.cfg
         # 1. connect + auth + subscribe
         self.phase = "connecting"
         t_connect = time.time_ns()
-        self._broadcast(Connect(self.work_deadline))
-        ready = await self._collect(Ready, self._left(self.work_deadline))
+        self._broadcast(pipe.Connect(self.work_deadline))
+        ready = await self._collect(pipe.Ready, self._left(self.work_deadline))
         if cfg["server_pid"]:
             self.server_ready = server_sample(cfg["server_pid"])
         subscribed = sum(m.clients for m in ready.values())
@@ -265,7 +247,7 @@ class Coordinator:
         # 3. wait for deliveries
         self.phase = "delivering"
         self.expected_total = sum(map(int.__mul__, chan_clients, pub.per_channel))
-        self._broadcast(Published(pub.per_channel))
+        self._broadcast(pipe.Published(pub.per_channel))
         wait = min(self._left(self.work_deadline), cfg["timeout"])
         self._check_done()
         with contextlib.suppress(TimeoutError):
@@ -274,9 +256,9 @@ class Coordinator:
         # 4. results
         self.phase = "stopping"
         drain_s = max(0.1, min(2.0, 0.25 * self.reserve))
-        self._broadcast(Stop(drain_s))
+        self._broadcast(pipe.Stop(drain_s))
         results = await self._collect(
-            Result, self._left(self.deadline - 0.5 * self.reserve, drain_s + 1.0)
+            pipe.Result, self._left(self.deadline - 0.5 * self.reserve, drain_s + 1.0)
         )
         report = self._report_base(connect_seconds, subscribed, pub, pub_start, pub_end, results)
         if cfg["stall"]:
@@ -293,8 +275,8 @@ class Coordinator:
         # 6. server after, generator CPU
         self.phase = "exiting"
         close_s = min(2.0, self._left(self.deadline, 0.2))
-        self._broadcast(Exit(close_s))
-        byes = await self._collect(Bye, close_s + 1.0)
+        self._broadcast(pipe.Exit(close_s))
+        byes = await self._collect(pipe.Bye, close_s + 1.0)
         extra_closes = sum(m.closes for m in byes.values())
         if extra_closes:
             report["closes_after_stop"] = extra_closes
@@ -315,7 +297,7 @@ class Coordinator:
         pub: PublishResult,
         pub_start: int,
         pub_end: int,
-        results: dict[int, Result],
+        results: dict[int, pipe.Result],
     ) -> dict[str, Any]:
         cfg = self.cfg
         stats = [m.stats for m in results.values()]
@@ -379,14 +361,14 @@ class Coordinator:
 
     async def _reconnect_phase(self, report: dict[str, Any]) -> None:
         close_s = min(5.0, self._left(self.deadline - 0.5 * self.reserve, 0.2))
-        self._broadcast(Close(close_s))
-        closed = await self._collect(Closed, close_s + 1.0)
+        self._broadcast(pipe.Close(close_s))
+        closed = await self._collect(pipe.Closed, close_s + 1.0)
         pid = self.cfg["server_pid"]
         cpu_before = server_sample(pid) if pid else None
         until = max(time.monotonic() + 1.0, self.deadline - 0.3 * self.reserve)
-        self._broadcast(Reconnect(until))
+        self._broadcast(pipe.Reconnect(until))
         t = time.time_ns()
-        done = await self._collect(Reconnected, self._left(until) + 1.0)
+        done = await self._collect(pipe.Reconnected, self._left(until) + 1.0)
         ok = sum(m.ok for m in done.values())
         cpu_after = server_sample(pid) if pid else None
         if cpu_before is not None and cpu_after is not None and ok:

@@ -24,25 +24,8 @@ from typing import Any
 
 from websockets.uri import parse_uri
 
+from . import messages as pipe
 from .client import Client, Tally
-from .messages import (
-    Answer,
-    Bye,
-    Close,
-    Closed,
-    Command,
-    Connect,
-    Done,
-    Exit,
-    Progress,
-    Published,
-    Ready,
-    Reconnect,
-    Reconnected,
-    Result,
-    Stop,
-    Up,
-)
 from .system import add_pipe_reader, cpu_seconds, raise_nofile_limit, run_loop, ssl_context
 from .tokens import client_token
 
@@ -59,13 +42,13 @@ class Worker(Tally):
         self.cfg = cfg
         self.wid = wid
         self.ssl = ssl_context(cfg["tls"])
-        self.cmds: asyncio.Queue[Command] = asyncio.Queue()
+        self.cmds: asyncio.Queue[pipe.Command] = asyncio.Queue()
         self.clients: list[Client] = []
         self.stalled: list[Client] = []
         self.done_sent = False
 
     # plumbing ------------------------------------------------------------------
-    def send(self, msg: Answer) -> None:
+    def send(self, msg: pipe.Answer) -> None:
         """Send ``msg`` to the coordinator (dropped when the pipe is gone)."""
         with contextlib.suppress(OSError, ValueError):
             self.conn.send(msg)
@@ -76,13 +59,13 @@ class Worker(Tally):
                 self.cmds.put_nowait(self.conn.recv())
         except (EOFError, OSError):
             self.loop.remove_reader(self.conn.fileno())
-            self.cmds.put_nowait(Exit())
+            self.cmds.put_nowait(pipe.Exit())
 
     def notify_done(self) -> None:
         """Tell the coordinator (once) that every expected delivery arrived."""
         if not self.done_sent:
             self.done_sent = True
-            self.send(Done(self.last_ns))
+            self.send(pipe.Done(self.last_ns))
 
     # run -----------------------------------------------------------------------
     async def run(self) -> None:
@@ -100,24 +83,24 @@ class Worker(Tally):
             token = client_token(cfg, gid)
             client = Client(self, gid, token, stalled=gid >= cfg["clients"])
             (self.stalled if client.stalled else self.clients).append(client)
-        self.send(Up())
+        self.send(pipe.Up())
         progress = asyncio.ensure_future(self._progress())
         close_s = 0.5
         try:
             while True:
                 cmd = await self.cmds.get()
-                if isinstance(cmd, Connect):
+                if isinstance(cmd, pipe.Connect):
                     await self._connect_all(until=cmd.until)
-                elif isinstance(cmd, Published):
+                elif isinstance(cmd, pipe.Published):
                     self._arm(cmd.per_channel)
-                elif isinstance(cmd, Stop):
+                elif isinstance(cmd, pipe.Stop):
                     await self._stop(drain_s=cmd.drain_s)
-                elif isinstance(cmd, Close):
+                elif isinstance(cmd, pipe.Close):
                     await self._close(self.clients, cmd.wait_s)
-                    self.send(Closed())
-                elif isinstance(cmd, Reconnect):
+                    self.send(pipe.Closed())
+                elif isinstance(cmd, pipe.Reconnect):
                     await self._reconnect(until=cmd.until)
-                elif isinstance(cmd, Exit):
+                elif isinstance(cmd, pipe.Exit):
                     close_s = cmd.close_s
                     break
         finally:
@@ -125,7 +108,7 @@ class Worker(Tally):
             closes_before = sum(self.closes.values())
             await self._close(self.clients + self.stalled, close_s)
             extra = sum(self.closes.values()) - closes_before
-            self.send(Bye(cpu_seconds(), extra))
+            self.send(pipe.Bye(cpu_seconds(), extra))
             watchdog.cancel()
             with contextlib.suppress(Exception):
                 self.loop.remove_reader(self.conn.fileno())
@@ -141,7 +124,9 @@ class Worker(Tally):
     async def _progress(self) -> None:
         while True:
             self.send(
-                Progress(self.subscribed, self.failed, self.delivered, self.unique, self.errors)
+                pipe.Progress(
+                    self.subscribed, self.failed, self.delivered, self.unique, self.errors
+                )
             )
             await asyncio.sleep(PROGRESS_INTERVAL)
 
@@ -205,7 +190,7 @@ class Worker(Tally):
         gc.collect()
         gc.freeze()  # the clients live until the end: keep them out of GC passes
         self.send(
-            Ready(
+            pipe.Ready(
                 clients=len(self.clients),
                 stalled=len(self.stalled),
                 failed=self.failed,
@@ -248,7 +233,7 @@ class Worker(Tally):
         stats["stalled_open"] = sum(1 for c in self.stalled if not c.lost.done())
         stats["errors"] = self.errors
         stats["error_samples"] = self.error_samples
-        self.send(Result(stats))
+        self.send(pipe.Result(stats))
 
     async def _close(self, clients: list[Client], wait_s: float) -> None:
         live = [c for c in clients if not c.lost.done()]
@@ -272,7 +257,7 @@ class Worker(Tally):
         oks = await asyncio.gather(*(self._setup(c, start, until) for c in fresh))
         self.clients = fresh
         self.send(
-            Reconnected(
+            pipe.Reconnected(
                 ok=sum(oks),
                 failed=self.failed - failed_before,
                 errors=self.errors - errors_before,
