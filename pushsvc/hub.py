@@ -64,10 +64,12 @@ log = logging.getLogger("pushsvc.hub")
 
 CATCHUP_CONCURRENCY = 16  # channels read from the stream at once after a reconnect
 #: with a write delay, the sockets one channel's flush writes per event-loop
-#: iteration (~0.1-0.3 ms of ``send()`` calls on the dev VM): a larger live set is
+#: iteration (~0.1 ms of ``send()`` calls on the dev VM): a larger live set is
 #: written in slices so that publishers, handshakes and pings are served between
-#: them, and the next window fills while this one is written (see :class:`_Flight`)
-FAN_OUT_SLICE = 16
+#: them, and the next window fills while this one is written (see :class:`_Flight`).
+#: Chosen by measurement (docs/benchmarks.md, "Write delay"): 8, 12 and 16 gave
+#: 4.6-6.0x, 4.1-4.3x and 2.3-2.8x the serial-emit deliveries/s of no delay.
+FAN_OUT_SLICE = 8
 
 
 class _Recovery:
@@ -383,8 +385,9 @@ class Hub:
             fan_out(sessions, text, nbytes, single=single)
             return
         flight = state.flight = _Flight(sessions, text, nbytes, single)
-        flight.write(size)
+        # scheduled first: a failing slice must not leave the channel's flight open
         asyncio.get_running_loop().call_soon(self._fly, state, flight)
+        flight.write(size)
 
     def _fly(self, state: _Channel, flight: _Flight) -> None:
         """Write the next slice of ``flight``; when done, the batch that waited for it."""
