@@ -396,6 +396,7 @@ BAD_ARGUMENTS = [
     (["--prefix", "a.b"], "--prefix must be one NATS token"),
     (["--url", "ftp://example.com"], "--url must be http(s)://host:port"),
     (["--url", "http://127.0.0.1:99999"], "bad port in --url"),
+    (["--url", "http://127.0.0.1:0"], "bad port in --url"),
     (["--emit-concurrency", "0"], "--emit-concurrency must be >= 1"),
     (["--vs-floor", "--rounds", "0"], "--rounds must be >= 1"),
     (["--vs-floor", "--reconnect"], "--vs-floor compares plain runs"),
