@@ -99,6 +99,8 @@ class Node:
         self.hub.on_leave.append(self.join_leave.left)
         self.bus.on_event = self.join_leave.deliver
         self.bus.on_pattern_message = self.hub.dispatch_pattern
+        # a NATS read handed over: write its batches now, not a loop iteration later
+        self.bus.on_drained = self.hub.flush_now
         # stream re-created (new epoch): every position handed out is void
         self.bus.on_epoch_changed = self.hub.stream_reset
         self.command_buckets = BucketRegistry(settings.command_rate, settings.command_burst)

@@ -337,6 +337,20 @@ class Hub:
         else:
             self._flush_handle = loop.call_soon(self._flush_batches)
 
+    def flush_now(self) -> None:
+        """Write the open batches now instead of at the next loop iteration.
+
+        The bus calls it when a NATS subscription has handed over every message it
+        had read (no other message waiting), so the batches hold everything that
+        arrived together and nothing is gained by waiting: a message reaches the
+        sockets one loop iteration sooner (~0.1 ms on the dev VM). With a write
+        delay the window is kept: it does nothing.
+        """
+        handle = self._flush_handle
+        if handle is not None and self.write_delay <= 0:
+            handle.cancel()
+            self._flush_batches()
+
     def _flush_batches(self) -> None:
         """Write every channel's batch (the scheduled flush)."""
         self._flush_handle = None

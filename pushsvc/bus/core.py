@@ -249,6 +249,17 @@ class Bus:
         self.live.on_pattern_message = handler
 
     @property
+    def on_drained(self) -> Callable[[], None] | None:
+        """Called after a live message when its NATS subscription has no other
+        message waiting (see :attr:`LiveSubscriptions.on_drained
+        <pushsvc.bus.subscriptions.LiveSubscriptions.on_drained>`); must not block."""
+        return self.live.on_drained
+
+    @on_drained.setter
+    def on_drained(self, handler: Callable[[], None] | None) -> None:
+        self.live.on_drained = handler
+
+    @property
     def on_event(self) -> EventHandler | None:
         """Called with ``(channel, payload)`` for every channel event (join/leave)
         of a channel held with :meth:`acquire_events`; must not block."""

@@ -58,6 +58,11 @@ class LiveSubscriptions:
         self.conn = conn
         self._on_message = on_message
         self.on_pattern_message: PatternHandler | None = None
+        #: called after a live message when its subscription has no other message
+        #: waiting (nats-py's ``Subscription.pending_msgs`` is 0): the messages of
+        #: one NATS read have all been handed over, so the hub can write them now
+        #: instead of a loop iteration later. Must not block.
+        self.on_drained: Callable[[], None] | None = None
         self._subs: dict[str, _LiveSub] = {}
 
     def subject(self, channel: str) -> str:
@@ -96,7 +101,7 @@ class LiveSubscriptions:
         live.ready = asyncio.get_running_loop().create_future()
         try:
             nc = self.conn.client()
-            cb = self._make_callback(channel)
+            cb = self._make_callback(channel, live)
             live.sub = await nc.subscribe(self.subject(channel), cb=cb)
             await confirm(nc, self.conn.settings.publish_timeout)
         except Unavailable as exc:
@@ -138,10 +143,11 @@ class LiveSubscriptions:
             sub, live.sub = live.sub, None
             await self.conn.unsubscribe(sub)
 
-    def _make_callback(self, channel: str) -> Callable[[Msg], Awaitable[None]]:
+    def _make_callback(self, channel: str, live: _LiveSub) -> Callable[[Msg], Awaitable[None]]:
         if is_pattern(channel):
-            return self._make_pattern_callback(channel)
+            return self._make_pattern_callback(channel, live)
         on_message = self._on_message
+        drained = self._drained(live)
         if self.conn.history_enabled:
 
             async def cb(msg: Msg) -> None:
@@ -152,15 +158,29 @@ class LiveSubscriptions:
                     on_message(channel, msg.data, int(seq) if seq else None, stamp)
                 else:
                     on_message(channel, msg.data, None, None)
+                drained()
 
         else:
 
             async def cb(msg: Msg) -> None:
                 on_message(channel, msg.data, None, None)
+                drained()
 
         return cb
 
-    def _make_pattern_callback(self, pattern: str) -> Callable[[Msg], Awaitable[None]]:
+    def _drained(self, live: _LiveSub) -> Callable[[], None]:
+        """After each message of ``live``: :attr:`on_drained` once none is waiting."""
+
+        def drained() -> None:
+            sub = live.sub
+            if (sub is None or not sub.pending_msgs) and self.on_drained is not None:
+                self.on_drained()
+
+        return drained
+
+    def _make_pattern_callback(
+        self, pattern: str, live: _LiveSub
+    ) -> Callable[[Msg], Awaitable[None]]:
         """Callback of a wildcard subscription: the concrete channel comes from the subject.
 
         Personal channels are skipped unless the pattern starts with ``user``
@@ -169,10 +189,12 @@ class LiveSubscriptions:
         conn = self.conn
         prefix = conn.live_prefix if conn.history_enabled else conn.prefix
         history = conn.history_enabled
+        drained = self._drained(live)
 
         async def cb(msg: Msg) -> None:
             channel = channel_for(prefix, msg.subject)
             if channel is None or not pattern_reaches(pattern, channel):
+                drained()
                 return
             seq = stamp = None
             if history and msg.headers:
@@ -181,5 +203,6 @@ class LiveSubscriptions:
                 stamp = stream_time(msg.headers.get("Nats-Time-Stamp"))
             if self.on_pattern_message is not None:
                 self.on_pattern_message(pattern, channel, msg.data, seq, stamp)
+            drained()
 
         return cb
