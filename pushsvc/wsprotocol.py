@@ -28,17 +28,22 @@ And one memory/CPU fix: the HTTP protocol object that read the upgrade request
 WebSocket left ~5 KiB of garbage for the cyclic collector; in a reconnect storm
 those objects reach the oldest generation and full collections were most of
 the server's CPU per connection. The cycle is broken right after the upgrade.
+
+With :class:`pushsvc.httpprotocol.HttpToolsProtocol` as uvicorn's ``http``
+protocol, :meth:`WebSocketProtocol.upgrade` takes the request ``httptools``
+already parsed instead of parsing it a second time.
 """
 
 from __future__ import annotations
 
-from asyncio import BaseTransport
+from asyncio import BaseTransport, Transport
 from collections.abc import Coroutine
 from http import HTTPStatus
 from typing import Any
 
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from websockets.http11 import Request
+from websockets.protocol import Protocol
 
 WEBSOCKET_VERSION = "13"  # RFC 6455 4.1 (the only version)
 
@@ -57,6 +62,38 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
         http = transport.get_protocol()
         if http is not self and hasattr(http, "parser"):
             self.loop.call_soon(_release_parser, http)
+
+    def upgrade(
+        self,
+        transport: Transport,
+        request: Request,
+        server: tuple[str, int | None] | None,
+        client: tuple[str, int] | None,
+    ) -> None:
+        """Take over ``transport`` with its opening handshake already parsed.
+
+        What ``connection_made`` then ``data_received(<the request's bytes>)`` do,
+        without the bytes: called by :class:`pushsvc.httpprotocol.HttpToolsProtocol`,
+        which read the request with ``httptools`` and built ``request``. The
+        ``websockets`` connection skips its HTTP request parser and starts on
+        frames, as it does after parsing a request itself; the request is then
+        validated and answered (101 on accept, or the refusal) by
+        :meth:`handle_connect`, as on uvicorn's path.
+
+        Args:
+            transport: the connection (still pointing at the HTTP protocol).
+            request: the opening handshake (path with query, headers).
+            server / client: local and peer address as the HTTP protocol found them.
+        """
+        self.connections.add(self)
+        self.transport = transport
+        self.server = server
+        self.client = client
+        self.scheme = "wss" if transport.get_extra_info("sslcontext") else "ws"
+        conn = self.conn
+        conn.parser = Protocol.parse(conn)  # the frame parser ServerProtocol.parse ends in
+        next(conn.parser)
+        self.handle_connect(request)
 
     def data_received(self, data: bytes) -> None:
         """Feed bytes; if the opening handshake was rejected by the parser, answer and close."""

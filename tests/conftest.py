@@ -134,6 +134,7 @@ async def start_server(nats_url: str) -> AsyncIterator[Any]:
             app,
             host="127.0.0.1",
             port=settings.port,
+            http="pushsvc.httpprotocol:HttpToolsProtocol",
             ws="pushsvc.wsprotocol:WebSocketProtocol",
             ws_max_size=settings.max_frame_bytes,
             ws_per_message_deflate=False,
