@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import re
 from asyncio import BaseTransport
+
 from uvicorn.protocols.http.flow_control import FlowControl
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as _UvicornHttpTools
 from websockets.datastructures import Headers
@@ -143,7 +144,7 @@ def parsed_request(
 
 
 def local_address(transport: BaseTransport) -> tuple[str, int | None] | None:
-    """The local address as uvicorn reports it (``(host, port)``; a Unix socket: ``(path, None)``)."""
+    """The local address as uvicorn reports it: ``(host, port)``, a Unix socket ``(path, None)``."""
     info = transport.get_extra_info("sockname")
     if isinstance(info, tuple | list) and len(info) >= 2:
         return (str(info[0]), int(info[1]))
@@ -158,4 +159,3 @@ def peer_address(transport: BaseTransport) -> tuple[str, int] | None:
     if isinstance(info, tuple | list) and len(info) >= 2:
         return (str(info[0]), int(info[1]))
     return None
-
