@@ -350,6 +350,11 @@ async def test_clients_answer_heartbeats(start_server, nats_url):
         srv, nats_url, "--clients", "4", "--messages", "15", "--rate", "10"
     )
     assert_clean(code, report, err, expected=4 * 15)
+    # a paced --via nats run also reports the NATS hop, from every message, on the
+    # subject the server reads (history on: the stream's RePublish destination)
+    hop = report["nats_hop_ms"]
+    assert hop["subject"] == f"{srv.settings.subject_prefix}-live.bench.>", hop
+    assert hop["messages"] == 15 and 0 < hop["p50"] <= hop["p99"], hop
 
 
 async def test_reconnect_and_server_cpu_figures(start_server, nats_url):
@@ -630,6 +635,7 @@ async def test_vs_floor_prints_both_rows_and_ratios(start_server, nats_url):
     assert all(len(cells) == 5 for cells in rows.values()), out
     assert all(float(c.rstrip("x").replace(",", "")) > 0 for c in rows["ratio"][:2]), out
     assert "lost 0" in out and "failed runs 0" in out, out
+    assert "nats hop: p50 " in out and "pushsvc p50 less the hop" in out, out
     # the server runs in this test's process, found as the one listening on --url's port
     assert f"server pid {os.getpid()}" in out, out
 

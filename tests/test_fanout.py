@@ -24,6 +24,7 @@ from websockets.uri import parse_uri
 from pushsvc import session as session_module
 from pushsvc.auth import Authenticator, AuthError, Principal, mint_token
 from pushsvc.hub import Hub
+from pushsvc.protocol import Unsubscribe
 from pushsvc.ratelimit import TokenBucket
 from pushsvc.session import Session
 from pushsvc.settings import Settings
@@ -185,6 +186,84 @@ async def test_write_delay_holds_a_message_at_most_one_window(start_server, nc, 
     assert [m["data"]["i"] for m in client.frames if m["type"] == "message"] == list(range(30))
     # the delay plus one loop iteration, with a generous margin for a busy machine
     assert max(held) < delay + 0.6, held
+
+
+async def until_flight(hub: Hub, channel: str) -> Any:
+    """Yield one loop iteration at a time until ``channel``'s batch is being written in slices."""
+    for _ in range(20_000):
+        state = hub._channels.get(channel)
+        if state is not None and state.flight is not None:
+            return state.flight
+        await asyncio.sleep(0)
+    raise AssertionError("no sliced flush happened")
+
+
+@pytest.mark.parametrize("coalesce_bytes", [65536, 200])
+async def test_write_delay_writes_a_large_live_set_in_slices_in_order(
+    start_server, nc, channel, coalesce_bytes
+):
+    """(With a 200-byte cap a batch fills during the previous one's slices: that one is
+    finished at once, then the full batch goes out, still in order.)"""
+    srv = await start_server(write_delay=0.002, coalesce_bytes=coalesce_bytes)
+    hub = srv.node.hub
+    hub.fan_out_slice = 2  # 7 clients: every flush is written in 4 loop iterations
+    clients = [await srv.client(srv.token(f"user{k}")) for k in range(7)]
+    for c in clients:
+        await c.subscribe(channel)
+    got: list[list[int]] = [[] for _ in clients]
+    readers = [asyncio.create_task(collect(c, into)) for c, into in zip(clients, got, strict=True)]
+    flights = 0
+    for i in range(60):
+        await nc.publish(f"push.{channel}", json.dumps({"i": i}).encode())
+        if i % 6 == 0:
+            await nc.flush()
+            await until_flight(hub, channel)
+            flights += 1
+    await until(lambda: all(len(g) >= 60 for g in got), 20, "every client to get everything")
+    await stop(*readers)
+    assert got == [list(range(60))] * len(clients)
+    assert flights == 10
+    # a window's messages went out together: fewer frames than messages
+    assert all(len(c.raw_frames) < 60 for c in clients)
+
+
+async def test_sessions_leaving_during_a_sliced_flush_get_what_they_are_owed(
+    start_server, nc, channel
+):
+    """A session that unsubscribes before its slice is written gets the batch first
+    (it was subscribed when the message arrived) and nothing after; a session closed
+    before its slice gets nothing after its close frame; the others get everything."""
+    srv = await start_server(write_delay=0.002)
+    hub = srv.node.hub
+    hub.fan_out_slice = 1
+    clients = [await srv.client(srv.token(f"user{k}")) for k in range(6)]
+    for c in clients:
+        await c.subscribe(channel)
+    by_id = {s.id: s for s in hub.sessions}
+
+    await nc.publish(f"push.{channel}", json.dumps({"i": 0}).encode())
+    await nc.flush()
+    flight = await until_flight(hub, channel)
+    unwritten = flight.sessions[flight.pos :]
+    assert len(unwritten) >= 2
+    leaver, closer = unwritten[-1], unwritten[-2]
+    await leaver._unsubscribe(Unsubscribe(channel=channel, id=7))  # the command, no await inside
+    closer.close(4000, "closed by the test")
+    for i in (1, 2):
+        await nc.publish(f"push.{channel}", json.dumps({"i": i}).encode())
+    await nc.flush()
+
+    for c in clients:
+        session = by_id[c.welcome["client"]]
+        if session is leaver:
+            assert [m["data"]["i"] for m in await c.messages(1)] == [0]
+            await c.expect("unsubscribed", id=7)
+            await c.nothing(0.3)
+        elif session is closer:
+            assert await c.closed() == 4000
+            assert not [f for f in c.frames if f["type"] == "message"]
+        else:
+            assert [m["data"]["i"] for m in await c.messages(3)] == [0, 1, 2]
 
 
 async def stop(*tasks: asyncio.Task[Any]) -> None:

@@ -38,7 +38,10 @@ connect_seconds, connect_rate (connections/s), publish_seconds, deliveries,
 deliveries_per_s (deliveries / seconds from first publish to last delivery),
 latency_ms {p50, p90, p99, max}, lost, duplicated, errors, closes (close code ->
 count, for closes the bench did not start), generator_cpu_s, tokens ("secret" or
-"dev" for /dev/token); with ``--via emit``: emit_concurrency; with
+"dev" for /dev/token); with ``--via nats`` at a ``--rate``: nats_hop_ms {subject,
+messages, p50, p99} (publish to a plain NATS subscriber of the subject pushsvc
+reads: the part of the latency that is NATS's, see
+:class:`~pushsvc.bench.publishers.HopProbe`); with ``--via emit``: emit_concurrency; with
 ``--server-pid``: server_cpu_s, server_rss_mib_before, server_rss_mib_after,
 server_rss_per_conn_kib, server_cpu_ms_per_connection (connect phase:
 handshake + auth + subscribe), server_cpu_us_per_frame (first publish to last

@@ -255,6 +255,8 @@ class Coordinator:
             "result", self._left(self.deadline - 0.5 * self.reserve, drain_s + 1.0)
         )
         report = self._report_base(connect_seconds, subscribed, pub, pub_start, pub_end, results)
+        if publisher.probe is not None:
+            report["nats_hop_ms"] = publisher.probe.result()
         if cfg["stall"]:
             codes: Counter[str] = Counter()
             for m in results.values():

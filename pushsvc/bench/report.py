@@ -66,6 +66,7 @@ def format_report(r: dict[str, Any]) -> str:
         f"({r['deliveries_per_s']:,.0f}/s, {r['frames']} frames)",
         f"  latency ms    p50 {ms(lat['p50'])}  p90 {ms(lat['p90'])}  p99 {ms(lat['p99'])}  "
         f"max {ms(lat['max'])}",
+        *_hop_line(r.get("nats_hop_ms")),
         f"  lost          {r['lost']}   duplicated {r['duplicated']}   errors {r['errors']}",
         f"  closes        {_codes(r['closes'])}",
         f"  generator cpu {r['generator_cpu_s']:.2f} s",
@@ -113,3 +114,12 @@ def _codes(codes: dict[str, int]) -> str:
 
 def _posts(n: int) -> str:
     return "1 POST" if n == 1 else f"{n} POSTs"
+
+
+def _hop_line(hop: dict[str, Any] | None) -> list[str]:
+    if not hop:
+        return []
+    return [
+        f"  nats hop ms   p50 {hop['p50']:.2f}  p99 {hop['p99']:.2f}  (publish -> a NATS "
+        f"subscriber of {hop['subject']}: included in the latency above)"
+    ]

@@ -23,8 +23,11 @@ Report (``--json``): mode ``"vs-floor"``, clients, channels, messages, size,
 rate, via, rounds, server_pid; ``floor`` and ``pushsvc``, each the medians over
 the rounds of latency_p50_ms, latency_p99_ms, cpu_us_per_frame,
 cpu_us_per_delivery (microseconds of server CPU), deliveries_per_s (and for
-pushsvc cpu_ms_per_connection, milliseconds, and cpu_ms_per_first_connection
-from the warm-up); ``ratio``, pushsvc / floor for each of the five; lost,
+pushsvc cpu_ms_per_connection, milliseconds, cpu_ms_per_first_connection
+from the warm-up, and with ``--via nats --rate`` nats_hop_p50_ms and
+nats_hop_p99_ms: the NATS part of its latency, which the floor does not pay,
+see :class:`~pushsvc.bench.publishers.HopProbe`); ``ratio``, pushsvc / floor for
+each of the five; lost,
 duplicated, errors, failed_runs (over every run), error_samples, ``warmup``
 (its report) and ``runs``, one entry per round with the ``floor``,
 ``handshake`` (None without a server pid) and ``pushsvc`` reports in full.
@@ -84,6 +87,8 @@ def _pushsvc_row(r: dict[str, Any], handshake: dict[str, Any] | None) -> dict[st
         "cpu_us_per_delivery": None,
         "deliveries_per_s": r["deliveries_per_s"],
         "cpu_ms_per_connection": None,
+        "nats_hop_p50_ms": (r.get("nats_hop_ms") or {}).get("p50"),
+        "nats_hop_p99_ms": (r.get("nats_hop_ms") or {}).get("p99"),
     }
     if handshake is None or "server_cpu_s" not in r or "server_cpu_s" not in handshake:
         return row
@@ -211,6 +216,14 @@ def format_vs_floor(r: dict[str, Any]) -> str:
             f"({cell(first, 3)} ms for a token's first), handshake + auth + subscribe + close,"
         )
         lines.append("    from --messages 0 runs; taken out of the cpu columns above")
+    hop = r["pushsvc"].get("nats_hop_p50_ms")
+    if hop is not None and r["floor"]["latency_p50_ms"]:
+        net = r["pushsvc"]["latency_p50_ms"] - hop
+        lines.append(
+            f"  nats hop: p50 {hop:.2f} ms, p99 {r['pushsvc']['nats_hop_p99_ms']:.2f} ms "
+            "(publish -> a plain NATS subscriber; the floor has no NATS); pushsvc p50 less "
+            f"the hop: {net:.2f} ms, {net / r['floor']['latency_p50_ms']:.2f}x the floor's"
+        )
     lines.append(
         f"  lost {r['lost']}   duplicated {r['duplicated']}   errors {r['errors']}   "
         f"failed runs {r['failed_runs']}"
