@@ -136,11 +136,26 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
         A plain method returning the coroutine to await: every delivery goes
         through here, so it adds no coroutine frame of its own.
         """
-        if message["type"] == "websocket.http.response.body" and not message.get(
-            "more_body", False
-        ):
+        kind = message["type"]
+        if kind == "websocket.accept":
+            return self._send_accept(message)
+        if kind == "websocket.http.response.body" and not message.get("more_body", False):
             return self._send_denial_body(message)
         return super().send(message)
+
+    async def _send_accept(self, message: Any) -> None:
+        """uvicorn's accept (the 101 response), then forget the opening handshake.
+
+        uvicorn keeps the ``websockets`` request and response (each with its
+        headers: ~20 container objects and their strings) for the life of the
+        connection but never reads them after the 101 is written: dropped here,
+        they cost neither idle memory nor garbage-collector passes.
+        """
+        try:
+            await super().send(message)
+        finally:
+            if self.handshake_complete:
+                self.request = self.response = None  # type: ignore[assignment]
 
     async def _send_denial_body(self, message: Any) -> None:
         await super().send(message)
