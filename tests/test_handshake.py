@@ -6,7 +6,8 @@ refuse or read differently take uvicorn's serialise-and-parse path. These tests
 check, over real sockets, that both paths answer as ``websockets`` does: the
 limits (128 headers, 8 KiB lines), header values as sent (obs-text, spaces), the
 query string and the peer address as the application sees them. The JWT
-decoder that prepares its key once must still check every signature.
+decoder that prepares its key once must still check every signature. Sessions'
+deadlines (pings, pongs, expiry) share one coarse timer per loop.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from hostile import LogCapture
 from wsclient import WSClient
 
 from pushsvc.auth import Authenticator, AuthError
+from pushsvc.deadlines import Deadlines
 from pushsvc.settings import Settings
 
 
@@ -114,3 +116,51 @@ def test_cached_jwt_key_still_checks_every_signature():
         auth.verify(hs512)
     assert info.value.reason == "algorithm"
     assert auth.verify(jwt.encode({**claims, "sub": "carol"}, SECRET)).sub == "carol"
+
+
+# --- coarse deadlines (pushsvc.deadlines: pings, pongs, token expiry) -----------------------
+
+
+async def test_deadlines_fire_once_not_early_and_can_move_or_clear():
+    loop = asyncio.get_running_loop()
+    fired: list[tuple[str, float]] = []
+    dl = Deadlines(loop, lambda owner: fired.append((owner, loop.time())))
+    start = loop.time()
+    dl.set("a", 0.3)
+    dl.set("b", 0.3)
+    dl.set("moved", 0.1)
+    dl.set("moved", 0.5)  # re-armed: only the later deadline counts
+    dl.set("cleared", 0.1)
+    dl.clear("cleared")
+    assert len(dl) == 3 and "cleared" not in dl
+    for _ in range(300):
+        if len(fired) == 3:
+            break
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.25)  # nothing else fires
+    assert [owner for owner, _ in fired] == ["a", "b", "moved"]
+    for owner, at in fired:
+        due = start + (0.5 if owner == "moved" else 0.3)
+        assert due - 0.002 <= at < due + 2.0  # never early; late by about a tick
+    assert len(dl) == 0
+
+
+async def test_deadline_callbacks_may_rearm_and_one_failure_spares_the_rest():
+    loop = asyncio.get_running_loop()
+    seen: list[str] = []
+
+    def fire(owner: str) -> None:
+        seen.append(owner)
+        if owner == "bad":
+            raise RuntimeError("boom")
+        if seen.count(owner) < 3:
+            dl.set(owner, 0.05)  # as a session's ping re-arms itself
+
+    dl = Deadlines(loop, fire)
+    dl.set("bad", 0.05)
+    dl.set("good", 0.05)
+    for _ in range(300):
+        if seen.count("good") == 3:
+            break
+        await asyncio.sleep(0.01)
+    assert seen.count("good") == 3 and seen.count("bad") == 1
