@@ -38,17 +38,10 @@ from .hub import Hub
 from .joinleave import JoinLeave
 from .logs import install_redaction
 from .natsconn import NatsRefused, NatsSecurity
-from .openapi import (
-    ErrorBody,
-    Health,
-    Readiness,
-    install,
-    json_body,
-    ref,
-    text_body,
-)
+from .openapi import ErrorBody, install, ref, text_body
 from .presence import PresenceRegistry
 from .presencehttp import presence_router
+from .probes import Readiness, probes_router
 from .protocol import CLOSE_SERVICE_RESTART
 from .ratelimit import BucketRegistry
 from .revocations import RevocationStore
@@ -98,7 +91,6 @@ class Node:
         self.bus.on_resumed = self.hub.resume
         # presence: the hub tells the registry who joins and leaves which channel
         self.presence = PresenceRegistry(settings, self.bus, settings.node_name)
-        self.hub.presence = self.presence
         self.hub.on_join.append(self.presence.joined)
         self.hub.on_leave.append(self.presence.left)
         # join/leave events: published through NATS, delivered by every node's hub
@@ -112,7 +104,12 @@ class Node:
         self.command_buckets = BucketRegistry(settings.command_rate, settings.command_burst)
         self.emit_buckets = BucketRegistry(settings.emit_rate, settings.emit_burst)
         self.endpoint = WebSocketEndpoint(
-            settings, self.hub, self.auth, self.command_buckets, self.accepting
+            settings,
+            self.hub,
+            self.auth,
+            self.command_buckets,
+            self.accepting,
+            presence=self.presence,
         )
         self.embedded: EmbeddedNats | None = None
         #: revocations kept in NATS (history on), shared by every node
@@ -174,6 +171,17 @@ class Node:
     def ready(self) -> bool:
         """Ready to take traffic: started, NATS connected, not draining."""
         return self.started and not self.draining and self.bus.is_connected
+
+    def readiness(self) -> Readiness:
+        """What ``GET /readyz`` answers: :attr:`ready` and the state behind it."""
+        return Readiness(
+            ready=self.ready,
+            node=self.name,
+            nats=self.bus.is_connected,
+            draining=self.draining,
+            history=self.bus.history_enabled,
+            connections=len(self.hub.sessions),
+        )
 
     def accepting(self) -> bool:
         """New WebSocket handshakes are accepted (also during the drain delay; not once
@@ -297,38 +305,7 @@ class Node:
         router.include_router(history_router(settings, self.bus, self.auth))
         router.include_router(presence_router(settings, self.presence, self.auth))
 
-        @router.get(
-            "/healthz",
-            operation_id="healthz",
-            summary="Liveness",
-            response_model=None,
-            responses={200: json_body(ref(Health), "Alive")},
-        )
-        async def healthz() -> dict[str, Any]:
-            """Liveness: the process serves HTTP."""
-            return {"status": "ok", "version": __version__}
-
-        @router.get(
-            "/readyz",
-            operation_id="readyz",
-            summary="Readiness (for load balancers)",
-            response_model=None,
-            responses={
-                200: json_body(ref(Readiness), "Ready: NATS connected, not draining"),
-                503: json_body(ref(Readiness), "Not ready: NATS away, or draining"),
-            },
-        )
-        async def readyz() -> JSONResponse:
-            """Readiness: NATS connected and not draining (503 otherwise)."""
-            body = {
-                "ready": self.ready,
-                "node": self.name,
-                "nats": self.bus.is_connected,
-                "draining": self.draining,
-                "history": self.bus.history_enabled,
-                "connections": len(self.hub.sessions),
-            }
-            return JSONResponse(body, status_code=200 if self.ready else 503)
+        router.include_router(probes_router(self.readiness))
 
         @router.get(
             "/metrics",

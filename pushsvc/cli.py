@@ -90,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     subscribe.add_argument(
         "--url",
         default=os.environ.get("PUSHSVC_URL") or DEFAULT_URL,
-        help=f"server URL (default PUSHSVC_URL, else {DEFAULT_URL})",
+        help="server URL: http(s)://host:port[/base], ws(s)://..., or the /ws endpoint "
+        f"(default PUSHSVC_URL, else {DEFAULT_URL})",
     )
     subscribe.add_argument(
         "--since", type=int, help="replay what came after this seq first (0 = all history)"
@@ -397,9 +398,9 @@ def _publish(args: argparse.Namespace) -> int:
     except ValueError:
         payload = args.data.encode()
 
-    security = msgspec.structs.asdict(natsconn.NatsSecurity.from_args(args))
+    security = natsconn.NatsSecurity.from_args(args)
     # (Publisher checks the security settings: a SettingsError exits 2 with one line)
-    pub = Publisher(servers, prefix=prefix, jetstream=not args.core, **security)
+    pub = Publisher(servers, prefix=prefix, jetstream=not args.core, security=security)
 
     async def run() -> int | None:
         async with pub:
@@ -419,7 +420,8 @@ def _publish(args: argparse.Namespace) -> int:
 def _subscribe(args: argparse.Namespace) -> int:
     from .auth import mint_token
     from .channels import InvalidChannel, validate_channel
-    from .subscriber import SubscribeError, Subscriber, ws_url
+    from .serverurl import parse_server_url
+    from .subscriber import SubscribeError, Subscriber
 
     try:
         channel = validate_channel(args.channel)
@@ -427,7 +429,7 @@ def _subscribe(args: argparse.Namespace) -> int:
         print(f"pushsvc: subscribe: {exc}", file=sys.stderr)
         return 2
     try:
-        ws_url(args.url)
+        parse_server_url(args.url)
     except ValueError as exc:
         raise SettingsError("--url", str(exc)) from None
     if args.since is not None and args.since < 0:

@@ -12,13 +12,14 @@ from __future__ import annotations
 from importlib import resources
 from typing import Annotated
 
+import msgspec
 from fastapi import APIRouter, HTTPException, Path, Query
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, Response
 
 from .auth import mint_token
 from .channels import InvalidChannel, validate_grant
 from .httperrors import HTTPError
-from .openapi import DevToken, declare, errors, json_body, ref, text_body
+from .openapi import declare, errors, json_body, ref, text_body
 from .settings import Settings
 
 # file name in pushsvc/static -> media type; nothing else in that folder is served here
@@ -94,6 +95,14 @@ def demo_router() -> APIRouter:
     return router
 
 
+class DevToken(msgspec.Struct):
+    """Answer of ``GET /dev/token`` (dev mode only): ``ttl`` in seconds."""
+
+    token: str
+    user: str
+    ttl: int
+
+
 def dev_token_router(settings: Settings) -> APIRouter:
     """``GET /dev/token?user=&channels=&publish=&ttl=``: a token signed with the node's
     secret (dev mode only; never mounted without ``--dev``).
@@ -119,7 +128,7 @@ def dev_token_router(settings: Settings) -> APIRouter:
         channels: str = Query(">"),
         publish: str = Query(">"),
         ttl: int = Query(3600, ge=1, le=86400),
-    ) -> JSONResponse:
+    ) -> Response:
         """Mint a token (dev mode only; never enabled without ``--dev``)."""
         try:
             grants = [validate_grant(c) for c in channels.split(",") if c]
@@ -137,6 +146,7 @@ def dev_token_router(settings: Settings) -> APIRouter:
             issuer=settings.jwt_issuer,
             headers={"typ": settings.jwt_type} if settings.jwt_type else None,
         )
-        return JSONResponse({"token": token, "user": user, "ttl": ttl})
+        body = msgspec.json.encode(DevToken(token, user, ttl))
+        return Response(body, media_type="application/json")
 
     return router

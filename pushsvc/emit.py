@@ -26,7 +26,8 @@ from typing import Annotated, Any
 
 import msgspec
 from fastapi import APIRouter, Header, Path, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from msgspec import Meta
 from starlette.requests import ClientDisconnect
 
 from . import metrics
@@ -39,10 +40,9 @@ from .hub import Hub
 from .openapi import (
     CHANNEL_SCHEMA,
     SECURITY,
-    EmitBatch,
-    EmitBatchResult,
-    EmitMessage,
-    EmitResult,
+    Channel,
+    Seq,
+    amend,
     declare,
     errors,
     json_body,
@@ -52,6 +52,41 @@ from .ratelimit import BucketRegistry
 from .settings import Settings
 
 MAX_BATCH = 1000
+
+
+# the schema of POST /emit's body (the route parses it as EmitItem, keeping data raw)
+class EmitMessage(msgspec.Struct):
+    """One message of ``POST /emit``: ``data`` (or its alias ``payload``) is any JSON value."""
+
+    channel: Channel
+    data: Annotated[Any, msgspec.Meta(description="the message, any JSON value")] = None
+    payload: Annotated[
+        Any, msgspec.Meta(description="alias of data (used when data is absent)")
+    ] = None
+
+
+# needs data or payload: 400 "missing field 'data'" otherwise
+amend(EmitMessage, anyOf=[{"required": ["data"]}, {"required": ["payload"]}])
+
+
+class EmitBatch(msgspec.Struct):
+    """A batch for ``POST /emit``: published in order, each item answered with its seq."""
+
+    messages: Annotated[list[EmitMessage], Meta(min_length=1, max_length=MAX_BATCH)]
+
+
+class EmitResult(msgspec.Struct):
+    """Answer to an accepted emit: ``seq`` is the stream sequence (null with history off)."""
+
+    channel: str
+    seq: Seq | None
+
+
+class EmitBatchResult(msgspec.Struct):
+    """Answer to an accepted batch, one result per item in order."""
+
+    results: list[EmitResult]
+
 
 IdempotencyKey = Annotated[
     str | None,
@@ -193,7 +228,7 @@ def emit_router(
         },
         openapi_extra={"requestBody": _EMIT_BODY},
     )
-    async def emit(request: Request, idempotency_key: IdempotencyKey = None) -> JSONResponse:
+    async def emit(request: Request, idempotency_key: IdempotencyKey = None) -> Response:
         """Publish one JSON message, or a batch, into NATS.
 
         Answered 202 only once NATS has every message; a batch interrupted by a 503
@@ -205,7 +240,7 @@ def emit_router(
             items, batch = _parse(body)
             checked = [(check(principal, item.channel), _payload(item)) for item in items]
             key = idempotency_key
-            results = []
+            results: list[EmitResult] = []
             for i, (channel, payload) in enumerate(checked):
                 msg_id = None if key is None else (f"{key}:{i}" if batch else key)
                 try:
@@ -214,11 +249,11 @@ def emit_router(
                     if results:  # say exactly what NATS already has
                         exc.args = (f"{exc}; the first {len(results)} messages were accepted",)
                     raise
-                results.append({"channel": channel, "seq": seq})
+                results.append(EmitResult(channel, seq))
         except EmitError as exc:
             return exc.response()
         metrics.EMITS.labels("202").inc(len(results))
-        return JSONResponse({"results": results} if batch else results[0], status_code=202)
+        return _accepted(EmitBatchResult(results) if batch else results[0])
 
     @router.post(
         "/emit/{channel}",
@@ -232,7 +267,7 @@ def emit_router(
     )
     async def emit_raw(
         channel: ChannelParam, request: Request, idempotency_key: IdempotencyKey = None
-    ) -> JSONResponse:
+    ) -> Response:
         """Publish the raw request body to ``channel``."""
         try:
             principal = await authorise(request)
@@ -242,9 +277,14 @@ def emit_router(
         except EmitError as exc:
             return exc.response()
         metrics.EMITS.labels("202").inc()
-        return JSONResponse({"channel": channel, "seq": seq}, status_code=202)
+        return _accepted(EmitResult(channel, seq))
 
     return router
+
+
+def _accepted(body: EmitResult | EmitBatchResult) -> Response:
+    """The 202 answer with ``body`` as JSON."""
+    return Response(msgspec.json.encode(body), status_code=202, media_type="application/json")
 
 
 def _parse(body: bytes) -> tuple[list[EmitItem], bool]:

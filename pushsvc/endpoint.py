@@ -39,6 +39,7 @@ from starlette.requests import cookie_parser
 from . import metrics
 from .auth import Authenticator, AuthError, Principal
 from .hub import Hub
+from .presence import PresenceRegistry
 from .protocol import (
     CLOSE_RATE_LIMITED,
     CLOSE_UNAUTHORIZED,
@@ -63,6 +64,8 @@ class WebSocketEndpoint:
         auth: token verifier.
         buckets: per-user command token buckets.
         accepting: returns False while the node drains (new handshakes get 503).
+        presence: the node's presence registry, handed to every session (None: the
+            ``presence`` commands are answered ``bad_request``).
     """
 
     def __init__(
@@ -72,12 +75,14 @@ class WebSocketEndpoint:
         auth: Authenticator,
         buckets: BucketRegistry,
         accepting: Callable[[], bool],
+        presence: PresenceRegistry | None = None,
     ) -> None:
         self.settings = settings
         self.hub = hub
         self.auth = auth
         self.buckets = buckets
         self.accepting = accepting
+        self.presence = presence
         self.allowed_origins = frozenset(normalise_origin(o) for o in settings.allowed_origins)
         #: sockets between handshake and close, authenticated or not (the global cap)
         self.open_sockets = 0
@@ -148,6 +153,7 @@ class WebSocketEndpoint:
                 self.buckets.get(principal.sub),
                 self.settings,
                 resume_subs=resume,
+                presence=self.presence,
             )
         finally:
             # Session.run registers with the hub before its first await, so handing

@@ -30,10 +30,8 @@ from .channels import InvalidChannel, validate_channel
 from .httpauth import reader
 from .httperrors import HTTPError
 from .openapi import CHANNEL_SCHEMA, SECURITY, declare, errors, json_body, ref
-from .protocol import payload_to_data, position_error
+from .protocol import MAX_SEQ, payload_to_data, position_error
 from .settings import Settings
-
-MAX_SEQ = 2**64 - 1  # stream sequences are unsigned 64-bit (docs/protocol.md)
 
 
 class HistoryItem(msgspec.Struct, omit_defaults=True):
@@ -101,7 +99,7 @@ def history_router(settings: Settings, bus: Bus, auth: Authenticator) -> APIRout
             if not (principal is None or principal.can_subscribe(channel)):
                 raise HTTPError(403, "forbidden", f"not allowed to read {channel}")
             after = 0 if since is None else _count(since, "since", 0)
-            if (problem := position_error(None, epoch, MAX_SEQ)) is not None:
+            if (problem := position_error(None, epoch)) is not None:
                 raise HTTPError(400, "bad_request", problem)
             most = None if limit is None else _count(limit, "limit", 1)
             cap = settings.history_size
@@ -124,7 +122,8 @@ def history_router(settings: Settings, bus: Bus, auth: Authenticator) -> APIRout
 
 
 def _count(value: str, name: str, minimum: int) -> int:
-    """Parse a query parameter as an integer in ``minimum``..2^64-1 (stream sequences are u64).
+    """Parse a query parameter as an integer in ``minimum``..``MAX_SEQ`` (2^64-1, stream
+    sequences are uint64; see :data:`pushsvc.protocol.MAX_SEQ`).
 
     Raises:
         HTTPError: 400 ``bad_request`` naming the parameter.

@@ -58,7 +58,6 @@ from .session import fan_out
 from .transport import utf8_len
 
 if TYPE_CHECKING:
-    from .presence import PresenceRegistry
     from .session import Session
 
 log = logging.getLogger("pushsvc.hub")
@@ -241,8 +240,6 @@ class Hub:
         #: confirmed) or left (unsubscribe, close) a channel. Must not block.
         self.on_join: list[Callable[[Session, str], None]] = []
         self.on_leave: list[Callable[[Session, str], None]] = []
-        #: the node's presence registry (reads for the ``presence`` commands).
-        self.presence: PresenceRegistry | None = None
 
     # --- bus -> hub ------------------------------------------------------------------
     def dispatch(

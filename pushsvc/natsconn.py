@@ -28,6 +28,9 @@ nats-py retries a failing first connect while ``allow_reconnect`` is on and only
 reports each failure to ``error_cb``; :func:`connect` watches those reports and
 stops at the first one that no retry can cure (authorization violation, TLS
 certificate verification, an unreadable file), raising :class:`NatsRefused`.
+When the connect gives up otherwise (time bound reached, every server tried), it
+raises :class:`NatsUnreachable` naming the URL(s) and the cause of the last
+failed attempt (:func:`connect_failure`), so callers report it in one line.
 Secrets (password, token, seeds, URL passwords) never appear in its messages.
 """
 
@@ -98,6 +101,33 @@ class NatsRefused(ConnectionError):
         self.url = url
         self.reason = reason
         super().__init__(f"NATS at {url} refused the connection: {reason}")
+
+
+class NatsUnreachable(ConnectionError):
+    """The first connect to NATS gave up: no server could be reached in time.
+
+    Raised by :func:`connect` when a retry might still cure it (nothing listens,
+    a timeout, a connection reset), unlike :class:`NatsRefused`. ``str(exc)`` is
+    ``cannot reach NATS at <url>: <cause>``; it never contains a secret.
+
+    Attributes:
+        url: the server URL(s), comma-separated, userinfo passwords masked.
+        cause: why, in a few words (:func:`connect_failure`), e.g.
+            ``"connection refused"``.
+        timeout: the seconds the connect was given.
+    """
+
+    def __init__(self, url: str, cause: str, timeout: float) -> None:
+        self.url = url
+        self.cause = cause
+        self.timeout = timeout
+        super().__init__(f"cannot reach NATS at {url}: {cause}")
+
+    def with_timeout(self) -> str:
+        """The message naming the time bound too: ``cannot reach NATS at <url> within
+        <timeout> s: <cause>`` (what ``pushsvc serve`` says about
+        ``PUSHSVC_CONNECT_TIMEOUT``)."""
+        return f"cannot reach NATS at {self.url} within {self.timeout:g} s: {self.cause}"
 
 
 class NatsSecurity(msgspec.Struct, kw_only=True, frozen=True):
@@ -320,6 +350,25 @@ def refusal_reason(exc: BaseException) -> str | None:
     return None
 
 
+def connect_failure(exc: BaseException, attempts: list[Exception] | None = None) -> str:
+    """Why a NATS connect failed, in a few words, e.g. ``connection refused``.
+
+    Args:
+        exc: the exception that ended the connect (often a timeout).
+        attempts: errors nats-py reported to ``error_cb`` on the way; the last
+            one is the real cause when ``exc`` is only the timeout.
+    """
+    last = attempts[-1] if attempts else exc
+    if isinstance(last, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(last, OSError) and last.strerror:
+        return last.strerror[:1].lower() + last.strerror[1:]
+    if isinstance(last, TimeoutError | asyncio.TimeoutError | nats.errors.TimeoutError):
+        return "no answer (timeout)"
+    text = str(last).strip()
+    return f"{type(last).__name__}: {text}" if text else type(last).__name__
+
+
 ErrorCallback = Callable[[Exception], Awaitable[None]]
 
 
@@ -337,7 +386,10 @@ async def connect(
         servers: NATS URL or URLs (``nats://``, ``tls://``, ``ws(s)://``).
         security: credentials and TLS; None = none.
         timeout: seconds for the whole first connect (all retries included).
-        error_cb: nats-py's error callback, also called for each failed attempt.
+        error_cb: nats-py's error callback once connected (errors on a live
+            connection, failed reconnects); the failed attempts of the first
+            connect are kept to name the cause instead. None = ignore them
+            (nats-py's default would print tracebacks).
         **options: any other ``nats.connect()`` keyword (``name``,
             ``allow_reconnect``, ``connect_timeout``, ...).
 
@@ -347,14 +399,16 @@ async def connect(
     Raises:
         NatsRefused: the server refused us (see :func:`refusal_reason`); raised at
             the first such report, not after the retries.
-        TimeoutError: not connected within ``timeout`` seconds.
-        nats.errors.Error, OSError: the connect failed otherwise (e.g. with
-            ``allow_reconnect=False``).
+        NatsUnreachable: not connected within ``timeout`` seconds, or the connect
+            failed otherwise (e.g. every server tried with ``allow_reconnect=False``);
+            names the URL(s) and the cause of the last failed attempt.
     """
     security = security or NatsSecurity()
     urls = [servers] if isinstance(servers, str) else list(servers)
     loop = asyncio.get_running_loop()
     refused: asyncio.Future[NatsRefused] = loop.create_future()
+    attempts: list[Exception] = []  # failed attempts of the first connect
+    connected = False
     nc = NatsClient()
 
     def refusal(exc: BaseException) -> str | None:
@@ -370,7 +424,9 @@ async def connect(
             # reported to error_cb like any other error
             refused.set_result(NatsRefused(_current_url(nc, urls), reason))
             return
-        if error_cb is not None:
+        if not connected:  # the first connect: summed up in NatsUnreachable
+            attempts.append(exc)
+        elif error_cb is not None:
             await error_cb(exc)
 
     task = asyncio.ensure_future(
@@ -385,7 +441,9 @@ async def connect(
         await _close_quietly(nc, task)
         raise
     if task in done and task.exception() is None:
+        connected = True
         return nc
+    exc: BaseException | None
     if task in done:
         exc = task.exception()
         assert exc is not None
@@ -395,12 +453,14 @@ async def connect(
             raise refused.result()
         if reason is not None:
             raise NatsRefused(_current_url(nc, urls), reason) from None
-        raise exc
-    task.cancel()
-    await _close_quietly(nc, task)
-    if refused.done():
-        raise refused.result()
-    raise TimeoutError(f"no NATS connection within {timeout:g} s")
+    else:
+        exc = TimeoutError(f"no NATS connection within {timeout:g} s")
+        task.cancel()
+        await _close_quietly(nc, task)
+        if refused.done():
+            raise refused.result()
+    shown = ", ".join(display_url(u) for u in urls)
+    raise NatsUnreachable(shown, connect_failure(exc, attempts), timeout) from None
 
 
 async def _close_quietly(nc: NatsClient, task: asyncio.Future[Any]) -> None:

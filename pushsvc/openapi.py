@@ -4,10 +4,11 @@ FastAPI generates ``GET /openapi.json`` from the routes; the routes build their
 bodies by hand (raw request bodies, msgspec-encoded answers), so FastAPI cannot
 see them. This module gives it what it cannot infer, in FastAPI's own terms:
 
-- the bodies as msgspec Structs, turned into JSON Schema components by
-  :func:`msgspec.json.schema_components` and merged into the document by
-  :func:`install` (FastAPI's documented way of extending the schema: wrap
-  ``app.openapi``);
+- the bodies as msgspec Structs (each defined beside its route: emit.py,
+  history.py, presencehttp.py, demo.py, app.py), referenced with :func:`ref`,
+  turned into JSON Schema components by :func:`msgspec.json.schema_components`
+  and merged into the document by :func:`install` (FastAPI's documented way of
+  extending the schema: wrap ``app.openapi``);
 - ``responses=`` fragments for every error answer (:func:`errors`), with the
   ``{"error", "message"}`` body of :class:`pushsvc.httperrors.HTTPError` and its
   ``Retry-After`` (RFC 9110 10.2.3) and ``WWW-Authenticate`` (RFC 6750 3) headers;
@@ -22,7 +23,7 @@ checks real answers against the served document.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 import msgspec
 from fastapi import FastAPI, Security
@@ -59,60 +60,8 @@ class ErrorBody(msgspec.Struct, omit_defaults=True):
     retry_after: Annotated[float, Meta(ge=0, description="seconds (429, 503)")] | UnsetType = UNSET
 
 
-class EmitMessage(msgspec.Struct):
-    """One message of ``POST /emit``: ``data`` (or its alias ``payload``) is any JSON value."""
-
-    channel: Channel
-    data: Annotated[Any, Meta(description="the message, any JSON value")] = None
-    payload: Annotated[Any, Meta(description="alias of data (used when data is absent)")] = None
-
-
-class EmitBatch(msgspec.Struct):
-    """A batch for ``POST /emit``: published in order, each item answered with its seq."""
-
-    messages: Annotated[list[EmitMessage], Meta(min_length=1, max_length=1000)]
-
-
-class EmitResult(msgspec.Struct):
-    """Answer to an accepted emit: ``seq`` is the stream sequence (null with history off)."""
-
-    channel: str
-    seq: Seq | None
-
-
-class EmitBatchResult(msgspec.Struct):
-    """Answer to an accepted batch, one result per item in order."""
-
-    results: list[EmitResult]
-
-
-class Health(msgspec.Struct):
-    """Answer of ``GET /healthz``."""
-
-    status: Literal["ok"]
-    version: str
-
-
-class Readiness(msgspec.Struct):
-    """Answer of ``GET /readyz`` (200 when ready, 503 otherwise)."""
-
-    ready: bool
-    node: Annotated[str, Meta(description="PUSHSVC_NODE_NAME of the node that answered")]
-    nats: Annotated[bool, Meta(description="NATS connected")]
-    draining: Annotated[bool, Meta(description="shutdown has started")]
-    history: Annotated[bool, Meta(description="JetStream history on")]
-    connections: Annotated[int, Meta(ge=0, description="open WebSocket sessions on this node")]
-
-
-class DevToken(msgspec.Struct):
-    """Answer of ``GET /dev/token`` (dev mode only)."""
-
-    token: str
-    user: str
-    ttl: int
-
-
 _REFERENCED: dict[str, type[msgspec.Struct]] = {}
+_AMENDED: dict[str, dict[str, Any]] = {}
 
 
 def ref(struct: type[msgspec.Struct]) -> dict[str, str]:
@@ -125,12 +74,24 @@ def ref(struct: type[msgspec.Struct]) -> dict[str, str]:
     return {"$ref": f"#/components/schemas/{struct.__name__}"}
 
 
+def amend(struct: type[msgspec.Struct], **keywords: Any) -> None:
+    """Add JSON Schema ``keywords`` to the component of ``struct``.
+
+    For rules a struct's fields cannot express (e.g. ``anyOf`` of two ``required``
+    lists: one of two optional fields must be present); :func:`components` merges
+    them into the generated component whenever ``struct`` is in the document.
+    """
+    _AMENDED.setdefault(struct.__name__, {}).update(keywords)
+
+
 def components() -> dict[str, Any]:
-    """JSON Schema components of every struct passed to :func:`ref` so far."""
+    """JSON Schema components of every struct passed to :func:`ref` so far (and the
+    structs they use), with the keywords of :func:`amend`."""
     structs = tuple(_REFERENCED.values())
     _, schemas = msgspec.json.schema_components(structs, ref_template="#/components/schemas/{name}")
-    if "EmitMessage" in schemas:  # needs data or payload: 400 "missing field 'data'" otherwise
-        schemas["EmitMessage"]["anyOf"] = [{"required": ["data"]}, {"required": ["payload"]}]
+    for name, keywords in _AMENDED.items():
+        if name in schemas:
+            schemas[name].update(keywords)
     return schemas
 
 

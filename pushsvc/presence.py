@@ -31,6 +31,13 @@ are exact, the list is capped at ``PUSHSVC_PRESENCE_LIMIT``.
 
 Presence needs JetStream: with history off or no JetStream every read raises
 :class:`~pushsvc.bus.Unavailable` and nothing is written.
+
+:meth:`PresenceRegistry.read_for` is the one rule before a read on a caller's
+behalf (the ``presence`` / ``presence_stats`` commands and ``GET /presence``):
+channel grammar, then the caller's ``presence`` grant, then
+``PUSHSVC_PRESENCE_CHANNELS``, then the read. Each refusal is a
+:class:`PresenceRefused` subclass carrying its error code (docs/protocol.md,
+"Error codes") and its HTTP status (docs/protocol.md, ``GET /presence``).
 """
 
 from __future__ import annotations
@@ -39,7 +46,7 @@ import asyncio
 import logging
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import msgspec
 import nats.errors
@@ -49,17 +56,71 @@ from nats.js.kv import KeyValue
 
 from . import metrics
 from .bus import Bus, Unavailable
-from .channels import concrete_match
-from .protocol import NO_INFO, ClientInfo
+from .channels import InvalidChannel, concrete_match, validate_channel
+from .protocol import (
+    BAD_REQUEST,
+    FORBIDDEN,
+    INVALID_CHANNEL,
+    NO_INFO,
+    UNAVAILABLE,
+    ClientInfo,
+)
 from .settings import Settings
 
 if TYPE_CHECKING:
+    from .auth import Principal
     from .session import Session
 
 log = logging.getLogger("pushsvc.presence")
 
 REFRESH_CONCURRENCY = 256  # KV puts in flight at once during a refresh
 _decode_info = msgspec.json.Decoder(ClientInfo)
+
+
+class PresenceRefused(Exception):
+    """A presence read refused on a caller's behalf; ``str(exc)`` is safe to show it.
+
+    Attributes:
+        code: the ``error`` frame code (docs/protocol.md, "Error codes").
+        status: the HTTP status of ``GET /presence`` (docs/protocol.md).
+        retry_after: seconds to wait before retrying (``unavailable``), else None.
+    """
+
+    code: ClassVar[str]
+    status: ClassVar[int]
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class PresenceInvalidChannel(PresenceRefused):
+    """The channel breaks the grammar: ``invalid_channel``, HTTP 422."""
+
+    code = INVALID_CHANNEL
+    status = 422
+
+
+class PresenceForbidden(PresenceRefused):
+    """No ``presence`` grant covers the channel: ``forbidden``, HTTP 403."""
+
+    code = FORBIDDEN
+    status = 403
+
+
+class PresenceNotEnabled(PresenceRefused):
+    """The channel is outside ``PUSHSVC_PRESENCE_CHANNELS``: ``bad_request``, HTTP 400."""
+
+    code = BAD_REQUEST
+    status = 400
+
+
+class PresenceUnavailable(PresenceRefused):
+    """No JetStream, NATS away or the bucket did not answer: ``unavailable``, HTTP 503
+    (with ``retry_after``)."""
+
+    code = UNAVAILABLE
+    status = 503
 
 
 @dataclass
@@ -238,6 +299,34 @@ class PresenceRegistry:
                 await asyncio.gather(*(self._put(k) for k in keys[i : i + REFRESH_CONCURRENCY]))
 
     # --- reads -------------------------------------------------------------------------
+    async def read_for(self, principal: Principal | None, channel: str, limit: int) -> Snapshot:
+        """:meth:`read` on a caller's behalf, after the checks, in this order:
+        channel grammar, the caller's ``presence`` grant, ``PUSHSVC_PRESENCE_CHANNELS``.
+
+        Args:
+            principal: the caller's verified token, or None for an API key (any channel).
+            channel: the channel asked for, as the caller sent it.
+            limit: most sessions listed (0: counts only).
+
+        Raises:
+            PresenceInvalidChannel: ``channel`` breaks the grammar.
+            PresenceForbidden: no ``presence`` grant of ``principal`` covers it.
+            PresenceNotEnabled: it is outside ``PUSHSVC_PRESENCE_CHANNELS``.
+            PresenceUnavailable: the read failed (see :meth:`read`).
+        """
+        try:
+            channel = validate_channel(channel)
+        except InvalidChannel as exc:
+            raise PresenceInvalidChannel(str(exc)) from None
+        if principal is not None and not principal.can_see_presence(channel):
+            raise PresenceForbidden(f"not allowed to see presence of {channel}")
+        if not self.enabled(channel):
+            raise PresenceNotEnabled(f"presence is not enabled for {channel}")
+        try:
+            return await self.read(channel, limit)
+        except Unavailable as exc:
+            raise PresenceUnavailable(f"presence is unavailable: {exc}", exc.retry_after) from None
+
     async def read(self, channel: str, limit: int) -> Snapshot:
         """Present sessions of ``channel`` on every node: at most ``limit`` listed,
         counts exact. Bounded by ``publish_timeout`` seconds.

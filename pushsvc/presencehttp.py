@@ -20,12 +20,10 @@ from fastapi import APIRouter, Path, Request
 from fastapi.responses import Response
 
 from .auth import Authenticator
-from .bus import Unavailable
-from .channels import InvalidChannel, validate_channel
 from .httpauth import reader
 from .httperrors import HTTPError
 from .openapi import CHANNEL_SCHEMA, SECURITY, errors, json_body, ref
-from .presence import PresenceRegistry
+from .presence import PresenceRefused, PresenceRegistry
 from .protocol import ClientInfo
 from .settings import Settings
 
@@ -65,21 +63,9 @@ def presence_router(
     ) -> Response:
         """Present sessions of ``channel`` on every node."""
         try:
-            principal = reader(request, auth)
-            try:
-                channel = validate_channel(channel)
-            except InvalidChannel as exc:
-                raise HTTPError(422, "invalid_channel", str(exc)) from None
-            if not (principal is None or principal.can_see_presence(channel)):
-                raise HTTPError(403, "forbidden", f"not allowed to see presence of {channel}")
-            if not registry.enabled(channel):
-                raise HTTPError(400, "bad_request", f"presence is not enabled for {channel}")
-            try:
-                snap = await registry.read(channel, settings.presence_limit)
-            except Unavailable as exc:
-                raise HTTPError(
-                    503, "unavailable", f"presence is unavailable: {exc}", exc.retry_after
-                ) from None
+            snap = await registry.read_for(reader(request, auth), channel, settings.presence_limit)
+        except PresenceRefused as exc:
+            return HTTPError(exc.status, exc.code, str(exc), exc.retry_after).response()
         except HTTPError as exc:
             return exc.response()
         body = PresencePage(

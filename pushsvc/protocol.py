@@ -38,16 +38,22 @@ UNAVAILABLE: Final = "unavailable"
 
 RequestId = int | str | None
 MAX_EPOCH_LENGTH: Final = 64  # characters of an ``epoch`` a client may send back
+#: the largest stream sequence, hence the largest ``since`` (WebSocket and HTTP
+#: history alike): JetStream sequences are unsigned 64-bit (the JetStream API's
+#: ``seq``/``last_seq`` are uint64 in nats-server and its JSON schemas). msgspec
+#: decodes JSON integers of any size, so this bound is the one check.
+MAX_SEQ: Final = 2**64 - 1
 
 
-def position_error(since: int | None, epoch: str | None, max_seq: int) -> str | None:
+def position_error(since: int | None, epoch: str | None) -> str | None:
     """Why a resume position (``since``, ``epoch``) is malformed, or None when it is fine.
 
-    ``since`` is a stream sequence in ``0..max_seq``; ``epoch`` an opaque string of
-    1..``MAX_EPOCH_LENGTH`` characters (docs/protocol.md, "epoch").
+    ``since`` is a stream sequence in ``0..MAX_SEQ``; ``epoch`` an opaque string of
+    1..``MAX_EPOCH_LENGTH`` characters (docs/protocol.md, "epoch"). The one rule for
+    ``subscribe``, the auth frame's ``subs`` and ``GET /history``.
     """
-    if since is not None and not 0 <= since <= max_seq:
-        return f"since must be in 0..{max_seq}"
+    if since is not None and not 0 <= since <= MAX_SEQ:
+        return f"since must be in 0..{MAX_SEQ}"
     if epoch is not None and not 0 < len(epoch) <= MAX_EPOCH_LENGTH:
         return f"epoch must be 1..{MAX_EPOCH_LENGTH} characters"
     return None

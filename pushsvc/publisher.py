@@ -8,6 +8,11 @@ this adds channel validation, JSON encoding and idempotency::
 
     # a secured NATS: operator-mode creds and a private CA
     Publisher("tls://nats.example:4222", creds="/etc/pushsvc/app.creds", tls_ca="/etc/ca.pem")
+    # the same settings as one struct (what ``pushsvc publish`` passes)
+    Publisher(
+        "tls://nats.example:4222",
+        security=pushsvc.NatsSecurity(creds="/etc/pushsvc/app.creds", tls_ca="/etc/ca.pem"),
+    )
 """
 
 from __future__ import annotations
@@ -19,9 +24,9 @@ import nats
 import nats.errors
 import nats.js.errors
 
-from .bus import Unavailable, confirm, connect_failure
+from .bus import Unavailable, confirm
 from .channels import subject_for, validate_channel
-from .natsconn import NatsRefused, NatsSecurity, connect, display_url
+from .natsconn import NatsSecurity, NatsUnreachable, connect, display_url
 
 
 class Publisher:
@@ -33,6 +38,10 @@ class Publisher:
         jetstream: wait for the JetStream ack and return the stream sequence
             (history on); False = core publish + flush, returns None.
         timeout: seconds to wait for NATS.
+        security: all NATS security settings as one
+            :class:`~pushsvc.natsconn.NatsSecurity` (e.g.
+            ``NatsSecurity.from_settings(settings)``); equivalent to the eight
+            keyword arguments below, which may not be given with it.
         creds: path of a NATS ``.creds`` file (user JWT + NKey seed).
         nkey: path of a file holding an NKey user seed.
         user: user name (with ``password``).
@@ -48,6 +57,7 @@ class Publisher:
     Raises:
         SettingsError: (a ``ValueError``) a file cannot be read, a pair is
             incomplete, or two authentication methods are given.
+        TypeError: ``security`` given together with one of the eight keyword arguments.
     """
 
     def __init__(
@@ -57,6 +67,7 @@ class Publisher:
         prefix: str = "push",
         jetstream: bool = True,
         timeout: float = 2.0,
+        security: NatsSecurity | None = None,
         creds: str | None = None,
         nkey: str | None = None,
         user: str | None = None,
@@ -67,7 +78,7 @@ class Publisher:
         tls_key: str | None = None,
     ) -> None:
         self.servers = servers
-        self.security = NatsSecurity(
+        given = NatsSecurity(
             creds=creds,
             nkey=nkey,
             user=user,
@@ -77,6 +88,9 @@ class Publisher:
             tls_cert=tls_cert,
             tls_key=tls_key,
         )
+        if security is not None and given != NatsSecurity():
+            raise TypeError("Publisher takes security= or the NATS keyword arguments, not both")
+        self.security = given if security is None else security
         self.security.check([servers] if isinstance(servers, str) else list(servers))
         self.prefix = prefix
         self.jetstream = jetstream
@@ -92,11 +106,6 @@ class Publisher:
                 (at once, no retries); the message names the URL and the cause.
             Unavailable: NATS not reachable within ``timeout`` seconds.
         """
-        attempts: list[Exception] = []
-
-        async def collect(exc: Exception) -> None:
-            attempts.append(exc)
-
         try:
             self._nc = await connect(
                 self.servers,
@@ -104,13 +113,9 @@ class Publisher:
                 timeout=self.timeout,
                 connect_timeout=max(1, int(self.timeout)),
                 max_reconnect_attempts=-1,
-                error_cb=collect,
             )
-        except NatsRefused:
-            raise
-        except (nats.errors.Error, OSError, TimeoutError) as exc:
-            cause = connect_failure(exc, attempts)
-            raise Unavailable(f"cannot reach NATS at {self.url}: {cause}") from None
+        except NatsUnreachable as exc:
+            raise Unavailable(str(exc)) from None
         return self
 
     @property

@@ -46,6 +46,7 @@ from .channels import (
     validate_pattern,
 )
 from .deadlines import deadlines
+from .presence import PresenceRefused, PresenceRegistry
 from .protocol import (
     BAD_REQUEST,
     CLOSE_HEARTBEAT_TIMEOUT,
@@ -106,7 +107,6 @@ ASGIReceive = Callable[[], Awaitable[dict[str, Any]]]
 _ids = itertools.count(1)
 _NODE = os.urandom(3).hex()
 CLOSE_TIMEOUT = 2.0  # seconds to get a close frame out before dropping the socket
-MAX_SEQ = 2**63 - 1  # JetStream sequences are uint64; JSON decoding allows any int
 
 
 class Session:
@@ -121,6 +121,8 @@ class Session:
         settings: limits and timers (seconds, bytes).
         resume_subs: the auth frame's ``subs`` map (channel -> ``since``/``epoch``),
             used by the server-side subscriptions (:meth:`server_subscriptions`).
+        presence: the node's presence registry (reads for the ``presence`` and
+            ``presence_stats`` commands); None: presence is off for this session.
 
     Attributes:
         channels: channels this session is subscribed to.
@@ -140,6 +142,7 @@ class Session:
         settings: Settings,
         *,
         resume_subs: Mapping[str, SubResume] | None = None,
+        presence: PresenceRegistry | None = None,
     ) -> None:
         self._send = send
         self._receive = receive
@@ -148,6 +151,7 @@ class Session:
         self.auth = auth
         self.bucket = bucket
         self.settings = settings
+        self.presence = presence
         self.id = f"{_NODE}-{next(_ids)}"
         self.channels: set[str] = set()
         self.closed = False
@@ -576,7 +580,7 @@ class Session:
                 cmd.id,
             )
             return
-        if (problem := position_error(cmd.since, cmd.epoch, MAX_SEQ)) is not None:
+        if (problem := position_error(cmd.since, cmd.epoch)) is not None:
             self._refuse(BAD_REQUEST, problem, cmd.id)
             return
         try:
@@ -624,7 +628,7 @@ class Session:
             resume = self._resume.get(channel)
             since = resume.since if resume is not None else None
             epoch = resume.epoch if resume is not None else None
-            if (problem := position_error(since, epoch, MAX_SEQ)) is not None:
+            if (problem := position_error(since, epoch)) is not None:
                 self._refuse(BAD_REQUEST, f"subs.{channel}.{problem}", None)
                 since = epoch = None
             try:
@@ -658,29 +662,24 @@ class Session:
         self.send_frame(Published(id=cmd.id, seq=seq))
 
     async def _presence(self, cmd: Presence | PresenceStats) -> None:
-        """Answer ``presence`` / ``presence_stats``: grant, then channel, then the read.
+        """Answer ``presence`` / ``presence_stats`` through the registry's one rule
+        (:meth:`~pushsvc.presence.PresenceRegistry.read_for`).
 
         Refusals: ``invalid_channel``; ``forbidden`` without a ``presence`` grant;
-        ``bad_request`` when the channel is outside ``PUSHSVC_PRESENCE_CHANNELS``;
-        ``unavailable`` without JetStream or when the bucket does not answer.
+        ``bad_request`` when the channel is outside ``PUSHSVC_PRESENCE_CHANNELS``
+        (or the session has no registry); ``unavailable`` without JetStream or when
+        the bucket does not answer.
         """
-        try:
-            channel = validate_channel(cmd.channel)
-        except InvalidChannel as exc:
-            self._refuse(INVALID_CHANNEL, str(exc), cmd.id)
-            return
-        if not self.principal.can_see_presence(channel):
-            self._refuse(FORBIDDEN, f"not allowed to see presence of {channel}", cmd.id)
-            return
-        registry = self.hub.presence
-        if registry is None or not registry.enabled(channel):
+        channel = cmd.channel
+        if self.presence is None:
             self._refuse(BAD_REQUEST, f"presence is not enabled for {channel}", cmd.id)
             return
         stats = isinstance(cmd, PresenceStats)
+        limit = 0 if stats else self.settings.presence_limit
         try:
-            snap = await registry.read(channel, 0 if stats else self.settings.presence_limit)
-        except Unavailable as exc:
-            self._refuse(UNAVAILABLE, f"presence is unavailable: {exc}", cmd.id)
+            snap = await self.presence.read_for(self.principal, channel, limit)
+        except PresenceRefused as exc:
+            self._refuse(exc.code, str(exc), cmd.id)
             return
         if stats:
             self.send_frame(

@@ -26,7 +26,6 @@ import random
 import sys
 from collections.abc import Callable
 from typing import Any, TextIO
-from urllib.parse import urlsplit, urlunsplit
 
 import websockets
 from websockets.asyncio.client import ClientConnection, connect, process_exception
@@ -39,6 +38,7 @@ from .protocol import (
     CLOSE_TOO_BIG,
     CLOSE_UNAUTHORIZED,
 )
+from .serverurl import parse_server_url
 
 #: seconds to wait after a 4008 close (rate limit exceeded repeatedly)
 RATE_LIMITED_PAUSE = 30.0
@@ -74,37 +74,12 @@ class SubscribeError(Exception):
     """
 
 
-def ws_url(url: str) -> str:
-    """The ``/ws`` endpoint for a server URL.
-
-    ``http://host:8000`` -> ``ws://host:8000/ws``; ``https://h/push`` ->
-    ``wss://h/push/ws``; a ``ws://``/``wss://`` URL ending in ``/ws`` is kept.
-
-    Raises:
-        ValueError: not an http(s)/ws(s) URL, or a port outside 1..65535.
-    """
-    parts = urlsplit(url)
-    scheme = {"http": "ws", "https": "wss", "ws": "ws", "wss": "wss"}.get(parts.scheme)
-    if scheme is None or not parts.hostname:
-        raise ValueError(f"not an http(s):// or ws(s)://host[:port][/path] URL: {url!r}")
-    try:
-        port = parts.port
-    except ValueError:
-        port = 0
-    if port == 0 or parts.netloc.endswith(":"):
-        raise ValueError(f"port must be 1..65535 in {url!r}")
-    path = parts.path.rstrip("/")
-    if not path.endswith("/ws"):
-        path += "/ws"
-    return urlunsplit((scheme, parts.netloc, path, parts.query, ""))
-
-
 class Subscriber:
     """Follows one channel over ``/ws`` and prints its messages, resuming after disconnects.
 
     Args:
         url: server URL (``http://host:port[/base]`` or the ``ws://.../ws`` URL);
-            a bad one raises ``ValueError`` (see :func:`ws_url`).
+            a bad one raises ``ValueError`` (see :func:`~pushsvc.serverurl.parse_server_url`).
         channel: the channel to subscribe to (no wildcards: a channel, not a grant).
         token: returns the JWT to present; called before every connection, so a
             token minted from a secret is always fresh.
@@ -138,7 +113,7 @@ class Subscriber:
         err: TextIO | None = None,
         renewable: bool = False,
     ) -> None:
-        self.url = ws_url(url)
+        self.url = parse_server_url(url).ws_url
         self.channel = channel
         self.token = token
         self.last_seq = since

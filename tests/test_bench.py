@@ -396,6 +396,7 @@ BAD_ARGUMENTS = [
     (["--prefix", "a.b"], "--prefix must be one NATS token"),
     (["--url", "ftp://example.com"], "--url must be http(s)://host:port"),
     (["--url", "http://127.0.0.1:99999"], "bad port in --url"),
+    (["--url", "http://127.0.0.1:0"], "bad port in --url"),
     (["--emit-concurrency", "0"], "--emit-concurrency must be >= 1"),
     (["--vs-floor", "--rounds", "0"], "--rounds must be >= 1"),
     (["--vs-floor", "--reconnect"], "--vs-floor compares plain runs"),
@@ -585,6 +586,19 @@ async def test_no_secret_and_no_dev_server_exits_2(start_server, nats_url):
     assert out == ""
     assert "--secret (or PUSHSVC_JWT_SECRET) is required" in err, err
     assert "404" in err, err
+    assert "Traceback" not in err, err
+
+
+async def test_unreachable_nats_exits_1_naming_url_and_cause(start_server):
+    srv = await start_server()
+    url = f"nats://127.0.0.1:{free_port()}"  # nothing listens there
+    code, out, err = await bench(
+        *("--url", srv.base, "--nats-url", url, "--secret", SECRET, "--json"),
+        *("--clients", "1", "--messages", "1", "--timeout", "5"),
+    )
+    assert code == 1, (out, err)
+    # one line naming the URL and the cause (natsconn.connect's NatsUnreachable)
+    assert f"pushsvc bench: cannot reach NATS at {url}: connection refused\n" in err, err
     assert "Traceback" not in err, err
 
 

@@ -131,7 +131,7 @@ def test_unreachable_nats_fails_fast_with_one_line():
     # one line naming the setting, the URL and the cause; no per-attempt warnings
     assert r.stderr.count("\n") == 1, r.stderr
     assert "PUSHSVC_NATS_URL" in r.stderr and url in r.stderr
-    assert "connection refused" in r.stderr
+    assert f"cannot reach NATS at {url} within 2 s: connection refused" in r.stderr
     assert r.stdout == ""  # no banner, no token
 
 

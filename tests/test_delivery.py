@@ -106,7 +106,7 @@ async def test_unsubscribe_stops_delivery_and_releases_nats(start_server, nc, ch
     await a.subscribe(channel)
     await b.subscribe(channel)
     bus = srv.node.bus
-    assert bus.holds(channel) and bus._subs[channel].refs == 2
+    assert bus.holds(channel) and bus.live._subs[channel].refs == 2
     await a.send({"op": "unsubscribe", "channel": channel, "id": 7})
     await a.expect("unsubscribed", channel=channel, id=7)
     await nc.publish(f"push.{channel}", b"1")

@@ -285,7 +285,7 @@ async def test_stalled_client_closed_4009_while_others_get_everything(
         await c.subscribe(channel)
     resumer = await StalledClient.open(srv, "stall-1", channel)  # reads again once closed
     sleeper = await StalledClient.open(srv, "stall-2", channel)  # never reads again
-    assert bus._subs[channel].refs == 4
+    assert bus.live._subs[channel].refs == 4
     before = slow_consumers()
     readers = [asyncio.create_task(collect(c, into)) for c, into in zip(good, got, strict=True)]
 
@@ -310,7 +310,7 @@ async def test_stalled_client_closed_4009_while_others_get_everything(
     assert slow_consumers() - before == 2
     assert hub.subscribers(channel) == 2
     await hub.wait_idle()
-    assert bus._subs[channel].refs == 2  # NATS interest of the closed sessions released
+    assert bus.live._subs[channel].refs == 2  # NATS interest of the closed sessions released
 
     # The healthy clients got everything, in order, and the server keeps going.
     await nc.publish(f"push.{channel}", json.dumps({"i": published}).encode())

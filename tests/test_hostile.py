@@ -372,10 +372,10 @@ async def test_unknown_fields_are_ignored_and_since_bounds(start_server, nc, cha
     c = await srv.client()
     await c.send({"op": "subscribe", "channel": channel, "id": 1, "extra": {"x": [1, 2]}})
     await c.expect("subscribed", id=1)
-    for since in (-1, 2**63, 10**30):
+    for since in (-1, 2**64, 10**30):  # JetStream sequences are uint64: 0..2^64-1
         await c.send({"op": "subscribe", "channel": channel + "x", "since": since, "id": 2})
         await c.expect("error", code="bad_request", id=2)
-    await c.send({"op": "subscribe", "channel": channel + "y", "since": 2**63 - 1, "id": 3})
+    await c.send({"op": "subscribe", "channel": channel + "y", "since": 2**64 - 1, "id": 3})
     await c.expect("subscribed", id=3)
     await nc.publish(f"push.{channel}", b"1")
     assert (await c.messages(1))[0]["data"] == 1

@@ -62,4 +62,4 @@ async def test_no_events_for_channels_not_configured(start_server):
     await b.subscribe("quiet.lobby")
     await b.close()
     await a.nothing(0.5)
-    assert not one.node.bus._event_subs  # no NATS interest in events at all
+    assert not one.node.bus.events._subs  # no NATS interest in events at all

@@ -44,7 +44,7 @@ from nats_jwt.v2.operator_claims import OperatorClaims
 from nats_jwt.v2.snippets import Account
 from wsclient import WSClient
 
-from pushsvc import NatsRefused, Publisher
+from pushsvc import NatsRefused, NatsSecurity, Publisher
 from pushsvc.auth import mint_token
 from pushsvc.embedded import EmbeddedNats, free_port
 from pushsvc.settings import Settings, SettingsError
@@ -401,11 +401,16 @@ async def test_secured_nats_delivers_through_every_entry_point(kind, secured, tm
         if s.jetstream:
             assert isinstance(m["seq"], int) and json.loads(p.stdout)["seq"] == m["seq"]
 
-        # Publisher(...) keyword arguments
+        # Publisher(...) keyword arguments, and the same as one NatsSecurity
         async with Publisher(s.url, jetstream=s.jetstream, **s.kwargs) as pub:
             await pub.publish(channel, {"via": "publisher"})
         (m,) = await client.messages(1)
         assert m["data"] == {"via": "publisher"}
+        security = NatsSecurity(**s.kwargs)
+        async with Publisher(s.url, jetstream=s.jetstream, security=security) as pub:
+            await pub.publish(channel, {"via": "security"})
+        (m,) = await client.messages(1)
+        assert m["data"] == {"via": "security"}
 
         # pushsvc bench --via nats, with the matching flags
         bench = [
@@ -462,6 +467,18 @@ async def test_wrong_secret_stops_every_entry_point_with_the_cause(kind, secured
             pass
     assert s.cause in str(refused.value)
     assert_no_secret(str(refused.value), s)
+    with pytest.raises(NatsRefused) as refused:
+        bad = NatsSecurity(**s.bad_kwargs)
+        async with Publisher(s.url, timeout=CONNECT_TIMEOUT, security=bad):
+            pass
+    assert s.cause in str(refused.value)
+
+
+def test_publisher_takes_security_or_keyword_arguments_not_both():
+    with pytest.raises(TypeError, match="not both"):
+        Publisher(security=NatsSecurity(token="t1"), token="t2")
+    with pytest.raises(SettingsError, match="PUSHSVC_NATS_PASSWORD"):  # checked as the kwargs
+        Publisher(security=NatsSecurity(user="u"))
 
 
 async def test_mutual_tls_without_a_client_certificate_is_refused(secured):

@@ -174,6 +174,13 @@ async def test_presence_unavailable_without_jetstream_history(start_server, chan
     assert srv.node.presence.entries == 1  # kept locally, written once JetStream is there
 
 
+async def test_presence_over_http_unavailable_without_jetstream(start_server, http, channel):
+    srv = await start_server(history_ttl=0, api_keys=["ops:k-123"], **PRESENCE)
+    r = await http.get(f"{srv.base}/presence/{channel}", headers={"Authorization": "Bearer k-123"})
+    assert r.status_code == 503 and r.json()["error"] == "unavailable"
+    assert "JetStream" in r.json()["message"] and int(r.headers["Retry-After"]) >= 1
+
+
 async def test_sigkilled_node_entries_expire_within_the_ttl(start_server, nats_url, channel):
     bucket = f"PRES_{uuid.uuid4().hex[:8]}"
     settings = {"presence_bucket": bucket, "presence_ttl": 2, **PRESENCE}

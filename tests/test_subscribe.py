@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import json
@@ -13,6 +14,9 @@ from typing import Any
 import pytest
 
 from pushsvc import Publisher
+from pushsvc.bench import add_arguments
+from pushsvc.bench.options import build_config
+from pushsvc.subscriber import Subscriber
 
 PUSHSVC = [sys.executable, "-m", "pushsvc"]
 
@@ -135,8 +139,6 @@ async def test_resume_position_carries_the_epoch(start_server, nats_url, channel
     """`--since` with `--epoch`: another epoch's position is not trusted by the server."""
     import io
 
-    from pushsvc.subscriber import Subscriber
-
     srv = await start_server()
     epoch = (await srv.client()).welcome["epoch"]
     assert epoch
@@ -167,3 +169,19 @@ async def test_says_why_while_the_server_is_not_there(subscribe, channel):
     line = await cli.status("cannot connect")
     assert "connection refused; retrying" in line.lower()
     assert cli.proc.returncode is None  # it keeps trying (with backoff)
+
+
+URL_FORMS = [
+    ("127.0.0.1:8000", "ws://127.0.0.1:8000/ws"),
+    ("http://127.0.0.1:8000/", "ws://127.0.0.1:8000/ws"),
+    ("https://push.example/base", "wss://push.example:443/base/ws"),
+    ("ws://[::1]:9/base/ws", "ws://[::1]:9/base/ws"),
+]
+
+
+@pytest.mark.parametrize(("url", "endpoint"), URL_FORMS)
+def test_subscribe_and_bench_read_url_alike(url, endpoint):
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    cfg = build_config(parser.parse_args(["--secret", "s", "--url", url]))
+    assert Subscriber(url, "news", lambda: "t").url == cfg["ws_url"] == endpoint

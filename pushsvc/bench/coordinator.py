@@ -17,16 +17,19 @@ import multiprocessing
 import sys
 import time
 from collections import Counter
-from typing import Any
+from typing import Any, TypeVar
 
 from .. import natsconn
+from . import messages as pipe
 from .client import ERROR_SAMPLES
 from .options import BenchError
 from .publishers import Publisher, PublishResult
 from .report import latency_ms
-from .system import add_pipe_reader, cpu_seconds, new_loop, server_sample
+from .system import add_pipe_reader, cpu_seconds, run_loop, server_sample
 from .tokens import emitters
 from .worker import worker_entry
+
+A = TypeVar("A", bound=pipe.Answer)
 
 
 class Coordinator:
@@ -43,7 +46,7 @@ class Coordinator:
         self.reserve = min(8.0, 0.25 * cfg["duration_limit"])
         self.work_deadline = self.deadline - self.reserve
         cfg["hard_deadline"] = self.deadline + 3.0  # workers exit by themselves then
-        self.progress: dict[int, tuple[int, ...]] = {}
+        self.progress: dict[int, pipe.Progress] = {}
         self.done: dict[int, int] = {}
         self.dead: set[int] = set()
         self.expected_total = 0
@@ -52,7 +55,7 @@ class Coordinator:
         self.server_ready: dict[str, float] | None = None  # sampled once every client is ready
         # set by _run, inside the event loop
         self.loop: asyncio.AbstractEventLoop
-        self.inbox: list[asyncio.Queue[Any]] = []
+        self.inbox: list[asyncio.Queue[pipe.Answer]] = []
         self.all_done: asyncio.Event
 
     # processes ------------------------------------------------------------------
@@ -94,7 +97,7 @@ class Coordinator:
                 conn.close()
 
     # messages ---------------------------------------------------------------------
-    def _broadcast(self, msg: tuple[Any, ...]) -> None:
+    def _broadcast(self, msg: pipe.Command) -> None:
         for wid, conn in enumerate(self.conns):
             if wid not in self.dead:
                 try:
@@ -107,7 +110,7 @@ class Coordinator:
             self.dead.add(wid)
             with contextlib.suppress(Exception):
                 self.loop.remove_reader(self.conns[wid].fileno())
-            self.inbox[wid].put_nowait(("dead",))
+            self.inbox[wid].put_nowait(pipe.Dead())
             self._check_done()
 
     def _on_pipe(self, wid: int) -> None:
@@ -115,10 +118,10 @@ class Coordinator:
         try:
             while conn.poll():
                 msg = conn.recv()
-                if msg[0] == "progress":
-                    self.progress[wid] = msg[1:]
-                elif msg[0] == "done":
-                    self.done[wid] = msg[1]
+                if isinstance(msg, pipe.Progress):
+                    self.progress[wid] = msg
+                elif isinstance(msg, pipe.Done):
+                    self.done[wid] = msg.last_ns
                     self._check_done()
                 else:
                     self.inbox[wid].put_nowait(msg)
@@ -131,10 +134,14 @@ class Coordinator:
         ):
             self.all_done.set()
 
-    async def _collect(self, kind: str, wait_s: float) -> dict[int, tuple[Any, ...]]:
-        """Wait until every live worker sent a ``kind`` message (at most ``wait_s`` seconds)."""
+    async def _collect(self, kind: type[A], wait_s: float) -> dict[int, A]:
+        """Wait until every live worker sent a ``kind`` message (at most ``wait_s`` seconds).
+
+        Returns:
+            worker id -> its message, for the workers that sent one in time.
+        """
         end = self.loop.time() + max(0.0, wait_s)
-        out: dict[int, tuple[Any, ...]] = {}
+        out: dict[int, A] = {}
         for wid in range(len(self.conns)):
             queue = self.inbox[wid]
             while True:
@@ -148,7 +155,7 @@ class Coordinator:
                         break
                 else:
                     msg = queue.get_nowait()
-                if msg[0] == kind:
+                if isinstance(msg, kind):
                     out[wid] = msg
                     break
         return out
@@ -163,10 +170,10 @@ class Coordinator:
         while True:
             await asyncio.sleep(1.0)
             rows = list(self.progress.values())
-            sub = sum(r[0] for r in rows)
-            failed = sum(r[1] for r in rows)
-            delivered = sum(r[2] for r in rows)
-            errors = sum(r[4] for r in rows)
+            sub = sum(r.subscribed for r in rows)
+            failed = sum(r.failed for r in rows)
+            delivered = sum(r.delivered for r in rows)
+            errors = sum(r.errors for r in rows)
             expected = self.expected_total
             print(
                 f"[bench {time.monotonic() - self.t0:6.1f}s] {self.phase:<11} "
@@ -184,8 +191,7 @@ class Coordinator:
         if pid and self.server_before is None:
             raise BenchError(f"cannot read /proc/{pid}: no such process?")
         self._spawn()
-        with asyncio.Runner(loop_factory=new_loop) as runner:
-            return runner.run(self._run())
+        return run_loop(self._run())
 
     async def _run(self) -> dict[str, Any]:
         cfg = self.cfg
@@ -197,7 +203,7 @@ class Coordinator:
         progress = asyncio.ensure_future(self._show_progress()) if cfg["progress"] else None
         publisher: Publisher | None = None
         try:
-            ups = await self._collect("up", self._left(self.work_deadline))
+            ups = await self._collect(pipe.Up, self._left(self.work_deadline))
             if len(ups) < len(self.conns):
                 raise BenchError("workers did not start in time")
             publisher = Publisher(cfg)
@@ -208,24 +214,24 @@ class Coordinator:
                 progress.cancel()
             if publisher is not None:
                 await publisher.close()
-            self._broadcast(("exit",))
+            self._broadcast(pipe.Exit())
 
     async def _phases(self, publisher: Publisher) -> dict[str, Any]:
         cfg = self.cfg
         # 1. connect + auth + subscribe
         self.phase = "connecting"
         t_connect = time.time_ns()
-        self._broadcast(("connect", self.work_deadline))
-        ready = await self._collect("ready", self._left(self.work_deadline))
+        self._broadcast(pipe.Connect(self.work_deadline))
+        ready = await self._collect(pipe.Ready, self._left(self.work_deadline))
         if cfg["server_pid"]:
             self.server_ready = server_sample(cfg["server_pid"])
-        subscribed = sum(m[1] for m in ready.values())
-        stalled_ready = sum(m[2] for m in ready.values())
-        last_ready = max((m[4] for m in ready.values()), default=0)
+        subscribed = sum(m.clients for m in ready.values())
+        stalled_ready = sum(m.stalled for m in ready.values())
+        last_ready = max((m.last_ready_ns for m in ready.values()), default=0)
         connect_seconds = max(0.0, (last_ready - t_connect) / 1e9)
         chan_clients = [0] * cfg["channels"]
         for m in ready.values():
-            for c, k in enumerate(m[5]):
+            for c, k in enumerate(m.per_channel):
                 chan_clients[c] += k
         planned = [len(range(c, cfg["messages"], cfg["channels"])) for c in range(cfg["channels"])]
         self.expected_total = sum(map(int.__mul__, chan_clients, planned))
@@ -241,7 +247,7 @@ class Coordinator:
         # 3. wait for deliveries
         self.phase = "delivering"
         self.expected_total = sum(map(int.__mul__, chan_clients, pub.per_channel))
-        self._broadcast(("published", pub.per_channel))
+        self._broadcast(pipe.Published(pub.per_channel))
         wait = min(self._left(self.work_deadline), cfg["timeout"])
         self._check_done()
         with contextlib.suppress(TimeoutError):
@@ -250,9 +256,9 @@ class Coordinator:
         # 4. results
         self.phase = "stopping"
         drain_s = max(0.1, min(2.0, 0.25 * self.reserve))
-        self._broadcast(("stop", drain_s))
+        self._broadcast(pipe.Stop(drain_s))
         results = await self._collect(
-            "result", self._left(self.deadline - 0.5 * self.reserve, drain_s + 1.0)
+            pipe.Result, self._left(self.deadline - 0.5 * self.reserve, drain_s + 1.0)
         )
         report = self._report_base(connect_seconds, subscribed, pub, pub_start, pub_end, results)
         if publisher.probe is not None:
@@ -260,9 +266,9 @@ class Coordinator:
         if cfg["stall"]:
             codes: Counter[str] = Counter()
             for m in results.values():
-                codes.update({str(k): v for k, v in m[1]["stall_codes"].items()})
+                codes.update({str(k): v for k, v in m.stats["stall_codes"].items()})
             report["stalled_closed_codes"] = dict(sorted(codes.items()))
-            report["stalled_open"] = sum(m[1]["stalled_open"] for m in results.values())
+            report["stalled_open"] = sum(m.stats["stalled_open"] for m in results.values())
             report["stalled_subscribed"] = stalled_ready
         # 5. reconnect storm
         if cfg["reconnect"]:
@@ -271,12 +277,12 @@ class Coordinator:
         # 6. server after, generator CPU
         self.phase = "exiting"
         close_s = min(2.0, self._left(self.deadline, 0.2))
-        self._broadcast(("exit", close_s))
-        byes = await self._collect("bye", close_s + 1.0)
-        extra_closes = sum(m[2] for m in byes.values())
+        self._broadcast(pipe.Exit(close_s))
+        byes = await self._collect(pipe.Bye, close_s + 1.0)
+        extra_closes = sum(m.closes for m in byes.values())
         if extra_closes:
             report["closes_after_stop"] = extra_closes
-        cpu = cpu_seconds() + sum(m[1] for m in byes.values())
+        cpu = cpu_seconds() + sum(m.cpu_s for m in byes.values())
         missing = [w for w in range(len(self.conns)) if w not in byes]
         report["generator_cpu_s"] = round(cpu, 3)
         if missing:
@@ -293,10 +299,10 @@ class Coordinator:
         pub: PublishResult,
         pub_start: int,
         pub_end: int,
-        results: dict[int, tuple[Any, ...]],
+        results: dict[int, pipe.Result],
     ) -> dict[str, Any]:
         cfg = self.cfg
-        stats = [m[1] for m in results.values()]
+        stats = [m.stats for m in results.values()]
         delivered = sum(s["delivered"] for s in stats)
         unique = sum(s["unique"] for s in stats)
         expected = self.expected_total  # from the clients that subscribed and what was published
@@ -357,23 +363,23 @@ class Coordinator:
 
     async def _reconnect_phase(self, report: dict[str, Any]) -> None:
         close_s = min(5.0, self._left(self.deadline - 0.5 * self.reserve, 0.2))
-        self._broadcast(("close", close_s))
-        closed = await self._collect("closed", close_s + 1.0)
+        self._broadcast(pipe.Close(close_s))
+        closed = await self._collect(pipe.Closed, close_s + 1.0)
         pid = self.cfg["server_pid"]
         cpu_before = server_sample(pid) if pid else None
         until = max(time.monotonic() + 1.0, self.deadline - 0.3 * self.reserve)
-        self._broadcast(("reconnect", until))
+        self._broadcast(pipe.Reconnect(until))
         t = time.time_ns()
-        done = await self._collect("reconnected", self._left(until) + 1.0)
-        ok = sum(m[1] for m in done.values())
+        done = await self._collect(pipe.Reconnected, self._left(until) + 1.0)
+        ok = sum(m.ok for m in done.values())
         cpu_after = server_sample(pid) if pid else None
         if cpu_before is not None and cpu_after is not None and ok:
             # handshake + auth (verified-token cache warm) + subscribe, per connection
             cpu = (cpu_after["cpu"] - cpu_before["cpu"]) / ok
             report["server_cpu_ms_per_reconnect"] = round(cpu * 1e3, 3)
-        errors = sum(m[3] for m in done.values())
+        errors = sum(m.errors for m in done.values())
         errors += len(self.conns) - len(done) + len(self.conns) - len(closed)
-        end = max((m[4] for m in done.values()), default=0)
+        end = max((m.last_ready_ns for m in done.values()), default=0)
         # from the reconnect order to the last client re-authenticated and resubscribed
         report["reconnect_seconds"] = round((end - t) / 1e9, 3) if ok and end > t else None
         report["reconnect_errors"] = errors
@@ -381,7 +387,7 @@ class Coordinator:
         if errors:
             tail: list[str] = []
             for m in done.values():
-                tail.extend(m[5])
+                tail.extend(m.error_samples)
             report["reconnect_error_samples"] = tail[:ERROR_SAMPLES]
 
     def _server_report(

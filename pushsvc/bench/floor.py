@@ -32,18 +32,31 @@ import asyncio
 import contextlib
 import multiprocessing
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 from .report import latency_ms
-from .system import cpu_seconds, new_loop, user_seconds
+from .system import cpu_seconds, run_loop, user_seconds
 
 FRAME_OVERHEAD = 60  # bytes a pushsvc message frame adds to the payload (envelope + header)
 _STAMP = 8  # bytes of the publish timestamp at the start of each record
 
 
-def _run(main: Any) -> Any:
-    with asyncio.Runner(loop_factory=new_loop) as runner:
-        return runner.run(main)
+class ServerReport(NamedTuple):
+    """What the floor server sends back after the last write (CPU in seconds)."""
+
+    cpu_s: float
+    user_s: float
+    connections: int
+
+
+class ClientsReport(NamedTuple):
+    """What one client process sends back: records received, latencies (``array('q')``
+    bytes, nanoseconds), its CPU seconds and the largest latency (ns)."""
+
+    got: int
+    lat: bytes
+    cpu_s: float
+    lat_max: int
 
 
 def _server(conn: Any, cfg: dict[str, Any]) -> None:
@@ -75,11 +88,11 @@ def _server(conn: Any, cfg: dict[str, Any]) -> None:
                 transport.write(record)
             delay = start + (i + 1) / rate - time.monotonic() if rate else 0.0
             await asyncio.sleep(max(0.0, delay))
-        conn.send((cpu_seconds() - cpu0, user_seconds() - user0, len(transports)))
+        conn.send(ServerReport(cpu_seconds() - cpu0, user_seconds() - user0, len(transports)))
         await loop.run_in_executor(None, conn.recv)  # "bye": clients are done
         server.close()
 
-    _run(main())
+    run_loop(main())
 
 
 def _clients(conn: Any, cfg: dict[str, Any], count: int, port: int) -> None:
@@ -119,11 +132,11 @@ def _clients(conn: Any, cfg: dict[str, Any], count: int, port: int) -> None:
         cpu0 = cpu_seconds()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(done, cfg["duration_limit"])
-        conn.send((got[0], lat.tobytes(), cpu_seconds() - cpu0, max(lat, default=0)))
+        conn.send(ClientsReport(got[0], lat.tobytes(), cpu_seconds() - cpu0, max(lat, default=0)))
         for transport in transports:
             transport.close()
 
-    _run(main())
+    run_loop(main())
 
 
 def run_floor(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -163,8 +176,8 @@ def run_floor(cfg: dict[str, Any]) -> dict[str, Any]:
         server_end.send("go")
         if not server_end.poll(limit):
             raise RuntimeError("the floor server did not finish")
-        server_cpu, server_user, connections = server_end.recv()
-        results = []
+        server: ServerReport = server_end.recv()
+        results: list[ClientsReport] = []
         for end in ends:
             if not end.poll(limit + 5):
                 raise RuntimeError("floor clients did not report")
@@ -176,9 +189,9 @@ def run_floor(cfg: dict[str, Any]) -> dict[str, Any]:
             proc.join(5)
             if proc.is_alive():
                 proc.kill()
-    deliveries = sum(r[0] for r in results)
+    deliveries = sum(r.got for r in results)
     expected = cfg["messages"] * cfg["clients"]
-    writes = cfg["messages"] * connections
+    writes = cfg["messages"] * server.connections
     return {
         "mode": "floor",
         "clients": cfg["clients"],
@@ -191,12 +204,12 @@ def run_floor(cfg: dict[str, Any]) -> dict[str, Any]:
         "lost": expected - deliveries,
         "deliveries_per_s": round(deliveries / elapsed) if elapsed > 0 else None,
         "latency_ms": latency_ms(
-            [{"lat": raw, "stride": 1, "lat_max": top} for _, raw, _, top in results]
+            [{"lat": r.lat, "stride": 1, "lat_max": r.lat_max} for r in results]
         ),
-        "server_cpu_s": round(server_cpu, 3),
-        "server_cpu_us_per_write": round(server_cpu / writes * 1e6, 2) if writes else None,
-        "server_user_us_per_write": round(server_user / writes * 1e6, 2) if writes else None,
-        "generator_cpu_s": round(sum(r[2] for r in results), 3),
+        "server_cpu_s": round(server.cpu_s, 3),
+        "server_cpu_us_per_write": round(server.cpu_s / writes * 1e6, 2) if writes else None,
+        "server_user_us_per_write": round(server.user_s / writes * 1e6, 2) if writes else None,
+        "generator_cpu_s": round(sum(r.cpu_s for r in results), 3),
         "elapsed_seconds": round(elapsed, 3),
     }
 

@@ -11,9 +11,9 @@ from __future__ import annotations
 import argparse
 import os
 from typing import Any
-from urllib.parse import urlsplit
 
 from .. import natsconn
+from ..serverurl import parse_server_url
 from ..settings import split_servers
 
 DEFAULT_URL = "http://127.0.0.1:8000"  # `pushsvc serve`'s default address
@@ -162,28 +162,18 @@ def build_config(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError("--vs-floor compares plain runs: --reconnect and --stall do not apply")
     if not args.prefix or any(c in args.prefix for c in " .*>\t\r\n"):
         raise ValueError("--prefix must be one NATS token, e.g. 'push'")
-    parts = urlsplit(args.url if "://" in args.url else "http://" + args.url)
-    if parts.scheme not in ("http", "https", "ws", "wss") or not parts.hostname:
-        raise ValueError(f"--url must be http(s)://host:port, got {args.url!r}")
-    tls = parts.scheme in ("https", "wss")
-    try:
-        port = parts.port or (443 if tls else 80)
-    except ValueError:
-        raise ValueError(f"bad port in --url {args.url!r}") from None
-    host = parts.hostname
-    netloc = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    base = parts.path.rstrip("/")
+    server = parse_server_url(args.url, "--url")
     total = args.clients + args.stall
     security = natsconn.NatsSecurity.from_args(args)
     security.check(split_servers(args.nats_url))  # SettingsError is a ValueError
     return {
-        "host": host,
-        "port": port,
-        "tls": tls,
-        "netloc": netloc,
-        "base": base,
-        "http_url": f"{'https' if tls else 'http'}://{netloc}{base}",
-        "ws_url": f"{'wss' if tls else 'ws'}://{netloc}{base}/ws",
+        "host": server.host,
+        "port": server.port,
+        "tls": server.tls,
+        "netloc": server.netloc,
+        "base": server.base,
+        "http_url": server.http_url,
+        "ws_url": server.ws_url,
         "nats_url": args.nats_url,
         "nats_security": security,
         "secret": args.secret or None,

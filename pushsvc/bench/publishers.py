@@ -25,7 +25,6 @@ from urllib.parse import quote
 import msgspec
 
 from .. import natsconn
-from ..bus import connect_failure
 from ..settings import split_servers
 from .client import ERROR_SAMPLES
 from .httpclient import HttpConnection
@@ -161,11 +160,6 @@ class Publisher:
         """Connect to NATS (``--via nats``) or prepare the emit connections, within wait_s s."""
         cfg = self.cfg
         if cfg["via"] == "nats":
-            seen: list[Exception] = []
-
-            async def on_error(exc: Exception) -> None:  # instead of nats-py's tracebacks
-                seen.append(exc)
-
             try:
                 self.nc = await natsconn.connect(
                     split_servers(cfg["nats_url"]),
@@ -175,16 +169,10 @@ class Publisher:
                     allow_reconnect=False,
                     max_reconnect_attempts=1,  # one try per server (0 would mean forever)
                     reconnect_time_wait=0.1,
-                    error_cb=on_error,
                     name="pushsvc-bench",
                 )
-            except natsconn.NatsRefused as exc:
+            except (natsconn.NatsRefused, natsconn.NatsUnreachable) as exc:
                 raise BenchError(str(exc)) from None
-            except Exception as exc:
-                raise BenchError(
-                    f"cannot connect to NATS at {natsconn.display_url(cfg['nats_url'])}: "
-                    f"{connect_failure(exc, seen)}"
-                ) from None
             if cfg["rate"] > 0 and cfg["messages"]:  # at full rate it would slow the publisher
                 self.probe = HopProbe(cfg["prefix"])
                 await self.probe.start(self.nc)

@@ -11,8 +11,10 @@ import contextlib
 import os
 import resource
 import ssl
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 try:  # pragma: no cover - uvloop is a Linux/macOS dependency
     import uvloop
@@ -43,6 +45,13 @@ def user_seconds() -> float:
 def new_loop() -> asyncio.AbstractEventLoop:
     """A new event loop: uvloop's when installed (as ``pushsvc serve`` uses), else asyncio's."""
     return uvloop.new_event_loop() if uvloop is not None else asyncio.new_event_loop()
+
+
+def run_loop(main: Coroutine[Any, Any, T]) -> T:
+    """Run ``main`` to completion on a :func:`new_loop` loop (``asyncio.Runner``), then
+    close the loop; returns what ``main`` returns (each bench process's entry)."""
+    with asyncio.Runner(loop_factory=new_loop) as runner:
+        return runner.run(main)
 
 
 def ssl_context(tls: bool) -> ssl.SSLContext | None:

@@ -21,7 +21,7 @@ import h11
 from ..auth import mint_token
 from .httpclient import HttpConnection
 from .options import BenchError
-from .system import new_loop, ssl_context
+from .system import run_loop, ssl_context
 
 TOKEN_TTL = 3600  # seconds a bench token is valid
 DEV_TOKEN_CONNECTIONS = 8  # parallel GET /dev/token requests
@@ -134,8 +134,7 @@ def fetch_dev_tokens(cfg: dict[str, Any]) -> dict[str, list[str]]:
         return tokens
 
     try:
-        with asyncio.Runner(loop_factory=new_loop) as runner:
-            tokens = runner.run(run())
+        tokens = run_loop(run())
     except (OSError, h11.ProtocolError, TimeoutError) as exc:
         raise BenchError(f"{hint}: GET {url} failed: {exc!r}") from None
     except (ValueError, KeyError, TypeError) as exc:

@@ -3,10 +3,11 @@
 The coordinator (:mod:`pushsvc.bench.coordinator`) forks ``--procs`` workers;
 each runs one uvloop event loop and owns clients ``wid, wid + procs, ...``
 (normal ones first, then the ``--stall`` ones). Commands arrive on a pipe as
-tuples (``connect``, ``published``, ``stop``, ``close``, ``reconnect``,
-``exit``); answers go back the same way (``up``, ``progress``, ``ready``,
-``done``, ``result``, ``closed``, ``reconnected``, ``bye``). Every worker exits
-by itself at the run's hard deadline or when the coordinator is gone.
+the Structs of :mod:`pushsvc.bench.messages` (``Connect``, ``Published``,
+``Stop``, ``Close``, ``Reconnect``, ``Exit``); answers go back the same way
+(``Up``, ``Progress``, ``Ready``, ``Done``, ``Result``, ``Closed``,
+``Reconnected``, ``Bye``). Every worker exits by itself at the run's hard
+deadline or when the coordinator is gone.
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ from typing import Any
 
 from websockets.uri import parse_uri
 
+from . import messages as pipe
 from .client import Client, Tally
-from .system import add_pipe_reader, cpu_seconds, new_loop, raise_nofile_limit, ssl_context
+from .system import add_pipe_reader, cpu_seconds, raise_nofile_limit, run_loop, ssl_context
 from .tokens import client_token
 
 SETUP_TIMEOUT = 30.0  # seconds for connect + auth + subscribe of one client
@@ -40,13 +42,13 @@ class Worker(Tally):
         self.cfg = cfg
         self.wid = wid
         self.ssl = ssl_context(cfg["tls"])
-        self.cmds: asyncio.Queue[Any] = asyncio.Queue()
+        self.cmds: asyncio.Queue[pipe.Command] = asyncio.Queue()
         self.clients: list[Client] = []
         self.stalled: list[Client] = []
         self.done_sent = False
 
     # plumbing ------------------------------------------------------------------
-    def send(self, msg: tuple[Any, ...]) -> None:
+    def send(self, msg: pipe.Answer) -> None:
         """Send ``msg`` to the coordinator (dropped when the pipe is gone)."""
         with contextlib.suppress(OSError, ValueError):
             self.conn.send(msg)
@@ -57,20 +59,20 @@ class Worker(Tally):
                 self.cmds.put_nowait(self.conn.recv())
         except (EOFError, OSError):
             self.loop.remove_reader(self.conn.fileno())
-            self.cmds.put_nowait(("exit",))
+            self.cmds.put_nowait(pipe.Exit())
 
     def notify_done(self) -> None:
         """Tell the coordinator (once) that every expected delivery arrived."""
         if not self.done_sent:
             self.done_sent = True
-            self.send(("done", self.last_ns))
+            self.send(pipe.Done(self.last_ns))
 
     # run -----------------------------------------------------------------------
     async def run(self) -> None:
         """Create the clients, then obey the coordinator's commands until ``exit``.
 
         On the way out every client is closed (at most the ``exit`` command's
-        seconds) and ``("bye", cpu seconds, closes seen while closing)`` is sent.
+        seconds) and :class:`~pushsvc.bench.messages.Bye` is sent.
         """
         cfg = self.cfg
         add_pipe_reader(self.loop, self.conn, self._on_pipe)
@@ -81,33 +83,32 @@ class Worker(Tally):
             token = client_token(cfg, gid)
             client = Client(self, gid, token, stalled=gid >= cfg["clients"])
             (self.stalled if client.stalled else self.clients).append(client)
-        self.send(("up",))
+        self.send(pipe.Up())
         progress = asyncio.ensure_future(self._progress())
         close_s = 0.5
         try:
             while True:
                 cmd = await self.cmds.get()
-                op = cmd[0]
-                if op == "connect":
-                    await self._connect_all(until=cmd[1])
-                elif op == "published":
-                    self._arm(cmd[1])
-                elif op == "stop":
-                    await self._stop(drain_s=cmd[1])
-                elif op == "close":
-                    await self._close(self.clients, cmd[1])
-                    self.send(("closed",))
-                elif op == "reconnect":
-                    await self._reconnect(until=cmd[1])
-                elif op == "exit":
-                    close_s = cmd[1] if len(cmd) > 1 else 0.5
+                if isinstance(cmd, pipe.Connect):
+                    await self._connect_all(until=cmd.until)
+                elif isinstance(cmd, pipe.Published):
+                    self._arm(cmd.per_channel)
+                elif isinstance(cmd, pipe.Stop):
+                    await self._stop(drain_s=cmd.drain_s)
+                elif isinstance(cmd, pipe.Close):
+                    await self._close(self.clients, cmd.wait_s)
+                    self.send(pipe.Closed())
+                elif isinstance(cmd, pipe.Reconnect):
+                    await self._reconnect(until=cmd.until)
+                elif isinstance(cmd, pipe.Exit):
+                    close_s = cmd.close_s
                     break
         finally:
             progress.cancel()
             closes_before = sum(self.closes.values())
             await self._close(self.clients + self.stalled, close_s)
             extra = sum(self.closes.values()) - closes_before
-            self.send(("bye", cpu_seconds(), extra))
+            self.send(pipe.Bye(cpu_seconds(), extra))
             watchdog.cancel()
             with contextlib.suppress(Exception):
                 self.loop.remove_reader(self.conn.fileno())
@@ -123,7 +124,9 @@ class Worker(Tally):
     async def _progress(self) -> None:
         while True:
             self.send(
-                ("progress", self.subscribed, self.failed, self.delivered, self.unique, self.errors)
+                pipe.Progress(
+                    self.subscribed, self.failed, self.delivered, self.unique, self.errors
+                )
             )
             await asyncio.sleep(PROGRESS_INTERVAL)
 
@@ -187,13 +190,12 @@ class Worker(Tally):
         gc.collect()
         gc.freeze()  # the clients live until the end: keep them out of GC passes
         self.send(
-            (
-                "ready",
-                len(self.clients),
-                len(self.stalled),
-                self.failed,
-                self.last_ready_ns,
-                per_channel,
+            pipe.Ready(
+                clients=len(self.clients),
+                stalled=len(self.stalled),
+                failed=self.failed,
+                last_ready_ns=self.last_ready_ns,
+                per_channel=per_channel,
             )
         )
 
@@ -231,7 +233,7 @@ class Worker(Tally):
         stats["stalled_open"] = sum(1 for c in self.stalled if not c.lost.done())
         stats["errors"] = self.errors
         stats["error_samples"] = self.error_samples
-        self.send(("result", stats))
+        self.send(pipe.Result(stats))
 
     async def _close(self, clients: list[Client], wait_s: float) -> None:
         live = [c for c in clients if not c.lost.done()]
@@ -255,13 +257,12 @@ class Worker(Tally):
         oks = await asyncio.gather(*(self._setup(c, start, until) for c in fresh))
         self.clients = fresh
         self.send(
-            (
-                "reconnected",
-                sum(oks),
-                self.failed - failed_before,
-                self.errors - errors_before,
-                self.last_ready_ns,
-                self.error_samples,
+            pipe.Reconnected(
+                ok=sum(oks),
+                failed=self.failed - failed_before,
+                errors=self.errors - errors_before,
+                last_ready_ns=self.last_ready_ns,
+                error_samples=self.error_samples,
             )
         )
 
@@ -284,5 +285,4 @@ def worker_entry(conn: Any, cfg: dict[str, Any], wid: int, close_fds: list[int])
     async def run() -> None:
         await Worker(conn, cfg, wid).run()
 
-    with asyncio.Runner(loop_factory=new_loop) as runner:
-        runner.run(run())
+    run_loop(run())

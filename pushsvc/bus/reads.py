@@ -1,0 +1,303 @@
+"""History reads: stored messages of a channel (or pattern) after a position.
+
+:class:`Reader` answers "what did I miss since ``seq``" for the hub's recovery,
+the WebSocket ``subscribe`` with ``since`` and ``GET /history``, without a
+JetStream consumer: stream info plus batch direct gets (ADR-31, :func:`scan`),
+answered by any replica, so reads work while JetStream elects a meta leader.
+It also says when a gap cannot be filled (``recovered`` False): the stream's
+head expired, the channel hit its cap, or the position belongs to another epoch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from dataclasses import dataclass, field
+
+import nats.errors
+import nats.js.errors
+from jetstreamext import (
+    BatchUnsupportedError,
+    InvalidResponseError,
+    NoMessagesError,
+    get_batch,
+)
+from nats.js import JetStreamContext
+from nats.js.api import RawStreamMsg
+
+from ..channels import channel_for, is_pattern, pattern_reaches, subject_for
+from .connection import Connection
+from .errors import Unavailable
+from .stream import Streams
+
+READ_BATCH = 256  # messages per JetStream batch direct get
+
+
+@dataclass
+class StoredMessage:
+    """A message read back from the stream: stream ``seq``, raw ``payload`` bytes and
+    its concrete ``channel`` (None when not known)."""
+
+    seq: int
+    payload: bytes
+    channel: str | None = None
+
+
+@dataclass
+class History:
+    """Result of :meth:`Reader.history`.
+
+    Attributes:
+        messages: stored messages of the channel with seq > since, oldest first.
+        recovered: False when messages after ``since`` may have been removed from
+            the stream (age or per-channel cap) or history is off.
+        last_seq: the stream's last sequence when read (0 if empty/off).
+        more: True when ``limit`` cut the result (page on with ``since`` = last seq).
+        epoch: the stream's epoch when read (see :func:`~pushsvc.bus.stream.epoch_of`).
+        since: the ``since`` actually applied: 0 when the caller's position belongs
+            to another epoch of the stream (then ``recovered`` is False and every
+            message the stream holds for the channel is returned).
+    """
+
+    messages: list[StoredMessage] = field(default_factory=list)
+    recovered: bool = True
+    last_seq: int = 0
+    more: bool = False
+    epoch: str | None = None
+    since: int = 0
+
+
+async def scan(
+    js: JetStreamContext, stream: str, subject: str, *, after: int = 0, batch: int = 1024
+) -> AsyncIterator[RawStreamMsg]:
+    """Every message of ``stream`` on ``subject`` (wildcards allowed) with a sequence
+    greater than ``after``, oldest first.
+
+    JetStream batch direct gets (ADR-31), page by page until none is pending:
+    no consumer, so no meta leader and no "initial values done" marker to
+    trust. The stream needs ``allow_direct``.
+
+    Raises:
+        nats.errors.NoRespondersError: the stream has no ``allow_direct``.
+        nats.errors.Error, nats.js.errors.Error, InvalidResponseError: NATS or
+            JetStream failed; callers bound the time.
+    """
+    while True:
+        left = 0
+        try:
+            async for raw in get_batch(js, stream, batch=batch, seq=after + 1, subject=subject):
+                left = int((raw.headers or {}).get("Nats-Num-Pending", 0))
+                after = raw.seq or after
+                yield raw
+        except NoMessagesError:
+            return
+        if not left:
+            return
+
+
+class Reader:
+    """Reads of the history stream for one node.
+
+    Args:
+        conn: the node's shared :class:`~pushsvc.bus.connection.Connection`.
+        streams: the node's :class:`~pushsvc.bus.stream.Streams` (each read notes
+            the stream's epoch, so a re-created stream is noticed at once).
+    """
+
+    def __init__(self, conn: Connection, streams: Streams) -> None:
+        self.conn = conn
+        self.streams = streams
+
+    def _jetstream(self) -> JetStreamContext:
+        """The JetStream context to read with.
+
+        Raises:
+            Unavailable: history is off, or NATS is not connected.
+        """
+        js = self.conn.js
+        if not self.conn.history_enabled or js is None:
+            raise Unavailable("history is off")
+        if not self.conn.is_connected:
+            raise Unavailable("NATS is not connected")
+        return js
+
+    async def history(
+        self,
+        channel: str,
+        since: int,
+        limit: int | None = None,
+        *,
+        seen: int = 0,
+        epoch: str | None = None,
+    ) -> History:
+        """Stored messages of ``channel`` with seq > ``since``, oldest first, at most ``limit``.
+
+        Positions belong to an epoch of the stream (:attr:`Streams.epoch
+        <pushsvc.bus.stream.Streams.epoch>`). ``since`` is taken as a position of
+        *another* epoch, answered like ``since=0`` with ``recovered`` False (every
+        message of the channel the stream holds is newer than anything the caller
+        saw), when ``epoch`` is given and differs from the stream's, or when
+        ``epoch`` is not given and ``since`` is past the stream's last sequence (no
+        position of this epoch can be).
+
+        ``recovered`` is also False when something after ``since`` may be gone: the
+        stream's first sequence is past ``since + 1`` (max age), or the channel is
+        at its per-channel cap and every retained message is newer than ``since``.
+        JetStream would silently start at its first sequence in both cases.
+
+        Reads use stream info and JetStream batch direct gets (ADR-31), answered by
+        the stream's replicas without creating a consumer, so they work while the
+        JetStream meta leader is being elected. With replicas, a follower's answer
+        is checked against the stream leader's last message of the channel and
+        read again if it lagged.
+
+        Args:
+            channel: a valid channel name, or a wildcard pattern: then the stream's
+                messages of every matching channel (personal ones only for a
+                ``user.`` pattern), each with its ``channel``; ``recovered`` is
+                also False when a matching channel is at its cap and nothing
+                retained is older than ``since`` (a pattern's read may need
+                paging: see ``more``).
+            since: stream sequence; messages with a greater one are returned.
+            limit: at most this many messages (default ``history_size``).
+            seen: the caller is known to hold every message of the channel up to
+                this stream sequence (>= ``since``), e.g. a node catching up after
+                a reconnect: only messages stored after it count as lost when the
+                stream's head has expired. 0 = nothing known beyond ``since``.
+            epoch: the epoch ``since`` belongs to, if the caller knows it.
+
+        Raises:
+            Unavailable: history is off, NATS is not connected, or NATS/JetStream
+                did not answer within ``publish_timeout`` s.
+        """
+        js = self._jetstream()
+        s = self.conn.settings
+        limit = limit or s.history_size
+        subject = subject_for(self.conn.prefix, channel)
+        wildcard = is_pattern(channel)
+        stream = s.stream
+        try:
+            info = await js.stream_info(stream, subjects_filter=subject)
+        except nats.js.errors.NotFoundError:
+            raise Unavailable(f"stream {stream} does not exist (being re-created)") from None
+        except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
+            raise Unavailable(f"history read failed ({type(exc).__name__})") from None
+        self.streams.note(info)
+        current = self.streams.epoch
+        state = info.state
+        stale = (epoch is not None and epoch != current) or (
+            epoch is None and since > state.last_seq
+        )
+        if stale:
+            since, seen = 0, 0
+        if since >= state.last_seq:
+            return History([], not stale, state.last_seq, epoch=current, since=since)
+        subjects = state.subjects or {}
+        count = sum(subjects.values()) if wildcard else subjects.get(subject, 0)
+        if count == 0:
+            intact = state.first_seq <= max(since, seen) + 1
+            return History([], not stale and intact, state.last_seq, epoch=current, since=since)
+        messages, pending = await self._read(subject, since, limit)
+        if pending > len(messages) or s.stream_replicas <= 1:
+            pass
+        elif await self._lagged(subject, messages[-1].seq if messages else since):
+            messages, pending = await self._read(subject, since, limit, retry=True)
+        lost_by_age = state.first_seq > max(since, seen) + 1
+        lost_by_cap = count >= s.history_size and pending >= count
+        fetched = len(messages)
+        if wildcard:
+            # a pattern: any of its channels may be at its cap; personal channels stay out
+            cap = s.history_size
+            lost_by_cap = pending >= count and any(n >= cap for n in subjects.values())
+            messages = [m for m in messages if m.channel and pattern_reaches(channel, m.channel)]
+        return History(
+            messages,
+            not (stale or lost_by_age or lost_by_cap),
+            state.last_seq,
+            pending > fetched,
+            epoch=current,
+            since=since,
+        )
+
+    async def _read(
+        self, subject: str, since: int, limit: int, *, retry: bool = False
+    ) -> tuple[list[StoredMessage], int]:
+        """Read up to ``limit`` messages of ``subject`` after ``since`` by batch direct gets.
+
+        Returns ``(messages, pending)``: ``pending`` is how many messages of the
+        subject the stream held after ``since`` (``Nats-Num-Pending`` of the first
+        one + 1), which may exceed ``limit``.
+
+        Raises:
+            Unavailable: no answer within ``publish_timeout`` s (after one retry
+                when ``retry``).
+        """
+        js = self.conn.js
+        assert js is not None
+        s = self.conn.settings
+        messages: list[StoredMessage] = []
+        pending = 0
+        error: Exception | None = None
+        for attempt in range(2 if retry else 1):
+            if attempt:
+                await asyncio.sleep(0.05)
+            messages, pending = [], 0
+            try:
+                async with (
+                    asyncio.timeout(s.publish_timeout),
+                    aclosing(
+                        scan(js, s.stream, subject, after=since, batch=min(limit, READ_BATCH))
+                    ) as stored,
+                ):
+                    async for raw in stored:
+                        if not messages:
+                            pending = int((raw.headers or {}).get("Nats-Num-Pending", 0)) + 1
+                        channel = channel_for(self.conn.prefix, raw.subject)
+                        messages.append(StoredMessage(raw.seq or 0, raw.data or b"", channel))
+                        if len(messages) >= limit:
+                            break
+                return messages, pending
+            except BatchUnsupportedError:
+                raise Unavailable("history needs nats-server 2.11 or later") from None
+            except (
+                nats.errors.Error,
+                nats.js.errors.Error,
+                InvalidResponseError,
+                TimeoutError,
+            ) as e:
+                error = e
+        raise Unavailable(f"history read failed ({type(error).__name__})") from None
+
+    async def _lagged(self, subject: str, read_to: int) -> bool:
+        """True when the stream leader holds a message of ``subject`` past ``read_to``.
+
+        A non-direct get of the subject's last message is answered by the stream
+        leader, which has every acknowledged message; a direct get may have come
+        from a follower that had not applied the newest ones yet.
+        """
+        js = self.conn.js
+        assert js is not None
+        try:
+            last = await js.get_msg(self.conn.settings.stream, subject=subject)
+        except (nats.errors.Error, nats.js.errors.Error, TimeoutError):
+            return False
+        return (last.seq or 0) > read_to
+
+    async def channel_last_seq(self, channel: str) -> int:
+        """Stream sequence of the newest stored message of ``channel`` (0: none stored).
+
+        One JetStream direct get (no consumer).
+
+        Raises:
+            Unavailable: history is off, NATS is not connected or did not answer.
+        """
+        js = self._jetstream()
+        subject = subject_for(self.conn.prefix, channel)
+        try:
+            msg = await js.get_last_msg(self.conn.settings.stream, subject, direct=True)
+        except nats.js.errors.NotFoundError:
+            return 0
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise Unavailable(f"last message lookup failed ({type(exc).__name__})") from None
+        return msg.seq or 0
