@@ -31,7 +31,9 @@ the server's CPU per connection. The cycle is broken right after the upgrade.
 
 With :class:`pushsvc.httpprotocol.HttpToolsProtocol` as uvicorn's ``http``
 protocol, :meth:`WebSocketProtocol.upgrade` takes the request ``httptools``
-already parsed instead of parsing it a second time.
+already parsed instead of parsing it a second time. Protocol pings are armed on
+the loop's shared coarse timer (:mod:`pushsvc.deadlines`), and the handshake's
+request and response are dropped once the 101 is written.
 """
 
 from __future__ import annotations
@@ -44,6 +46,8 @@ from typing import Any
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from websockets.http11 import Request
 from websockets.protocol import Protocol
+
+from .deadlines import deadlines
 
 WEBSOCKET_VERSION = "13"  # RFC 6455 4.1 (the only version)
 
@@ -94,6 +98,23 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
         conn.parser = Protocol.parse(conn)  # the frame parser ServerProtocol.parse ends in
         next(conn.parser)
         self.handle_connect(request)
+
+    def schedule_ping(self) -> None:
+        """Arm the next protocol ping (RFC 6455 5.5.2) on the loop's shared coarse timer.
+
+        uvicorn gives every connection its own ``call_later`` timer for it, held
+        for the connection's life; here it is an entry in
+        :func:`pushsvc.deadlines.deadlines` (0.1 s ticks: the ping interval is
+        20 s). The pong deadline after each ping stays uvicorn's own timer.
+        """
+        assert self.ping_interval is not None
+        delay = max(0.0, self.ping_interval - self.last_ping_rtt)
+        deadlines(self.loop, "ws-ping", WebSocketProtocol.send_keepalive_ping).set(self, delay)
+
+    def stop_keepalive(self) -> None:
+        """Disarm the protocol ping, then uvicorn's own cleanup (the pong timer)."""
+        deadlines(self.loop, "ws-ping", WebSocketProtocol.send_keepalive_ping).clear(self)
+        super().stop_keepalive()
 
     def data_received(self, data: bytes) -> None:
         """Feed bytes; if the opening handshake was rejected by the parser, answer and close."""

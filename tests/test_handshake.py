@@ -164,3 +164,22 @@ async def test_deadline_callbacks_may_rearm_and_one_failure_spares_the_rest():
             break
         await asyncio.sleep(0.01)
     assert seen.count("good") == 3 and seen.count("bad") == 1
+
+
+async def test_protocol_pings_close_a_peer_that_never_answers(start_server, channel, nc):
+    """uvicorn's RFC 6455 keepalive (armed on the shared coarse timer) still works."""
+    srv = await start_server(uvicorn_options={"ws_ping_interval": 0.2, "ws_ping_timeout": 0.3})
+    alive = await srv.client(srv.token("alice"))  # the websockets client answers pings
+    reader, writer = await asyncio.open_connection("127.0.0.1", srv.settings.port)
+    writer.write(_upgrade())
+    assert (await reader.readline()).startswith(b"HTTP/1.1 101")
+    started = asyncio.get_running_loop().time()
+    data = b""
+    while chunk := await asyncio.wait_for(reader.read(4096), 5):  # never answer
+        data += chunk
+    writer.close()
+    assert b"\x89" in data  # a ping frame came (opcode 0x9) ...
+    assert asyncio.get_running_loop().time() - started < 5  # ... then the close
+    await alive.subscribe(channel)
+    await nc.publish(f"push.{channel}", b'"still here"')
+    assert (await alive.messages(1))[0]["data"] == "still here"
