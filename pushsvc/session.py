@@ -33,6 +33,7 @@ import logging
 import os
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
+from operator import methodcaller
 from typing import TYPE_CHECKING, Any
 
 from . import metrics
@@ -107,6 +108,8 @@ ASGIReceive = Callable[[], Awaitable[dict[str, Any]]]
 _ids = itertools.count(1)
 _NODE = os.urandom(3).hex()
 CLOSE_TIMEOUT = 2.0  # seconds to get a close frame out before dropping the socket
+# what the deadlines call on a session (by name: a subclass's override is honoured)
+_PING, _PONG_MISSED, _EXPIRED = (methodcaller(n) for n in ("_ping", "_pong_missed", "_expired"))
 
 
 class Session:
@@ -168,9 +171,9 @@ class Session:
         self._closer: asyncio.Task[None] | None = None
         self._reader: asyncio.Task[Any] | None = None
         # deadlines (pushsvc.deadlines): next ping, the pong awaited, the token's expiry
-        self._pings = deadlines(self._loop, "ping", Session._ping)
-        self._pongs = deadlines(self._loop, "pong", Session._pong_missed)
-        self._expiries = deadlines(self._loop, "expiry", Session._expired)
+        self._pings = deadlines(self._loop, "ping", _PING)
+        self._pongs = deadlines(self._loop, "pong", _PONG_MISSED)
+        self._expiries = deadlines(self._loop, "expiry", _EXPIRED)
         self._strikes = 0  # command refusals in a row on this connection
         self._direct = direct_protocol(receive)
         # the direct path's transport, read by fan_out (one attribute, no protocol hop)

@@ -41,6 +41,7 @@ from __future__ import annotations
 from asyncio import BaseTransport, Transport
 from collections.abc import Coroutine
 from http import HTTPStatus
+from operator import methodcaller
 from typing import Any
 
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
@@ -50,6 +51,7 @@ from websockets.protocol import Protocol
 from .deadlines import deadlines
 
 WEBSOCKET_VERSION = "13"  # RFC 6455 4.1 (the only version)
+_SEND_KEEPALIVE_PING = methodcaller("send_keepalive_ping")  # uvicorn's, or an override
 
 
 class WebSocketProtocol(WebSocketsSansIOProtocol):
@@ -109,11 +111,11 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
         """
         assert self.ping_interval is not None
         delay = max(0.0, self.ping_interval - self.last_ping_rtt)
-        deadlines(self.loop, "ws-ping", WebSocketProtocol.send_keepalive_ping).set(self, delay)
+        deadlines(self.loop, "ws-ping", _SEND_KEEPALIVE_PING).set(self, delay)
 
     def stop_keepalive(self) -> None:
         """Disarm the protocol ping, then uvicorn's own cleanup (the pong timer)."""
-        deadlines(self.loop, "ws-ping", WebSocketProtocol.send_keepalive_ping).clear(self)
+        deadlines(self.loop, "ws-ping", _SEND_KEEPALIVE_PING).clear(self)
         super().stop_keepalive()
 
     def data_received(self, data: bytes) -> None:
