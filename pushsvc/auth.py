@@ -32,6 +32,7 @@ from typing import Any
 
 import jwt
 import msgspec
+from jwt.algorithms import Algorithm
 
 from .channels import (
     PERSONAL_PREFIX,
@@ -149,6 +150,86 @@ class Revocation(msgspec.Struct, frozen=True):
         )
 
 
+class _PreparedKeys(Algorithm):
+    """An :class:`~jwt.algorithms.Algorithm` remembering what ``prepare_key`` made of a key.
+
+    PyJWT prepares the key on every decode: for HS* it re-checks that the secret
+    is not a PEM, SSH, DER or JWK document (a JSON parse and a failed X.509 load,
+    ~12 us), for RS*/ES* it parses the PEM. pushsvc's keys come from settings and
+    never change, so each is prepared once (the checks still run, once, and a key
+    they refuse is refused every time: failures are not remembered). Signing,
+    verification and key-length checks are the wrapped algorithm's.
+    """
+
+    _MAX_KEYS = 8  # keys are settings: a handful at most
+
+    def __init__(self, algorithm: Algorithm) -> None:
+        self._algorithm = algorithm
+        self._prepared: dict[Any, Any] = {}
+
+    def prepare_key(self, key: Any) -> Any:
+        try:
+            return self._prepared[key]
+        except (KeyError, TypeError):  # TypeError: an unhashable key, prepare each time
+            pass
+        prepared = self._algorithm.prepare_key(key)
+        if len(self._prepared) < self._MAX_KEYS:
+            try:
+                self._prepared[key] = prepared
+            except TypeError:
+                pass
+        return prepared
+
+    def sign(self, msg: bytes, key: Any) -> bytes:
+        return self._algorithm.sign(msg, key)
+
+    def verify(self, msg: bytes, key: Any, sig: bytes) -> bool:
+        return self._algorithm.verify(msg, key, sig)
+
+    def check_key_length(self, key: Any) -> str | None:
+        return self._algorithm.check_key_length(key)
+
+    def compute_hash_digest(self, bytestr: bytes) -> bytes:
+        return self._algorithm.compute_hash_digest(bytestr)
+
+    @staticmethod
+    def to_jwk(key_obj: Any, as_dict: bool = False) -> Any:  # type: ignore[override]
+        raise NotImplementedError
+
+    @staticmethod
+    def from_jwk(jwk: Any) -> Any:
+        raise NotImplementedError
+
+
+def key_caching_decoder(algorithms: list[str]) -> Any:
+    """A :class:`jwt.PyJWT` whose ``algorithms`` prepare each key once (:class:`_PreparedKeys`).
+
+    Same ``decode`` as the module-level :func:`jwt.decode` (same checks, errors
+    and options); the PyJWT instance's signature layer has the named algorithms
+    re-registered (``PyJWS.unregister_algorithm``/``register_algorithm``). If a
+    PyJWT release no longer exposes that layer, returns the :mod:`jwt` module
+    itself (every decode prepares its key, as before).
+
+    Args:
+        algorithms: algorithm names as ``Settings.algorithms()`` gives them.
+
+    Returns:
+        An object with PyJWT's ``decode(token, key, algorithms=..., ...)``.
+    """
+    decoder = jwt.PyJWT()
+    jws = getattr(decoder, "_jws", None)
+    if not isinstance(jws, jwt.PyJWS):
+        return jwt
+    for name in algorithms:
+        try:
+            algorithm = jws.get_algorithm_by_name(name)
+        except NotImplementedError:  # e.g. ES256 without cryptography: as jwt.decode does
+            continue
+        jws.unregister_algorithm(name)
+        jws.register_algorithm(name, _PreparedKeys(algorithm))
+    return decoder
+
+
 def parse_revocation(payload: bytes) -> Revocation | None:
     """Decode a control message; None when it is malformed or names neither sub nor jti."""
     try:
@@ -180,6 +261,7 @@ class Authenticator:
                 self._key: Any = f.read()
         else:
             self._key = settings.jwt_secret or ""
+        self._jwt = key_caching_decoder(self.algorithms)
         self.leeway = settings.jwt_leeway
         self._cache: OrderedDict[tuple[bytes, str], Principal] = OrderedDict()
         self._cache_size = settings.token_cache_size
@@ -287,7 +369,7 @@ class Authenticator:
         try:
             if expected_type is not None:
                 _check_type(jwt.get_unverified_header(token).get("typ"), expected_type)
-            claims = jwt.decode(
+            claims = self._jwt.decode(
                 token,
                 self._key,
                 algorithms=self.algorithms,

@@ -187,9 +187,11 @@ class WebSocketEndpoint:
             scheme, _, value = authorization.partition(" ")
             if scheme.lower() == "bearer" and value.strip():
                 return value.strip()
-        token = QueryParams(scope.get("query_string", b"")).get("token")
-        if token:
-            return token
+        query = scope.get("query_string")
+        if query:  # (most handshakes have none: no parse)
+            token = QueryParams(query).get("token")
+            if token:
+                return token
         if self.settings.auth_cookie and "cookie" in headers:
             token = cookie_parser(headers["cookie"]).get(self.settings.auth_cookie)
             if token:

@@ -31,7 +31,8 @@ def uvicorn_config(settings: Settings | None = None) -> dict[str, Any]:
     must be told"): pushsvc's WebSocket protocol class (uvicorn's
     ``websockets-sansio`` with handshake fixes), ``ws_max_size`` =
     ``PUSHSVC_MAX_FRAME_BYTES`` (bigger frames close 1009), no per-message deflate,
-    protocol pings every 20 s with a 20 s timeout, httptools, uvloop where
+    protocol pings every 20 s with a 20 s timeout, pushsvc's httptools protocol
+    (:mod:`pushsvc.httpprotocol`: upgrades parsed once), uvloop where
     available, lifespan on, ``PUSHSVC_SHUTDOWN_TIMEOUT`` seconds of graceful
     shutdown (emits in flight finish), and the log level. Host, port and logging
     configuration are not included: they belong to the host application.
@@ -52,7 +53,7 @@ def uvicorn_config(settings: Settings | None = None) -> dict[str, Any]:
         "ws_per_message_deflate": False,
         "ws_ping_interval": WS_PING_INTERVAL,
         "ws_ping_timeout": WS_PING_TIMEOUT,
-        "http": "httptools",
+        "http": "pushsvc.httpprotocol:HttpToolsProtocol",
         "loop": "uvloop" if sys.platform != "win32" else "asyncio",
         "lifespan": "on",
         "timeout_graceful_shutdown": settings.shutdown_timeout,

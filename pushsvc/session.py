@@ -21,7 +21,8 @@ every answer and ping) goes through the session's buffer:
   send and drain the buffer; each send is bounded by ``PUSHSVC_SEND_TIMEOUT``
   seconds, after which the session is closed 4009 and its buffer released.
 
-Heartbeat, auth expiry and pong deadlines are ``loop.call_later`` timers, not tasks.
+Heartbeat, auth expiry and pong deadlines are coarse (:mod:`pushsvc.deadlines`:
+one loop timer per 0.1 s tick for every session), not tasks or per-session timers.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import logging
 import os
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
+from operator import methodcaller
 from typing import TYPE_CHECKING, Any
 
 from . import metrics
@@ -44,6 +46,7 @@ from .channels import (
     validate_channel,
     validate_pattern,
 )
+from .deadlines import deadlines
 from .presence import PresenceRefused, PresenceRegistry
 from .protocol import (
     BAD_REQUEST,
@@ -105,6 +108,8 @@ ASGIReceive = Callable[[], Awaitable[dict[str, Any]]]
 _ids = itertools.count(1)
 _NODE = os.urandom(3).hex()
 CLOSE_TIMEOUT = 2.0  # seconds to get a close frame out before dropping the socket
+# what the deadlines call on a session (by name: a subclass's override is honoured)
+_PING, _PONG_MISSED, _EXPIRED = (methodcaller(n) for n in ("_ping", "_pong_missed", "_expired"))
 
 
 class Session:
@@ -165,9 +170,10 @@ class Session:
         self._flushes = flush_queue(self._loop)
         self._closer: asyncio.Task[None] | None = None
         self._reader: asyncio.Task[Any] | None = None
-        self._ping_timer: asyncio.TimerHandle | None = None
-        self._pong_timer: asyncio.TimerHandle | None = None
-        self._exp_timer: asyncio.TimerHandle | None = None
+        # deadlines (pushsvc.deadlines): next ping, the pong awaited, the token's expiry
+        self._pings = deadlines(self._loop, "ping", _PING)
+        self._pongs = deadlines(self._loop, "pong", _PONG_MISSED)
+        self._expiries = deadlines(self._loop, "expiry", _EXPIRED)
         self._strikes = 0  # command refusals in a row on this connection
         self._direct = direct_protocol(receive)
         # the direct path's transport, read by fan_out (one attribute, no protocol hop)
@@ -373,31 +379,30 @@ class Session:
             self._reader.cancel()
 
     def _cancel_timers(self) -> None:
-        for timer in (self._ping_timer, self._pong_timer, self._exp_timer):
-            if timer is not None:
-                timer.cancel()
-        self._ping_timer = self._pong_timer = self._exp_timer = None
+        self._pings.clear(self)
+        self._pongs.clear(self)
+        self._expiries.clear(self)
 
     def _schedule_ping(self) -> None:
-        self._ping_timer = self._loop.call_later(self.settings.ping_interval, self._ping)
+        self._pings.set(self, self.settings.ping_interval)
 
     def _ping(self) -> None:
+        """The ping deadline: send ``ping``, await a ``pong`` (if not already), re-arm."""
         if self.closed:
             return
         self.send(PING_FRAME, len(PING_FRAME))
-        if self._pong_timer is None:
-            self._pong_timer = self._loop.call_later(
-                self.settings.pong_timeout, self.close, CLOSE_HEARTBEAT_TIMEOUT, "no pong"
-            )
+        if self not in self._pongs:
+            self._pongs.set(self, self.settings.pong_timeout)
         self._schedule_ping()
 
+    def _pong_missed(self) -> None:
+        self.close(CLOSE_HEARTBEAT_TIMEOUT, "no pong")
+
+    def _expired(self) -> None:
+        self.close(CLOSE_UNAUTHORIZED, "token expired")
+
     def _schedule_expiry(self) -> None:
-        if self._exp_timer is not None:
-            self._exp_timer.cancel()
-        delay = max(0.0, self.auth.expires_in(self.principal))
-        self._exp_timer = self._loop.call_later(
-            delay, self.close, CLOSE_UNAUTHORIZED, "token expired"
-        )
+        self._expiries.set(self, self.auth.expires_in(self.principal))
 
     async def run(self) -> None:
         """Serve the connection until it closes: welcome, then read commands.
@@ -488,9 +493,8 @@ class Session:
             self._refuse(BAD_REQUEST, str(exc), None, charge=True)
             return
         if isinstance(cmd, Pong):
-            if self._pong_timer is not None:
-                self._pong_timer.cancel()
-                self._pong_timer = None
+            if self in self._pongs:
+                self._pongs.clear(self)
             else:  # unsolicited: free for a client answering pings, charged for a flood
                 self._charge(None)
             return

@@ -28,19 +28,30 @@ And one memory/CPU fix: the HTTP protocol object that read the upgrade request
 WebSocket left ~5 KiB of garbage for the cyclic collector; in a reconnect storm
 those objects reach the oldest generation and full collections were most of
 the server's CPU per connection. The cycle is broken right after the upgrade.
+
+With :class:`pushsvc.httpprotocol.HttpToolsProtocol` as uvicorn's ``http``
+protocol, :meth:`WebSocketProtocol.upgrade` takes the request ``httptools``
+already parsed instead of parsing it a second time. Protocol pings are armed on
+the loop's shared coarse timer (:mod:`pushsvc.deadlines`), and the handshake's
+request and response are dropped once the 101 is written.
 """
 
 from __future__ import annotations
 
-from asyncio import BaseTransport
+from asyncio import BaseTransport, Transport
 from collections.abc import Coroutine
 from http import HTTPStatus
+from operator import methodcaller
 from typing import Any
 
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from websockets.http11 import Request
+from websockets.protocol import Protocol
+
+from .deadlines import deadlines
 
 WEBSOCKET_VERSION = "13"  # RFC 6455 4.1 (the only version)
+_SEND_KEEPALIVE_PING = methodcaller("send_keepalive_ping")  # uvicorn's, or an override
 
 
 class WebSocketProtocol(WebSocketsSansIOProtocol):
@@ -57,6 +68,55 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
         http = transport.get_protocol()
         if http is not self and hasattr(http, "parser"):
             self.loop.call_soon(_release_parser, http)
+
+    def upgrade(
+        self,
+        transport: Transport,
+        request: Request,
+        server: tuple[str, int | None] | None,
+        client: tuple[str, int] | None,
+    ) -> None:
+        """Take over ``transport`` with its opening handshake already parsed.
+
+        What ``connection_made`` then ``data_received(<the request's bytes>)`` do,
+        without the bytes: called by :class:`pushsvc.httpprotocol.HttpToolsProtocol`,
+        which read the request with ``httptools`` and built ``request``. The
+        ``websockets`` connection skips its HTTP request parser and starts on
+        frames, as it does after parsing a request itself; the request is then
+        validated and answered (101 on accept, or the refusal) by
+        :meth:`handle_connect`, as on uvicorn's path.
+
+        Args:
+            transport: the connection (still pointing at the HTTP protocol).
+            request: the opening handshake (path with query, headers).
+            server / client: local and peer address as the HTTP protocol found them.
+        """
+        self.connections.add(self)
+        self.transport = transport
+        self.server = server
+        self.client = client
+        self.scheme = "wss" if transport.get_extra_info("sslcontext") else "ws"
+        conn = self.conn
+        conn.parser = Protocol.parse(conn)  # the frame parser ServerProtocol.parse ends in
+        next(conn.parser)
+        self.handle_connect(request)
+
+    def schedule_ping(self) -> None:
+        """Arm the next protocol ping (RFC 6455 5.5.2) on the loop's shared coarse timer.
+
+        uvicorn gives every connection its own ``call_later`` timer for it, held
+        for the connection's life; here it is an entry in
+        :func:`pushsvc.deadlines.deadlines` (0.1 s ticks: the ping interval is
+        20 s). The pong deadline after each ping stays uvicorn's own timer.
+        """
+        assert self.ping_interval is not None
+        delay = max(0.0, self.ping_interval - self.last_ping_rtt)
+        deadlines(self.loop, "ws-ping", _SEND_KEEPALIVE_PING).set(self, delay)
+
+    def stop_keepalive(self) -> None:
+        """Disarm the protocol ping, then uvicorn's own cleanup (the pong timer)."""
+        deadlines(self.loop, "ws-ping", _SEND_KEEPALIVE_PING).clear(self)
+        super().stop_keepalive()
 
     def data_received(self, data: bytes) -> None:
         """Feed bytes; if the opening handshake was rejected by the parser, answer and close."""
@@ -99,11 +159,26 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
         A plain method returning the coroutine to await: every delivery goes
         through here, so it adds no coroutine frame of its own.
         """
-        if message["type"] == "websocket.http.response.body" and not message.get(
-            "more_body", False
-        ):
+        kind = message["type"]
+        if kind == "websocket.accept":
+            return self._send_accept(message)
+        if kind == "websocket.http.response.body" and not message.get("more_body", False):
             return self._send_denial_body(message)
         return super().send(message)
+
+    async def _send_accept(self, message: Any) -> None:
+        """uvicorn's accept (the 101 response), then forget the opening handshake.
+
+        uvicorn keeps the ``websockets`` request and response (each with its
+        headers: ~20 container objects and their strings) for the life of the
+        connection but never reads them after the 101 is written: dropped here,
+        they cost neither idle memory nor garbage-collector passes.
+        """
+        try:
+            await super().send(message)
+        finally:
+            if self.handshake_complete:
+                self.request = self.response = None  # type: ignore[assignment]
 
     async def _send_denial_body(self, message: Any) -> None:
         await super().send(message)

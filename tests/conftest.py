@@ -114,14 +114,18 @@ class Running:
 
 @pytest.fixture
 async def start_server(nats_url: str) -> AsyncIterator[Any]:
-    """Factory: ``await start_server(app_factory=None, **settings_overrides) -> Running``.
+    """Factory: ``await start_server(app_factory=None, uvicorn_options=None, **overrides)``.
+
+    Returns a ``Running``; ``uvicorn_options`` are extra ``uvicorn.Config`` arguments.
 
     ``app_factory(settings) -> ASGI app`` defaults to :func:`pushsvc.create_app`; the app
     must expose its node as ``app.state.pushsvc``.
     """
     running: list[Running] = []
 
-    async def start(app_factory: Any = None, **overrides: Any) -> Running:
+    async def start(
+        app_factory: Any = None, uvicorn_options: dict[str, Any] | None = None, **overrides: Any
+    ) -> Running:
         values: dict[str, Any] = {
             "jwt_secret": SECRET,
             "nats_url": nats_url,
@@ -134,11 +138,13 @@ async def start_server(nats_url: str) -> AsyncIterator[Any]:
             app,
             host="127.0.0.1",
             port=settings.port,
+            http="pushsvc.httpprotocol:HttpToolsProtocol",
             ws="pushsvc.wsprotocol:WebSocketProtocol",
             ws_max_size=settings.max_frame_bytes,
             ws_per_message_deflate=False,
             lifespan="on",
             log_level="warning",
+            **(uvicorn_options or {}),
         )
         server = uvicorn.Server(config)
         server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign]

@@ -102,6 +102,7 @@ def test_uvicorn_config_is_what_serve_uses():
     settings = Settings.load(env={}, jwt_secret="x", max_frame_bytes=1234)
     cfg = uvicorn_config(settings)
     assert cfg["ws"] == "pushsvc.wsprotocol:WebSocketProtocol"
+    assert cfg["http"] == "pushsvc.httpprotocol:HttpToolsProtocol"
     assert cfg["ws_max_size"] == 1234 and cfg["ws_per_message_deflate"] is False
     assert cfg["ws_ping_interval"] == 20 and cfg["ws_ping_timeout"] == 20
     uvicorn.Config(FastAPI(), **cfg)  # valid uvicorn arguments
@@ -109,6 +110,7 @@ def test_uvicorn_config_is_what_serve_uses():
     ops = readme.parent / "docs" / "operations.md"
     flags = (
         "--ws pushsvc.wsprotocol:WebSocketProtocol",
+        "--http pushsvc.httpprotocol:HttpToolsProtocol",
         "--ws-max-size 65536",
         "--ws-per-message-deflate false",
         "--ws-ping-interval 20",
