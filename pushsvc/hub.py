@@ -40,6 +40,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
@@ -82,51 +83,100 @@ class _Recovery:
         self.threshold = 0
 
 
-class _Flight:
-    """A channel batch being written to a live set larger than :data:`FAN_OUT_SLICE`.
+class _Segment:
+    """Sessions owed the same frames: ``parts`` (batch texts, in order), written from ``pos``."""
 
-    The batch was framed and taken when the flush began; ``sessions`` is the live
-    set's snapshot then, written ``FAN_OUT_SLICE`` at a time, one slice per loop
-    iteration, so other work (emits answered, handshakes, pings, NATS reads) runs
-    between slices instead of waiting for the whole fan-out. Order per session is
-    kept: the channel's next batch is not written until this one is (it waits in
-    ``_Channel.batch``); a session that leaves before its slice is handed the text
-    through its own buffer (``left`` then keeps the slice from writing it again).
+    __slots__ = ("nbytes", "parts", "pos", "sessions", "text")
+
+    def __init__(self, sessions: tuple[Session, ...], text: str, nbytes: int) -> None:
+        self.sessions = sessions
+        self.parts = [text]
+        self.text: str | None = text  # the parts joined by "\n" (None: join again)
+        self.nbytes = nbytes  # UTF-8 bytes of the joined text
+        self.pos = 0  # sessions[:pos] have been written
+
+    def joined(self) -> str:
+        """The frame text for this segment's sessions."""
+        if self.text is None:
+            self.text = "\n".join(self.parts)
+        return self.text
+
+
+class _Flight:
+    """A channel's batches being written to a live set larger than the slice size.
+
+    With a write delay a large live set is written ``fan_out_slice`` sockets per
+    loop iteration, so other work (emits answered, handshakes, pings, NATS reads)
+    runs between slices instead of waiting for the whole fan-out. The flight is a
+    queue of :class:`_Segment`: sessions owed the same frames. A batch that is
+    ready while a flight goes on does not wait for it: it is added to what every
+    session not yet written is owed (the rest of the current segment and the
+    queued ones: they get both batches in one frame), and the sessions that were
+    written already get it in a new segment at the end. So each socket gets every
+    batch in order, at most one write per visit, and a message waits for at most
+    one sweep over the live set, not for the previous batch's sweep and then its
+    own. A session that leaves before it is written is handed what it is owed
+    through its own buffer (``left`` then keeps it from being written again).
     """
 
-    __slots__ = ("index", "left", "nbytes", "pos", "sessions", "single", "text")
+    __slots__ = ("left", "segments", "single")
 
     def __init__(self, sessions: tuple[Session, ...], text: str, nbytes: int, single: bool) -> None:
-        self.sessions = sessions
-        self.text = text
-        self.nbytes = nbytes
+        self.segments: deque[_Segment] = deque([_Segment(sessions, text, nbytes)])
         self.single = single
-        self.pos = 0  # sessions[:pos] have been written
-        self.index: dict[Session, int] | None = None  # built at the first leave
         self.left: set[Session] | None = None
 
-    def leave(self, session: Session) -> bool:
-        """``session`` leaves the live set: True if not written yet (it is owed the text)."""
-        if self.index is None:
-            self.index = {s: i for i, s in enumerate(self.sessions)}
-        i = self.index.get(session)
-        if i is None or i < self.pos or (self.left is not None and session in self.left):
-            return False
-        if self.left is None:
-            self.left = set()
-        self.left.add(session)
-        return True
+    def largest(self) -> int:
+        """UTF-8 bytes of the largest frame still to write."""
+        return max(seg.nbytes for seg in self.segments)
+
+    def add(self, live: tuple[Session, ...], text: str, nbytes: int) -> None:
+        """Add a batch owed to ``live`` (the live set, less sessions that joined during it)."""
+        segments = self.segments
+        head = segments[0]
+        if head.pos:  # its written sessions are owed the new batch alone, as the others
+            head.sessions = head.sessions[head.pos :]
+            head.pos = 0
+        waiting: set[Session] = set()
+        for seg in segments:
+            seg.parts.append(text)
+            seg.nbytes += 1 + nbytes
+            seg.text = None
+            waiting.update(seg.sessions)
+        written = tuple(s for s in live if s not in waiting)
+        if written:
+            segments.append(_Segment(written, text, nbytes))
+
+    def leave(self, session: Session) -> tuple[str, int] | None:
+        """``session`` leaves the live set: what it is owed and not yet written, if anything."""
+        if self.left is not None and session in self.left:
+            return None
+        for seg in self.segments:
+            if session in seg.sessions and seg.sessions.index(session) >= seg.pos:
+                if self.left is None:
+                    self.left = set()
+                self.left.add(session)
+                return seg.joined(), seg.nbytes
+        return None
 
     def write(self, count: int) -> bool:
         """Write the next ``count`` sessions (all with ``count`` < 0); True when done."""
-        pos = self.pos
-        end = len(self.sessions) if count < 0 else pos + count
-        chunk = self.sessions[pos:end]
-        self.pos = end
-        if self.left:
-            chunk = tuple(s for s in chunk if s not in self.left)
-        fan_out(chunk, self.text, self.nbytes, single=self.single)
-        return end >= len(self.sessions)
+        segments = self.segments
+        left = self.left
+        while segments and count:
+            seg = segments[0]
+            pos = seg.pos
+            end = len(seg.sessions) if count < 0 else min(len(seg.sessions), pos + count)
+            chunk = seg.sessions[pos:end]
+            seg.pos = end
+            if count > 0:
+                count -= end - pos
+            if end >= len(seg.sessions):
+                segments.popleft()
+            if left:
+                chunk = tuple(s for s in chunk if s not in left)
+            fan_out(chunk, seg.joined(), seg.nbytes, single=self.single)
+        return not segments
 
 
 class _Channel:
@@ -153,7 +203,6 @@ class _Channel:
         "catchup_since",
         "flight",
         "flush_scheduled",
-        "follow",
         "last_seq",
         "late",
         "pending",
@@ -164,8 +213,7 @@ class _Channel:
         self.batch: list[str] = []  # live frames not yet handed to the live set
         self.batch_bytes = 0  # UTF-8 bytes of the batch joined by "\n"
         self.flush_scheduled = False  # in the hub's dirty list
-        self.flight: _Flight | None = None  # the previous batch, still being written
-        self.follow = False  # the batch's flush came during the flight: write it after
+        self.flight: _Flight | None = None  # earlier batches, still being written
         # live sessions that joined while the batch had frames: the index of the
         # first frame they are owed (they were not subscribed for the ones before)
         self.late: dict[Session, int] = {}
@@ -358,9 +406,6 @@ class Hub:
         single = len(dirty) == 1
         for state in dirty:
             state.flush_scheduled = False
-            if state.flight is not None:
-                state.follow = True  # the previous batch is still being written
-                continue
             try:
                 self._flush_channel(state, single)
             except Exception:  # a bug must not leave the other channels unflushed
@@ -370,14 +415,12 @@ class Hub:
         """Hand ``state``'s batch to its live set (see :func:`~pushsvc.session.fan_out`).
 
         With a write delay, up to ``fan_out_slice`` sessions are written now and a
-        larger live set one slice per loop iteration (a :class:`_Flight`); without
-        one, the whole live set is written now. A batch still
-        being written (the cap was reached during its flight) is finished first.
-        Sessions that joined during the batch get only the frames after their join,
-        through their own buffer.
+        larger live set one slice per loop iteration (a :class:`_Flight`; a batch
+        ready while one goes on joins it); without one, the whole live set is
+        written now. A flight whose frames would pass ``coalesce_bytes`` with this
+        batch is finished first. Sessions that joined during the batch get only the
+        frames after their join, through their own buffer.
         """
-        if state.flight is not None:
-            self._land(state)
         batch = state.batch
         late = state.late
         if late:
@@ -394,6 +437,12 @@ class Hub:
                 _send_frames(session, batch[start:])
         else:
             sessions = tuple(state.sessions)
+        flight = state.flight
+        if flight is not None:
+            if flight.largest() + 1 + nbytes <= self._coalesce:
+                flight.add(sessions, text, nbytes)
+                return
+            self._land(state)  # a full frame's worth: out now, in order, before this batch
         size = self.fan_out_slice
         if not size or len(sessions) <= size:
             fan_out(sessions, text, nbytes, single=single)
@@ -404,7 +453,7 @@ class Hub:
         flight.write(size)
 
     def _fly(self, state: _Channel, flight: _Flight) -> None:
-        """Write the next slice of ``flight``; when done, the batch that waited for it."""
+        """Write the next slice of ``flight``; schedule the one after while any is left."""
         if state.flight is not flight:
             return  # finished by _land meanwhile
         try:
@@ -412,16 +461,13 @@ class Hub:
         except Exception:
             log.exception("flush of a channel batch failed")
             done = True
-        if not done:
+        if done:
+            state.flight = None
+        else:
             asyncio.get_running_loop().call_soon(self._fly, state, flight)
-            return
-        state.flight = None
-        if state.follow:
-            state.follow = False
-            self._flush_channel(state, flight.single)
 
     def _land(self, state: _Channel) -> None:
-        """Finish ``state``'s flight now (its next batch must go out, in order, behind it)."""
+        """Finish ``state``'s flight now (what follows must go out, in order, behind it)."""
         flight, state.flight = state.flight, None
         if flight is not None:
             flight.write(-1)
@@ -437,8 +483,10 @@ class Hub:
         start = state.late.pop(session, 0)
         member = session in state.sessions
         flight = state.flight
-        if member and flight is not None and flight.leave(session) and not session.closed:
-            session.send(flight.text, flight.nbytes)
+        if member and flight is not None:
+            owed = flight.leave(session)
+            if owed is not None and not session.closed:
+                session.send(*owed)
         if state.batch and member and not session.closed:
             _send_frames(session, state.batch[start:])
         state.sessions.discard(session)

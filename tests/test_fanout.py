@@ -244,7 +244,8 @@ async def test_sessions_leaving_during_a_sliced_flush_get_what_they_are_owed(
     await nc.publish(f"push.{channel}", json.dumps({"i": 0}).encode())
     await nc.flush()
     flight = await until_flight(hub, channel)
-    unwritten = flight.sessions[flight.pos :]
+    head = flight.segments[0]
+    unwritten = head.sessions[head.pos :]
     assert len(unwritten) >= 2
     leaver, closer = unwritten[-1], unwritten[-2]
     await leaver._unsubscribe(Unsubscribe(channel=channel, id=7))  # the command, no await inside
@@ -264,6 +265,35 @@ async def test_sessions_leaving_during_a_sliced_flush_get_what_they_are_owed(
             assert not [f for f in c.frames if f["type"] == "message"]
         else:
             assert [m["data"]["i"] for m in await c.messages(3)] == [0, 1, 2]
+
+
+async def test_a_batch_ready_during_a_sliced_flush_joins_it(start_server, nc, channel):
+    """Sockets not yet written get the earlier and the new batch in one frame; those
+    already written get the new one next: in order, no socket waits for a second sweep."""
+    srv = await start_server(write_delay=0.001)
+    hub = srv.node.hub
+    hub.fan_out_slice = 1
+    clients = [await srv.client(srv.token(f"user{k}")) for k in range(6)]
+    for c in clients:
+        await c.subscribe(channel)
+    by_id = {s.id: s for s in hub.sessions}
+    await nc.publish(f"push.{channel}", json.dumps({"i": 0}).encode())
+    await nc.flush()
+    flight = await until_flight(hub, channel)
+    # the next batch is ready while the flight is on (the hub's own path: the bus's
+    # message callback, then the window's flush)
+    hub.dispatch(channel, json.dumps({"i": 1}).encode(), None)
+    hub._flush_channel(hub._channels[channel])
+    assert hub._channels[channel].flight is flight and len(flight.segments[0].parts) == 2
+    together = {id(s) for s in flight.segments[0].sessions[flight.segments[0].pos :]}
+    assert together and len(together) < len(clients)
+    for c in clients:
+        assert [m["data"]["i"] for m in await c.messages(2)] == [0, 1]
+        frames = [f for f in c.raw_frames if '"type":"message"' in f]
+        if id(by_id[c.welcome["client"]]) in together:
+            assert len(frames) == 1 and frames[0].count('"type":"message"') == 2, frames
+        else:
+            assert len(frames) == 2, frames
 
 
 async def stop(*tasks: asyncio.Task[Any]) -> None:
