@@ -391,8 +391,9 @@ class Hub:
         The bus calls it when a NATS subscription has handed over every message it
         had read (no other message waiting), so the batches hold everything that
         arrived together and nothing is gained by waiting: a message reaches the
-        sockets one loop iteration sooner (~0.1 ms on the dev VM). With a write
-        delay the window is kept: it does nothing.
+        sockets one loop iteration sooner (an iteration that may also serve every
+        other ready socket first). With a write delay the window is kept: it does
+        nothing.
         """
         handle = self._flush_handle
         if handle is not None and self.write_delay <= 0:
