@@ -116,15 +116,14 @@ class _Flight:
     batch in order, at most one write per visit, and a message waits for at most
     one sweep over the live set, not for the previous batch's sweep and then its
     own. A session that leaves before it is written is handed what it is owed
-    through its own buffer (``left`` then keeps it from being written again).
+    through its own buffer and taken out of its segment.
     """
 
-    __slots__ = ("left", "segments", "single")
+    __slots__ = ("segments", "single")
 
     def __init__(self, sessions: tuple[Session, ...], text: str, nbytes: int, single: bool) -> None:
         self.segments: deque[_Segment] = deque([_Segment(sessions, text, nbytes)])
         self.single = single
-        self.left: set[Session] | None = None
 
     def largest(self) -> int:
         """UTF-8 bytes of the largest frame still to write."""
@@ -148,21 +147,23 @@ class _Flight:
             segments.append(_Segment(written, text, nbytes))
 
     def leave(self, session: Session) -> tuple[str, int] | None:
-        """``session`` leaves the live set: what it is owed and not yet written, if anything."""
-        if self.left is not None and session in self.left:
-            return None
+        """``session`` leaves the live set: what it is owed and not yet written, if anything.
+
+        It is taken out of its segment, so that it is not written later, even if it
+        joins again meanwhile (it is then owed only the batches after that).
+        """
         for seg in self.segments:
-            if session in seg.sessions and seg.sessions.index(session) >= seg.pos:
-                if self.left is None:
-                    self.left = set()
-                self.left.add(session)
-                return seg.joined(), seg.nbytes
+            sessions = seg.sessions
+            if session in sessions:
+                i = sessions.index(session)
+                if i >= seg.pos:
+                    seg.sessions = sessions[:i] + sessions[i + 1 :]
+                    return seg.joined(), seg.nbytes
         return None
 
     def write(self, count: int) -> bool:
         """Write the next ``count`` sessions (all with ``count`` < 0); True when done."""
         segments = self.segments
-        left = self.left
         while segments and count:
             seg = segments[0]
             pos = seg.pos
@@ -173,8 +174,6 @@ class _Flight:
                 count -= end - pos
             if end >= len(seg.sessions):
                 segments.popleft()
-            if left:
-                chunk = tuple(s for s in chunk if s not in left)
             fan_out(chunk, seg.joined(), seg.nbytes, single=self.single)
         return not segments
 

@@ -296,6 +296,36 @@ async def test_a_batch_ready_during_a_sliced_flush_joins_it(start_server, nc, ch
             assert len(frames) == 2, frames
 
 
+async def test_a_session_leaving_and_joining_again_during_a_sliced_flush(start_server, nc, channel):
+    """Owed the batch it was subscribed for, then only what came after it joined again:
+    each once, in order."""
+    srv = await start_server(write_delay=0.001)
+    hub = srv.node.hub
+    hub.fan_out_slice = 1
+    clients = [await srv.client(srv.token(f"user{k}")) for k in range(6)]
+    for c in clients:
+        await c.subscribe(channel)
+    by_id = {s.id: s for s in hub.sessions}
+    await nc.publish(f"push.{channel}", json.dumps({"i": 0}).encode())
+    await nc.flush()
+    flight = await until_flight(hub, channel)
+    head = flight.segments[0]
+    again = head.sessions[-1]  # not written yet
+    await again._unsubscribe(Unsubscribe(channel=channel, id=1))
+    await hub.subscribe(again, channel, None, 2)  # the channel is held: no wait
+    hub.dispatch(channel, json.dumps({"i": 1}).encode(), None)
+    hub._flush_channel(hub._channels[channel])
+    for c in clients:
+        if by_id[c.welcome["client"]] is again:
+            assert (await c.expect("message"))["data"]["i"] == 0
+            await c.expect("unsubscribed", id=1)
+            await c.expect("subscribed", id=2)
+            assert (await c.expect("message"))["data"]["i"] == 1
+            await c.nothing(0.3)
+        else:
+            assert [m["data"]["i"] for m in await c.messages(2)] == [0, 1]
+
+
 async def stop(*tasks: asyncio.Task[Any]) -> None:
     """Cancel ``tasks`` and wait until they are done."""
     for task in tasks:
