@@ -788,7 +788,15 @@ class Hub:
         return 0 if state is None else len(state.sessions) + len(state.pending)
 
     def close_all(self, code: int, reason: str) -> None:
-        """Close every session with ``code`` (graceful drain uses 1012)."""
+        """Close every session with ``code`` (graceful drain uses 1012).
+
+        Sliced flushes still going on are finished first: what the sessions were
+        owed goes out before the close frames, and no session has to be taken out
+        of a flight one by one.
+        """
+        for state in self._channels.values():
+            if state.flight is not None:
+                self._land(state)
         for session in list(self.sessions):
             session.close(code, reason)
 
