@@ -227,12 +227,9 @@ async def test_write_delay_writes_a_large_live_set_in_slices_in_order(
     assert all(len(c.raw_frames) < 60 for c in clients)
 
 
-async def test_sessions_leaving_during_a_sliced_flush_get_what_they_are_owed(
-    start_server, nc, channel
-):
-    """A session that unsubscribes before its slice is written gets the batch first
-    (it was subscribed when the message arrived) and nothing after; a session closed
-    before its slice gets nothing after its close frame; the others get everything."""
+async def sliced_flight(start_server: Any, nc: Any, channel: str) -> tuple[Any, ...]:
+    """Six subscribers, a write delay and a slice of one socket; message 0 published and
+    its flush caught after its first slice: ``(hub, clients, sessions by id, flight)``."""
     srv = await start_server(write_delay=0.002)
     hub = srv.node.hub
     hub.fan_out_slice = 1
@@ -240,10 +237,18 @@ async def test_sessions_leaving_during_a_sliced_flush_get_what_they_are_owed(
     for c in clients:
         await c.subscribe(channel)
     by_id = {s.id: s for s in hub.sessions}
-
     await nc.publish(f"push.{channel}", json.dumps({"i": 0}).encode())
     await nc.flush()
-    flight = await until_flight(hub, channel)
+    return hub, clients, by_id, await until_flight(hub, channel)
+
+
+async def test_sessions_leaving_during_a_sliced_flush_get_what_they_are_owed(
+    start_server, nc, channel
+):
+    """A session that unsubscribes before its slice is written gets the batch first
+    (it was subscribed when the message arrived) and nothing after; a session closed
+    before its slice gets nothing after its close frame; the others get everything."""
+    _, clients, by_id, flight = await sliced_flight(start_server, nc, channel)
     head = flight.segments[0]
     unwritten = head.sessions[head.pos :]
     assert len(unwritten) >= 2
@@ -270,16 +275,7 @@ async def test_sessions_leaving_during_a_sliced_flush_get_what_they_are_owed(
 async def test_a_batch_ready_during_a_sliced_flush_joins_it(start_server, nc, channel):
     """Sockets not yet written get the earlier and the new batch in one frame; those
     already written get the new one next: in order, no socket waits for a second sweep."""
-    srv = await start_server(write_delay=0.001)
-    hub = srv.node.hub
-    hub.fan_out_slice = 1
-    clients = [await srv.client(srv.token(f"user{k}")) for k in range(6)]
-    for c in clients:
-        await c.subscribe(channel)
-    by_id = {s.id: s for s in hub.sessions}
-    await nc.publish(f"push.{channel}", json.dumps({"i": 0}).encode())
-    await nc.flush()
-    flight = await until_flight(hub, channel)
+    hub, clients, by_id, flight = await sliced_flight(start_server, nc, channel)
     # the next batch is ready while the flight is on (the hub's own path: the bus's
     # message callback, then the window's flush)
     hub.dispatch(channel, json.dumps({"i": 1}).encode(), None)
@@ -299,16 +295,7 @@ async def test_a_batch_ready_during_a_sliced_flush_joins_it(start_server, nc, ch
 async def test_a_session_leaving_and_joining_again_during_a_sliced_flush(start_server, nc, channel):
     """Owed the batch it was subscribed for, then only what came after it joined again:
     each once, in order."""
-    srv = await start_server(write_delay=0.001)
-    hub = srv.node.hub
-    hub.fan_out_slice = 1
-    clients = [await srv.client(srv.token(f"user{k}")) for k in range(6)]
-    for c in clients:
-        await c.subscribe(channel)
-    by_id = {s.id: s for s in hub.sessions}
-    await nc.publish(f"push.{channel}", json.dumps({"i": 0}).encode())
-    await nc.flush()
-    flight = await until_flight(hub, channel)
+    hub, clients, by_id, flight = await sliced_flight(start_server, nc, channel)
     head = flight.segments[0]
     again = head.sessions[-1]  # not written yet
     await again._unsubscribe(Unsubscribe(channel=channel, id=1))
