@@ -68,8 +68,8 @@ CATCHUP_CONCURRENCY = 16  # channels read from the stream at once after a reconn
 #: iteration (~0.1 ms of ``send()`` calls on the dev VM): a larger live set is
 #: written in slices so that publishers, handshakes and pings are served between
 #: them, and the next window fills while this one is written (see :class:`_Flight`).
-#: Chosen by measurement (docs/benchmarks.md, "Write delay"): 8, 12 and 16 gave
-#: 4.6-6.0x, 4.1-4.3x and 2.3-2.8x the serial-emit deliveries/s of no delay.
+#: Chosen by measurement (docs/benchmarks.md, "Serial emits"): 8, 16 and 32 gave
+#: 3.7-4.4x, 2.5-3.8x and 1.8-2.3x the serial-emit deliveries/s of no delay.
 FAN_OUT_SLICE = 8
 
 
