@@ -8,7 +8,8 @@ is flushed: its frames are joined by ``\n`` into one text (wire contract: a fram
 may carry several objects), framed once, and handed to every live subscriber by
 :func:`~pushsvc.session.fan_out` (a direct write when the socket is idle and
 writable, else the session's bounded buffer; never waits on a socket). A batch
-that reaches ``coalesce_bytes`` is flushed at once.
+that reaches ``coalesce_bytes`` is flushed at once. With a write delay a large
+live set is written a slice per loop iteration (:mod:`pushsvc.flight`).
 
 Batches keep the per-session order of frames exactly: a session joining the live
 set while a batch is open is owed only the frames after its join (handed to it
@@ -40,13 +41,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import deque
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
 from . import metrics
 from .bus import Bus, StoredMessage, Unavailable
 from .channels import is_pattern
+from .flight import FAN_OUT_SLICE, Flight
 from .protocol import (
     CLOSE_SERVICE_RESTART,
     CLOSE_UNAUTHORIZED,
@@ -64,13 +65,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("pushsvc.hub")
 
 CATCHUP_CONCURRENCY = 16  # channels read from the stream at once after a reconnect
-#: with a write delay, the sockets one channel's flush writes per event-loop
-#: iteration (~0.1 ms of ``send()`` calls on the dev VM): a larger live set is
-#: written in slices so that publishers, handshakes and pings are served between
-#: them, and the next window fills while this one is written (see :class:`_Flight`).
-#: Chosen by measurement (docs/benchmarks.md, "Serial emits"): 8, 16 and 32 gave
-#: 3.7-4.4x, 2.5-3.8x and 1.8-2.3x the serial-emit deliveries/s of no delay.
-FAN_OUT_SLICE = 8
 
 
 class _Recovery:
@@ -81,101 +75,6 @@ class _Recovery:
     def __init__(self) -> None:
         self.buffer: list[tuple[int | None, str, int]] | None = []
         self.threshold = 0
-
-
-class _Segment:
-    """Sessions owed the same frames: ``parts`` (batch texts, in order), written from ``pos``."""
-
-    __slots__ = ("nbytes", "parts", "pos", "sessions", "text")
-
-    def __init__(self, sessions: tuple[Session, ...], text: str, nbytes: int) -> None:
-        self.sessions = sessions
-        self.parts = [text]
-        self.text: str | None = text  # the parts joined by "\n" (None: join again)
-        self.nbytes = nbytes  # UTF-8 bytes of the joined text
-        self.pos = 0  # sessions[:pos] have been written
-
-    def joined(self) -> str:
-        """The frame text for this segment's sessions."""
-        if self.text is None:
-            self.text = "\n".join(self.parts)
-        return self.text
-
-
-class _Flight:
-    """A channel's batches being written to a live set larger than the slice size.
-
-    With a write delay a large live set is written ``fan_out_slice`` sockets per
-    loop iteration, so other work (emits answered, handshakes, pings, NATS reads)
-    runs between slices instead of waiting for the whole fan-out. The flight is a
-    queue of :class:`_Segment`: sessions owed the same frames. A batch that is
-    ready while a flight goes on does not wait for it: it is added to what every
-    session not yet written is owed (the rest of the current segment and the
-    queued ones: they get both batches in one frame), and the sessions that were
-    written already get it in a new segment at the end. So each socket gets every
-    batch in order, at most one write per visit, and a message waits for at most
-    one sweep over the live set, not for the previous batch's sweep and then its
-    own. A session that leaves before it is written is handed what it is owed
-    through its own buffer and taken out of its segment.
-    """
-
-    __slots__ = ("segments", "single")
-
-    def __init__(self, sessions: tuple[Session, ...], text: str, nbytes: int, single: bool) -> None:
-        self.segments: deque[_Segment] = deque([_Segment(sessions, text, nbytes)])
-        self.single = single
-
-    def largest(self) -> int:
-        """UTF-8 bytes of the largest frame still to write."""
-        return max(seg.nbytes for seg in self.segments)
-
-    def add(self, live: tuple[Session, ...], text: str, nbytes: int) -> None:
-        """Add a batch owed to ``live`` (the live set, less sessions that joined during it)."""
-        segments = self.segments
-        head = segments[0]
-        if head.pos:  # its written sessions are owed the new batch alone, as the others
-            head.sessions = head.sessions[head.pos :]
-            head.pos = 0
-        waiting: set[Session] = set()
-        for seg in segments:
-            seg.parts.append(text)
-            seg.nbytes += 1 + nbytes
-            seg.text = None
-            waiting.update(seg.sessions)
-        written = tuple(s for s in live if s not in waiting)
-        if written:
-            segments.append(_Segment(written, text, nbytes))
-
-    def leave(self, session: Session) -> tuple[str, int] | None:
-        """``session`` leaves the live set: what it is owed and not yet written, if anything.
-
-        It is taken out of its segment, so that it is not written later, even if it
-        joins again meanwhile (it is then owed only the batches after that).
-        """
-        for seg in self.segments:
-            sessions = seg.sessions
-            if session in sessions:
-                i = sessions.index(session)
-                if i >= seg.pos:
-                    seg.sessions = sessions[:i] + sessions[i + 1 :]
-                    return seg.joined(), seg.nbytes
-        return None
-
-    def write(self, count: int) -> bool:
-        """Write the next ``count`` sessions (all with ``count`` < 0); True when done."""
-        segments = self.segments
-        while segments and count:
-            seg = segments[0]
-            pos = seg.pos
-            end = len(seg.sessions) if count < 0 else min(len(seg.sessions), pos + count)
-            chunk = seg.sessions[pos:end]
-            seg.pos = end
-            if count > 0:
-                count -= end - pos
-            if end >= len(seg.sessions):
-                segments.popleft()
-            fan_out(chunk, seg.joined(), seg.nbytes, single=self.single)
-        return not segments
 
 
 class _Channel:
@@ -212,7 +111,7 @@ class _Channel:
         self.batch: list[str] = []  # live frames not yet handed to the live set
         self.batch_bytes = 0  # UTF-8 bytes of the batch joined by "\n"
         self.flush_scheduled = False  # in the hub's dirty list
-        self.flight: _Flight | None = None  # earlier batches, still being written
+        self.flight: Flight | None = None  # earlier batches, still being written
         # live sessions that joined while the batch had frames: the index of the
         # first frame they are owed (they were not subscribed for the ones before)
         self.late: dict[Session, int] = {}
@@ -415,7 +314,7 @@ class Hub:
         """Hand ``state``'s batch to its live set (see :func:`~pushsvc.session.fan_out`).
 
         With a write delay, up to ``fan_out_slice`` sessions are written now and a
-        larger live set one slice per loop iteration (a :class:`_Flight`; a batch
+        larger live set one slice per loop iteration (a :class:`Flight`; a batch
         ready while one goes on joins it); without one, the whole live set is
         written now. A flight whose frames would pass ``coalesce_bytes`` with this
         batch is finished first. Sessions that joined during the batch get only the
@@ -447,12 +346,12 @@ class Hub:
         if not size or len(sessions) <= size:
             fan_out(sessions, text, nbytes, single=single)
             return
-        flight = state.flight = _Flight(sessions, text, nbytes, single)
+        flight = state.flight = Flight(sessions, text, nbytes, single)
         # scheduled first: a failing slice must not leave the channel's flight open
         asyncio.get_running_loop().call_soon(self._fly, state, flight)
         flight.write(size)
 
-    def _fly(self, state: _Channel, flight: _Flight) -> None:
+    def _fly(self, state: _Channel, flight: Flight) -> None:
         """Write the next slice of ``flight``; schedule the one after while any is left."""
         if state.flight is not flight:
             return  # finished by _land meanwhile
