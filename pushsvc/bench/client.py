@@ -75,30 +75,6 @@ class Tally:
         self.last_ns = 0
         self.expected = 0
         self.armed = False
-        # reads of clients in raw mode, stamped and not yet parsed: (client, data, now)
-        self.inbox: list[tuple[Client, bytes, int]] = []
-
-    def received(self, client: Client, data: bytes, now: int) -> None:
-        """Queue one read of ``client`` (stamped ``now``); parsed after this poll's reads.
-
-        Like the floor's clients, each read is stamped before any parsing, and the
-        parsing of every socket that was readable in one event-loop poll runs after
-        all of them were stamped: a client's own CPU per frame (splitting, JSON)
-        then does not delay the stamps of the sockets read after it, so the
-        latency measured is the server's, not the generator's.
-        """
-        if not self.inbox:
-            self.loop.call_soon(self.parse_inbox)
-        self.inbox.append((client, data, now))
-
-    def parse_inbox(self) -> None:
-        """Parse the queued reads, in arrival order."""
-        inbox, self.inbox = self.inbox, []
-        for client, data, now in inbox:
-            if client.raw:
-                client._raw_received(data, now)
-            else:  # an earlier read of it held a frame only websockets handles
-                client._proto_received(data, now)
 
     def error(self, text: str) -> None:
         """Count one error; keep its text (300 chars) among the first ERROR_SAMPLES."""
@@ -193,7 +169,7 @@ class Client(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         now = time.time_ns()
         if self.raw:
-            self.w.received(self, data, now)
+            self._raw_received(data, now)
             return
         self._proto_received(data, now)
 
