@@ -18,7 +18,7 @@ from fastapi.responses import FileResponse, Response
 
 from .auth import mint_token
 from .channels import InvalidChannel, validate_grant
-from .httperrors import HTTPError
+from .httperrors import HTTPError, json_response
 from .openapi import declare, errors, json_body, ref, text_body
 from .settings import Settings
 
@@ -146,7 +146,6 @@ def dev_token_router(settings: Settings) -> APIRouter:
             issuer=settings.jwt_issuer,
             headers={"typ": settings.jwt_type} if settings.jwt_type else None,
         )
-        body = msgspec.json.encode(DevToken(token, user, ttl))
-        return Response(body, media_type="application/json")
+        return json_response(DevToken(token, user, ttl))
 
     return router

@@ -35,7 +35,7 @@ from .auth import Authenticator, AuthError, Principal
 from .bus import Unavailable
 from .channels import InvalidChannel, validate_channel
 from .httpauth import bearer_credential
-from .httperrors import HTTPError
+from .httperrors import HTTPError, json_response
 from .hub import Hub
 from .openapi import (
     CHANNEL_SCHEMA,
@@ -284,7 +284,7 @@ def emit_router(
 
 def _accepted(body: EmitResult | EmitBatchResult) -> Response:
     """The 202 answer with ``body`` as JSON."""
-    return Response(msgspec.json.encode(body), status_code=202, media_type="application/json")
+    return json_response(body, 202)
 
 
 def _parse(body: bytes) -> tuple[list[EmitItem], bool]:

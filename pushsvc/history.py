@@ -28,7 +28,7 @@ from .auth import Authenticator
 from .bus import Bus, Unavailable
 from .channels import InvalidChannel, validate_channel
 from .httpauth import reader
-from .httperrors import HTTPError
+from .httperrors import HTTPError, json_response
 from .openapi import CHANNEL_SCHEMA, SECURITY, declare, errors, json_body, ref
 from .protocol import MAX_SEQ, payload_to_data, position_error
 from .settings import Settings
@@ -116,7 +116,7 @@ def history_router(settings: Settings, bus: Bus, auth: Authenticator) -> APIRout
         body = HistoryPage(
             channel, page.recovered, page.last_seq, page.more, items, epoch=page.epoch
         )
-        return Response(msgspec.json.encode(body), media_type="application/json")
+        return json_response(body)
 
     return router
 

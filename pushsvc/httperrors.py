@@ -1,4 +1,4 @@
-"""The JSON error answer shared by pushsvc's HTTP routes (emit, history).
+"""The JSON answers shared by pushsvc's HTTP routes: errors, and bodies from Structs.
 
 Body ``{"error": code, "message": reason, "retry_after"?: seconds}``; 401 carries
 ``WWW-Authenticate: Bearer`` (RFC 6750 3) and 429/503 carry ``Retry-After`` in
@@ -10,7 +10,13 @@ from __future__ import annotations
 
 import math
 
-from fastapi.responses import JSONResponse
+import msgspec
+from fastapi.responses import JSONResponse, Response
+
+
+def json_response(body: msgspec.Struct, status: int = 200) -> Response:
+    """``body`` encoded by msgspec as an ``application/json`` answer with ``status``."""
+    return Response(msgspec.json.encode(body), status_code=status, media_type="application/json")
 
 
 class HTTPError(Exception):

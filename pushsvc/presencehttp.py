@@ -21,7 +21,7 @@ from fastapi.responses import Response
 
 from .auth import Authenticator
 from .httpauth import reader
-from .httperrors import HTTPError
+from .httperrors import HTTPError, json_response
 from .openapi import CHANNEL_SCHEMA, SECURITY, errors, json_body, ref
 from .presence import PresenceRefused, PresenceRegistry
 from .protocol import ClientInfo
@@ -75,6 +75,6 @@ def presence_router(
             snap.clients_total,
             True if snap.truncated else None,
         )
-        return Response(msgspec.json.encode(body), media_type="application/json")
+        return json_response(body)
 
     return router

@@ -18,6 +18,7 @@ from fastapi.responses import Response
 from msgspec import Meta
 
 from . import __version__
+from .httperrors import json_response
 from .openapi import json_body, ref
 
 
@@ -57,7 +58,7 @@ def probes_router(readiness: Callable[[], Readiness]) -> APIRouter:
     )
     async def healthz() -> Response:
         """Liveness: the process serves HTTP."""
-        return _json(Health("ok", __version__), 200)
+        return json_response(Health("ok", __version__), 200)
 
     @router.get(
         "/readyz",
@@ -72,10 +73,6 @@ def probes_router(readiness: Callable[[], Readiness]) -> APIRouter:
     async def readyz() -> Response:
         """Readiness: NATS connected and not draining (503 otherwise)."""
         body = readiness()
-        return _json(body, 200 if body.ready else 503)
+        return json_response(body, 200 if body.ready else 503)
 
     return router
-
-
-def _json(body: msgspec.Struct, status: int) -> Response:
-    return Response(msgspec.json.encode(body), status_code=status, media_type="application/json")
