@@ -41,7 +41,7 @@ count, for closes the bench did not start), generator_cpu_s, tokens ("secret" or
 "dev" for /dev/token); with ``--via nats`` at a ``--rate``: nats_hop_ms {subject,
 messages, p50, p99} (publish to a plain NATS subscriber of the subject pushsvc
 reads: the part of the latency that is NATS's, see
-:class:`~pushsvc.bench.publishers.HopProbe`); with ``--via emit``: emit_concurrency; with
+:class:`~pushsvc.bench.hop.HopProbe`); with ``--via emit``: emit_concurrency; with
 ``--server-pid``: server_cpu_s, server_rss_mib_before, server_rss_mib_after,
 server_rss_per_conn_kib, server_cpu_ms_per_connection (connect phase:
 handshake + auth + subscribe), server_cpu_us_per_frame (first publish to last
@@ -59,8 +59,8 @@ with no error, 1 otherwise, 2 for bad arguments (or no way to get tokens).
 Modules, each importing only ones listed before it (no cycle): ``system``
 (processes, /proc), ``options`` (flags), ``httpclient`` (HTTP/1.1 over h11),
 ``tokens``, ``client`` (the WebSocket client protocol), ``worker`` (client
-processes), ``report``, ``publishers``, ``coordinator``, ``floor``,
-``vsfloor``; this one ties them up.
+processes), ``report``, ``hop`` (the NATS hop), ``publishers``, ``coordinator``,
+``floor``, ``vsfloor``; this one ties them up.
 """
 
 from __future__ import annotations

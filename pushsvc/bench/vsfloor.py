@@ -26,7 +26,7 @@ cpu_us_per_delivery (microseconds of server CPU), deliveries_per_s (and for
 pushsvc cpu_ms_per_connection, milliseconds, cpu_ms_per_first_connection
 from the warm-up, and with ``--via nats --rate`` nats_hop_p50_ms and
 nats_hop_p99_ms: the NATS part of its latency, which the floor does not pay,
-see :class:`~pushsvc.bench.publishers.HopProbe`); ``ratio``, pushsvc / floor for
+see :class:`~pushsvc.bench.hop.HopProbe`); ``ratio``, pushsvc / floor for
 each of the five; lost,
 duplicated, errors, failed_runs (over every run), error_samples, ``warmup``
 (its report) and ``runs``, one entry per round with the ``floor``,
