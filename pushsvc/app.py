@@ -22,13 +22,13 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import APIRouter, FastAPI
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.responses import JSONResponse, Response
 from starlette.routing import WebSocketRoute
 
 from . import __version__, metrics
 from .auth import Authenticator, Revocation, parse_revocation
 from .bus import Bus, Unavailable
-from .demo import demo_router, dev_token_router, static_path
+from .demo import demo_router, dev_token_router, static_file_route
 from .drain import SigtermDelay
 from .embedded import EmbeddedNats, start_default
 from .emit import emit_router
@@ -321,16 +321,14 @@ class Node:
             body, content_type = metrics.exposition()
             return Response(body, media_type=content_type)
 
-        @router.get(
+        static_file_route(
+            router,
             "/static/pushsvc.js",
-            operation_id="clientScript",
-            summary="The browser client",
-            response_class=FileResponse,
-            responses={200: text_body("text/javascript", "The browser client (pushsvc.js)")},
+            "pushsvc.js",
+            "text/javascript",
+            "clientScript",
+            "The browser client (pushsvc.js)",
         )
-        async def client_js() -> FileResponse:
-            """The browser client."""
-            return FileResponse(static_path("pushsvc.js"), media_type="text/javascript")
 
         if settings.dev:
             router.include_router(demo_router())

@@ -35,6 +35,24 @@ def static_path(name: str) -> str:
     return str(resources.files("pushsvc") / "static" / name)
 
 
+def static_file_route(
+    router: APIRouter, url: str, name: str, media_type: str, operation_id: str, summary: str
+) -> None:
+    """Add ``GET url`` to ``router``: the file ``pushsvc/static/<name>`` as ``media_type``."""
+
+    async def static_file() -> FileResponse:
+        return FileResponse(static_path(name), media_type=media_type)
+
+    static_file.__doc__ = summary
+    router.get(
+        url,
+        operation_id=operation_id,
+        summary=summary,
+        response_class=FileResponse,
+        responses={200: text_body(media_type, summary)},
+    )(static_file)
+
+
 def demo_router() -> APIRouter:
     """Routes of the demo page, relative to the base path.
 
@@ -45,27 +63,15 @@ def demo_router() -> APIRouter:
     """
     router = APIRouter()
 
-    @router.get(
-        "/",
-        operation_id="demoPage",
-        summary="Demo page (dev mode)",
-        response_class=FileResponse,
-        responses={200: text_body("text/html", "The demo page")},
-    )
-    async def index() -> FileResponse:
-        """Demo page (dev mode only)."""
-        return FileResponse(static_path("index.html"), media_type="text/html")
-
-    @router.get(
+    static_file_route(router, "/", "index.html", "text/html", "demoPage", "Demo page (dev mode)")
+    static_file_route(
+        router,
         "/favicon.ico",
-        operation_id="demoIcon",
-        summary="Demo icon (dev mode)",
-        response_class=FileResponse,
-        responses={200: text_body("image/svg+xml", "The icon (SVG)")},
+        "favicon.svg",
+        "image/svg+xml",
+        "demoIcon",
+        "Demo icon (dev mode), at the conventional path",
     )
-    async def favicon() -> FileResponse:
-        """The demo's icon at the conventional path."""
-        return FileResponse(static_path("favicon.svg"), media_type="image/svg+xml")
 
     @router.get(
         "/static/{name}",
