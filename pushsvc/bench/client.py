@@ -3,9 +3,12 @@
 :class:`Client` runs websockets' sans-I/O ``ClientProtocol`` (the handshake,
 control frames, closes) over an asyncio transport, and splits the server's
 text frames itself once the connection is open (:meth:`Client._raw_received`,
-RFC 6455 section 5.2): measured in docs/benchmarks.md, that keeps the
-generator's CPU per delivery a fraction of the server's. :class:`Tally` holds
-the counters and latency samples the clients of one process share.
+RFC 6455 section 5.2), and counts the common read (one whole frame holding
+the next message in order) inline in :meth:`Client.data_received`: measured in
+docs/benchmarks.md ("The steady p50"), the clients share the server's cores,
+so every microsecond they spend per frame is latency they add to the figures.
+:class:`Tally` holds the counters and latency samples the clients of one
+process share.
 
 Each payload is ``{"i": <message index>, "t": <time.time_ns() at publish>, ...}``
 (see :mod:`pushsvc.bench.publishers`); latency is receive time minus ``t``.
