@@ -21,7 +21,9 @@ what a user reads in the report and the exit status:
 - without a secret, tokens come from a dev server's ``/dev/token``; a server not in
   dev mode, or none at all, is a clear exit 2;
 - ``--vs-floor`` prints the floor, pushsvc and ratio rows, and exits 1 when a run fails;
-- README's "Measure it" commands run as written against ``pushsvc serve --dev``.
+- README's "Measure it" commands run as written against ``pushsvc serve --dev``;
+- the client's accounting, fed frames directly: early, duplicate and batched
+  messages each count once, whether the inline common read or the general path saw them.
 
 No assertions on timing or on how much the server batches.
 """
@@ -758,3 +760,55 @@ async def test_readme_measure_it_runs_as_written(nats_url, tmp_path):
     assert text.count("tokens from /dev/token") == 2, text
     assert text.count("deliveries    400 of 400 expected") == 2, text
     assert "failed runs 0" in text, text
+
+
+def test_client_counts_late_duplicate_and_batched_frames_once():
+    """The bench client's accounting, fed server frames directly (its sans-I/O part).
+
+    The common read (one frame, the next message in order) is counted inline; a
+    message that arrives early, a duplicate, or a frame of several messages takes
+    the general path. Every message must count once as unique and every repeat
+    as a duplicate, whichever path saw it.
+    """
+    import time
+
+    from websockets.frames import Frame, Opcode
+    from websockets.uri import parse_uri
+
+    from pushsvc.bench.client import Client, Tally
+
+    loop = asyncio.new_event_loop()
+    try:
+        tally = Tally(
+            loop, parse_uri("ws://127.0.0.1:1/ws"), {"channels": 1, "messages": 20, "procs": 1}
+        )
+        client = Client(tally, 0, "token", stalled=False)
+        client.raw = True  # as after the handshake
+
+        def frame(*ids: int) -> bytes:
+            lines = [
+                json.dumps(
+                    {
+                        "type": "message",
+                        "channel": "bench.0",
+                        "data": {"i": i, "t": time.time_ns()},
+                        "seq": i + 1,
+                    },
+                    separators=(",", ":"),
+                )
+                for i in ids
+            ]
+            return Frame(Opcode.TEXT, "\n".join(lines).encode()).serialize(mask=False)
+
+        # 3 early; 2 then fills the gap, so the repeated 3 is a duplicate, not next
+        for ids in [(0,), (1,), (3,), (2,), (3,), (2,), (4, 5), (7,), (5,), (6,), (8,)]:
+            client.data_received(frame(*ids))
+    finally:
+        loop.close()
+    assert tally.unique == 9  # 0..8
+    assert tally.dups == 3  # the second 3, 2 and 5
+    assert tally.delivered == 12
+    assert tally.frames == 11
+    assert tally.errors == 0
+    tally.fold()
+    assert len(tally.lat_done) == 12  # one latency sample per delivery
