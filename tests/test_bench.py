@@ -37,14 +37,18 @@ import os
 import re
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import Any, Self
 
 import pytest
 from conftest import SECRET
+from websockets.frames import Frame, Opcode
+from websockets.uri import parse_uri
 
 from pushsvc import Settings
 from pushsvc.bench import add_arguments
+from pushsvc.bench.client import Client, Tally
 from pushsvc.cli import main as cli_main
 from pushsvc.embedded import free_port
 
@@ -770,13 +774,6 @@ def test_client_counts_late_duplicate_and_batched_frames_once():
     the general path. Every message must count once as unique and every repeat
     as a duplicate, whichever path saw it.
     """
-    import time
-
-    from websockets.frames import Frame, Opcode
-    from websockets.uri import parse_uri
-
-    from pushsvc.bench.client import Client, Tally
-
     loop = asyncio.new_event_loop()
     try:
         tally = Tally(
