@@ -38,6 +38,36 @@ DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``pushsvc`` console script; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from . import bench as bench_module
+
+    try:
+        if args.command == "serve":
+            return _serve(args)
+        if args.command == "token":
+            return _token(args)
+        if args.command == "publish":
+            return _publish(args)
+        if args.command == "subscribe":
+            return _subscribe(args)
+        return bench_module.main(args)
+    except SettingsError as exc:
+        print(f"pushsvc: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``pushsvc`` argument parser with every sub-command (``serve``, ``token``, ...).
+
+    :func:`main` parses with it; the docs site renders its CLI reference from it
+    (``docs/_hooks/reference.py``), so flags and help texts have one source.
+
+    Returns:
+        A new parser; sub-command parsers are reachable through its subparsers action.
+    """
     parser = argparse.ArgumentParser(prog="pushsvc", description="Real-time push over NATS")
     parser.add_argument("--version", action="version", version=f"pushsvc {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -108,23 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     from . import bench as bench_module
 
     bench_module.add_arguments(bench)
-
-    args = parser.parse_args(argv)
-    try:
-        if args.command == "serve":
-            return _serve(args)
-        if args.command == "token":
-            return _token(args)
-        if args.command == "publish":
-            return _publish(args)
-        if args.command == "subscribe":
-            return _subscribe(args)
-        return bench_module.main(args)
-    except SettingsError as exc:
-        print(f"pushsvc: configuration error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
+    return parser
 
 
 def settings_to_env(settings: Settings) -> dict[str, str]:

@@ -1,0 +1,329 @@
+"""MkDocs hook: the references that are generated from the code at build time.
+
+A page asks for a generated part with a marker comment on a line of its own:
+
+- ``<!-- pushsvc:settings -->``: every field of :class:`pushsvc.Settings` as
+  ``PUSHSVC_*`` variables, grouped as in the source, with type, default, unit and
+  meaning. The meaning is the field's own documentation in the code (an
+  attribute docstring, else its trailing comment); ``settings_notes.yml`` beside
+  this file says more where the code is terse, and gives the default in words
+  where the value alone would mislead (``None`` for the bundled nats-server).
+- ``<!-- pushsvc:client-variables -->``: the variables the client commands read
+  that are not settings of the server (:data:`CLIENT_VARIABLES`).
+- ``<!-- pushsvc:cli -->``: every sub-command of ``pushsvc`` from the argparse
+  parser (:func:`pushsvc.cli.build_parser`): usage, arguments, help texts.
+
+Only ``from pushsvc import Settings`` and ``pushsvc.cli.build_parser`` are
+imported, so the hook keeps working while modules move. A field with no meaning
+anywhere, or a note for a field that does not exist, is a build warning, which
+``mkdocs build --strict`` turns into a failure. ``tests/test_docs.py`` imports
+this module to check that the ``PUSHSVC_*`` names in the docs and in ``Settings``
+are the same set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import importlib
+import inspect
+import io
+import logging
+import os
+import re
+import textwrap
+import tokenize
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+log = logging.getLogger("mkdocs.plugins.pushsvc")
+
+NOTES = Path(__file__).with_name("settings_notes.yml")
+MARKERS = {
+    "settings": re.compile(r"^<!-- pushsvc:settings -->$", re.M),
+    "client-variables": re.compile(r"^<!-- pushsvc:client-variables -->$", re.M),
+    "cli": re.compile(r"^<!-- pushsvc:cli -->$", re.M),
+}
+
+#: Variables read by the client commands (``subscribe``, ``publish``, ``bench``,
+#: ``token``) and by the test suite, which are not settings of the server.
+#: name -> (who reads it, meaning)
+CLIENT_VARIABLES: dict[str, tuple[str, str]] = {
+    "PUSHSVC_URL": (
+        "`pushsvc subscribe`, `pushsvc bench`",
+        "the server to connect to, `http(s)://host:port[/base]` (default `http://127.0.0.1:8000`)",
+    ),
+    "PUSHSVC_TOKEN": ("`pushsvc subscribe`", "the JWT to present when `--token` is not given"),
+    "PUSHSVC_TEST_NATS_URL": (
+        "the test suite",
+        "run the tests against this NATS instead of a bundled nats-server",
+    ),
+}
+
+_DURATION = re.compile(r"(timeout|ttl|interval|delay|window|leeway)$")
+
+
+@dataclass
+class SettingDoc:
+    """One row of the settings reference."""
+
+    variable: str  # PUSHSVC_...
+    field: str  # Settings attribute
+    group: str
+    type: str
+    default: str
+    unit: str
+    meaning: str
+
+
+# --------------------------------------------------------------------- settings
+
+
+def settings_docs() -> list[SettingDoc]:
+    """Every ``Settings`` field as a :class:`SettingDoc`, in source order.
+
+    Raises:
+        ValueError: a field has no meaning (no docstring, no comment, no note), or
+            the notes name a field ``Settings`` does not have.
+    """
+    import msgspec
+
+    from pushsvc import Settings
+
+    module = importlib.import_module(Settings.__module__)
+    prefix = getattr(module, "ENV_PREFIX", "PUSHSVC_")
+    source = _source_docs(Settings)
+    notes: dict[str, dict[str, str]] = yaml.safe_load(NOTES.read_text()) or {}
+    fields = msgspec.structs.fields(Settings)
+    variables = {prefix + f.name.upper() for f in fields}
+    stale = sorted(set(notes) - variables)
+    if stale:
+        raise ValueError(f"{NOTES.name} has notes for settings that do not exist: {stale}")
+    docs = []
+    for f in fields:
+        variable = prefix + f.name.upper()
+        note = notes.get(variable, {})
+        group, code_doc = source.get(f.name, ("Settings", ""))
+        meaning = note.get("meaning") or code_doc
+        if not meaning:
+            raise ValueError(
+                f"{variable} has no meaning: document the field in {Settings.__module__} "
+                f"or add it to {NOTES.name}"
+            )
+        if note.get("more"):
+            meaning = f"{_sentence(meaning)} {note['more']}"
+        docs.append(
+            SettingDoc(
+                variable=variable,
+                field=f.name,
+                group=note.get("group", group),
+                type=note.get("type") or _type_name(f.type),
+                default=note.get("default") or _default(f),
+                unit=note.get("unit") or _unit(f.name, f.type),
+                meaning=_sentence(meaning),
+            )
+        )
+    return docs
+
+
+def _source_docs(cls: type) -> dict[str, tuple[str, str]]:
+    """field -> (group, doc) from the class source: ``# --- group ---`` lines name the
+    group of the fields below them; a field's doc is the string literal right after
+    it, else its trailing comment."""
+    source = textwrap.dedent(inspect.getsource(cls))
+    comments: dict[int, str] = {}
+    groups: list[tuple[int, str]] = []
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        if tok.type != tokenize.COMMENT:
+            continue
+        text = tok.string.lstrip("#").strip()
+        heading = re.fullmatch(r"-{2,}\s*(.*?)\s*-*", text)
+        if heading and tok.line.strip().startswith("#"):
+            groups.append((tok.start[0], heading.group(1)))
+        elif not tok.line.strip().startswith("#"):
+            comments[tok.start[0]] = text
+    body = ast.parse(source).body[0].body  # type: ignore[attr-defined]
+    found: dict[str, tuple[str, str]] = {}
+    for i, node in enumerate(body):
+        if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)):
+            continue
+        doc = ""
+        following = body[i + 1] if i + 1 < len(body) else None
+        if (
+            isinstance(following, ast.Expr)
+            and isinstance(following.value, ast.Constant)
+            and isinstance(following.value.value, str)
+        ):
+            doc = " ".join(following.value.value.split())
+        else:
+            end = node.end_lineno or node.lineno
+            doc = next(
+                (comments[n] for n in range(node.lineno, end + 1) if n in comments), ""
+            )
+        group = next((g for line, g in reversed(groups) if line < node.lineno), "Settings")
+        found[node.target.id] = (group[:1].upper() + group[1:], doc)
+    return found
+
+
+def _type_name(tp: Any) -> str:
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        inner = [a for a in args if a is not type(None)]
+        return " or ".join(_type_name(a) for a in inner)
+    if typing.get_origin(tp) is list:
+        return f"list of {_type_name(args[0])}s, comma-separated" if args else "list"
+    return {str: "string", int: "integer", float: "number", bool: "boolean"}.get(
+        tp, getattr(tp, "__name__", str(tp))
+    )
+
+
+def _default(field: Any) -> str:
+    import msgspec
+
+    if field.default is not msgspec.NODEFAULT:
+        value = field.default
+    elif field.default_factory is not msgspec.NODEFAULT:
+        value = field.default_factory()
+    else:
+        return "required"
+    if value is None:
+        return "unset"
+    if isinstance(value, bool):
+        return f"`{str(value).lower()}`"
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, list):
+        return "none" if not value else f"`{','.join(map(str, value))}`"
+    if value == "":
+        return "empty"
+    return f"`{value}`"
+
+
+def _unit(name: str, tp: Any) -> str:
+    if name.endswith("_bytes"):
+        return "bytes"
+    if name.endswith("_rate"):
+        return "per second"
+    if tp is float and _DURATION.search(name):
+        return "seconds"
+    return ""
+
+
+def _sentence(text: str) -> str:
+    text = text.strip()
+    if not text:
+        return text
+    text = text[0].upper() + text[1:]
+    return text if text.endswith((".", ")", "`")) and not text.endswith("e.g.") else text + "."
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def render_settings() -> str:
+    """The settings reference as Markdown: one table per group, one row per variable."""
+    out: list[str] = []
+    group = None
+    for doc in settings_docs():
+        if doc.group != group:
+            group = doc.group
+            out += ["", f"### {group}", "", "| variable | type | default | unit | meaning |"]
+            out.append("| --- | --- | --- | --- | --- |")
+        out.append(
+            f"| `{doc.variable}` | {_cell(doc.type)} | {_cell(doc.default)} "
+            f"| {doc.unit} | {_cell(doc.meaning)} |"
+        )
+    return "\n".join(out).lstrip("\n") + "\n"
+
+
+def render_client_variables() -> str:
+    """The non-setting variables as a Markdown table."""
+    rows = ["| variable | read by | meaning |", "| --- | --- | --- |"]
+    rows += [f"| `{n}` | {who} | {_sentence(m)} |" for n, (who, m) in CLIENT_VARIABLES.items()]
+    return "\n".join(rows) + "\n"
+
+
+# -------------------------------------------------------------------------- CLI
+
+
+def render_cli() -> str:
+    """Every ``pushsvc`` sub-command as Markdown: usage, then a table of its arguments."""
+    from pushsvc.cli import build_parser
+
+    saved = {k: v for k, v in os.environ.items() if k.startswith("PUSHSVC_")}
+    for key in saved:  # defaults as a fresh shell sees them
+        del os.environ[key]
+    try:
+        parser = build_parser()
+    finally:
+        os.environ.update(saved)
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    helps = {a.dest: a.help for a in sub._choices_actions}
+    out = [f"`{parser.prog}` {parser.description.lower() if parser.description else ''}.", ""]
+    out.append("| command | what it does |")
+    out.append("| --- | --- |")
+    out += [f"| [`{parser.prog} {n}`](#{n}) | {_sentence(helps.get(n) or '')} |" for n in sub.choices]
+    for name, command in sub.choices.items():
+        command.formatter_class = lambda prog: argparse.HelpFormatter(prog, width=88)
+        usage = command.format_usage().removeprefix("usage: ").strip()
+        out += ["", f"## `{name}` {{ #{name} }}", "", _sentence(helps.get(name) or ""), ""]
+        out += ["```text", usage, "```", ""]
+        out += ["| argument | meaning |", "| --- | --- |"]
+        for action in command._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            out.append(f"| {_cell(_flag(action))} | {_cell(_help(action))} |")
+    return "\n".join(out) + "\n"
+
+
+def _flag(action: argparse.Action) -> str:
+    if not action.option_strings:
+        return f"`{action.metavar or action.dest}`"
+    flags = ", ".join(action.option_strings)
+    if action.nargs == 0:
+        return f"`{flags}`"
+    metavar = action.metavar or (
+        "{" + ",".join(map(str, action.choices)) + "}" if action.choices else action.dest.upper()
+    )
+    return f"`{flags} {metavar}`"
+
+
+def _help(action: argparse.Action) -> str:
+    text = (action.help or "").replace("%(default)s", str(action.default))
+    default = action.default
+    if (
+        "default" not in text.lower()
+        and default not in (None, False, [], argparse.SUPPRESS)
+        and action.option_strings
+    ):
+        text += f" (default {default})"
+    if isinstance(action, argparse._AppendAction):
+        text += "; repeatable"
+    return _sentence(text) if text else ""
+
+
+# ------------------------------------------------------------------------ hooks
+
+
+def on_page_markdown(markdown: str, page: Any, config: Any, files: Any) -> str:
+    """Replace the markers of a page with the generated references (MkDocs event)."""
+    renderers = {
+        "settings": render_settings,
+        "client-variables": render_client_variables,
+        "cli": render_cli,
+    }
+    for key, marker in MARKERS.items():
+        if marker.search(markdown):
+            try:
+                text = renderers[key]()
+            except ValueError as exc:
+                log.warning("%s: %s", page.file.src_uri, exc)
+                text = ""
+            markdown = marker.sub(lambda _m, text=text: text, markdown)
+    return markdown
