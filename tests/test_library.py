@@ -98,7 +98,7 @@ async def test_library_mode_bundled_nats_is_logged_and_exposed(start_server, cap
 
 
 def test_uvicorn_config_is_what_serve_uses():
-    """One source for the uvicorn settings of docs/operations.md and README."""
+    """One source for the uvicorn settings of docs/operations.md and the embedding page."""
     settings = Settings.load(env={}, jwt_secret="x", max_frame_bytes=1234)
     cfg = uvicorn_config(settings)
     assert cfg["ws"] == "pushsvc.ws.protocol:WebSocketProtocol"
@@ -106,8 +106,9 @@ def test_uvicorn_config_is_what_serve_uses():
     assert cfg["ws_max_size"] == 1234 and cfg["ws_per_message_deflate"] is False
     assert cfg["ws_ping_interval"] == 20 and cfg["ws_ping_timeout"] == 20
     uvicorn.Config(FastAPI(), **cfg)  # valid uvicorn arguments
-    readme = Path(__file__).resolve().parent.parent / "README.md"
-    ops = readme.parent / "docs" / "operations.md"
+    docs = Path(__file__).resolve().parent.parent / "docs"
+    embedding = docs / "backend" / "embedding.md"
+    ops = docs / "operations.md"
     flags = (
         "--ws pushsvc.ws.protocol:WebSocketProtocol",
         "--http pushsvc.server.httpprotocol:HttpToolsProtocol",
@@ -116,7 +117,7 @@ def test_uvicorn_config_is_what_serve_uses():
         "--ws-ping-interval 20",
         "--ws-ping-timeout 20",
     )
-    for doc in (readme, ops):
+    for doc in (embedding, ops):
         text = doc.read_text()
         assert "uvicorn_config" in text, doc
         for flag in flags:

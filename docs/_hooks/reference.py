@@ -10,6 +10,9 @@ A page asks for a generated part with a marker comment on a line of its own:
   where the value alone would mislead (``None`` for the bundled nats-server).
 - ``<!-- pushsvc:client-variables -->``: the variables the client commands read
   that are not settings of the server (:data:`CLIENT_VARIABLES`).
+- ``<!-- pushsvc:http-api -->``: every HTTP route with its summary and answers,
+  from the OpenAPI document the app serves at ``GET /openapi.json`` (also
+  written into the site as ``reference/openapi.json``).
 - ``<!-- pushsvc:cli -->``: every sub-command of ``pushsvc`` from the argparse
   parser (:func:`pushsvc.cli.build_parser`): usage, arguments, help texts.
 
@@ -48,7 +51,10 @@ MARKERS = {
     "settings": re.compile(r"^<!-- pushsvc:settings -->$", re.M),
     "client-variables": re.compile(r"^<!-- pushsvc:client-variables -->$", re.M),
     "cli": re.compile(r"^<!-- pushsvc:cli -->$", re.M),
+    "http-api": re.compile(r"^<!-- pushsvc:http-api -->$", re.M),
 }
+#: where the site serves the OpenAPI document it was built with
+OPENAPI_URI = "reference/openapi.json"
 
 #: Variables read by the client commands (``subscribe``, ``publish``, ``bench``,
 #: ``token``) and by the test suite, which are not settings of the server.
@@ -215,11 +221,9 @@ def _unit(name: str, tp: Any) -> str:
 
 
 def _sentence(text: str) -> str:
+    """``text`` ending with a full stop (case untouched: ``uvicorn``, ``debug|info``)."""
     text = text.strip()
-    if not text:
-        return text
-    text = text[0].upper() + text[1:]
-    return text if text.endswith((".", ")", "`")) and not text.endswith("e.g.") else text + "."
+    return text if not text or text.endswith((".", "!", "?")) else text + "."
 
 
 def _cell(text: str) -> str:
@@ -265,14 +269,14 @@ def render_cli() -> str:
         os.environ.update(saved)
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     helps = {a.dest: a.help for a in sub._choices_actions}
-    out = [f"`{parser.prog}` {parser.description.lower() if parser.description else ''}.", ""]
+    out = []
     out.append("| command | what it does |")
     out.append("| --- | --- |")
-    out += [f"| [`{parser.prog} {n}`](#{n}) | {_sentence(helps.get(n) or '')} |" for n in sub.choices]
+    out += [f"| [`{parser.prog} {n}`](#{n}) | {helps.get(n) or ''} |" for n in sub.choices]
     for name, command in sub.choices.items():
         command.formatter_class = lambda prog: argparse.HelpFormatter(prog, width=88)
         usage = command.format_usage().removeprefix("usage: ").strip()
-        out += ["", f"## `{name}` {{ #{name} }}", "", _sentence(helps.get(name) or ""), ""]
+        out += ["", f"## `{parser.prog} {name}` {{ #{name} }}", "", _sentence(helps.get(name) or ""), ""]
         out += ["```text", usage, "```", ""]
         out += ["| argument | meaning |", "| --- | --- |"]
         for action in command._actions:
@@ -305,18 +309,99 @@ def _help(action: argparse.Action) -> str:
         text += f" (default {default})"
     if isinstance(action, argparse._AppendAction):
         text += "; repeatable"
-    return _sentence(text) if text else ""
+    return text
+
+
+# --------------------------------------------------------------------- HTTP API
+
+
+def openapi_document(dev: bool = False) -> dict[str, Any]:
+    """The OpenAPI document of an app built from default settings (no NATS is contacted)."""
+    from pushsvc import Settings, create_app
+
+    settings = Settings.load(env={}, jwt_secret="docs", nats_url="nats://127.0.0.1:4222", dev=dev)
+    return create_app(settings).openapi()
+
+
+def render_http_api() -> str:
+    """Every route as a Markdown table row: method, path, summary, answers."""
+    plain = openapi_document()["paths"]
+    dev = openapi_document(dev=True)["paths"]
+    rows = ["| route | what | answers |", "| --- | --- | --- |"]
+    for path, operations in dev.items():
+        for method, op in operations.items():
+            summary = op.get("summary") or ""
+            if path not in plain or method not in plain[path]:
+                summary += " (`--dev` only)"
+            codes = ", ".join(sorted(op.get("responses", {})))
+            rows.append(f"| `{method.upper()} {path}` | {_cell(summary)} | {codes} |")
+    return "\n".join(rows) + "\n"
 
 
 # ------------------------------------------------------------------------ hooks
 
 
+def on_files(files: Any, config: Any) -> Any:
+    """Add the OpenAPI document, and the repository files the pages link to, to the
+    site (MkDocs event)."""
+    import json
+
+    from mkdocs.structure.files import File
+
+    text = json.dumps(openapi_document(), indent=2) + "\n"
+    files.append(File.generated(config, OPENAPI_URI, content=text))
+    docs_dir = Path(config["docs_dir"]).resolve()
+    added: set[str] = set()
+    for page in docs_dir.rglob("*.md"):
+        for target in _REPO_LINK.findall(page.read_text()):
+            path = _repo_file(docs_dir, page.parent, target)
+            if path is not None and path not in added:
+                added.add(path)
+                root = docs_dir.parent
+                files.append(File.generated(config, REPO_DIR + path, abs_src_path=str(root / path)))
+    return files
+
+
+#: where the site serves copies of repository files linked from pages (compose.yaml, deploy/...)
+REPO_DIR = "repo/"
+_REPO_LINK = re.compile(r"\]\((\.\./[^)#\s]+)\)")
+
+
+def _repo_file(docs_dir: Path, page_dir: Path, target: str) -> str | None:
+    """``target`` (a link of a page in ``page_dir``) as a path inside the repository,
+    when it leaves ``docs_dir`` and names a file there; else None."""
+    path = (page_dir / target).resolve()
+    root = docs_dir.parent
+    if path.is_relative_to(docs_dir) or not path.is_relative_to(root) or not path.is_file():
+        return None
+    return path.relative_to(root).as_posix()
+
+
+def _rewrite_repo_links(markdown: str, page: Any, config: Any) -> str:
+    """Links from a page to repository files outside ``docs/`` point at the site's copies."""
+    docs_dir = Path(config["docs_dir"]).resolve()
+    page_dir = (docs_dir / page.file.src_uri).parent
+
+    def replace(match: re.Match[str]) -> str:
+        path = _repo_file(docs_dir, page_dir, match.group(1))
+        if path is None:
+            return match.group(0)
+        copy = docs_dir / (REPO_DIR + path)
+        return f"]({os.path.relpath(copy, page_dir)})"
+
+    return _REPO_LINK.sub(replace, markdown)
+
+
+
 def on_page_markdown(markdown: str, page: Any, config: Any, files: Any) -> str:
-    """Replace the markers of a page with the generated references (MkDocs event)."""
+    """Replace the markers of a page with the generated references, and point links to
+    repository files at the site's copies (MkDocs event)."""
+    markdown = _rewrite_repo_links(markdown, page, config)
     renderers = {
         "settings": render_settings,
         "client-variables": render_client_variables,
         "cli": render_cli,
+        "http-api": render_http_api,
     }
     for key, marker in MARKERS.items():
         if marker.search(markdown):
@@ -327,3 +412,12 @@ def on_page_markdown(markdown: str, page: Any, config: Any, files: Any) -> str:
                 text = ""
             markdown = marker.sub(lambda _m, text=text: text, markdown)
     return markdown
+
+
+_RST_ROLE = re.compile(r":(?:meth|class|func|mod|data|attr|exc|obj):(?=<code)")
+
+
+def on_page_content(html: str, page: Any, config: Any, files: Any) -> str:
+    """Drop the Sphinx roles (``:class:``, ``:meth:``...) the docstrings use for
+    cross-references: mkdocstrings renders the name as code already (MkDocs event)."""
+    return _RST_ROLE.sub("", html)
