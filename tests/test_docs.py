@@ -85,6 +85,7 @@ def test_settings_reference_units_and_defaults(reference):
     docs = {d.variable: d for d in reference.settings_docs()}
     assert docs["PUSHSVC_PING_INTERVAL"].unit == "seconds"
     assert docs["PUSHSVC_PING_INTERVAL"].default == "`25`"
+    assert "number (seconds)<br>default `25`" in reference.render_settings()
     assert docs["PUSHSVC_SEND_QUEUE_BYTES"].unit == "bytes"
     assert docs["PUSHSVC_PRESENCE_CHANNELS"].type.startswith("list of strings")
     assert docs["PUSHSVC_NATS_URL"].default.startswith("unset")

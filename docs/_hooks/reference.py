@@ -237,11 +237,12 @@ def render_settings() -> str:
     for doc in settings_docs():
         if doc.group != group:
             group = doc.group
-            out += ["", f"### {group}", "", "| variable | type | default | unit | meaning |"]
-            out.append("| --- | --- | --- | --- | --- |")
+            out += ["", f"## {group}", "", "| variable | type, default | meaning |"]
+            out.append("| --- | --- | --- |")
+        kind = f"{doc.type} ({doc.unit})" if doc.unit else doc.type
         out.append(
-            f"| `{doc.variable}` | {_cell(doc.type)} | {_cell(doc.default)} "
-            f"| {doc.unit} | {_cell(doc.meaning)} |"
+            f"| `{doc.variable}` | {_cell(kind)}<br>default {_cell(doc.default)} "
+            f"| {_cell(doc.meaning)} |"
         )
     return "\n".join(out).lstrip("\n") + "\n"
 
@@ -275,7 +276,10 @@ def render_cli() -> str:
     out += [f"| [`{parser.prog} {n}`](#{n}) | {helps.get(n) or ''} |" for n in sub.choices]
     for name, command in sub.choices.items():
         command.formatter_class = lambda prog: argparse.HelpFormatter(prog, width=88)
-        usage = command.format_usage().removeprefix("usage: ").strip()
+        usage = "\n".join(  # argparse indents continuation lines under "usage: "
+            line.removeprefix("usage: ").removeprefix(" " * len("usage: "))
+            for line in command.format_usage().strip().splitlines()
+        )
         out += ["", f"## `{parser.prog} {name}` {{ #{name} }}", "", _sentence(helps.get(name) or ""), ""]
         out += ["```text", usage, "```", ""]
         out += ["| argument | meaning |", "| --- | --- |"]
