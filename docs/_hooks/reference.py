@@ -168,9 +168,7 @@ def _source_docs(cls: type) -> dict[str, tuple[str, str]]:
             doc = " ".join(following.value.value.split())
         else:
             end = node.end_lineno or node.lineno
-            doc = next(
-                (comments[n] for n in range(node.lineno, end + 1) if n in comments), ""
-            )
+            doc = next((comments[n] for n in range(node.lineno, end + 1) if n in comments), "")
         group = next((g for line, g in reversed(groups) if line < node.lineno), "Settings")
         found[node.target.id] = (group[:1].upper() + group[1:], doc)
     return found
@@ -280,7 +278,13 @@ def render_cli() -> str:
             line.removeprefix("usage: ").removeprefix(" " * len("usage: "))
             for line in command.format_usage().strip().splitlines()
         )
-        out += ["", f"## `{parser.prog} {name}` {{ #{name} }}", "", _sentence(helps.get(name) or ""), ""]
+        out += [
+            "",
+            f"## `{parser.prog} {name}` {{ #{name} }}",
+            "",
+            _sentence(helps.get(name) or ""),
+            "",
+        ]
         out += ["```text", usage, "```", ""]
         out += ["| argument | meaning |", "| --- | --- |"]
         for action in command._actions:
@@ -394,7 +398,6 @@ def _rewrite_repo_links(markdown: str, page: Any, config: Any) -> str:
         return f"]({os.path.relpath(copy, page_dir)})"
 
     return _REPO_LINK.sub(replace, markdown)
-
 
 
 def on_page_markdown(markdown: str, page: Any, config: Any, files: Any) -> str:
