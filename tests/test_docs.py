@@ -170,3 +170,14 @@ def test_ci_runs_the_readme_test_command():
     assert command in ci.strip().splitlines()[-1:], "the last line of .ci/run is the README's"
     extras = re.search(r'"\.\[([a-z,]+)\]"', install)
     assert extras and f'".[{extras.group(1)}]"' in ci
+
+
+def test_readme_links_point_at_files():
+    """README is not part of the site, so mkdocs does not check its links: this does."""
+    readme = (ROOT / "README.md").read_text()
+    links = re.findall(r"\]\(([^)\s]+)\)", readme)
+    assert any(link.startswith("docs/") for link in links)
+    for link in links:
+        if link.startswith(("http://", "https://", "#")):
+            continue
+        assert (ROOT / link.split("#", 1)[0]).is_file(), link
