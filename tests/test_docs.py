@@ -181,3 +181,8 @@ def test_readme_links_point_at_files():
         if link.startswith(("http://", "https://", "#")):
             continue
         assert (ROOT / link.split("#", 1)[0]).is_file(), link
+
+
+def test_readme_stays_short():
+    """Issue 20: README.md is at most 150 lines; the rest belongs in the site."""
+    assert len((ROOT / "README.md").read_text().splitlines()) <= 150
