@@ -58,8 +58,24 @@ def setting_defaults() -> set[str]:
     }
 
 
+def resource_names() -> set[str]:
+    """Names of NATS resources the code creates, e.g. the KV bucket ``PUSHSVC_TICKETS``:
+    exact string literals in pushsvc/ outside the settings module (whose error
+    messages name every setting)."""
+    import inspect
+
+    settings_file = Path(inspect.getfile(Settings)).resolve()
+    return {
+        name
+        for path in (ROOT / "pushsvc").rglob("*.py")
+        if path.resolve() != settings_file
+        for name in re.findall(r"[\"'](PUSHSVC_[A-Z0-9_]+)[\"']", path.read_text())
+    }
+
+
 def test_docs_name_only_real_variables(reference):
     known = setting_names() | set(reference.CLIENT_VARIABLES) | setting_defaults()
+    known |= resource_names()
     texts = {str(p.relative_to(ROOT)): p.read_text() for p in doc_files()}
     texts["reference/cli.md (generated)"] = reference.render_cli()
     unknown = set()
