@@ -422,9 +422,11 @@ def on_page_markdown(markdown: str, page: Any, config: Any, files: Any) -> str:
 
 
 _RST_ROLE = re.compile(r":(?:meth|class|func|mod|data|attr|exc|obj):(?=<code)")
+_RST_SHORT = re.compile(r"<code>~(?:\w+\.)*(\w+)</code>")
 
 
 def on_page_content(html: str, page: Any, config: Any, files: Any) -> str:
     """Drop the Sphinx roles (``:class:``, ``:meth:``...) the docstrings use for
-    cross-references: mkdocstrings renders the name as code already (MkDocs event)."""
-    return _RST_ROLE.sub("", html)
+    cross-references, and show ``~a.b.Name`` as ``Name`` as Sphinx does: mkdocstrings
+    renders the name as code already (MkDocs event)."""
+    return _RST_SHORT.sub(r"<code>\1</code>", _RST_ROLE.sub("", html))
