@@ -158,8 +158,8 @@ def js_client_api() -> tuple[set[str], list[str]]:
     return set(re.findall(members, source, flags=re.M)) - {"constructor"}, options
 
 
-def test_js_page_lists_the_client_api():
-    page = (DOCS / "clients" / "javascript.md").read_text()
+def test_js_page_lists_the_client_api(reference):
+    page = reference._expand_includes((DOCS / "clients" / "javascript.md").read_text(), ROOT)
     methods, options = js_client_api()
     assert {"connect", "subscribe", "publish", "presence"} <= methods
     assert "getToken" in options

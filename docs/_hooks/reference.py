@@ -361,24 +361,36 @@ def on_files(files: Any, config: Any) -> Any:
     docs_dir = Path(config["docs_dir"]).resolve()
     added: set[str] = set()
     for page in docs_dir.rglob("*.md"):
-        for target in _REPO_LINK.findall(page.read_text()):
+        text = _expand_includes(page.read_text(), docs_dir.parent)
+        for target in _REPO_LINK.findall(text):
             path = _repo_file(docs_dir, page.parent, target)
-            if path is not None and path not in added:
+            if path is not None and path not in added and not path.endswith(".md"):
                 added.add(path)
                 root = docs_dir.parent
                 files.append(File.generated(config, REPO_DIR + path, abs_src_path=str(root / path)))
     return files
 
 
+#: a whole file included with pymdownx.snippets (``--8<-- "clients/js/README.md"``)
+_INCLUDE = re.compile(r'^--8<-- "([^":]+)"$', re.M)
+
+
+def _expand_includes(markdown: str, root: Path) -> str:
+    """Whole-file snippet includes replaced by the files, so that their relative links
+    can be rewritten for the including page (sections, ``"file:name"``, are left to
+    pymdownx.snippets)."""
+    return _INCLUDE.sub(lambda m: (root / m.group(1)).read_text(), markdown)
+
+
 #: where the site serves copies of repository files linked from pages (compose.yaml, deploy/...)
 REPO_DIR = "repo/"
-_REPO_LINK = re.compile(r"\]\((\.\./[^)#\s]+)\)")
+_REPO_LINK = re.compile(r"\]\((\.\./[^)\s]+)\)")
 
 
 def _repo_file(docs_dir: Path, page_dir: Path, target: str) -> str | None:
     """``target`` (a link of a page in ``page_dir``) as a path inside the repository,
     when it leaves ``docs_dir`` and names a file there; else None."""
-    path = (page_dir / target).resolve()
+    path = (page_dir / target.split("#", 1)[0]).resolve()
     root = docs_dir.parent
     if path.is_relative_to(docs_dir) or not path.is_relative_to(root) or not path.is_file():
         return None
@@ -386,16 +398,25 @@ def _repo_file(docs_dir: Path, page_dir: Path, target: str) -> str | None:
 
 
 def _rewrite_repo_links(markdown: str, page: Any, config: Any) -> str:
-    """Links from a page to repository files outside ``docs/`` point at the site's copies."""
+    """Links from a page to repository files outside ``docs/`` point at the site's copies;
+    links that leave ``docs/`` and come back (text included from elsewhere, e.g.
+    ``../../docs/protocol.md`` in clients/js/README.md) point inside it directly."""
     docs_dir = Path(config["docs_dir"]).resolve()
     page_dir = (docs_dir / page.file.src_uri).parent
 
     def replace(match: re.Match[str]) -> str:
-        path = _repo_file(docs_dir, page_dir, match.group(1))
-        if path is None:
-            return match.group(0)
-        copy = docs_dir / (REPO_DIR + path)
-        return f"]({os.path.relpath(copy, page_dir)})"
+        target = match.group(1)
+        file, _, anchor = target.partition("#")
+        anchor = "#" + anchor if anchor else ""
+        path = _repo_file(docs_dir, page_dir, target)
+        if path == "README.md":  # the repository's front page is the site's
+            return f"]({os.path.relpath(docs_dir / 'index.md', page_dir)})"
+        if path is not None and not path.endswith(".md"):
+            return f"]({os.path.relpath(docs_dir / (REPO_DIR + path), page_dir)}{anchor})"
+        inside = (page_dir / file).resolve()
+        if inside.is_relative_to(docs_dir) and inside.is_file():
+            return f"]({os.path.relpath(inside, page_dir)}{anchor})"
+        return match.group(0)
 
     return _REPO_LINK.sub(replace, markdown)
 
@@ -403,7 +424,8 @@ def _rewrite_repo_links(markdown: str, page: Any, config: Any) -> str:
 def on_page_markdown(markdown: str, page: Any, config: Any, files: Any) -> str:
     """Replace the markers of a page with the generated references, and point links to
     repository files at the site's copies (MkDocs event)."""
-    markdown = _rewrite_repo_links(markdown, page, config)
+    root = Path(config["docs_dir"]).resolve().parent
+    markdown = _rewrite_repo_links(_expand_includes(markdown, root), page, config)
     renderers = {
         "settings": render_settings,
         "client-variables": render_client_variables,
