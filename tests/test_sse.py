@@ -242,3 +242,31 @@ async def test_sse_close_event_on_drain(start_server, channel, path):
         assert close["event"] == "close" and close["data"]["code"] == 1012
         async with asyncio.timeout(5):
             await events.task  # the body ended
+
+
+async def test_a_pattern_stream_resumes_three_interleaved_channels_from_one_id(
+    start_server, nc, channel
+):
+    """Three channels published interleaved under one wildcard subscription (one NATS
+    subscription, so stream order): the event ids only grow, and resuming from one
+    of them gives exactly the messages after it, on every channel."""
+    srv = await start_server()
+    token = srv.token("gus")
+    pattern = f"{channel}.*"
+    names = [f"{channel}.{k}" for k in range(3)]
+    async with sse(srv.base, pattern, token=token) as events:
+        await events.next("subscribed")
+        for i in range(60):
+            await nc.publish(f"push.{names[i % 3]}", json.dumps({"i": i}).encode())
+        got = [await events.next("message") for _ in range(60)]
+    seqs = [int(e["id"].rsplit(":", 1)[1]) for e in got]
+    assert seqs == sorted(seqs) and len(set(seqs)) == 60
+    assert [e["data"]["data"]["i"] for e in got] == list(range(60))
+    assert {e["data"]["pattern"] for e in got} == {pattern}
+    headers = {"Last-Event-ID": got[23]["id"]}
+    async with sse(srv.base, pattern, token=token, headers=headers) as events:
+        assert (await events.next("subscribed"))["data"]["recovered"] is True
+        again = [await events.next("message") for _ in range(36)]
+        with pytest.raises(TimeoutError):
+            await events.next("message", timeout=0.3)  # and nothing twice
+    assert [e["data"]["data"]["i"] for e in again] == list(range(24, 60))
