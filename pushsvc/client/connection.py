@@ -105,6 +105,7 @@ class Connection(FrameHandlers):
         self._streams: set[EventStream] = set()
         self._closing = False
         self._finished = False
+        self._stop_code = CLOSE_ABNORMAL  # reported for a stop that had no close code
 
     async def _run(self) -> None:
         try:
@@ -264,7 +265,7 @@ class Connection(FrameHandlers):
         if error is None:
             self._emit(Disconnected(1000, "client close", False, None))
         else:
-            code = error.close_code or CLOSE_ABNORMAL
+            code = error.close_code or self._stop_code
             cause = None if error.close_code is not None else error
             self._emit(Disconnected(code, error.reason or error.message, False, None, cause))
         for sub in list(self._subs.values()):
@@ -402,6 +403,7 @@ class Connection(FrameHandlers):
                 return
             except Stopped as exc:  # get_token: Unauthorized: the user may not stay
                 self.error = exc
+                self._stop_code = 1000  # closed by us, normally
                 if self._ws is not None:
                     await self._ws.close(1000, "unauthorized")
                 return
