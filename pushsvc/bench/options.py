@@ -12,7 +12,7 @@ import argparse
 import os
 from typing import Any
 
-from ..bus import natsconn
+from ..config import nats as natsconn
 from ..config.settings import split_servers
 from ..serverurl import parse_server_url
 
