@@ -357,6 +357,7 @@ async def test_connect_failures_retry_and_refusals_stop(start_server, channel):
         (1000, False, True),
         (1001, False, True),
         (1006, False, True),
+        (1009, True, False),
         (1011, False, True),
         (1012, False, True),
         (4001, False, False),

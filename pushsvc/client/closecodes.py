@@ -1,13 +1,15 @@
 """What the client does after a WebSocket close code (docs/protocol.md, "Close codes").
 
-The same table as pushsvc.js, plus the server API's codes (issue 21): 4011 "disconnected
-by the server" does not reconnect, 4012 reconnects; an application's own codes
-reconnect in 4100-4499 and do not in 4500-4999.
+The same table as pushsvc.js, with the server's own no-reconnect rule
+(:data:`pushsvc.protocol.NO_RECONNECT`: 1009 and 4003) and the server API's codes
+(issue 21): 4011 "disconnected by the server" does not reconnect, 4012 reconnects;
+an application's own codes reconnect in 4100-4499 and do not in 4500-4999.
 
 | code | meaning | the client |
 | --- | --- | --- |
 | 1000 | normal closure (sent by the server) | reconnects with backoff |
 | 1001, 1006, 1011 | going away, connection lost, internal error | reconnects with backoff |
+| 1009 | a frame of ours was too big (``PUSHSVC_MAX_FRAME_BYTES``) | stops: fix the client |
 | 1012 | service restart (drain, stream reset) | reconnects after 0..2 s at random, then backoff |
 | 4001 | unauthorized (bad, expired or revoked token) | get_token: new token, backoff; else stop |
 | 4003 | forbidden | stops |
@@ -29,10 +31,10 @@ from collections.abc import Callable
 from typing import Final
 
 from ..protocol import (
-    CLOSE_FORBIDDEN,
     CLOSE_RATE_LIMITED,
     CLOSE_SERVICE_RESTART,
     CLOSE_UNAUTHORIZED,
+    NO_RECONNECT,
 )
 from .backoff import full_jitter
 
@@ -75,7 +77,7 @@ def reconnects(code: int, *, renewable: bool) -> bool:
     """
     if code == CLOSE_UNAUTHORIZED:
         return renewable
-    return code not in (CLOSE_FORBIDDEN, CLOSE_DISCONNECTED) and code not in APP_STOP
+    return code not in NO_RECONNECT and code != CLOSE_DISCONNECTED and code not in APP_STOP
 
 
 def reconnect_delay(

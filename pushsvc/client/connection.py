@@ -252,7 +252,7 @@ class Connection(FrameHandlers):
             if p.future is not None and not p.future.done():
                 p.future.set_exception(ConnectionLost())
         for sub in self._subs.values():
-            sub._pending()
+            sub._suspend()
 
     def _finish(self, error: Stopped | None) -> None:
         """Stopped (``error``) or closed by the app (None): final event, end everything."""

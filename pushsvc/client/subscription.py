@@ -174,7 +174,7 @@ class Subscription:
                 self._confirmed.set_exception(error)
                 self._confirmed.exception()  # retrieved: nobody may be waiting
 
-    def _pending(self) -> None:
+    def _suspend(self) -> None:
         """The connection dropped: back to ``subscribing`` until the next ``subscribed``."""
         if self.state == "subscribed":
             self.state = "subscribing"
