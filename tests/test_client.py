@@ -401,3 +401,78 @@ async def test_a_full_buffer_pauses_reading_and_loses_nothing(start_server, nc, 
         assert [m.data for m in got] == list(range(50)) and sub.duplicates == 0
     seen = [type(e).__name__ async for e in stream]  # ends with the client
     assert seen == ["Connected", "Subscribed", "Disconnected"]
+
+
+class ScriptedServer:
+    """A real uvicorn serving a tiny ASGI app that welcomes each connection and then
+    closes it with the next code of a script: the server API's close codes (issue 21)
+    seen from the wire before the server sends them."""
+
+    def __init__(self, codes: list[int]) -> None:
+        self.codes = codes
+        self.connections = 0
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "websocket":
+            return
+        await receive()  # websocket.connect
+        await send({"type": "websocket.accept"})
+        await receive()  # the auth frame
+        self.connections += 1
+        welcome = {"type": "welcome", "client": "c", "user": "u", "ping_interval": 25, "exp": 2e9}
+        await send({"type": "websocket.send", "text": json.dumps(welcome)})
+        if self.codes:
+            code = self.codes.pop(0)
+            await send({"type": "websocket.close", "code": code, "reason": f"scripted {code}"})
+        else:
+            while (await receive())["type"] != "websocket.disconnect":
+                pass
+
+
+@pytest.fixture
+async def scripted() -> Any:
+    import contextlib
+
+    import uvicorn
+
+    from pushsvc.server.embedded import free_port
+
+    servers: list[tuple[uvicorn.Server, asyncio.Task[None]]] = []
+
+    async def start(codes: list[int]) -> tuple[ScriptedServer, str]:
+        app = ScriptedServer(codes)
+        port = free_port()
+        config = uvicorn.Config(app, host="127.0.0.1", port=port, lifespan="off", log_level="error")
+        server = uvicorn.Server(config)
+        server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign]
+        task = asyncio.create_task(server.serve())
+        servers.append((server, task))
+        await until(lambda: server.started)
+        return app, f"http://127.0.0.1:{port}"
+
+    yield start
+    for server, task in servers:
+        server.should_exit = True
+        await asyncio.wait_for(task, 10)
+
+
+@pytest.mark.parametrize(
+    ("code", "reconnects"), [(4012, True), (4100, True), (4011, False), (4500, False)]
+)
+async def test_server_api_close_codes_from_the_wire(scripted, code, reconnects):
+    app, url = await scripted([code])
+    events, on_event = recorder()
+    async with Client(url, token="t", on_event=on_event) as client:
+        await until(lambda: bool(kinds(events, Disconnected)))
+        (closed,) = kinds(events, Disconnected)
+        assert (closed.code, closed.reason, closed.reconnect) == (
+            code,
+            f"scripted {code}",
+            reconnects,
+        )
+        if reconnects:
+            await until(lambda: app.connections == 2 and client.state == "connected", within=10)
+        else:
+            assert client.state == "disconnected" and client.error.close_code == code
+            with pytest.raises(Stopped):
+                await client.subscribe("news")
