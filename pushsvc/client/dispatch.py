@@ -31,8 +31,19 @@ def _encode(command: msgspec.Struct) -> str:
 
 
 class FrameHandlers:
-    """The frame handlers of a connection (see :class:`~pushsvc.client.connection.Connection`
-    for the attributes and helpers they use)."""
+    """The frame handlers of a connection. :class:`~pushsvc.client.connection.Connection`
+    owns the state below and the helpers they call (``_emit``, ``_later``, ``_new_id``,
+    ``_new_subscription``, ``_send_subscribe``, ``_schedule_refresh``, ``_wake``)."""
+
+    welcome: Connected | None
+    _subs: dict[str, Subscription]  # by channel or pattern, as subscribed
+    _left: set[str]  # server-side subscriptions the app unsubscribed
+    _pending: dict[Any, Any]  # command id -> what waits for its answer
+    _ws: ClientConnection | None
+    _welcomed: bool
+    _heartbeat_timeout: float  # seconds without a frame before closing 4010
+    _attempt: int
+    _state: str
 
     async def _on_line(self, ws: ClientConnection, line: str) -> None:
         """One server object (a text frame holds one or more, separated by newlines)."""
@@ -131,7 +142,7 @@ class FrameHandlers:
     def _on_error(self, ws: ClientConnection, f: wire.Error) -> None:
         p = self._pending.pop(f.id, None) if f.id is not None else None  # type: ignore[arg-type]
         err = CommandError(
-            f.code, f.message, id=f.id, retry_after=f.retry_after, channel=p and p.channel
+            f.code, f.message, id=f.id, retry_after=f.retry_after, channel=p.channel if p else None
         )
         if p is None:
             self._emit(ServerError(err))
