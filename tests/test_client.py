@@ -19,11 +19,13 @@ from helpers import until
 from pushsvc import Publisher
 from pushsvc.client import (
     Client,
+    ClientClosed,
     CommandError,
     Connected,
     Disconnected,
     Join,
     Leave,
+    PushsvcError,
     Stopped,
     Subscribed,
     Unauthorized,
@@ -408,8 +410,8 @@ class ScriptedServer:
     closes it with the next code of a script: the server API's close codes (issue 21)
     seen from the wire before the server sends them."""
 
-    def __init__(self, codes: list[int]) -> None:
-        self.codes = codes
+    def __init__(self, codes: list[int | None]) -> None:
+        self.codes = codes  # None: say nothing at all (no welcome)
         self.connections = 0
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -419,6 +421,11 @@ class ScriptedServer:
         await send({"type": "websocket.accept"})
         await receive()  # the auth frame
         self.connections += 1
+        if self.codes and self.codes[0] is None:
+            self.codes.pop(0)
+            while (await receive())["type"] != "websocket.disconnect":
+                pass
+            return
         welcome = {"type": "welcome", "client": "c", "user": "u", "ping_interval": 25, "exp": 2e9}
         await send({"type": "websocket.send", "text": json.dumps(welcome)})
         if self.codes:
@@ -439,7 +446,7 @@ async def scripted() -> Any:
 
     servers: list[tuple[uvicorn.Server, asyncio.Task[None]]] = []
 
-    async def start(codes: list[int]) -> tuple[ScriptedServer, str]:
+    async def start(codes: list[int | None]) -> tuple[ScriptedServer, str]:
         app = ScriptedServer(codes)
         port = free_port()
         config = uvicorn.Config(app, host="127.0.0.1", port=port, lifespan="off", log_level="error")
@@ -476,3 +483,27 @@ async def test_server_api_close_codes_from_the_wire(scripted, code, reconnects):
             assert client.state == "disconnected" and client.error.close_code == code
             with pytest.raises(Stopped):
                 await client.subscribe("news")
+
+
+async def test_no_welcome_within_connect_timeout_closes_4010_and_retries(scripted):
+    app, url = await scripted([None])
+    events, on_event = recorder()
+    async with Client(url, token="t", on_event=on_event, connect_timeout=0.5) as client:
+        await client.ready(timeout=10)  # the second connection is welcomed
+    (timed_out, _) = kinds(events, Disconnected)
+    assert (timed_out.code, timed_out.reason, timed_out.reconnect) == (
+        4010,
+        "connect timeout",
+        True,
+    )
+    assert app.connections == 2
+
+
+async def test_calls_need_a_started_client():
+    client = Client("http://127.0.0.1:9", token="t")
+    with pytest.raises(PushsvcError) as not_started:
+        await client.subscribe("news")
+    assert not_started.value.code == "not_connected"
+    await client.close()
+    with pytest.raises(ClientClosed):
+        await client.connect()

@@ -50,7 +50,7 @@ from .. import protocol as wire
 from ..serverurl import parse_server_url
 from .connection import Connection, TokenSource
 from .dispatch import json_field
-from .errors import ClientClosed
+from .errors import ClientClosed, PushsvcError
 from .events import Connected, Connecting, Event, EventStream, State
 from .messages import Presence, PresenceStats, PresentClient
 from .subscription import Subscription
@@ -189,6 +189,8 @@ class Client(Connection):
         ``last_seq``) to resume on a new client.
         """
         self._closing = True
+        for sub in list(self._subs.values()):
+            sub._end("closed")  # also frees a reader waiting for room in a full buffer
         task, ws = self._task, self._ws
         if ws is not None:
             with contextlib.suppress(Exception):
@@ -236,6 +238,7 @@ class Client(Connection):
                 ``bad_request``); ``rate_limited``/``unavailable`` are retried instead.
             TimeoutError: not subscribed within ``timeout`` (the subscription is dropped).
             Stopped, ClientClosed: the client stopped or was closed.
+            PushsvcError: ``not_connected``: :meth:`connect` was never called.
             ValueError, TypeError: a malformed ``channel``, ``since`` or ``epoch``.
         """
         if not isinstance(channel, str) or not channel:
@@ -244,6 +247,8 @@ class Client(Connection):
         if problem:
             raise ValueError(problem)
         self._check_usable()
+        if self._task is None:
+            raise PushsvcError("not_connected", "call connect() first (or use async with)")
         sub = self._subs.get(channel)
         if sub is None:
             self._left.discard(channel)
