@@ -410,8 +410,9 @@ class ScriptedServer:
     closes it with the next code of a script: the server API's close codes (issue 21)
     seen from the wire before the server sends them."""
 
-    def __init__(self, codes: list[int | None]) -> None:
+    def __init__(self, codes: list[int | None], frames: list[dict[str, Any]] | None = None) -> None:
         self.codes = codes  # None: say nothing at all (no welcome)
+        self.frames = frames or []  # sent after welcome, in one batched text frame
         self.connections = 0
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -427,7 +428,8 @@ class ScriptedServer:
                 pass
             return
         welcome = {"type": "welcome", "client": "c", "user": "u", "ping_interval": 25, "exp": 2e9}
-        await send({"type": "websocket.send", "text": json.dumps(welcome)})
+        batch = "\n".join(json.dumps(f) for f in [welcome, *self.frames])
+        await send({"type": "websocket.send", "text": batch})
         if self.codes:
             code = self.codes.pop(0)
             await send({"type": "websocket.close", "code": code, "reason": f"scripted {code}"})
@@ -446,8 +448,10 @@ async def scripted() -> Any:
 
     servers: list[tuple[uvicorn.Server, asyncio.Task[None]]] = []
 
-    async def start(codes: list[int | None]) -> tuple[ScriptedServer, str]:
-        app = ScriptedServer(codes)
+    async def start(
+        codes: list[int | None], frames: list[dict[str, Any]] | None = None
+    ) -> tuple[ScriptedServer, str]:
+        app = ScriptedServer(codes, frames)
         port = free_port()
         config = uvicorn.Config(app, host="127.0.0.1", port=port, lifespan="off", log_level="error")
         server = uvicorn.Server(config)
@@ -507,3 +511,51 @@ async def test_calls_need_a_started_client():
     await client.close()
     with pytest.raises(ClientClosed):
         await client.connect()
+
+
+async def test_subscribed_and_unsubscribed_sent_by_the_server(scripted):
+    """The server API's subscribe/unsubscribe (issue 21) reach a live connection as
+    `subscribed`/`unsubscribed` frames nobody asked for: handled like server-side subs."""
+    frames = [
+        {"type": "subscribed", "channel": "alerts.*", "epoch": "e1"},
+        {"type": "message", "channel": "alerts.eu", "pattern": "alerts.*", "data": 1, "seq": 7},
+        {"type": "subscribed", "channel": "news"},
+        {"type": "unsubscribed", "channel": "news", "reason": "by the server"},
+        {"type": "a_frame_type_from_the_future", "x": 1},
+    ]
+    _, url = await scripted([], frames)
+    events, on_event = recorder()
+    async with Client(url, token="t", on_event=on_event) as client:
+        await until(lambda: bool(kinds(events, Unsubscribed)))
+        alerts = client.subscriptions["alerts.*"]
+        assert alerts.server and alerts.epoch == "e1" and list(client.subscriptions) == ["alerts.*"]
+        (m,) = await take(alerts, 1)
+        assert (m.channel, m.pattern, m.data, m.seq, m.epoch) == (
+            "alerts.eu",
+            "alerts.*",
+            1,
+            7,
+            "e1",
+        )
+    assert [(e.channel, e.server) for e in kinds(events, Subscribed)] == [
+        ("alerts.*", True),
+        ("news", True),
+    ]
+    assert kinds(events, Unsubscribed) == [Unsubscribed("news", "by the server")]
+
+
+async def test_refresh_without_a_grant_ends_that_subscription(start_server, channel):
+    srv = await start_server()
+    other = f"{channel}.other"
+    events, on_event = recorder()
+    token = srv.token("ann", channels=[channel, other])
+    async with Client(srv.base, token=token, on_event=on_event) as client:
+        lost = await client.subscribe(channel)
+        kept = await client.subscribe(other)
+        exp = await client.refresh(srv.token("ann", channels=[other], ttl=600))
+        assert exp < client.welcome.exp  # the new token's (600 s, not 3600 s)
+        with pytest.raises(StopAsyncIteration):
+            await asyncio.wait_for(anext(lost), 10)
+        assert (lost.state, lost.reason) == ("unsubscribed", "forbidden")
+        assert kept.state == "subscribed" and list(client.subscriptions) == [other]
+    assert kinds(events, Unsubscribed) == [Unsubscribed(channel, "forbidden")]
