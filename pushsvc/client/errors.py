@@ -78,7 +78,7 @@ class Stopped(PushsvcError):
 
     Raised by every waiting call, and by the iterators of the client's
     subscriptions once their buffered messages are consumed. Causes: a close code
-    that means "do not reconnect" (4001 without ``get_token``, 4003, 4011,
+    that means "do not reconnect" (4001 without ``get_token``, 1009, 4003, 4011,
     4500-4999: see :mod:`pushsvc.client.closecodes`), or a handshake the server
     refused with a status that retrying cannot change (e.g. 403, 404).
 
