@@ -24,7 +24,7 @@ from collections.abc import Awaitable, Callable
 from typing import Literal
 
 from ..protocol import Subscribed
-from .errors import PushsvcError
+from .errors import ClientClosed, PushsvcError
 from .messages import Message
 
 log = logging.getLogger("pushsvc.client")
@@ -117,6 +117,7 @@ class Subscription:
 
         Raises:
             CommandError: the server refused (the subscription is gone on this side anyway).
+            TimeoutError: no answer within ``request_timeout`` (gone on this side too).
         """
         if self.state == "unsubscribed":
             return
@@ -190,4 +191,6 @@ class Subscription:
 
 
 def _ended(sub: Subscription) -> Exception:
+    if sub.reason == "closed":
+        return ClientClosed()
     return PushsvcError("unsubscribed", f"{sub.channel}: {sub.reason or 'ended'}")
