@@ -278,6 +278,7 @@ async def test_server_side_subscriptions_resume_through_the_auth_frame(
         assert [s.server for s in subs.values()] == [True, True]
         direct = await client.subscribe(channel)  # no command: the server's subscription
         assert direct is subs[channel]
+        await until(lambda: all(s.state == "subscribed" for s in subs.values()))  # live
         await pub.publish(channel, 1)
         await pub.publish(f"{channel}.x", 2)
         assert [m.data for m in await take(direct, 1)] == [1]
