@@ -63,6 +63,8 @@ INVALID_CHANNEL: Final = "invalid_channel"
 RATE_LIMITED: Final = "rate_limited"
 LIMIT_EXCEEDED: Final = "limit_exceeded"
 UNAVAILABLE: Final = "unavailable"
+NOT_FOUND: Final = "not_found"  # rpc: no service answers the method
+TOO_LARGE: Final = "too_large"  # rpc: the reply (or request) does not fit a frame
 
 RequestId = int | str | None
 MAX_EPOCH_LENGTH: Final = 64  # characters of an ``epoch`` a client may send back
@@ -162,7 +164,21 @@ class PresenceStats(msgspec.Struct, tag_field="op", tag="presence_stats"):
     id: RequestId = None
 
 
-Command = Auth | Subscribe | Unsubscribe | Publish | Refresh | Pong | Presence | PresenceStats
+class Rpc(msgspec.Struct, tag_field="op", tag="rpc"):
+    """``{"op":"rpc","method":M,"data":ANY?,"id":I}``: a NATS request to ``<prefix>-rpc.<M>``.
+
+    ``method`` follows the channel grammar (no wildcards); ``data`` (default
+    ``null``) is the request body as raw JSON; ``id`` is required (several calls
+    may be in flight; answers come in the order the services reply). Needs an
+    ``rpc`` grant covering ``M``. Answered ``rpc_result`` or ``error``.
+    """
+
+    method: str
+    id: int | str
+    data: msgspec.Raw = msgspec.Raw(b"null")
+
+
+Command = Auth | Subscribe | Unsubscribe | Publish | Refresh | Pong | Presence | PresenceStats | Rpc
 
 
 # --- server frames ----------------------------------------------------------------
@@ -242,6 +258,15 @@ class Refreshed(msgspec.Struct, tag_field="type", tag="refreshed", omit_defaults
     id: RequestId = None
 
 
+class RpcResult(msgspec.Struct, tag_field="type", tag="rpc_result", omit_defaults=True):
+    """Answer to ``rpc``: the service's reply body as ``data`` (JSON embedded as is,
+    other text as a string, other bytes base64 with ``encoding: "base64"``)."""
+
+    id: RequestId
+    data: msgspec.Raw
+    encoding: str | None = None
+
+
 NO_INFO: Final = msgspec.UNSET  # an absent ``info`` (omitted when encoding)
 Info = Annotated[
     msgspec.Raw,
@@ -317,6 +342,7 @@ Frame = (
     | PresenceStatsResult
     | Join
     | Leave
+    | RpcResult
 )
 
 _command_decoder = msgspec.json.Decoder(Command)

@@ -79,6 +79,8 @@ class Principal(msgspec.Struct, frozen=True):
             subscribed to at ``welcome`` without asking.
         info: the JWT ``info`` claim (a JSON object of at most ``MAX_INFO_BYTES``
             bytes) as compact JSON bytes, shown in presence and join/leave; or None.
+        rpc: RPC grants (JWT ``rpc``): method names the holder may call (NATS
+            wildcard patterns over ``<prefix>-rpc.<method>``); none = no RPC.
     """
 
     sub: str
@@ -90,6 +92,11 @@ class Principal(msgspec.Struct, frozen=True):
     presence: tuple[str, ...] = ()
     subs: tuple[str, ...] = ()
     info: bytes | None = None
+    rpc: tuple[str, ...] = ()
+
+    def can_call(self, method: str) -> bool:
+        """True when an ``rpc`` grant covers ``method`` (NATS wildcard rules)."""
+        return any_grant_matches(self.rpc, method)
 
     def can_see_presence(self, channel: str) -> bool:
         """True when a ``presence`` grant covers ``channel`` (same personal-channel rule
@@ -410,6 +417,7 @@ class Authenticator:
                 presence=_grants(claims.get("presence")),
                 subs=_subs(claims.get("subs")),
                 info=_info(claims.get("info")),
+                rpc=_grants(claims.get("rpc")),
             )
         except InvalidChannel as exc:
             raise AuthError(f"token grant invalid: {exc}", "grants") from None
@@ -474,6 +482,10 @@ def mint_token(
     *,
     channels: list[str] | None = None,
     publish: list[str] | None = None,
+    presence: list[str] | None = None,
+    subs: list[str] | None = None,
+    rpc: list[str] | None = None,
+    info: dict[str, Any] | None = None,
     ttl: float = 3600.0,
     algorithm: str = "HS256",
     audience: str | None = None,
@@ -486,7 +498,8 @@ def mint_token(
 
     Args:
         secret: HS* shared secret, or a PEM private key for RS*/ES*.
-        channels / publish: grant patterns (validated).
+        channels / publish / presence / rpc: grant patterns (validated); ``subs``
+            server-side subscriptions; ``info`` a JSON object (the ``info`` claim).
         headers: extra JOSE header fields, e.g. ``{"typ": "pushsvc+jwt"}``.
 
     Raises:
@@ -498,6 +511,11 @@ def mint_token(
         claims["channels"] = [validate_grant(c) for c in channels]
     if publish:
         claims["publish"] = [validate_grant(c) for c in publish]
+    for name, grants in (("presence", presence), ("subs", subs), ("rpc", rpc)):
+        if grants:
+            claims[name] = [validate_grant(c) for c in grants]
+    if info is not None:
+        claims["info"] = info
     if audience:
         claims["aud"] = audience
     if issuer:

@@ -108,6 +108,9 @@ class Settings(msgspec.Struct, kw_only=True):
     auto_subscribe_personal: bool = False  # every session is subscribed to user.<sub>
     wildcard_subscriptions: bool = True  # subscribe accepts patterns (orders.*, orders.>)
 
+    # --- client RPC (NATS request/reply on <prefix>-rpc.<method>) -----------------------
+    rpc_timeout: float = 5.0  # s a service has to reply before the call is `unavailable`
+
     # --- operations ----------------------------------------------------------
     node_name: str | None = None  # None: the host name (see load)
     shutdown_timeout: float = 10.0  # bound on the graceful part of a shutdown
@@ -228,6 +231,7 @@ class Settings(msgspec.Struct, kw_only=True):
             "workers": self.workers,
             "presence_limit": self.presence_limit,
             "shutdown_timeout": self.shutdown_timeout,
+            "rpc_timeout": self.rpc_timeout,
         }
         for name, value in positive.items():
             if value <= 0:

@@ -53,6 +53,7 @@ from .hub import Hub
 from .outbox import Outbox
 from .presence import PresenceRegistry
 from .ratelimit import TokenBucket
+from .rpc import Calls
 from .transport import Transport
 
 log = logging.getLogger("pushsvc.client")
@@ -96,6 +97,7 @@ class Client:
         "_strikes",
         "auth",
         "bucket",
+        "calls",
         "channels",
         "close_code",
         "closed",
@@ -147,6 +149,7 @@ class Client:
         self._expiries = deadlines(loop, "expiry", _EXPIRED)
         self._strikes = 0  # command refusals in a row on this connection
         self._resume = dict(resume_subs or {})  # server-side subs to resume
+        self.calls = Calls()  # rpc calls waiting for their service's reply
 
     # --- outbound ----------------------------------------------------------------------
     @property
@@ -212,6 +215,7 @@ class Client:
                 },
             )
         self._cancel_timers()
+        self.calls.cancel()
         self.outbox.close()
         self.hub.remove_client(self)
         self.transport.close(Disconnect.of(code, reason))
@@ -225,6 +229,7 @@ class Client:
             )
         self.closed = True
         self._cancel_timers()
+        self.calls.cancel()
         self.outbox.close()
         self.hub.remove_client(self)
 
@@ -269,7 +274,7 @@ class Client:
         - binary frames, non-JSON, non-objects, unknown ``op``, wrong field types
           and nesting deeper than msgspec allows get ``error`` ``bad_request``
           and cost one command token, so malformed floods are rate limited too;
-        - ``subscribe``/``unsubscribe``/``publish``/``refresh``/``presence`` (and a
+        - ``subscribe``/``unsubscribe``/``publish``/``refresh``/``presence``/``rpc`` (and a
           repeated ``auth``) cost one token of the user's bucket; refused ones get
           ``rate_limited`` with ``retry_after`` seconds and count as strikes;
         - ``pong`` answering a ping is free; an unsolicited one costs a token;

@@ -1,4 +1,4 @@
-"""Command handlers: subscribe, unsubscribe, publish, presence, refresh, server-side subs.
+"""Command handlers: subscribe, unsubscribe, publish, presence, refresh, rpc, server-side subs.
 
 Transport-agnostic: a WebSocket frame and a ``POST /sse/commands`` entry reach the
 same handler (:func:`handle`) through :meth:`pushsvc.core.client.Client.handle_text`,
@@ -32,6 +32,7 @@ from ..protocol import (
     Published,
     Refresh,
     Refreshed,
+    Rpc,
     SubResume,
     Subscribe,
     Unsubscribe,
@@ -40,6 +41,8 @@ from ..protocol import (
 )
 from .hub import Hub
 from .presence import PresenceRefused, PresenceRegistry
+from .rpc import Calls
+from .rpc import rpc as rpc_call
 
 
 class Connection(Protocol):
@@ -53,6 +56,7 @@ class Connection(Protocol):
     auth: Authenticator
     settings: Settings
     presence: PresenceRegistry | None
+    calls: Calls
 
     def send(self, frame: str, nbytes: int) -> None: ...
     def send_frame(self, frame: Frame) -> None: ...
@@ -75,6 +79,8 @@ async def handle(conn: Connection, cmd: Command) -> None:
         refresh(conn, cmd)
     elif isinstance(cmd, Presence | PresenceStats):
         await presence(conn, cmd)
+    elif isinstance(cmd, Rpc):
+        rpc_call(conn, cmd)  # answered by the call's own task (pushsvc.core.rpc)
 
 
 async def subscribe(conn: Connection, cmd: Subscribe) -> None:
