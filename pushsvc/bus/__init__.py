@@ -14,7 +14,6 @@ Subjects (``prefix`` = ``PUSHSVC_SUBJECT_PREFIX``, default ``push``):
   sequence, and duplicates by ``Nats-Msg-Id`` are never republished;
 - with history off (``PUSHSVC_HISTORY_TTL=0`` or no JetStream) nodes subscribe to
   ``<prefix>.<channel>`` directly and messages carry no sequence;
-- client RPC requests go to ``<prefix>-rpc.<method>`` (NATS request/reply);
 - revocations arrive on ``<prefix>-control.disconnect``;
 - channel events (join/leave) travel on ``<prefix>-events.<channel>`` (core NATS,
   never stored), one refcounted subscription per channel with local subscribers
@@ -35,18 +34,15 @@ Modules, one concept each:
 - ``reads``: history reads (:class:`History`, :class:`StoredMessage`);
 - ``kv``: JetStream KV buckets (presence, revocations);
 - ``events``: channel events (join/leave);
-- ``rpc``: client RPC requests on ``<prefix>-rpc.<method>`` (:class:`Reply`);
-- ``errors``: :class:`Unavailable`, :class:`StreamConfigError`, :class:`NoResponders`,
-  :class:`RequestTimeout`, :class:`TooLarge`.
+- ``errors``: :class:`Unavailable`, :class:`StreamConfigError`.
 """
 
 from .connection import Connection, confirm
 from .core import Bus, ControlHandler, ResumeHandler
-from .errors import NoResponders, RequestTimeout, StreamConfigError, TooLarge, Unavailable
+from .errors import StreamConfigError, Unavailable
 from .events import EventHandler
 from .natsconn import connect_failure
 from .reads import History, StoredMessage
-from .rpc import Reply, rpc_subject
 from .stream import epoch_of, stream_time
 from .subscriptions import MessageHandler, PatternHandler
 
@@ -57,18 +53,13 @@ __all__ = [
     "EventHandler",
     "History",
     "MessageHandler",
-    "NoResponders",
     "PatternHandler",
-    "Reply",
-    "RequestTimeout",
     "ResumeHandler",
     "StoredMessage",
     "StreamConfigError",
-    "TooLarge",
     "Unavailable",
     "confirm",
     "connect_failure",
     "epoch_of",
-    "rpc_subject",
     "stream_time",
 ]

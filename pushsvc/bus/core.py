@@ -25,8 +25,6 @@ from .events import EventHandler, Events
 from .kv import KeyValueStore
 from .publish import publish
 from .reads import Reader
-from .rpc import Reply
-from .rpc import request as rpc_request
 from .stream import Streams
 from .subscriptions import LiveSubscriptions, MessageHandler, PatternHandler
 
@@ -73,7 +71,7 @@ class Bus:
     - channel events: ``events_subject(channel)``, ``publish_event(channel,
       payload)``, ``acquire_events(channel)``, ``release_events(channel)``
       (:class:`~pushsvc.bus.events.Events`);
-    - :meth:`publish`, :meth:`rpc` (client RPC, :mod:`.rpc`).
+    - :meth:`publish`.
 
     Each raises :class:`~pushsvc.bus.errors.Unavailable` when NATS or JetStream
     cannot serve it.
@@ -286,18 +284,3 @@ class Bus:
                 JetStream refused the message.
         """
         return await publish(self.conn, self.streams, channel, payload, msg_id)
-
-    # --- client RPC --------------------------------------------------------------------
-    async def rpc(
-        self, method: str, payload: bytes, headers: dict[str, str], timeout: float
-    ) -> Reply:
-        """Request ``<prefix>-rpc.<method>`` and wait for the reply. See
-        :func:`pushsvc.bus.rpc.request`.
-
-        Raises:
-            NoResponders: nothing answers ``method``.
-            RequestTimeout: no reply within ``timeout`` s.
-            TooLarge: the request exceeds NATS's ``max_payload``.
-            Unavailable: NATS is not connected.
-        """
-        return await rpc_request(self.conn, method, payload, headers, timeout)

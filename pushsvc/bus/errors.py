@@ -33,19 +33,3 @@ class NoJetStream(Exception):
 
     Internal to the bus: start turns it into "history is off (live only)".
     """
-
-
-class NoResponders(Exception):
-    """Nothing subscribes to the subject of a request (NATS's 503 no-responders status).
-
-    NATS answers at once when no subscriber can take a request (server 2.2+ with
-    headers; nats-py raises ``NoRespondersError``), so this is never a timeout.
-    """
-
-
-class RequestTimeout(Unavailable):
-    """A responder took the request but no reply came within the timeout."""
-
-
-class TooLarge(Exception):
-    """The request is larger than the NATS server's ``max_payload``."""
