@@ -34,6 +34,7 @@ Modules, one concept each:
 - ``reads``: history reads (:class:`History`, :class:`StoredMessage`);
 - ``kv``: JetStream KV buckets (presence, revocations);
 - ``events``: channel events (join/leave);
+- ``requests``: NATS request/reply (serve a subject, request, scatter-gather);
 - ``errors``: :class:`Unavailable`, :class:`StreamConfigError`.
 """
 
@@ -43,17 +44,25 @@ from .errors import StreamConfigError, Unavailable
 from .events import EventHandler
 from .natsconn import connect_failure
 from .reads import History, StoredMessage
+from .requests import ERROR_HEADER, Handler, NoResponders, Reply, Request, RequestTimeout, Responder
 from .stream import epoch_of, stream_time
 from .subscriptions import MessageHandler, PatternHandler
 
 __all__ = [
+    "ERROR_HEADER",
     "Bus",
     "Connection",
     "ControlHandler",
     "EventHandler",
+    "Handler",
     "History",
     "MessageHandler",
+    "NoResponders",
     "PatternHandler",
+    "Reply",
+    "Request",
+    "RequestTimeout",
+    "Responder",
     "ResumeHandler",
     "StoredMessage",
     "StreamConfigError",

@@ -25,6 +25,7 @@ from .events import EventHandler, Events
 from .kv import KeyValueStore
 from .publish import publish
 from .reads import Reader
+from .requests import Requests
 from .stream import Streams
 from .subscriptions import LiveSubscriptions, MessageHandler, PatternHandler
 
@@ -54,6 +55,8 @@ class Bus:
         reader: history reads (:class:`~pushsvc.bus.reads.Reader`).
         kv: KV buckets (:class:`~pushsvc.bus.kv.KeyValueStore`).
         events: channel events (:class:`~pushsvc.bus.events.Events`).
+        requests: request/reply: serve, request, scatter
+            (:class:`~pushsvc.bus.requests.Requests`).
         on_disconnected: called (synchronously) when the NATS connection drops.
         on_resumed: awaited after a reconnect once the stream is verified, with
             ``True`` when the stream was re-created (NATS lost its store:
@@ -91,6 +94,7 @@ class Bus:
         self.reader = Reader(self.conn, self.streams)
         self.kv = KeyValueStore(self.conn)
         self.events = Events(self.conn)
+        self.requests = Requests(self.conn)
         self.control_subject = f"{self.conn.prefix}-control.disconnect"
         self._on_control = on_control
         self._control_sub: Subscription | None = None
