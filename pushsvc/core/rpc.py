@@ -19,8 +19,11 @@ Refusals (``error`` with the command's ``id``): ``bad_request`` (method
 grammar), ``forbidden`` (no grant), ``limit_exceeded`` (more than
 :data:`MAX_IN_FLIGHT` calls in flight on the connection), ``not_found`` (no
 service subscribed: NATS's no-responders answer), ``unavailable`` (no reply
-within ``PUSHSVC_RPC_TIMEOUT`` s, or NATS away), ``too_large`` (the result does
-not fit ``PUSHSVC_MAX_FRAME_BYTES``, or the request NATS's ``max_payload``).
+within ``PUSHSVC_RPC_TIMEOUT`` s, or NATS away or refusing the request),
+``too_large`` (the result does not fit ``PUSHSVC_MAX_FRAME_BYTES``).
+
+The request goes through the bus's request/reply (:mod:`pushsvc.bus.requests`,
+shared with the server API); the subject rule is :func:`rpc_subject`.
 
 Calls run as tasks of their own (:class:`Calls`), so a slow service never holds
 up the connection's other commands or its heartbeat; every call costs one
@@ -38,7 +41,7 @@ from typing import Any, Final, Protocol
 
 from .. import metrics
 from ..auth.tokens import Principal
-from ..bus import NoResponders, RequestTimeout, TooLarge, Unavailable
+from ..bus import NoResponders, RequestTimeout, Unavailable
 from ..channels import InvalidChannel, validate_channel
 from ..config.settings import Settings
 from ..protocol import (
@@ -68,7 +71,6 @@ USER_HEADER: Final = "Pushsvc-User"
 CLIENT_HEADER: Final = "Pushsvc-Client"
 NODE_HEADER: Final = "Pushsvc-Node"
 INFO_HEADER: Final = "Pushsvc-Info"
-ERROR_HEADER: Final = "Pushsvc-Error"
 
 _labels: set[str] = set()
 
@@ -125,6 +127,11 @@ def caller_headers(conn: Caller) -> dict[str, str]:
     return headers
 
 
+def rpc_subject(prefix: str, method: str) -> str:
+    """The NATS subject of RPC ``method``: ``<prefix>-rpc.<method>`` (``push-rpc.orders.get``)."""
+    return f"{prefix}-rpc.{method}"
+
+
 def method_label(method: str) -> str:
     """The ``method`` metrics label: the method, or ``_other`` past :data:`MAX_METHOD_LABELS`."""
     if method in _labels:
@@ -165,8 +172,11 @@ async def call(conn: Caller, cmd: Rpc, method: str) -> None:
     settings = conn.settings
     started = time.monotonic()
     try:
-        reply = await conn.hub.bus.rpc(
-            method, bytes(cmd.data), caller_headers(conn), settings.rpc_timeout
+        reply = await conn.hub.bus.requests.request(
+            rpc_subject(settings.subject_prefix, method),
+            bytes(cmd.data),
+            timeout=settings.rpc_timeout,
+            headers=caller_headers(conn),
         )
     except NoResponders:
         _refused(conn, cmd, NOT_FOUND, f"no service answers {method}")
@@ -175,9 +185,6 @@ async def call(conn: Caller, cmd: Rpc, method: str) -> None:
         metrics.RPC_CALLS.labels(method_label(method), "timeout").inc()
         conn.refuse(UNAVAILABLE, f"{method} did not answer in time", cmd.id)
         return
-    except TooLarge as exc:
-        _refused(conn, cmd, TOO_LARGE, str(exc))
-        return
     except Unavailable as exc:
         _refused(conn, cmd, UNAVAILABLE, str(exc))
         return
@@ -185,7 +192,7 @@ async def call(conn: Caller, cmd: Rpc, method: str) -> None:
     metrics.RPC_LATENCY.labels(label).observe(time.monotonic() - started)
     if conn.closed:
         return
-    code = reply.headers.get(ERROR_HEADER)
+    code = reply.error
     if code is not None:
         code = code.strip()
         if _ERROR_CODE.fullmatch(code) is None:
