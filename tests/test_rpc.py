@@ -15,6 +15,7 @@ from typing import Any
 
 import jwt
 from conftest import SECRET
+from test_sse import sse
 
 
 def method() -> str:
@@ -234,3 +235,36 @@ def test_token_cli_mints_rpc_presence_subs_and_info():
         text=True,
     )
     assert bad.returncode == 2 and "--info" in bad.stderr
+
+
+async def test_rpc_over_sse_commands(start_server, http, nc, channel):
+    """The same command over SSE: posted to ``POST /sse/commands``, answered on the stream."""
+    srv = await start_server()
+    name = method()
+
+    async def service(msg: Any) -> None:
+        if msg.data == b'"fail"':
+            await nc.publish(msg.reply, b"nope", headers={"Pushsvc-Error": "denied"})
+            return
+        await msg.respond(json.dumps({"got": json.loads(msg.data)}).encode())
+
+    await nc.subscribe(f"push-rpc.{name}", cb=service)
+    await nc.flush()
+    token = srv.token("sse-user", channels=[channel], extra={"rpc": [name]})
+    async with sse(srv.base, channel, token=token) as events:
+        session = (await events.next("welcome"))["data"]["session"]
+        await events.next("subscribed")
+        body = {
+            "session": session,
+            "commands": [
+                {"op": "rpc", "method": name, "data": [1], "id": 1},
+                {"op": "rpc", "method": name, "data": "fail", "id": 2},
+                {"op": "rpc", "method": name + "x", "id": 3},
+            ],
+        }
+        posted = await http.post(srv.base + "/sse/commands", json=body)
+        assert posted.status_code == 202, posted.text
+        result = await events.next("rpc_result")
+        assert result["data"] == {"type": "rpc_result", "id": 1, "data": {"got": [1]}}
+        errors = [(await events.next("error"))["data"] for _ in range(2)]
+        assert {e["id"]: e["code"] for e in errors} == {2: "denied", 3: "forbidden"}
