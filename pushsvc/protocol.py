@@ -55,6 +55,16 @@ class Disconnect(msgspec.Struct, frozen=True):
         return cls(code, reason, code not in NO_RECONNECT)
 
 
+# --- NATS headers pushsvc stamps (docs/protocol.md, "NATS side") ---------------
+#: the verified user (JWT ``sub``) behind a message a client published or a JWT emit,
+#: and behind an ``rpc`` request; read back into ``publisher.user``
+USER_HEADER: Final = "Pushsvc-User"
+#: the connection (``welcome.client``) that published a message or made an ``rpc`` call
+CLIENT_HEADER: Final = "Pushsvc-Client"
+NODE_HEADER: Final = "Pushsvc-Node"  # the node that took an ``rpc`` call
+INFO_HEADER: Final = "Pushsvc-Info"  # the caller's ``info`` claim (``rpc``)
+
+
 # --- error codes carried by ``error`` frames ------------------------------------
 BAD_REQUEST: Final = "bad_request"
 UNAUTHORIZED: Final = "unauthorized"
@@ -203,15 +213,26 @@ class Welcome(msgspec.Struct, tag_field="type", tag="welcome", omit_defaults=Tru
     session: str | None = None
 
 
+class PublishedBy(msgspec.Struct, omit_defaults=True):
+    """Who published a message, stamped by the server from the NATS headers
+    ``Pushsvc-User`` / ``Pushsvc-Client``: ``user`` (the publisher's JWT ``sub``) and
+    ``client`` (the publishing connection; absent for an emit)."""
+
+    user: str
+    client: str | None = None
+
+
 class Message(msgspec.Struct, tag_field="type", tag="message", omit_defaults=True):
     """A delivery. ``seq`` is the JetStream stream sequence (absent with history off);
-    ``pattern`` is set when a wildcard subscription delivered it (``channel`` is concrete)."""
+    ``pattern`` is set when a wildcard subscription delivered it (``channel`` is concrete);
+    ``publisher`` when a client (or a JWT emit) published it."""
 
     channel: str
     data: msgspec.Raw
     seq: int | None = None
     encoding: str | None = None
     pattern: str | None = None  # the wildcard subscription that delivered it
+    publisher: PublishedBy | None = None
 
 
 class Ping(msgspec.Struct, tag_field="type", tag="ping"):

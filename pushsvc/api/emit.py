@@ -6,7 +6,9 @@
 - ``Authorization: Bearer <JWT with a matching publish grant | API key>``;
 - ``Idempotency-Key: K`` becomes the NATS header ``Nats-Msg-Id`` (batch item i:
   ``K:i``), so a retried emit inside the dedupe window is stored and delivered once
-  and answered with the original ``seq``.
+  and answered with the original ``seq``;
+- an emit by JWT carries the NATS header ``Pushsvc-User: <sub>`` (delivered as the
+  message's ``publisher``); an emit by API key carries none.
 
 Answers: 202 ``{"channel", "seq"}`` (batch: ``{"results": [...]}``) only after
 NATS (JetStream, with history on) acknowledged the message. Errors are JSON
@@ -38,6 +40,7 @@ from ..channels import InvalidChannel, validate_channel
 from ..config.settings import Settings
 from ..core.hub import Hub
 from ..core.ratelimit import BucketRegistry
+from ..protocol import USER_HEADER
 from .errors import HTTPError, json_response
 from .openapi import (
     CHANNEL_SCHEMA,
@@ -156,7 +159,8 @@ def emit_router(
     """
     router = APIRouter()
 
-    async def authorise(request: Request) -> Principal:
+    async def authorise(request: Request) -> tuple[Principal, dict[str, str] | None]:
+        """The emit's principal and the NATS headers naming it (None for an API key)."""
         try:
             credential = bearer_credential(request)
         except HTTPError as exc:  # re-raised as an emit refusal (counted as one)
@@ -170,7 +174,8 @@ def emit_router(
         if wait:
             metrics.RATE_LIMITED.inc()
             raise EmitError(429, "rate_limited", "too many emits", retry_after=wait)
-        return principal
+        stamp = None if auth.is_api_key(credential) else {USER_HEADER: principal.sub}
+        return principal, stamp
 
     async def read_body(request: Request) -> bytes:
         encoding = request.headers.get("content-encoding", "identity").strip().lower()
@@ -206,9 +211,11 @@ def emit_router(
             raise EmitError(403, "forbidden", f"not allowed to publish to {channel}")
         return channel
 
-    async def publish(channel: str, payload: bytes, msg_id: str | None) -> int | None:
+    async def publish(
+        channel: str, payload: bytes, msg_id: str | None, stamp: dict[str, str] | None
+    ) -> int | None:
         try:
-            return await hub.publish(channel, payload, msg_id)
+            return await hub.publish(channel, payload, msg_id, stamp)
         except Unavailable as exc:
             raise EmitError(503, "unavailable", str(exc), retry_after=exc.retry_after) from None
 
@@ -235,7 +242,7 @@ def emit_router(
         says how many items were accepted.
         """
         try:
-            principal = await authorise(request)
+            principal, stamp = await authorise(request)
             body = await read_body(request)
             items, batch = _parse(body)
             checked = [(check(principal, item.channel), _payload(item)) for item in items]
@@ -244,7 +251,7 @@ def emit_router(
             for i, (channel, payload) in enumerate(checked):
                 msg_id = None if key is None else (f"{key}:{i}" if batch else key)
                 try:
-                    seq = await publish(channel, payload, msg_id)
+                    seq = await publish(channel, payload, msg_id, stamp)
                 except EmitError as exc:
                     if results:  # say exactly what NATS already has
                         exc.args = (f"{exc}; the first {len(results)} messages were accepted",)
@@ -270,10 +277,10 @@ def emit_router(
     ) -> Response:
         """Publish the raw request body to ``channel``."""
         try:
-            principal = await authorise(request)
+            principal, stamp = await authorise(request)
             channel = check(principal, channel)
             body = await read_body(request)
-            seq = await publish(channel, body, idempotency_key)
+            seq = await publish(channel, body, idempotency_key, stamp)
         except EmitError as exc:
             return exc.response()
         metrics.EMITS.labels("202").inc()

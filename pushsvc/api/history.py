@@ -5,7 +5,7 @@ grants cover the channel (the JWT may be a connection token, as for ``/ws``, or 
 emit token with ``PUSHSVC_EMIT_AUDIENCE``/``PUSHSVC_EMIT_TYPE``; a ``publish``
 grant is not enough), or a configured API key (any channel). Answers 200
 ``{"channel", "epoch", "recovered", "last_seq", "more", "messages": [...]}`` (each
-message ``{"seq", "data", "encoding"?}``)
+message ``{"seq", "data", "encoding"?, "publisher"?}``)
 with messages of seq > ``since`` (default 0), oldest first, at most ``limit``
 (default and maximum ``PUSHSVC_HISTORY_SIZE``). ``epoch`` is the stream epoch
 ``since`` belongs to; a position of another epoch (or, without ``epoch``, a
@@ -29,7 +29,7 @@ from ..auth.tokens import Authenticator
 from ..bus import Bus, Unavailable
 from ..channels import InvalidChannel, validate_channel
 from ..config.settings import Settings
-from ..protocol import MAX_SEQ, payload_to_data, position_error
+from ..protocol import MAX_SEQ, PublishedBy, payload_to_data, position_error
 from .errors import HTTPError, json_response
 from .openapi import CHANNEL_SCHEMA, SECURITY, declare, errors, json_body, ref
 
@@ -40,6 +40,7 @@ class HistoryItem(msgspec.Struct, omit_defaults=True):
     seq: Annotated[int, msgspec.Meta(ge=1)]
     data: Annotated[msgspec.Raw, msgspec.Meta(description="the payload mapped as on /ws")]
     encoding: Literal["base64"] | None = None
+    publisher: PublishedBy | None = None
 
 
 class HistoryPage(msgspec.Struct):
@@ -112,7 +113,8 @@ def history_router(settings: Settings, bus: Bus, auth: Authenticator) -> APIRout
         items = []
         for m in page.messages:
             data, encoding = payload_to_data(m.payload)
-            items.append(HistoryItem(seq=m.seq, data=data, encoding=encoding))
+            publisher = None if m.publisher is None else PublishedBy(*m.publisher)
+            items.append(HistoryItem(seq=m.seq, data=data, encoding=encoding, publisher=publisher))
         body = HistoryPage(
             channel, page.recovered, page.last_seq, page.more, items, epoch=page.epoch
         )

@@ -22,15 +22,26 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from ..channels import channel_for, is_pattern, pattern_reaches, subject_for
+from ..protocol import CLIENT_HEADER, USER_HEADER
 from .connection import Connection, confirm
 from .errors import Unavailable
 from .stream import stream_time
 
-#: ``(channel, payload, seq, stamp)``: ``stamp`` is the message's stream time (Unix
-#: seconds, from the republished ``Nats-Time-Stamp`` header) or None.
-MessageHandler = Callable[[str, bytes, int | None, float | None], None]
-#: ``(pattern, channel, payload, seq, stamp)``: a message of a wildcard subscription.
-PatternHandler = Callable[[str, str, bytes, int | None, float | None], None]
+#: who published a message: ``(user, client)`` from the headers ``Pushsvc-User`` and
+#: ``Pushsvc-Client`` (``client`` None for an emit), or None when it carries neither
+Publisher = tuple[str, str | None] | None
+#: ``(channel, payload, seq, stamp, publisher)``: ``stamp`` is the message's stream
+#: time (Unix seconds, from the republished ``Nats-Time-Stamp`` header) or None.
+MessageHandler = Callable[[str, bytes, int | None, float | None, Publisher], None]
+#: ``(pattern, channel, payload, seq, stamp, publisher)``: a message of a wildcard
+#: subscription.
+PatternHandler = Callable[[str, str, bytes, int | None, float | None, Publisher], None]
+
+
+def publisher_of(headers: dict[str, str]) -> Publisher:
+    """The publisher a message's NATS headers name (``Pushsvc-User``, ``Pushsvc-Client``)."""
+    user = headers.get(USER_HEADER)
+    return None if not user else (user, headers.get(CLIENT_HEADER) or None)
 
 
 @dataclass
@@ -45,13 +56,14 @@ class LiveSubscriptions:
 
     Args:
         conn: the node's shared :class:`~pushsvc.bus.connection.Connection`.
-        on_message: called with ``(channel, payload, seq, stamp)`` for every live
-            message of a channel held; must not block (it runs on the NATS
-            subscription's task).
+        on_message: called with ``(channel, payload, seq, stamp, publisher)`` for
+            every live message of a channel held; must not block (it runs on the
+            NATS subscription's task).
 
     Attributes:
-        on_pattern_message: called with ``(pattern, channel, payload, seq, stamp)``
-            for every live message of a wildcard subscription; must not block.
+        on_pattern_message: called with ``(pattern, channel, payload, seq, stamp,
+            publisher)`` for every live message of a wildcard subscription; must
+            not block.
     """
 
     def __init__(self, conn: Connection, on_message: MessageHandler) -> None:
@@ -155,15 +167,25 @@ class LiveSubscriptions:
                 if headers:
                     seq = headers.get("Nats-Sequence")
                     stamp = stream_time(headers.get("Nats-Time-Stamp"))
-                    on_message(channel, msg.data, int(seq) if seq else None, stamp)
+                    user = headers.get(USER_HEADER)
+                    on_message(
+                        channel,
+                        msg.data,
+                        int(seq) if seq else None,
+                        stamp,
+                        (user, headers.get(CLIENT_HEADER) or None) if user else None,
+                    )
                 else:
-                    on_message(channel, msg.data, None, None)
+                    on_message(channel, msg.data, None, None, None)
                 drained()
 
         else:
 
             async def cb(msg: Msg) -> None:
-                on_message(channel, msg.data, None, None)
+                headers = msg.headers
+                on_message(
+                    channel, msg.data, None, None, publisher_of(headers) if headers else None
+                )
                 drained()
 
         return cb
@@ -196,13 +218,16 @@ class LiveSubscriptions:
             if channel is None or not pattern_reaches(pattern, channel):
                 drained()
                 return
-            seq = stamp = None
-            if history and msg.headers:
-                raw = msg.headers.get("Nats-Sequence")
-                seq = int(raw) if raw else None
-                stamp = stream_time(msg.headers.get("Nats-Time-Stamp"))
+            seq = stamp = publisher = None
+            headers = msg.headers
+            if headers:
+                if history:
+                    raw = headers.get("Nats-Sequence")
+                    seq = int(raw) if raw else None
+                    stamp = stream_time(headers.get("Nats-Time-Stamp"))
+                publisher = publisher_of(headers)
             if self.on_pattern_message is not None:
-                self.on_pattern_message(pattern, channel, msg.data, seq, stamp)
+                self.on_pattern_message(pattern, channel, msg.data, seq, stamp, publisher)
             drained()
 
         return cb

@@ -17,11 +17,13 @@ from ..channels import InvalidChannel, validate_channel
 from ..config.settings import Settings
 from ..protocol import (
     BAD_REQUEST,
+    CLIENT_HEADER,
     CLOSE_UNAUTHORIZED,
     FORBIDDEN,
     INVALID_CHANNEL,
     LIMIT_EXCEEDED,
     UNAVAILABLE,
+    USER_HEADER,
     Command,
     Frame,
     Presence,
@@ -166,7 +168,12 @@ def unsubscribe(conn: Connection, cmd: Unsubscribe) -> None:
 
 
 async def publish(conn: Connection, cmd: Publish) -> None:
-    """``publish``: answered ``published`` with the stream seq once NATS has it."""
+    """``publish``: answered ``published`` with the stream seq once NATS has it.
+
+    The NATS message carries ``Pushsvc-User`` (the token's ``sub``) and
+    ``Pushsvc-Client`` (this connection), set here and never taken from the
+    client: delivered frames and history reads show them as ``publisher``.
+    """
     try:
         channel = validate_channel(cmd.channel)
     except InvalidChannel as exc:
@@ -175,8 +182,9 @@ async def publish(conn: Connection, cmd: Publish) -> None:
     if not conn.principal.can_publish(channel):
         conn.refuse(FORBIDDEN, f"not allowed to publish to {channel}", cmd.id)
         return
+    stamp = {USER_HEADER: conn.principal.sub, CLIENT_HEADER: conn.id}
     try:
-        seq = await conn.hub.publish(channel, bytes(cmd.data))
+        seq = await conn.hub.publish(channel, bytes(cmd.data), headers=stamp)
     except Unavailable as exc:
         conn.refuse(UNAVAILABLE, str(exc), cmd.id)
         return

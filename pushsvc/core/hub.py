@@ -45,12 +45,13 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from .. import metrics
-from ..bus import Bus, StoredMessage, Unavailable
+from ..bus import Bus, Publisher, StoredMessage, Unavailable
 from ..channels import is_pattern
 from ..protocol import (
     CLOSE_SERVICE_RESTART,
     CLOSE_UNAUTHORIZED,
     Message,
+    PublishedBy,
     Subscribed,
     encode_frame,
     payload_to_data,
@@ -127,15 +128,27 @@ class _Channel:
 
 
 def encode_message(
-    channel: str, payload: bytes, seq: int | None, pattern: str | None = None
+    channel: str,
+    payload: bytes,
+    seq: int | None,
+    pattern: str | None = None,
+    publisher: Publisher = None,
 ) -> tuple[str, int]:
     """Encode one ``message`` frame: returns ``(text, utf8_byte_length)``.
 
-    ``pattern``: the wildcard subscription delivering it (``channel`` is concrete).
+    ``pattern``: the wildcard subscription delivering it (``channel`` is concrete);
+    ``publisher``: ``(user, client)`` from the message's NATS headers, or None.
     """
     data, encoding = payload_to_data(payload)
     raw = encode_frame(
-        Message(channel=channel, data=data, seq=seq, encoding=encoding, pattern=pattern)
+        Message(
+            channel=channel,
+            data=data,
+            seq=seq,
+            encoding=encoding,
+            pattern=pattern,
+            publisher=None if publisher is None else PublishedBy(*publisher),
+        )
     )
     return raw.decode(), len(raw)
 
@@ -143,8 +156,10 @@ def encode_message(
 def encode_stored(key: str, stored: StoredMessage) -> tuple[str, int]:
     """Encode a replayed message for the subscription ``key`` (a channel or a pattern)."""
     if is_pattern(key):
-        return encode_message(stored.channel or key, stored.payload, stored.seq, key)
-    return encode_message(key, stored.payload, stored.seq)
+        return encode_message(
+            stored.channel or key, stored.payload, stored.seq, key, stored.publisher
+        )
+    return encode_message(key, stored.payload, stored.seq, None, stored.publisher)
 
 
 def _send_frames(session: Member, frames: list[str]) -> None:
@@ -197,7 +212,12 @@ class Hub:
 
     # --- bus -> hub ------------------------------------------------------------------
     def dispatch(
-        self, channel: str, payload: bytes, seq: int | None, stamp: float | None = None
+        self,
+        channel: str,
+        payload: bytes,
+        seq: int | None,
+        stamp: float | None = None,
+        publisher: Publisher = None,
     ) -> None:
         """Deliver one NATS message to every local subscriber of ``channel``.
 
@@ -211,8 +231,11 @@ class Hub:
                 observed in ``pushsvc_delivery_latency_seconds`` (a write delay
                 comes on top). Frames buffered during a NATS outage are not
                 observed (their delay is the outage).
+            publisher: ``(user, client)`` who published it (the NATS headers
+                ``Pushsvc-User``/``Pushsvc-Client``), carried as the frame's
+                ``publisher``; None: not stamped.
         """
-        self.dispatch_pattern(channel, channel, payload, seq, stamp)
+        self.dispatch_pattern(channel, channel, payload, seq, stamp, publisher)
 
     def dispatch_pattern(
         self,
@@ -221,6 +244,7 @@ class Hub:
         payload: bytes,
         seq: int | None,
         stamp: float | None = None,
+        publisher: Publisher = None,
     ) -> None:
         """Deliver one NATS message of ``channel`` to the local subscribers of ``pattern``.
 
@@ -233,7 +257,7 @@ class Hub:
         if state is None:
             return
         frame, nbytes = encode_message(
-            channel, payload, seq, None if pattern == channel else pattern
+            channel, payload, seq, None if pattern == channel else pattern, publisher
         )
         self._received += 1
         if state.catchup is not None:
@@ -695,13 +719,20 @@ class Hub:
                 metrics.CHANNELS.dec()
         self._spawn(self.bus.release(channel))
 
-    async def publish(self, channel: str, payload: bytes, msg_id: str | None = None) -> int | None:
-        """Publish through the bus; returns the stream seq (None with history off).
+    async def publish(
+        self,
+        channel: str,
+        payload: bytes,
+        msg_id: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> int | None:
+        """Publish through the bus (with NATS ``headers``: the publisher's stamp);
+        returns the stream seq (None with history off).
 
         Raises:
             Unavailable: NATS did not take it.
         """
-        return await self.bus.publish(channel, payload, msg_id)
+        return await self.bus.publish(channel, payload, msg_id, headers)
 
     def broadcast(self, channel: str, frame: str, nbytes: int) -> None:
         """Hand one encoded non-message frame (join/leave) to ``channel``'s local sessions.

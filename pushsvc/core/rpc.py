@@ -46,11 +46,15 @@ from ..channels import InvalidChannel, validate_channel
 from ..config.settings import Settings
 from ..protocol import (
     BAD_REQUEST,
+    CLIENT_HEADER,
     FORBIDDEN,
+    INFO_HEADER,
     LIMIT_EXCEEDED,
+    NODE_HEADER,
     NOT_FOUND,
     TOO_LARGE,
     UNAVAILABLE,
+    USER_HEADER,
     Rpc,
     RpcResult,
     encode_frame,
@@ -67,10 +71,6 @@ MAX_METHOD_LABELS: Final = 1000  # distinct ``method`` label values; beyond: ``_
 _ERROR_CODE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 SERVICE_ERROR: Final = "error"
 
-USER_HEADER: Final = "Pushsvc-User"
-CLIENT_HEADER: Final = "Pushsvc-Client"
-NODE_HEADER: Final = "Pushsvc-Node"
-INFO_HEADER: Final = "Pushsvc-Info"
 
 _labels: set[str] = set()
 
