@@ -58,6 +58,7 @@ def streams_router(
         summary="Commands for an SSE / HTTP-streaming connection",
         status_code=202,
         response_model=None,
+        include_in_schema=False,  # documented in docs/protocol.md (SSE)
     )
     async def commands(request: Request) -> Response:
         """Apply commands to a stream session; the answers arrive on its stream."""
@@ -87,6 +88,7 @@ def streams_router(
         operation_id="sseTicket",
         summary="A single-use ticket for GET /sse",
         response_model=None,
+        include_in_schema=False,  # documented in docs/protocol.md (SSE)
     )
     async def ticket(request: Request) -> Response:
         """Mint a ticket for the bearer token (verified now and again at use)."""
