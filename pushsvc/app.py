@@ -36,7 +36,7 @@ from .api.probes import Readiness, probes_router
 from .api.streams import streams_router
 from .auth.revocations import RevocationStore
 from .auth.tokens import Authenticator, Revocation, parse_revocation
-from .bus import Bus, Publisher, Unavailable
+from .bus import Bus, Headers, Unavailable
 from .bus.nodes import NodeRequests
 from .bus.tickets import Tickets
 from .config.nats import NatsRefused, NatsSecurity
@@ -164,10 +164,10 @@ class Node:
         payload: bytes,
         seq: int | None,
         stamp: float | None,
-        publisher: Publisher = None,
+        headers: Headers = None,
     ) -> None:
         """The bus's ``on_message``: hand a live NATS message to the hub."""
-        self.hub.dispatch(channel, payload, seq, stamp, publisher)
+        self.hub.dispatch(channel, payload, seq, stamp, headers)
 
     def _control(self, payload: bytes) -> None:
         """A revocation from NATS: refuse the token(s) from now on, close their sessions.

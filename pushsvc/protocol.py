@@ -12,6 +12,7 @@ server encodes is guaranteed to contain no raw newline.
 from __future__ import annotations
 
 import base64
+from collections.abc import Mapping
 from typing import Annotated, Final
 
 import msgspec
@@ -63,6 +64,8 @@ USER_HEADER: Final = "Pushsvc-User"
 CLIENT_HEADER: Final = "Pushsvc-Client"
 NODE_HEADER: Final = "Pushsvc-Node"  # the node that took an ``rpc`` call
 INFO_HEADER: Final = "Pushsvc-Info"  # the caller's ``info`` claim (``rpc``)
+#: a connection (``welcome.client``) a message is not delivered to (its own no-echo publish)
+EXCLUDE_HEADER: Final = "Pushsvc-Exclude-Client"
 
 
 # --- error codes carried by ``error`` frames ------------------------------------
@@ -139,11 +142,14 @@ class Unsubscribe(msgspec.Struct, tag_field="op", tag="unsubscribe"):
 
 
 class Publish(msgspec.Struct, tag_field="op", tag="publish"):
-    """``{"op":"publish","channel":C,"data":ANY,"id":I?}``; ``data`` is kept as raw JSON."""
+    """``{"op":"publish","channel":C,"data":ANY,"id":I?,"echo":B?}``; ``data`` is kept
+    as raw JSON. ``echo: false``: not delivered back to this connection (every other
+    subscriber, the same user's other connections included, gets it)."""
 
     channel: str
     data: msgspec.Raw
     id: RequestId = None
+    echo: bool = True
 
 
 class Refresh(msgspec.Struct, tag_field="op", tag="refresh"):
@@ -220,6 +226,15 @@ class PublishedBy(msgspec.Struct, omit_defaults=True):
 
     user: str
     client: str | None = None
+
+
+def publisher_of(headers: Mapping[str, str] | None) -> PublishedBy | None:
+    """The ``publisher`` a NATS message's headers name (``Pushsvc-User``,
+    ``Pushsvc-Client``), or None when it carries no ``Pushsvc-User``."""
+    if not headers:
+        return None
+    user = headers.get(USER_HEADER)
+    return PublishedBy(user, headers.get(CLIENT_HEADER) or None) if user else None
 
 
 class Message(msgspec.Struct, tag_field="type", tag="message", omit_defaults=True):

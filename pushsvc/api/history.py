@@ -29,7 +29,7 @@ from ..auth.tokens import Authenticator
 from ..bus import Bus, Unavailable
 from ..channels import InvalidChannel, validate_channel
 from ..config.settings import Settings
-from ..protocol import MAX_SEQ, PublishedBy, payload_to_data, position_error
+from ..protocol import MAX_SEQ, PublishedBy, payload_to_data, position_error, publisher_of
 from .errors import HTTPError, json_response
 from .openapi import CHANNEL_SCHEMA, SECURITY, declare, errors, json_body, ref
 
@@ -113,8 +113,9 @@ def history_router(settings: Settings, bus: Bus, auth: Authenticator) -> APIRout
         items = []
         for m in page.messages:
             data, encoding = payload_to_data(m.payload)
-            publisher = None if m.publisher is None else PublishedBy(*m.publisher)
-            items.append(HistoryItem(seq=m.seq, data=data, encoding=encoding, publisher=publisher))
+            items.append(
+                HistoryItem(m.seq, data, encoding=encoding, publisher=publisher_of(m.headers))
+            )
         body = HistoryPage(
             channel, page.recovered, page.last_seq, page.more, items, epoch=page.epoch
         )

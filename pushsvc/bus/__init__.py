@@ -1,7 +1,7 @@
 """The NATS side of a node: :class:`Bus` and the parts it is made of.
 
 The bus never touches sockets. It hands every live message to one callback,
-``on_message(channel, payload, seq, stamp, publisher)``, which ``app.py`` wires to the hub.
+``on_message(channel, payload, seq, stamp, headers)``, which ``app.py`` wires to the hub.
 
 Subjects (``prefix`` = ``PUSHSVC_SUBJECT_PREFIX``, default ``push``):
 
@@ -46,7 +46,7 @@ from .natsconn import connect_failure
 from .reads import History, StoredMessage
 from .requests import ERROR_HEADER, Handler, NoResponders, Reply, Request, RequestTimeout, Responder
 from .stream import epoch_of, stream_time
-from .subscriptions import MessageHandler, PatternHandler, Publisher
+from .subscriptions import Headers, MessageHandler, PatternHandler
 
 __all__ = [
     "ERROR_HEADER",
@@ -55,11 +55,11 @@ __all__ = [
     "ControlHandler",
     "EventHandler",
     "Handler",
+    "Headers",
     "History",
     "MessageHandler",
     "NoResponders",
     "PatternHandler",
-    "Publisher",
     "Reply",
     "Request",
     "RequestTimeout",

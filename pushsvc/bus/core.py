@@ -40,9 +40,9 @@ class Bus:
 
     Args:
         settings: NATS URL(s), prefix, stream and history settings, timeouts.
-        on_message: called with ``(channel, payload, seq, stamp, publisher)`` for
+        on_message: called with ``(channel, payload, seq, stamp, headers)`` for
             every live message of a channel this node holds (``stamp``: stream time,
-            Unix seconds, or None; ``publisher``: ``(user, client)`` or None); must
+            Unix seconds, or None; ``headers``: the NATS headers or None); must
             not block (it runs on the NATS subscription's
             task).
         on_control: called with the raw payload of each control message.
@@ -244,7 +244,7 @@ class Bus:
 
     @property
     def on_pattern_message(self) -> PatternHandler | None:
-        """Called with ``(pattern, channel, payload, seq, stamp, publisher)`` for every live
+        """Called with ``(pattern, channel, payload, seq, stamp, headers)`` for every live
         message of a wildcard subscription (:meth:`acquire` of a pattern); must
         not block."""
         return self.live.on_pattern_message

@@ -30,7 +30,6 @@ from ..channels import channel_for, is_pattern, pattern_reaches, subject_for
 from .connection import Connection
 from .errors import Unavailable
 from .stream import Streams
-from .subscriptions import Publisher, publisher_of
 
 READ_BATCH = 256  # messages per JetStream batch direct get
 
@@ -38,13 +37,13 @@ READ_BATCH = 256  # messages per JetStream batch direct get
 @dataclass
 class StoredMessage:
     """A message read back from the stream: stream ``seq``, raw ``payload`` bytes, its
-    concrete ``channel`` (None when not known) and its ``publisher`` ``(user, client)``
-    from the stored ``Pushsvc-User``/``Pushsvc-Client`` headers (None: none stored)."""
+    concrete ``channel`` (None when not known) and the NATS ``headers`` it was stored
+    with (None: none; pushsvc's own, e.g. ``Pushsvc-User``, are read by the hub)."""
 
     seq: int
     payload: bytes
     channel: str | None = None
-    publisher: Publisher = None
+    headers: dict[str, str] | None = None
 
 
 @dataclass
@@ -257,9 +256,8 @@ class Reader:
                         if not messages:
                             pending = int((raw.headers or {}).get("Nats-Num-Pending", 0)) + 1
                         channel = channel_for(self.conn.prefix, raw.subject)
-                        publisher = publisher_of(raw.headers) if raw.headers else None
                         messages.append(
-                            StoredMessage(raw.seq or 0, raw.data or b"", channel, publisher)
+                            StoredMessage(raw.seq or 0, raw.data or b"", channel, raw.headers)
                         )
                         if len(messages) >= limit:
                             break

@@ -22,26 +22,19 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from ..channels import channel_for, is_pattern, pattern_reaches, subject_for
-from ..protocol import CLIENT_HEADER, USER_HEADER
 from .connection import Connection, confirm
 from .errors import Unavailable
 from .stream import stream_time
 
-#: who published a message: ``(user, client)`` from the headers ``Pushsvc-User`` and
-#: ``Pushsvc-Client`` (``client`` None for an emit), or None when it carries neither
-Publisher = tuple[str, str | None] | None
-#: ``(channel, payload, seq, stamp, publisher)``: ``stamp`` is the message's stream
+#: a message's NATS headers as nats-py gives them (None: no headers): the hub reads
+#: pushsvc's own (``Pushsvc-User``...: :func:`pushsvc.protocol.publisher_of`)
+Headers = dict[str, str] | None
+#: ``(channel, payload, seq, stamp, headers)``: ``stamp`` is the message's stream
 #: time (Unix seconds, from the republished ``Nats-Time-Stamp`` header) or None.
-MessageHandler = Callable[[str, bytes, int | None, float | None, Publisher], None]
-#: ``(pattern, channel, payload, seq, stamp, publisher)``: a message of a wildcard
+MessageHandler = Callable[[str, bytes, int | None, float | None, Headers], None]
+#: ``(pattern, channel, payload, seq, stamp, headers)``: a message of a wildcard
 #: subscription.
-PatternHandler = Callable[[str, str, bytes, int | None, float | None, Publisher], None]
-
-
-def publisher_of(headers: dict[str, str]) -> Publisher:
-    """The publisher a message's NATS headers name (``Pushsvc-User``, ``Pushsvc-Client``)."""
-    user = headers.get(USER_HEADER)
-    return None if not user else (user, headers.get(CLIENT_HEADER) or None)
+PatternHandler = Callable[[str, str, bytes, int | None, float | None, Headers], None]
 
 
 @dataclass
@@ -56,13 +49,13 @@ class LiveSubscriptions:
 
     Args:
         conn: the node's shared :class:`~pushsvc.bus.connection.Connection`.
-        on_message: called with ``(channel, payload, seq, stamp, publisher)`` for
+        on_message: called with ``(channel, payload, seq, stamp, headers)`` for
             every live message of a channel held; must not block (it runs on the
             NATS subscription's task).
 
     Attributes:
         on_pattern_message: called with ``(pattern, channel, payload, seq, stamp,
-            publisher)`` for every live message of a wildcard subscription; must
+            headers)`` for every live message of a wildcard subscription; must
             not block.
     """
 
@@ -167,14 +160,7 @@ class LiveSubscriptions:
                 if headers:
                     seq = headers.get("Nats-Sequence")
                     stamp = stream_time(headers.get("Nats-Time-Stamp"))
-                    user = headers.get(USER_HEADER)
-                    on_message(
-                        channel,
-                        msg.data,
-                        int(seq) if seq else None,
-                        stamp,
-                        (user, headers.get(CLIENT_HEADER) or None) if user else None,
-                    )
+                    on_message(channel, msg.data, int(seq) if seq else None, stamp, headers)
                 else:
                     on_message(channel, msg.data, None, None, None)
                 drained()
@@ -182,10 +168,7 @@ class LiveSubscriptions:
         else:
 
             async def cb(msg: Msg) -> None:
-                headers = msg.headers
-                on_message(
-                    channel, msg.data, None, None, publisher_of(headers) if headers else None
-                )
+                on_message(channel, msg.data, None, None, msg.headers)
                 drained()
 
         return cb
@@ -218,16 +201,14 @@ class LiveSubscriptions:
             if channel is None or not pattern_reaches(pattern, channel):
                 drained()
                 return
-            seq = stamp = publisher = None
+            seq = stamp = None
             headers = msg.headers
-            if headers:
-                if history:
-                    raw = headers.get("Nats-Sequence")
-                    seq = int(raw) if raw else None
-                    stamp = stream_time(headers.get("Nats-Time-Stamp"))
-                publisher = publisher_of(headers)
+            if history and headers:
+                raw = headers.get("Nats-Sequence")
+                seq = int(raw) if raw else None
+                stamp = stream_time(headers.get("Nats-Time-Stamp"))
             if self.on_pattern_message is not None:
-                self.on_pattern_message(pattern, channel, msg.data, seq, stamp, publisher)
+                self.on_pattern_message(pattern, channel, msg.data, seq, stamp, headers)
             drained()
 
         return cb

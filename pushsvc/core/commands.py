@@ -19,6 +19,7 @@ from ..protocol import (
     BAD_REQUEST,
     CLIENT_HEADER,
     CLOSE_UNAUTHORIZED,
+    EXCLUDE_HEADER,
     FORBIDDEN,
     INVALID_CHANNEL,
     LIMIT_EXCEEDED,
@@ -172,7 +173,9 @@ async def publish(conn: Connection, cmd: Publish) -> None:
 
     The NATS message carries ``Pushsvc-User`` (the token's ``sub``) and
     ``Pushsvc-Client`` (this connection), set here and never taken from the
-    client: delivered frames and history reads show them as ``publisher``.
+    client: delivered frames and history reads show them as ``publisher``. With
+    ``echo: false`` it also carries ``Pushsvc-Exclude-Client`` naming this
+    connection, which the hub does not hand it to (history still holds it).
     """
     try:
         channel = validate_channel(cmd.channel)
@@ -183,6 +186,8 @@ async def publish(conn: Connection, cmd: Publish) -> None:
         conn.refuse(FORBIDDEN, f"not allowed to publish to {channel}", cmd.id)
         return
     stamp = {USER_HEADER: conn.principal.sub, CLIENT_HEADER: conn.id}
+    if not cmd.echo:
+        stamp[EXCLUDE_HEADER] = conn.id
     try:
         seq = await conn.hub.publish(channel, bytes(cmd.data), headers=stamp)
     except Unavailable as exc:

@@ -45,16 +45,18 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from .. import metrics
-from ..bus import Bus, Publisher, StoredMessage, Unavailable
+from ..bus import Bus, Headers, StoredMessage, Unavailable
 from ..channels import is_pattern
 from ..protocol import (
     CLOSE_SERVICE_RESTART,
     CLOSE_UNAUTHORIZED,
+    EXCLUDE_HEADER,
     Message,
     PublishedBy,
     Subscribed,
     encode_frame,
     payload_to_data,
+    publisher_of,
 )
 from .flight import FAN_OUT_SLICE, Flight
 from .member import Member
@@ -93,6 +95,10 @@ class _Channel:
         catchup_since: ``last_seq`` when the connection dropped.
         catchup_seen: the highest seq the node had delivered on any channel when
             the connection dropped: everything of this channel up to it arrived.
+        skip: live sessions the batch holds frames for that they must not get (a
+            message naming them in ``Pushsvc-Exclude-Client``: their own no-echo
+            publish): the indexes of those frames; handed the rest through their
+            own buffer at the flush, as ``late`` sessions are.
     """
 
     __slots__ = (
@@ -108,6 +114,7 @@ class _Channel:
         "last_seq",
         "late",
         "pending",
+        "skip",
     )
 
     def __init__(self) -> None:
@@ -118,11 +125,13 @@ class _Channel:
         # live sessions that joined while the batch had frames: the index of the
         # first frame they are owed (they were not subscribed for the ones before)
         self.late: dict[Member, int] = {}
+        self.skip: dict[Member, list[int]] = {}
         self.clients: set[Member] = set()
         self.boxes: tuple[Outbox, ...] | None = None
         self.pending: dict[Member, _Recovery] = {}
         self.last_seq: int | None = None
-        self.catchup: list[tuple[int | None, str, int]] | None = None
+        # (seq, frame, nbytes, the session not to hand it to or None)
+        self.catchup: list[tuple[int | None, str, int, Member | None]] | None = None
         self.catchup_since: int | None = None
         self.catchup_seen = 0
 
@@ -132,12 +141,13 @@ def encode_message(
     payload: bytes,
     seq: int | None,
     pattern: str | None = None,
-    publisher: Publisher = None,
+    publisher: PublishedBy | None = None,
 ) -> tuple[str, int]:
     """Encode one ``message`` frame: returns ``(text, utf8_byte_length)``.
 
     ``pattern``: the wildcard subscription delivering it (``channel`` is concrete);
-    ``publisher``: ``(user, client)`` from the message's NATS headers, or None.
+    ``publisher``: who published it (:func:`~pushsvc.protocol.publisher_of` of its
+    NATS headers), or None.
     """
     data, encoding = payload_to_data(payload)
     raw = encode_frame(
@@ -147,7 +157,7 @@ def encode_message(
             seq=seq,
             encoding=encoding,
             pattern=pattern,
-            publisher=None if publisher is None else PublishedBy(*publisher),
+            publisher=publisher,
         )
     )
     return raw.decode(), len(raw)
@@ -157,9 +167,16 @@ def encode_stored(key: str, stored: StoredMessage) -> tuple[str, int]:
     """Encode a replayed message for the subscription ``key`` (a channel or a pattern)."""
     if is_pattern(key):
         return encode_message(
-            stored.channel or key, stored.payload, stored.seq, key, stored.publisher
+            stored.channel or key, stored.payload, stored.seq, key, publisher_of(stored.headers)
         )
-    return encode_message(key, stored.payload, stored.seq, None, stored.publisher)
+    return encode_message(key, stored.payload, stored.seq, None, publisher_of(stored.headers))
+
+
+def _owed(batch: list[str], start: int, skipped: list[int] | None) -> list[str]:
+    """The frames of ``batch`` a session is owed: from ``start``, less ``skipped`` indexes."""
+    if not skipped:
+        return batch[start:]
+    return [f for i, f in enumerate(batch) if i >= start and i not in skipped]
 
 
 def _send_frames(session: Member, frames: list[str]) -> None:
@@ -198,6 +215,7 @@ class Hub:
         self._channels: dict[str, _Channel] = {}
         self.users: dict[str, set[Member]] = {}
         self.clients: set[Member] = set()
+        self._by_id: dict[str, Member] = {}  # client id -> session (Pushsvc-Exclude-Client)
         self._background: set[asyncio.Task[None]] = set()
         #: membership observers (presence, join/leave): each is called with
         #: ``(session, channel)`` when a session has joined (NATS interest
@@ -217,7 +235,7 @@ class Hub:
         payload: bytes,
         seq: int | None,
         stamp: float | None = None,
-        publisher: Publisher = None,
+        headers: Headers = None,
     ) -> None:
         """Deliver one NATS message to every local subscriber of ``channel``.
 
@@ -231,11 +249,12 @@ class Hub:
                 observed in ``pushsvc_delivery_latency_seconds`` (a write delay
                 comes on top). Frames buffered during a NATS outage are not
                 observed (their delay is the outage).
-            publisher: ``(user, client)`` who published it (the NATS headers
-                ``Pushsvc-User``/``Pushsvc-Client``), carried as the frame's
-                ``publisher``; None: not stamped.
+            headers: the message's NATS headers (None: none): ``Pushsvc-User`` /
+                ``Pushsvc-Client`` become the frame's ``publisher``; a local session
+                named by ``Pushsvc-Exclude-Client`` does not get the message (every
+                other subscriber does).
         """
-        self.dispatch_pattern(channel, channel, payload, seq, stamp, publisher)
+        self.dispatch_pattern(channel, channel, payload, seq, stamp, headers)
 
     def dispatch_pattern(
         self,
@@ -244,7 +263,7 @@ class Hub:
         payload: bytes,
         seq: int | None,
         stamp: float | None = None,
-        publisher: Publisher = None,
+        headers: Headers = None,
     ) -> None:
         """Deliver one NATS message of ``channel`` to the local subscribers of ``pattern``.
 
@@ -256,14 +275,18 @@ class Hub:
         state = self._channels.get(pattern)
         if state is None:
             return
+        publisher = skip = None
+        if headers:
+            publisher = publisher_of(headers)
+            skip = self._skip_of(headers)
         frame, nbytes = encode_message(
             channel, payload, seq, None if pattern == channel else pattern, publisher
         )
         self._received += 1
         if state.catchup is not None:
-            state.catchup.append((seq, frame, nbytes))
+            state.catchup.append((seq, frame, nbytes, skip))
         else:
-            self._deliver(state, seq, frame, nbytes)
+            self._deliver(state, seq, frame, nbytes, skip)
             if stamp is not None:
                 self._latencies.append(time.time() - stamp)
         if self._metrics_handle is None:
@@ -295,11 +318,19 @@ class Hub:
         for latency in latencies:
             observe(max(0.0, latency))
 
-    def _deliver(self, state: _Channel, seq: int | None, frame: str, nbytes: int) -> None:
+    def _skip_of(self, headers: Headers) -> Member | None:
+        """The local session a message's ``Pushsvc-Exclude-Client`` header names, if any."""
+        excluded = headers.get(EXCLUDE_HEADER) if headers else None
+        return self._by_id.get(excluded) if excluded else None
+
+    def _deliver(
+        self, state: _Channel, seq: int | None, frame: str, nbytes: int, skip: Member | None = None
+    ) -> None:
         """Add one encoded frame to the live set's batch; hand it to recovering sessions.
 
         Recovering sessions (``pending``) get it through :meth:`Member.send` once
-        past their seam, joining the live set then.
+        past their seam, joining the live set then. ``skip``: a session not to hand
+        it to (the message's ``Pushsvc-Exclude-Client``).
         """
         if seq is not None and (state.last_seq is None or seq > state.last_seq):
             state.last_seq = seq
@@ -317,6 +348,9 @@ class Hub:
             else:
                 batch.append(frame)
                 state.batch_bytes = nbytes
+            if skip is not None and skip in state.clients:
+                state.skip.setdefault(skip, []).append(len(state.batch) - 1)
+                delivered -= 1
             if not state.flush_scheduled:
                 state.flush_scheduled = True
                 self._dirty.append(state)
@@ -324,6 +358,8 @@ class Hub:
                     self._schedule_flush()
         if state.pending:
             for session, rec in list(state.pending.items()):
+                if session is skip:
+                    continue
                 if rec.buffer is not None:
                     rec.buffer.append((seq, frame, nbytes))
                 elif seq is None or seq > rec.threshold:
@@ -386,16 +422,19 @@ class Hub:
         late = state.late
         if late:
             state.late = {}
+        skip = state.skip
+        if skip:
+            state.skip = {}
         if not batch:
             return
         nbytes = state.batch_bytes
         state.batch = []
         state.batch_bytes = 0
         text = batch[0] if len(batch) == 1 else "\n".join(batch)
-        if late:
-            sessions = tuple(s.outbox for s in state.clients if s not in late)
-            for session, start in late.items():
-                _send_frames(session, batch[start:])
+        if late or skip:
+            sessions = tuple(s.outbox for s in state.clients if s not in late and s not in skip)
+            for session in {**late, **skip}:
+                _send_frames(session, _owed(batch, late.get(session, 0), skip.get(session)))
         else:
             sessions = state.boxes
             if sessions is None:
@@ -445,6 +484,7 @@ class Hub:
     def _leave(self, state: _Channel, session: Member) -> None:
         """Remove ``session`` from the live set, handing it what the batch owes it first."""
         start = state.late.pop(session, 0)
+        skipped = state.skip.pop(session, None)
         member = session in state.clients
         flight = state.flight
         if member and flight is not None:
@@ -452,7 +492,7 @@ class Hub:
             if owed is not None and not session.closed:
                 session.send(*owed)
         if state.batch and member and not session.closed:
-            _send_frames(session, state.batch[start:])
+            _send_frames(session, _owed(state.batch, start, skipped))
         state.clients.discard(session)
         state.boxes = None
 
@@ -565,11 +605,12 @@ class Hub:
         buffered, state.catchup = state.catchup, None
         threshold = since or 0
         for stored in replay:
-            self._deliver(state, stored.seq, *encode_stored(channel, stored))
+            frame, nbytes = encode_stored(channel, stored)
+            self._deliver(state, stored.seq, frame, nbytes, self._skip_of(stored.headers))
             threshold = stored.seq
-        for seq, frame, nbytes in buffered:
+        for seq, frame, nbytes, skip in buffered:
             if since is None or seq is None or seq > threshold:
-                self._deliver(state, seq, frame, nbytes)
+                self._deliver(state, seq, frame, nbytes, skip)
         metrics.REPLAYED.inc(len(replay))
         if replay:
             log.info("caught up %s: %d message(s) missed during the outage", channel, len(replay))
@@ -616,6 +657,7 @@ class Hub:
     def add_client(self, session: Member) -> None:
         """Register an authenticated session."""
         self.clients.add(session)
+        self._by_id[session.id] = session
         self.users.setdefault(session.principal.sub, set()).add(session)
         metrics.CONNECTIONS.labels(session.transport.name).inc()
 
@@ -624,6 +666,8 @@ class Hub:
         if session not in self.clients:
             return
         self.clients.discard(session)
+        if self._by_id.get(session.id) is session:
+            del self._by_id[session.id]
         metrics.CONNECTIONS.labels(session.transport.name).dec()
         users = self.users.get(session.principal.sub)
         if users is not None:
