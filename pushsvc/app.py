@@ -34,6 +34,7 @@ from .api.openapi import ErrorBody, install, ref, text_body
 from .api.presence import presence_router
 from .api.probes import Readiness, probes_router
 from .api.streams import streams_router
+from .auth.callouts import Callouts
 from .auth.revocations import RevocationStore
 from .auth.tokens import Authenticator, Revocation, parse_revocation
 from .bus import Bus, Headers, Unavailable
@@ -91,6 +92,8 @@ class Node:
             on_control=self._control,
             name=self.connection_name,
         )
+        # connect/subscribe callouts over NATS (PUSHSVC_*_AUTH_SUBJECT; none: off)
+        Callouts(settings, self.bus.requests).install(self.auth)
         self.hub = Hub(
             self.bus, write_delay=settings.write_delay, coalesce_bytes=settings.coalesce_bytes
         )

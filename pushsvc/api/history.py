@@ -25,7 +25,7 @@ from fastapi import APIRouter, Path, Query, Request
 from fastapi.responses import Response
 
 from ..auth.credentials import reader
-from ..auth.tokens import Authenticator
+from ..auth.tokens import Authenticator, AuthError
 from ..bus import Bus, Unavailable
 from ..channels import InvalidChannel, validate_channel
 from ..config.settings import Settings
@@ -98,7 +98,12 @@ def history_router(settings: Settings, bus: Bus, auth: Authenticator) -> APIRout
             except InvalidChannel as exc:
                 raise HTTPError(422, "invalid_channel", str(exc)) from None
             if not (principal is None or principal.can_subscribe(channel)):
-                raise HTTPError(403, "forbidden", f"not allowed to read {channel}")
+                try:  # the subscribe callout may allow what the grants do not
+                    allowed = await auth.may_subscribe(principal, None, channel)
+                except AuthError as exc:
+                    raise HTTPError(503, "unavailable", str(exc), retry_after=5) from None
+                if not allowed:
+                    raise HTTPError(403, "forbidden", f"not allowed to read {channel}")
             after = 0 if since is None else _count(since, "since", 0)
             if (problem := position_error(None, epoch)) is not None:
                 raise HTTPError(400, "bad_request", problem)

@@ -13,7 +13,7 @@ from typing import Protocol
 from .. import metrics
 from ..auth.tokens import Authenticator, AuthError, Principal
 from ..bus import Unavailable
-from ..channels import InvalidChannel, validate_channel
+from ..channels import InvalidChannel, is_valid_channel, validate_channel
 from ..config.settings import Settings
 from ..protocol import (
     BAD_REQUEST,
@@ -79,7 +79,7 @@ async def handle(conn: Connection, cmd: Command) -> None:
     elif isinstance(cmd, Publish):
         await publish(conn, cmd)
     elif isinstance(cmd, Refresh):
-        refresh(conn, cmd)
+        await refresh(conn, cmd)
     elif isinstance(cmd, Presence | PresenceStats):
         await presence(conn, cmd)
     elif isinstance(cmd, Rpc):
@@ -99,7 +99,12 @@ async def subscribe(conn: Connection, cmd: Subscribe) -> None:
     except InvalidChannel as exc:
         conn.refuse(INVALID_CHANNEL, str(exc), cmd.id)
         return
-    if not conn.principal.can_subscribe(channel):
+    try:
+        allowed = await may_read(conn, conn.principal, channel)
+    except AuthError as exc:  # the subscribe callout did not answer
+        conn.refuse(UNAVAILABLE, str(exc), cmd.id)
+        return
+    if not allowed:
         conn.refuse(FORBIDDEN, f"not allowed to subscribe to {channel}", cmd.id)
         return
     if channel in conn.channels:
@@ -116,6 +121,18 @@ async def subscribe(conn: Connection, cmd: Subscribe) -> None:
         await conn.hub.subscribe(conn, channel, cmd.since, cmd.id, cmd.epoch)
     except Unavailable as exc:
         conn.refuse(UNAVAILABLE, str(exc), cmd.id)
+
+
+async def may_read(conn: Connection, principal: Principal, channel: str) -> bool:
+    """``principal`` may subscribe to (or read the presence of) ``channel``: its grants
+    cover it, or the subscribe callout (``PUSHSVC_SUBSCRIBE_AUTH_SUBJECT``) says yes.
+
+    Raises:
+        AuthError: the callout did not answer (``callout_unavailable``).
+    """
+    return principal.can_subscribe(channel) or await conn.auth.may_subscribe(
+        principal, conn.id, channel
+    )
 
 
 async def server_subscribe(conn: Connection, channels: list[str]) -> None:
@@ -211,8 +228,18 @@ async def presence(conn: Connection, cmd: Presence | PresenceStats) -> None:
         return
     stats = isinstance(cmd, PresenceStats)
     limit = 0 if stats else conn.settings.presence_limit
+    reader: Principal | None = conn.principal
+    if isinstance(channel, str) and not conn.principal.can_see_presence(channel):
+        try:  # the subscribe callout may allow it (then read without the grant check)
+            if is_valid_channel(channel) and await conn.auth.may_subscribe(
+                conn.principal, conn.id, channel
+            ):
+                reader = None
+        except AuthError as exc:
+            conn.refuse(UNAVAILABLE, str(exc), cmd.id)
+            return
     try:
-        snap = await conn.presence.read_for(conn.principal, channel, limit)
+        snap = await conn.presence.read_for(reader, channel, limit)
     except PresenceRefused as exc:
         conn.refuse(exc.code, str(exc), cmd.id)
         return
@@ -235,8 +262,9 @@ async def presence(conn: Connection, cmd: Presence | PresenceStats) -> None:
     )
 
 
-def refresh(conn: Connection, cmd: Refresh) -> None:
-    """``refresh``: a new token for the same user; channels it no longer grants are left.
+async def refresh(conn: Connection, cmd: Refresh) -> None:
+    """``refresh``: a new token for the same user; channels it no longer grants (nor
+    the subscribe callout allows) are left.
 
     A bad token, or one for another user, closes with 4001.
     """
@@ -251,7 +279,13 @@ def refresh(conn: Connection, cmd: Refresh) -> None:
         return
     conn.reprincipal(principal)
     for channel in sorted(conn.channels):
-        if not principal.can_subscribe(channel):
+        try:
+            allowed = await may_read(conn, principal, channel)
+        except AuthError:  # the callout is away: keep what it allowed before
+            allowed = True
+        if conn.closed:
+            return
+        if not allowed and channel in conn.channels:
             conn.hub.unsubscribe(conn, channel)
             conn.send_frame(Unsubscribed(channel=channel, reason=FORBIDDEN))
     conn.send_frame(Refreshed(exp=principal.exp, id=cmd.id))
