@@ -447,16 +447,12 @@ SubscribeCallout = Callable[[Principal, "str | None", str], Awaitable[bool]]
 
 
 def is_jwt(credential: str) -> bool:
-    """True when ``credential`` has the shape of a JWS compact serialization (RFC 7515
-    7.1: a base64url JSON header, payload, signature), as PyJWT parses it; checked
-    without verifying anything."""
-    if credential.count(".") != 2:
-        return False
+    """True when ``credential`` is shaped as a JWS compact serialization (RFC 7515 7.1), as
+    PyJWT parses it (nothing verified)."""
     try:
-        jwt.get_unverified_header(credential)
+        return credential.count(".") == 2 and bool(jwt.get_unverified_header(credential))
     except jwt.InvalidTokenError:
         return False
-    return True
 
 
 def principal_of(claims: dict[str, Any], *, default_exp: float | None = None) -> Principal:
