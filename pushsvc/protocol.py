@@ -141,7 +141,7 @@ class Unsubscribe(msgspec.Struct, tag_field="op", tag="unsubscribe"):
     id: RequestId = None
 
 
-class Publish(msgspec.Struct, tag_field="op", tag="publish"):
+class Publish(msgspec.Struct, tag_field="op", tag="publish", omit_defaults=True):
     """``{"op":"publish","channel":C,"data":ANY,"id":I?,"echo":B?}``; ``data`` is kept
     as raw JSON. ``echo: false``: not delivered back to this connection (every other
     subscriber, the same user's other connections included, gets it)."""

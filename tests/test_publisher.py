@@ -217,3 +217,34 @@ async def test_hub_skips_excluded_frames_inside_one_batch():
     await asyncio.sleep(0)
     assert (data(s1), data(s2), data(s3)) == ([6], [5, 6], [5, 6])
     await hub.wait_idle()
+
+
+async def test_python_client_publisher_echo_false_and_resume(start_server, nats_url, channel):
+    """pushsvc.client: ``Message.publisher``; ``publish(echo=False)`` is neither delivered
+    back nor replayed by the resume after a server restart (a new client id)."""
+    from helpers import until
+
+    from pushsvc import Publisher
+    from pushsvc.client import Client
+
+    srv = await start_server()
+    port = srv.settings.port
+    token = srv.token("ann", channels=[channel], publish=[channel])
+    async with Client(srv.base, token=token) as client, Publisher(nats_url) as pub:
+        sub = await client.subscribe(channel)
+        await pub.publish(channel, {"n": 1})
+        first = await asyncio.wait_for(sub.__anext__(), 10)
+        assert first.publisher is None
+        own = await client.publish(channel, {"n": 2}, echo=False)
+        assert own is not None and sub.own == {own}
+        await srv.stop()  # 1012: the client reconnects and resumes from seq 1
+        await until(lambda: client.state == "connecting")
+        await start_server(port=port)
+        await pub.publish(channel, {"n": 3})
+        third = await asyncio.wait_for(sub.__anext__(), 60)
+        assert third.data == {"n": 3} and sub.duplicates == 1 and not sub.own
+        await client.publish(channel, {"n": 4})
+        fourth = await asyncio.wait_for(sub.__anext__(), 10)
+        assert fourth.data == {"n": 4} and fourth.publisher is not None
+        assert fourth.publisher.user == "ann"
+        assert fourth.to_frame()["publisher"] == {"user": "ann", "client": fourth.publisher.client}

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import jwt
+import pytest
 from conftest import SECRET
 from test_sse import sse
 
@@ -268,3 +269,30 @@ async def test_rpc_over_sse_commands(start_server, http, nc, channel):
         assert result["data"] == {"type": "rpc_result", "id": 1, "data": {"got": [1]}}
         errors = [(await events.next("error"))["data"] for _ in range(2)]
         assert {e["id"]: e["code"] for e in errors} == {2: "denied", 3: "forbidden"}
+
+
+async def test_python_client_rpc(start_server, nc):
+    from pushsvc.client import Client, CommandError
+
+    srv = await start_server()
+    name = method()
+
+    async def service(msg: Any) -> None:
+        body = json.loads(msg.data)
+        if body == "bytes":
+            await msg.respond(b"\xff\x00")
+        else:
+            await msg.respond(json.dumps({"got": body}).encode())
+
+    await nc.subscribe(f"push-rpc.{name}", cb=service)
+    await nc.flush()
+    async with Client(srv.base, token=srv.token(extra={"rpc": [name.split(".")[0] + ".*"]})) as c:
+        assert await c.rpc(name, {"a": 1}) == {"got": {"a": 1}}
+        assert await c.rpc(name) == {"got": None}
+        assert await c.rpc(name, "bytes") == b"\xff\x00"
+        with pytest.raises(CommandError) as info:
+            await c.rpc(name.split(".")[0] + ".missing")
+        assert info.value.code == "not_found"
+        with pytest.raises(CommandError) as info:
+            await c.rpc("elsewhere.x")
+        assert info.value.code == "forbidden"
