@@ -33,6 +33,7 @@ from .api.history import history_router
 from .api.openapi import ErrorBody, install, ref, text_body
 from .api.presence import presence_router
 from .api.probes import Readiness, probes_router
+from .api.serverapi import server_api_router
 from .auth.revocations import RevocationStore
 from .auth.tokens import Authenticator, Revocation, parse_revocation
 from .bus import Bus, Unavailable
@@ -47,6 +48,8 @@ from .logs import install_redaction
 from .protocol import CLOSE_SERVICE_RESTART
 from .server.drain import SigtermDelay
 from .server.embedded import EmbeddedNats, start_default
+from .serverapi.cluster import ServerAPI
+from .serverapi.local import LocalOps
 from .ws.endpoint import WebSocketEndpoint
 
 log = logging.getLogger("pushsvc")
@@ -116,6 +119,10 @@ class Node:
             self.command_buckets,
             self.admission,
             presence=self.presence,
+        )
+        #: the cluster-wide server API (NATS <prefix>-api.<op>, POST /api/<op>)
+        self.server_api = ServerAPI(
+            settings, self.bus, LocalOps(settings, self.hub, self.hub.node_id), self.presence
         )
         self.embedded: EmbeddedNats | None = None
         #: revocations kept in NATS (history on), shared by every node
@@ -222,6 +229,11 @@ class Node:
                 raise
             self.revocations = store
         await self.presence.start()
+        try:
+            await self.server_api.start()
+        except Unavailable:
+            await self.bus.close()
+            raise
         self.started = True
         metrics.INFO.labels(self.name, __version__).set(1)
         if self.settings.drain_delay > 0:
@@ -245,6 +257,7 @@ class Node:
         """
         self.draining = self.stopping = True
         self._sigterm.uninstall()
+        await self.server_api.stop()
         if self.hub.clients:
             log.info(
                 "closing sessions: service restart (1012)",
@@ -310,6 +323,7 @@ class Node:
         router.include_router(emit_router(settings, self.hub, self.auth, self.emit_buckets))
         router.include_router(history_router(settings, self.bus, self.auth))
         router.include_router(presence_router(settings, self.presence, self.auth))
+        router.include_router(server_api_router(settings, self.server_api, self.auth))
 
         router.include_router(probes_router(self.readiness))
 

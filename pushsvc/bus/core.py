@@ -69,7 +69,8 @@ class Bus:
     - history: ``history(channel, since, limit, *, seen, epoch)``,
       ``channel_last_seq(channel)`` (:class:`~pushsvc.bus.reads.Reader`);
     - KV buckets: ``key_value(bucket, ttl, *, storage, description)``,
-      ``scan_kv(bucket, keys)``, ``kv_put(bucket, key, value, *, ttl, msg_id)``
+      ``scan_kv(bucket, keys)``, ``kv_put(bucket, key, value, *, ttl, msg_id)``,
+      ``kv_entries(bucket, keys, *, timeout)``, ``kv_delete(bucket, key)``
       (:class:`~pushsvc.bus.kv.KeyValueStore`);
     - channel events: ``events_subject(channel)``, ``publish_event(channel,
       payload)``, ``acquire_events(channel)``, ``release_events(channel)``
@@ -112,6 +113,8 @@ class Bus:
         self.key_value = self.kv.key_value
         self.scan_kv = self.kv.scan
         self.kv_put = self.kv.put
+        self.kv_entries = self.kv.entries
+        self.kv_delete = self.kv.delete
         self.events_subject = self.events.subject
         self.publish_event = self.events.publish
         self.acquire_events = self.events.acquire

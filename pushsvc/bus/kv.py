@@ -9,11 +9,13 @@ every call raises :class:`~pushsvc.bus.errors.Unavailable`.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 
 import nats.errors
 import nats.js.errors
+from jetstreamext import InvalidResponseError
 from nats.js.api import KeyValueConfig, RawStreamMsg, StorageType
 from nats.js.kv import KeyValue
 
@@ -132,3 +134,52 @@ class KeyValueStore:
             )
         except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
             raise Unavailable(f"{bucket} write failed ({type(exc).__name__})") from None
+
+    async def entries(self, bucket: str, keys: str, *, timeout: float) -> list[tuple[str, bytes]]:
+        """The live entries of ``bucket`` whose key matches ``keys``: ``[(key, value)]``.
+
+        :meth:`scan` with delete/purge markers (and entries expired into a marker)
+        skipped, bounded by ``timeout`` seconds.
+
+        Raises:
+            Unavailable: no JetStream, NATS away, the bucket does not exist or did
+                not answer in time.
+        """
+        if self.conn.js is None or not self.conn.is_connected:
+            raise Unavailable("NATS is not connected")
+        prefix = len(f"$KV.{bucket}.")
+        found: list[tuple[str, bytes]] = []
+        try:
+            async with asyncio.timeout(timeout):
+                async for raw in self.scan(bucket, keys):
+                    headers = raw.headers or {}
+                    if headers.get("KV-Operation") or headers.get("Nats-Marker-Reason"):
+                        continue
+                    found.append(((raw.subject or "")[prefix:], raw.data or b""))
+        except (
+            TimeoutError,
+            nats.errors.Error,
+            nats.js.errors.Error,
+            InvalidResponseError,
+        ) as exc:
+            raise Unavailable(f"bucket {bucket} read failed ({type(exc).__name__})") from None
+        return found
+
+    async def delete(self, bucket: str, key: str) -> None:
+        """Delete ``key`` of ``bucket`` (a ``KV-Operation: DEL`` marker, ADR-8).
+
+        Raises:
+            Unavailable: JetStream did not take it within ``publish_timeout`` s.
+        """
+        js = self.conn.js
+        if js is None or not self.conn.is_connected:
+            raise Unavailable("NATS is not connected")
+        try:
+            await js.publish(
+                f"$KV.{bucket}.{key}",
+                b"",
+                headers={"KV-Operation": "DEL"},
+                timeout=self.conn.settings.publish_timeout,
+            )
+        except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
+            raise Unavailable(f"{bucket} delete failed ({type(exc).__name__})") from None

@@ -108,6 +108,10 @@ class Settings(msgspec.Struct, kw_only=True):
     auto_subscribe_personal: bool = False  # every session is subscribed to user.<sub>
     wildcard_subscriptions: bool = True  # subscribe accepts patterns (orders.*, orders.>)
 
+    # --- server API -----------------------------------------------------------
+    api_timeout: float = 2.0  # s a cluster-wide server API request waits for every node
+    node_bucket: str = "PUSHSVC_NODES"  # JetStream KV bucket of live nodes (server API)
+
     # --- operations ----------------------------------------------------------
     node_name: str | None = None  # None: the host name (see load)
     shutdown_timeout: float = 10.0  # bound on the graceful part of a shutdown
@@ -228,6 +232,7 @@ class Settings(msgspec.Struct, kw_only=True):
             "workers": self.workers,
             "presence_limit": self.presence_limit,
             "shutdown_timeout": self.shutdown_timeout,
+            "api_timeout": self.api_timeout,
         }
         for name, value in positive.items():
             if value <= 0:
@@ -268,6 +273,10 @@ class Settings(msgspec.Struct, kw_only=True):
                 raise SettingsError("PUSHSVC_API_KEYS", "empty API key")
         if self.presence_ttl < 1:
             raise SettingsError("PUSHSVC_PRESENCE_TTL", "must be >= 1 s")
+        if not _is_token(self.node_bucket):
+            raise SettingsError(
+                "PUSHSVC_NODE_BUCKET", f"invalid KV bucket name {self.node_bucket!r}"
+            )
         if not _is_token(self.presence_bucket):
             raise SettingsError(
                 "PUSHSVC_PRESENCE_BUCKET", f"invalid KV bucket name {self.presence_bucket!r}"

@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import os
+import time
 from collections.abc import Mapping
 from operator import methodcaller
 
@@ -58,7 +58,6 @@ from .transport import Transport
 log = logging.getLogger("pushsvc.client")
 
 _ids = itertools.count(1)
-_NODE = os.urandom(3).hex()
 # what the deadlines call on a client (by name: a subclass's override is honoured)
 _PING, _PONG_MISSED, _EXPIRED = (methodcaller(n) for n in ("_ping", "_pong_missed", "_expired"))
 
@@ -85,6 +84,8 @@ class Client:
         channels: channels and patterns this client is subscribed to.
         outbox: its outbound buffer (bounded; 4009 on overflow).
         close_code: the close code once closed.
+        close_reason: the close reason once closed by the server.
+        connected_at: when the connection was accepted (Unix seconds).
     """
 
     __slots__ = (
@@ -98,7 +99,9 @@ class Client:
         "bucket",
         "channels",
         "close_code",
+        "close_reason",
         "closed",
+        "connected_at",
         "hub",
         "id",
         "outbox",
@@ -127,10 +130,12 @@ class Client:
         self.bucket = bucket
         self.settings = settings
         self.presence = presence
-        self.id = f"{_NODE}-{next(_ids)}"
+        self.id = f"{hub.node_id}-{next(_ids)}"
         self.channels: set[str] = set()
         self.closed = False
         self.close_code: int | None = None
+        self.close_reason = ""
+        self.connected_at = time.time()
         self.outbox = Outbox(
             self.id,
             transport,
@@ -196,6 +201,7 @@ class Client:
             return
         self.closed = True
         self.close_code = code
+        self.close_reason = reason
         metrics.CLOSES.labels(str(code)).inc()
         # a drain closes every connection with 1012: one line per socket only at debug
         level = logging.DEBUG if code == CLOSE_SERVICE_RESTART else logging.INFO

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -168,6 +169,9 @@ class Hub:
             (``PUSHSVC_COALESCE_BYTES``), so a batch never exceeds one frame's cap.
 
     Attributes:
+        node_id: this node's random id (6 hex digits), the prefix of every client id
+            it serves: connections are addressed by it plus a session secret, never
+            by the public client id alone.
         fan_out_slice: with a write delay, sockets a channel's flush writes per loop
             iteration (:data:`FAN_OUT_SLICE`); 0 = the whole live set at once, which
             is what a hub without a write delay always does.
@@ -175,6 +179,7 @@ class Hub:
 
     def __init__(self, bus: Bus, write_delay: float = 0.0, coalesce_bytes: int = 65536) -> None:
         self.bus = bus
+        self.node_id = os.urandom(3).hex()
         self.write_delay = write_delay
         self._coalesce = coalesce_bytes
         self.fan_out_slice = FAN_OUT_SLICE if write_delay > 0 else 0
