@@ -113,16 +113,18 @@ class Running:
 
 
 async def launch(
-    nats_url: str,
+    session_nats: str,
     app_factory: Any = None,
     uvicorn_options: dict[str, Any] | None = None,
     **overrides: Any,
 ) -> Running:
     """Start a pushsvc server under uvicorn on a free port (see :func:`start_server`);
-    the caller stops it (``await running.stop()``). For module-scoped fixtures."""
+    the caller stops it (``await running.stop()``). For module-scoped fixtures.
+
+    ``session_nats`` is the NATS URL unless ``overrides`` give ``nats_url``."""
     values: dict[str, Any] = {
         "jwt_secret": SECRET,
-        "nats_url": nats_url,
+        "nats_url": session_nats,
         "port": free_port(),
     }
     values.update(overrides)

@@ -137,7 +137,8 @@ _ERRORS: dict[int, tuple[str, dict[str, Any]]] = {
             }
         },
     ),
-    403: ("the credential does not grant this channel", {}),
+    403: ("the credential does not grant this channel (or is not an API key: server API)", {}),
+    404: ("no such server API operation", {}),
     413: ("body larger than PUSHSVC_MAX_EMIT_BYTES (chunked bodies too)", {}),
     415: (
         "Content-Encoding other than identity: pushsvc does not decode bodies",

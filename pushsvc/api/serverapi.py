@@ -106,8 +106,7 @@ def server_api_router(settings: Settings, api: ServerAPI, auth: Authenticator) -
         dependencies=[Security(API_KEY_SCHEME)],
         responses={
             200: json_body({"anyOf": [ref(r) for r in _REPLIES]}, "The operation's answer"),
-            **errors(400, 401, 403, 413, 422, 503),
-            404: json_body({"type": "object"}, "unknown operation"),
+            **errors(400, 401, 403, 404, 413, 422, 503),
         },
         openapi_extra={"requestBody": _BODY},
     )
