@@ -302,3 +302,45 @@ async def test_a_killed_node_is_missing_then_not_waited_for(cluster, nats_url):
         if proc.poll() is None:
             proc.kill()
             proc.wait(timeout=10)
+
+
+async def pushsvc_api(nats_url: str, *args: str) -> tuple[int, str, str]:
+    """Run ``pushsvc api ARGS`` as a user would (a subprocess; the loop keeps serving)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PUSHSVC_")}
+    env.update(PUSHSVC_NATS_URL=nats_url, PUSHSVC_SUBJECT_PREFIX=PREFIX)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "pushsvc",
+        "api",
+        *args,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def test_cli_verbs(cluster, nats_url, room):
+    one, two = cluster
+    sub = f"u{uuid.uuid4().hex[:6]}"
+    a = await one.client(one.token(sub, channels=[]))
+    b = await two.client(two.token(sub, channels=[]))
+
+    code, out, _ = await pushsvc_api(nats_url, "info")
+    assert code == 0 and [n["node"] for n in json.loads(out)["nodes"]] == ["one", "two"]
+    code, out, _ = await pushsvc_api(nats_url, "subscribe", "--user", sub, "--channel", room)
+    assert code == 0 and json.loads(out)["subscribed"] == 2
+    await a.expect("subscribed", channel=room)
+    code, out, _ = await pushsvc_api(nats_url, "connections", "--user", sub)
+    assert {c["client"] for c in json.loads(out)["connections"]} == {
+        a.welcome["client"],
+        b.welcome["client"],
+    }
+    code, _, err = await pushsvc_api(nats_url, "disconnect", "--user", sub, "--code", "42")
+    assert code == 1 and json.loads(err)["error"] == "bad_request"
+    code, out, _ = await pushsvc_api(nats_url, "disconnect", "--user", sub, "--reconnect")
+    assert code == 0 and json.loads(out)["disconnected"] == 2
+    assert await a.closed() == 4012 and await b.closed() == 4012

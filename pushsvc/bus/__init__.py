@@ -44,7 +44,16 @@ from .errors import StreamConfigError, Unavailable
 from .events import EventHandler
 from .natsconn import connect_failure
 from .reads import History, StoredMessage
-from .requests import ERROR_HEADER, Handler, NoResponders, Reply, Request, RequestTimeout, Responder
+from .requests import (
+    ERROR_HEADER,
+    Handler,
+    NoResponders,
+    Reply,
+    Request,
+    RequestTimeout,
+    Responder,
+    request_once,
+)
 from .stream import epoch_of, stream_time
 from .subscriptions import MessageHandler, PatternHandler
 
@@ -70,5 +79,6 @@ __all__ = [
     "confirm",
     "connect_failure",
     "epoch_of",
+    "request_once",
     "stream_time",
 ]
