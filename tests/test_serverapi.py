@@ -23,6 +23,7 @@ import httpx
 import pytest
 from conftest import SECRET, Running, launch
 from helpers import bearer, until
+from test_sse import sse
 from wsclient import WSClient
 
 from pushsvc.protocol import Disconnect
@@ -344,3 +345,27 @@ async def test_cli_verbs(cluster, nats_url, room):
     code, out, _ = await pushsvc_api(nats_url, "disconnect", "--user", sub, "--reconnect")
     assert code == 0 and json.loads(out)["disconnected"] == 2
     assert await a.closed() == 4012 and await b.closed() == 4012
+
+
+async def test_sse_connections_are_acted_on_too(cluster, nc, room):
+    one, two = cluster
+    sub = f"u{uuid.uuid4().hex[:6]}"
+    token = one.token(sub, channels=["lobby"])
+    async with sse(one.base, "lobby", headers=bearer(token)) as events:
+        welcome = await events.next("welcome")
+        await events.next("subscribed")
+        answer, _ = await nats_call(nc, "connections", {"user": sub})
+        assert [(c["client"], c["transport"]) for c in answer["connections"]] == [
+            (welcome["data"]["client"], "sse")
+        ]
+        info, _ = await nats_call(nc, "info")
+        assert {n["node"]: n for n in info["nodes"]}["one"]["transports"].get("sse", 0) >= 1
+        r = await call(two, "subscribe", {"user": sub, "channel": room})
+        assert r.json()["subscribed"] == 1
+        await events.next("subscribed")
+        await nc.publish(f"{PREFIX}.{room}", b'{"sse":1}')
+        assert (await events.next("message"))["data"]["data"] == {"sse": 1}
+        r = await call(two, "disconnect", {"user": sub})
+        assert r.json()["disconnected"] == 1
+        close = await events.next("close")
+        assert close["data"]["code"] == 4011 and close["data"]["reconnect"] is False
