@@ -47,6 +47,9 @@ from .core.hub import Hub
 from .core.joinleave import JoinLeave
 from .core.presence import PresenceRegistry
 from .core.ratelimit import BucketRegistry
+from .lifecycle.events import LifecycleEvents
+from .lifecycle.lost import NodeLost
+from .lifecycle.occupancy import Occupancy
 from .logs import install_redaction
 from .protocol import CLOSE_SERVICE_RESTART
 from .server.drain import SigtermDelay
@@ -126,6 +129,16 @@ class Node:
             self.admission,
             presence=self.presence,
         )
+        #: lifecycle events (PUSHSVC_EVENTS): connect/disconnect/subscribe/unsubscribe,
+        #: cluster-wide occupied/vacated, and the disconnects of nodes that died
+        self.events = LifecycleEvents(settings, self.bus, self.hub.node_id)
+        self.occupancy = Occupancy(self.bus, settings.node_bucket, self.events, self.hub.node_id)
+        self.node_lost = NodeLost(self.bus, settings.node_bucket, self.events, self.hub.node_id)
+        if self.events.enabled:
+            self.hub.on_connect.append(self.events.connected)
+            self.hub.on_disconnect.append(self.events.disconnected)
+            self.hub.on_join.extend((self.events.joined, self.occupancy.joined))
+            self.hub.on_leave.extend((self.events.left, self.occupancy.left))
         #: the cluster-wide server API (NATS <prefix>-api.<op>, POST /api/<op>)
         self.server_api = ServerAPI(
             settings, self.bus, LocalOps(settings, self.hub, self.hub.node_id), self.presence
@@ -260,6 +273,8 @@ class Node:
         except Unavailable:
             await self.bus.close()
             raise
+        await self.events.start()
+        await self.node_lost.start()
         self.started = True
         metrics.INFO.labels(self.name, __version__).set(1)
         if self.settings.drain_delay > 0:
@@ -293,6 +308,9 @@ class Node:
         await asyncio.sleep(0.05)  # let close frames go out
         await self.hub.wait_idle()
         await self.join_leave.wait_idle()
+        await self.occupancy.stop()
+        await self.events.stop()
+        await self.bus.lifecycle.stop()
         await self.presence.stop()
         if self.revocations is not None:
             await self.revocations.close()

@@ -194,6 +194,10 @@ class Hub:
         #: confirmed) or left (unsubscribe, close) a channel. Must not block.
         self.on_join: list[Callable[[Member, str], None]] = []
         self.on_leave: list[Callable[[Member, str], None]] = []
+        #: connection observers (lifecycle events): called with the session once it
+        #: is registered, and once it is gone (after it left its channels). Must not block.
+        self.on_connect: list[Callable[[Member], None]] = []
+        self.on_disconnect: list[Callable[[Member], None]] = []
         # per-message metrics not yet recorded (see _record_metrics)
         self._received = 0
         self._delivered = 0
@@ -599,6 +603,8 @@ class Hub:
         self.clients.add(session)
         self.users.setdefault(session.principal.sub, set()).add(session)
         metrics.CONNECTIONS.labels(session.transport.name).inc()
+        for connected in self.on_connect:
+            connected(session)
 
     def remove_client(self, session: Member) -> None:
         """Forget ``session``: leave its channels (releasing NATS interest) and its user."""
@@ -613,6 +619,8 @@ class Hub:
                 del self.users[session.principal.sub]
         for channel in list(session.channels):
             self.unsubscribe(session, channel)
+        for disconnected in self.on_disconnect:
+            disconnected(session)
 
     # --- session -> hub ------------------------------------------------------------------
     async def subscribe(

@@ -1,12 +1,17 @@
 """The registry of live nodes: who a cluster-wide request waits for.
 
 Every node (every worker process) keeps one entry in the JetStream KV bucket
-``PUSHSVC_NODE_BUCKET`` (default ``PUSHSVC_NODES``): key = the process's node id,
+``PUSHSVC_NODE_BUCKET`` (default ``PUSHSVC_NODES``): key ``n.<node id>``,
 value ``{"node", "id", "version", "started"}``, written with a per-message TTL of
 :data:`NODE_TTL` seconds (``Nats-TTL``, nats-server 2.11+) and re-written every
 third of it. A clean stop deletes the entry; a node that died stops re-writing,
 and its entry expires within :data:`NODE_TTL` s: from then on requests no longer
-wait for it (before that, it is listed in ``missing_nodes``).
+wait for it (before that, it is listed in ``missing_nodes``). The expiry leaves a
+delete marker (the bucket keeps them :data:`MARKER_TTL` s), which is how the
+other nodes learn that a node was lost (:mod:`pushsvc.lifecycle.lost`). The
+same bucket holds the connection records of :mod:`pushsvc.lifecycle` under
+``c.<node id>.<client>`` (no TTL: deleted at disconnect, or by the node that
+reports a lost node's connections).
 
 With history off (no JetStream) there is no registry: :meth:`NodeRegistry.live`
 returns None and a scattered request waits its whole timeout.
@@ -28,6 +33,17 @@ from .schemas import NodeRef
 log = logging.getLogger("pushsvc.serverapi")
 
 NODE_TTL = 6.0  # s a node's entry outlives its last refresh
+MARKER_TTL = 3600.0  # s the bucket keeps the marker of an expired node entry
+
+
+def node_key(node_id: str) -> str:
+    """Registry key of a node: ``n.<node id>``."""
+    return f"n.{node_id}"
+
+
+def connection_key(node_id: str, client: str) -> str:
+    """Key of a connection record: ``c.<node id>.<client>``."""
+    return f"c.{node_id}.{client}"
 
 
 class NodeEntry(msgspec.Struct):
@@ -66,17 +82,27 @@ class NodeRegistry:
         if not self.bus.history_enabled:
             return
         try:
-            await self.bus.key_value(self.bucket, NODE_TTL, description="pushsvc live nodes")
-            self._ready = True
+            await self._open()
             await self._put()
         except Unavailable as exc:
             log.warning("node registry %s is unavailable: %s", self.bucket, exc)
         self._task = asyncio.ensure_future(self._refresh())
 
+    async def _open(self) -> None:
+        await self.bus.key_value(
+            self.bucket, 0, description="pushsvc live nodes", marker_ttl=MARKER_TTL
+        )
+        self._ready = True
+
+    @property
+    def ready(self) -> bool:
+        """The bucket is open (JetStream on)."""
+        return self._ready
+
     async def _put(self) -> None:
         await self.bus.kv_put(
             self.bucket,
-            self.entry.id,
+            node_key(self.entry.id),
             self._value,
             ttl=NODE_TTL,
             msg_id=f"{self.entry.id}.{next(self._writes)}.{time.time():.3f}",
@@ -89,8 +115,7 @@ class NodeRegistry:
                 continue
             try:
                 if not self._ready:
-                    await self.bus.key_value(self.bucket, NODE_TTL)
-                    self._ready = True
+                    await self._open()
                 await self._put()
             except Unavailable as exc:
                 log.debug("node registry refresh failed: %s", exc)
@@ -103,7 +128,7 @@ class NodeRegistry:
             self._task = None
         if self._ready:
             try:
-                await self.bus.kv_delete(self.bucket, self.entry.id)
+                await self.bus.kv_delete(self.bucket, node_key(self.entry.id))
             except Unavailable:
                 pass  # it expires within NODE_TTL
 
@@ -116,15 +141,15 @@ class NodeRegistry:
         if not self._ready:
             return None
         try:
-            entries = await self.bus.kv_entries(self.bucket, "*", timeout=timeout)
+            entries = await self.bus.kv_entries(self.bucket, "n.*", timeout=timeout)
         except Unavailable:
             return None
         nodes: dict[str, NodeRef] = {}
-        for key, value in entries:
+        for _key, value in entries:
             try:
                 entry = msgspec.json.decode(value, type=NodeEntry)
             except msgspec.DecodeError:
                 continue
-            nodes[key] = NodeRef(entry.node, entry.id)
+            nodes[entry.id] = NodeRef(entry.node, entry.id)
         nodes.setdefault(self.entry.id, NodeRef(self.entry.node, self.entry.id))
         return nodes
