@@ -28,6 +28,7 @@ ASGISend = Callable[[dict[str, Any]], Awaitable[None]]
 ASGIReceive = Callable[[], Awaitable[dict[str, Any]]]
 
 CLOSE_TIMEOUT = 2.0  # seconds to get the close event out before dropping the connection
+LINE_CACHE = 4 * 1024 * 1024  # characters of frames kept framed per wire format (recent ones)
 _MESSAGE = '{"type":"message"'
 _SEQ = '"seq":'
 
@@ -81,6 +82,11 @@ class Framing:
         self._last_body = b""
         self._last_chunk_text: str | None = None
         self._last_chunk = b""
+        # frame -> its framed text: a connection behind (its own batch, not the shared
+        # one) is written the same frames the fan-out framed already
+        self._lines: dict[str, str] = {}
+        self._lines_epoch: str | None = None
+        self._lines_size = 0  # characters held by _lines
         # one bound method each, created once: the fan-out compares framings by identity
         self.body = self._body
         self.chunked = self._chunked
@@ -108,10 +114,22 @@ class Framing:
 
     def _body(self, text: str) -> bytes:
         if text is not self._last_text:
-            line = self._line
-            self._last_body = "".join([line(x) for x in text.split("\n")]).encode()
+            lines = self._lines
+            epoch = self._epoch()
+            if epoch != self._lines_epoch or self._lines_size > LINE_CACHE:
+                lines.clear()
+                self._lines_size = 0
+                self._lines_epoch = epoch
+            get = lines.get
+            fill = self._fill
+            self._last_body = "".join([get(x) or fill(x) for x in text.split("\n")]).encode()
             self._last_text = text
         return self._last_body
+
+    def _fill(self, frame: str) -> str:
+        framed = self._lines[frame] = self._line(frame)
+        self._lines_size += 2 * len(frame) + 40
+        return framed
 
     def _chunked(self, text: str) -> bytes:
         if text is not self._last_chunk_text:
