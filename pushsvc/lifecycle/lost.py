@@ -16,8 +16,9 @@ surviving node, which then:
    for channels it was the last node of.
 
 The marker is acknowledged only then; a survivor dying meanwhile leaves it to
-another after ``ack_wait``. The bound: the entry's TTL (6 s) plus the server's
-expiry check and one fetch, about 8 s after the crash.
+another after ``ack_wait``. The bound: the entry's TTL (6 s after its last
+refresh, at most 2 s before the crash) plus the server's expiry check and one
+fetch: within about 7 s of the crash.
 """
 
 from __future__ import annotations
