@@ -11,9 +11,11 @@ created anew meanwhile is then answered ``recovered: false`` with everything it
 holds), so nothing inside the history TTL is lost and nothing is printed twice.
 
 Close codes (docs/protocol.md "Close codes"): 4001 (token refused; a token minted
-from a secret is minted again first), 4003 and 1009 stop with exit status 1;
-4008 waits :data:`RATE_LIMITED_PAUSE` seconds, then resumes; every other close
-(1001, 1006, 1011, 1012, 4009, 4010, ...) resumes after a short jitter.
+from a secret is minted again first), 1008 and every code the table says not to
+reconnect after (:func:`~pushsvc.protocol.reconnects`: 4003, 1009, 4011 and the
+application's 4500-4999) stop with exit status 1; 4008 waits
+:data:`RATE_LIMITED_PAUSE` seconds, then resumes; every other close (1001, 1006,
+1011, 1012, 4009, 4010, 4012, 4100-4499, ...) resumes after a short jitter.
 """
 
 from __future__ import annotations
@@ -31,12 +33,11 @@ import websockets
 from websockets.asyncio.client import ClientConnection, connect, process_exception
 
 from .protocol import (
-    CLOSE_FORBIDDEN,
     CLOSE_GOING_AWAY,
     CLOSE_RATE_LIMITED,
     CLOSE_SERVICE_RESTART,
-    CLOSE_TOO_BIG,
     CLOSE_UNAUTHORIZED,
+    reconnects,
 )
 from .serverurl import parse_server_url
 
@@ -64,6 +65,8 @@ CLOSE_MEANINGS = {
     4008: "rate limit exceeded",
     4009: "slow consumer",
     4010: "heartbeat timeout",
+    4011: "disconnected by the server",
+    4012: "disconnected by the server; reconnect",
 }
 
 
@@ -162,12 +165,12 @@ class Subscriber:
                     reason = ws.close_reason or CLOSE_MEANINGS.get(code, "")
                     if code == CLOSE_UNAUTHORIZED and self.renewable and not refused_once:
                         refused_once = True  # mint a fresh token, once; refused again: stop
-                    elif code in (CLOSE_UNAUTHORIZED, CLOSE_FORBIDDEN, CLOSE_TOO_BIG, 1008):
+                    elif code in (CLOSE_UNAUTHORIZED, 1008) or not reconnects(code):
                         raise SubscribeError(f"{self.url} closed the connection: {code} {reason}")
                     pause = 0.0
                     if code == CLOSE_RATE_LIMITED:
                         pause = RATE_LIMITED_PAUSE
-                    elif code in (CLOSE_SERVICE_RESTART, CLOSE_GOING_AWAY):
+                    elif code in (CLOSE_SERVICE_RESTART, CLOSE_GOING_AWAY, 4012):
                         pause = random.uniform(0, RESTART_JITTER)
                     after = "" if self.last_seq is None else f", resuming after seq {self.last_seq}"
                     self._status(f"disconnected ({code} {reason}); reconnecting{after}")

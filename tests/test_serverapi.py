@@ -369,3 +369,53 @@ async def test_sse_connections_are_acted_on_too(cluster, nc, room):
         assert r.json()["disconnected"] == 1
         close = await events.next("close")
         assert close["data"]["code"] == 4011 and close["data"]["reconnect"] is False
+
+
+async def test_python_subscriber_reconnects_or_stops_as_the_code_says(cluster, room):
+    """``pushsvc subscribe`` (the Python client in this package) follows the table."""
+    one, two = cluster
+    sub = f"u{uuid.uuid4().hex[:6]}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PUSHSVC_")}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "pushsvc",
+        "subscribe",
+        room,
+        "--url",
+        one.base,
+        "--token",
+        one.token(sub),
+        env=env,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+
+        async def clients() -> set[str]:
+            r = await call(two, "connections", {"user": sub})
+            return {c["client"] for c in r.json()["connections"]}
+
+        async def online() -> bool:
+            return len(await clients()) == 1
+
+        await until(online, within=15)
+        first = await clients()
+        r = await call(two, "disconnect", {"user": sub, "reconnect": True})
+        assert r.json()["disconnected"] == 1
+
+        async def back() -> bool:
+            now = await clients()
+            return len(now) == 1 and now != first
+
+        await until(back, within=15)  # 4012: it came back (and resumed)
+        r = await call(two, "disconnect", {"user": sub, "code": 4501, "reason": "gone"})
+        assert r.json()["disconnected"] == 1
+        assert await asyncio.wait_for(proc.wait(), 15) == 1  # 4501: it stopped
+        assert proc.stderr is not None
+        err = (await proc.stderr.read()).decode()
+        assert "4012" in err and "4501 gone" in err
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
