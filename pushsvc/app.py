@@ -129,20 +129,7 @@ class Node:
             self.admission,
             presence=self.presence,
         )
-        #: lifecycle events (PUSHSVC_EVENTS): connect/disconnect/subscribe/unsubscribe,
-        #: cluster-wide occupied/vacated, and the disconnects of nodes that died
-        self.events = LifecycleEvents(settings, self.bus, self.hub.node_id)
-        self.occupancy = Occupancy(self.bus, settings.node_bucket, self.events, self.hub.node_id)
-        self.node_lost = NodeLost(self.bus, settings.node_bucket, self.events, self.hub.node_id)
-        if self.events.enabled:
-            self.hub.on_connect.append(self.events.connected)
-            self.hub.on_disconnect.append(self.events.disconnected)
-            self.hub.on_join.extend((self.events.joined, self.occupancy.joined))
-            self.hub.on_leave.extend((self.events.left, self.occupancy.left))
-        #: the cluster-wide server API (NATS <prefix>-api.<op>, POST /api/<op>)
-        self.server_api = ServerAPI(
-            settings, self.bus, LocalOps(settings, self.hub, self.hub.node_id), self.presence
-        )
+        self._wire_backends(settings)
         # SSE and HTTP-streaming: stream sessions reached by POST /sse/commands on any node
         self.stream_sessions = StreamSessions()
         self.tickets = Tickets(self.bus.kv, settings.ticket_ttl)
@@ -167,6 +154,23 @@ class Node:
         self.stopping = False
         self.started = False
         self._sigterm = SigtermDelay(settings.drain_delay, self._begin_drain)
+
+    def _wire_backends(self, settings: Settings) -> None:
+        """What backends use: the server API and lifecycle events (docs/server-api.md)."""
+        #: lifecycle events (PUSHSVC_EVENTS): connect/disconnect/subscribe/unsubscribe,
+        #: cluster-wide occupied/vacated, and the disconnects of nodes that died
+        self.events = LifecycleEvents(settings, self.bus, self.hub.node_id)
+        self.occupancy = Occupancy(self.bus, settings.node_bucket, self.events, self.hub.node_id)
+        self.node_lost = NodeLost(self.bus, settings.node_bucket, self.events, self.hub.node_id)
+        if self.events.enabled:
+            self.hub.on_connect.append(self.events.connected)
+            self.hub.on_disconnect.append(self.events.disconnected)
+            self.hub.on_join.extend((self.events.joined, self.occupancy.joined))
+            self.hub.on_leave.extend((self.events.left, self.occupancy.left))
+        #: the cluster-wide server API (NATS <prefix>-api.<op>, POST /api/<op>)
+        self.server_api = ServerAPI(
+            settings, self.bus, LocalOps(settings, self.hub, self.hub.node_id), self.presence
+        )
 
     @property
     def connection_name(self) -> str:
