@@ -50,6 +50,47 @@ def _seq_of(line: str) -> str | None:
     return line[i:j] if j > i else None
 
 
+def in_stream_order(text: str) -> str:
+    """``text`` (frames joined by ``\\n``) with each run of ``message`` frames in seq order.
+
+    A connection on several channels is written, in one flush, each channel's batch
+    in turn ([A 98, A 100, B 99]); the stream's event ids are only exact when
+    messages arrive in stream order ([A 98, B 99, A 100]), so the messages between
+    two other frames are sorted by seq (stable; frames without seq keep their
+    place). Other frames (``subscribed`` before a replay, ``error``...) stay put.
+    """
+    lines = text.split("\n")
+    if len(lines) < 2:
+        return text
+    keys: list[int | None] = []
+    last = -1
+    ordered = True
+    for line in lines:
+        seq = _seq_of(line) if line.startswith(_MESSAGE) else None
+        if seq is None:
+            keys.append(None)
+            last = -1
+            continue
+        n = int(seq)
+        if n < last:
+            ordered = False
+        last = n
+        keys.append(n)
+    if ordered:
+        return text
+    out: list[str] = []
+    run: list[tuple[int, int, str]] = []
+    for i, (line, key) in enumerate(zip(lines, keys, strict=True)):
+        if key is None:
+            out.extend(x for _, _, x in sorted(run))
+            run = []
+            out.append(line)
+        else:
+            run.append((key, i, line))
+    out.extend(x for _, _, x in sorted(run))
+    return "\n".join(out)
+
+
 def _type_of(line: str) -> str:
     """The ``type`` of an encoded frame (msgspec writes the tag field first)."""
     return line[9 : line.index('"', 9)]
@@ -219,6 +260,7 @@ class StreamTransport:
         Raises:
             ConnectionResetError: the peer is gone.
         """
+        text = in_stream_order(text)  # this connection's own batch: maybe several channels
         cycle = self._cycle
         if cycle is not None:
             if cycle.disconnected or cycle.transport.is_closing():
