@@ -419,3 +419,19 @@ async def test_python_subscriber_reconnects_or_stops_as_the_code_says(cluster, r
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+async def test_without_jetstream_the_request_waits_its_timeout(start_server, nc):
+    """History off: no node registry; every node still answers, after the whole timeout."""
+    prefix = f"live{TAG}"
+    srv = await start_server(
+        subject_prefix=prefix, history_ttl=0, api_timeout=0.5, api_keys=[KEY], node_name="solo"
+    )
+    started = time.monotonic()
+    msg = await nc.request(f"{prefix}-api.info", b"", timeout=5)
+    took = time.monotonic() - started
+    answer = json.loads(msg.data)
+    assert [n["node"] for n in answer["nodes"]] == ["solo"] and answer["missing_nodes"] == []
+    assert 0.45 <= took < 3
+    r = await call(srv, "presence", {"channel": "room.x"})
+    assert r.status_code == 400  # presence is off on this node
