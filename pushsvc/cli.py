@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         "subscribe",
         help="print a channel's messages, one JSON object per line (resumes after disconnects)",
     )
-    subscribe.add_argument("channel")
+    subscribe.add_argument("channel", help="a channel, or a pattern: 'orders.*', 'orders.>'")
     subscribe.add_argument(
         "--url",
         default=os.environ.get("PUSHSVC_URL") or DEFAULT_URL,
@@ -429,12 +429,15 @@ def _publish(args: argparse.Namespace) -> int:
 
 def _subscribe(args: argparse.Namespace) -> int:
     from .auth.tokens import mint_token
-    from .channels import InvalidChannel, validate_channel
+    from .channels import InvalidChannel, is_pattern, validate_channel, validate_pattern
     from .serverurl import parse_server_url
     from .subscriber import SubscribeError, Subscriber
 
     try:
-        channel = validate_channel(args.channel)
+        if is_pattern(args.channel):
+            channel = validate_pattern(args.channel)
+        else:
+            channel = validate_channel(args.channel)
     except InvalidChannel as exc:
         print(f"pushsvc: subscribe: {exc}", file=sys.stderr)
         return 2
