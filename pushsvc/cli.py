@@ -1,4 +1,4 @@
-"""Command line: ``pushsvc serve | token | publish | subscribe | bench``.
+"""Command line: ``pushsvc serve | token | publish | subscribe | api | bench``.
 
 Every ``serve`` flag overrides the ``PUSHSVC_*`` variable of the same name;
 errors in configuration print one line naming the setting and exit with 2.
@@ -114,6 +114,12 @@ def main(argv: list[str] | None = None) -> int:
     subscribe.add_argument("--sub", help="user id of the minted token (with --secret)")
     subscribe.add_argument("--raw", action="store_true", help="print only each message's data")
 
+    from .serverapi import command as api_command
+
+    api_command.add_arguments(
+        sub.add_parser("api", help="call the server API over NATS (docs/server-api.md)")
+    )
+
     bench = sub.add_parser("bench", help="load-test a running pushsvc")
     from . import bench as bench_module
 
@@ -129,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
             return _publish(args)
         if args.command == "subscribe":
             return _subscribe(args)
+        if args.command == "api":
+            return api_command.run(args)
         return bench_module.main(args)
     except SettingsError as exc:
         print(f"pushsvc: configuration error: {exc}", file=sys.stderr)

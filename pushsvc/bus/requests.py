@@ -13,6 +13,7 @@ failures are :class:`NoResponders`, :class:`RequestTimeout` (both
   subscriber answers: the scatter side). A handler that raises is logged and
   answered with :data:`ERROR_HEADER` ``internal`` so the asker is not left waiting.
 - :meth:`Requests.request` asks one responder and returns its reply.
+- :func:`request_once` connects, asks, and closes: for command-line tools.
 - :meth:`Requests.scatter` publishes once with a fresh inbox as reply subject and
   gathers replies until ``expected`` distinct responders answered or ``timeout``
   seconds passed (scatter-gather: whoever did not answer is the caller's
@@ -30,6 +31,8 @@ import nats.errors
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
+from ..config.nats import NatsSecurity, NatsUnreachable
+from . import natsconn
 from .connection import Connection
 from .errors import Unavailable
 
@@ -220,3 +223,38 @@ class Requests:
         except (nats.errors.Error, OSError) as exc:
             raise Unavailable(f"request to {subject} failed ({type(exc).__name__})") from None
         return list(replies)
+
+
+async def request_once(
+    servers: list[str],
+    security: NatsSecurity | None,
+    subject: str,
+    data: bytes,
+    *,
+    timeout: float,
+) -> Reply:
+    """Connect to NATS, ask one responder of ``subject``, close (``pushsvc api``).
+
+    Raises:
+        NatsRefused: NATS refused the credentials or TLS.
+        NoResponders: nobody subscribes ``subject`` (no pushsvc node on that NATS
+            with that prefix).
+        RequestTimeout: no reply within ``timeout`` seconds.
+        Unavailable: NATS could not be reached within ``timeout`` seconds.
+    """
+    try:
+        nc = await natsconn.connect(
+            servers, security, timeout=timeout, name="pushsvc-cli", allow_reconnect=False
+        )
+    except NatsUnreachable as exc:
+        raise Unavailable(str(exc)) from None
+    try:
+        try:
+            msg = await nc.request(subject, data, timeout=timeout)
+        except nats.errors.NoRespondersError:
+            raise NoResponders(f"no pushsvc node answers {subject}") from None
+        except nats.errors.TimeoutError:
+            raise RequestTimeout(f"no reply on {subject} within {timeout:g} s") from None
+        return Reply(msg.data, dict(msg.headers or {}))
+    finally:
+        await nc.close()
