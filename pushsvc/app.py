@@ -131,7 +131,7 @@ class Node:
         )
         self._wire_backends(settings)
         # SSE and HTTP-streaming: stream sessions reached by POST /sse/commands on any node
-        self.stream_sessions = StreamSessions()
+        self.stream_sessions = StreamSessions(self.hub.node_id)
         self.tickets = Tickets(self.bus.kv, settings.ticket_ttl)
         self.stream_endpoints = {
             kind: StreamEndpoint(
