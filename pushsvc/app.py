@@ -6,7 +6,7 @@ bundled nats-server first when ``PUSHSVC_NATS_URL`` is unset), and on shutdown
 stops accepting, turns readiness false, closes sessions with 1012 and drains NATS.
 
 With ``PUSHSVC_DRAIN_DELAY`` > 0 the node also delays the server's SIGTERM
-handling (see :mod:`pushsvc.drain`): readiness turns false at once, the
+handling (see :mod:`pushsvc.server.drain`): readiness turns false at once, the
 server keeps serving for the delay, then the shutdown above runs.
 """
 
@@ -25,27 +25,28 @@ from fastapi import APIRouter, FastAPI
 from fastapi.responses import JSONResponse, Response
 from starlette.routing import WebSocketRoute
 
-from . import __version__, metrics
-from .auth import Authenticator, Revocation, parse_revocation
+from . import metrics
+from ._version import __version__
+from .api.demo import demo_router, dev_token_router, static_file_route
+from .api.emit import emit_router
+from .api.history import history_router
+from .api.openapi import ErrorBody, install, ref, text_body
+from .api.presence import presence_router
+from .api.probes import Readiness, probes_router
+from .auth.revocations import RevocationStore
+from .auth.tokens import Authenticator, Revocation, parse_revocation
 from .bus import Bus, Unavailable
-from .demo import demo_router, dev_token_router, static_file_route
-from .drain import SigtermDelay
-from .embedded import EmbeddedNats, start_default
-from .emit import emit_router
-from .endpoint import WebSocketEndpoint
-from .history import history_router
-from .hub import Hub
-from .joinleave import JoinLeave
+from .bus.natsconn import NatsRefused, NatsSecurity
+from .config.settings import Settings, default_node_name
+from .core.hub import Hub
+from .core.joinleave import JoinLeave
+from .core.presence import PresenceRegistry
+from .core.ratelimit import BucketRegistry
 from .logs import install_redaction
-from .natsconn import NatsRefused, NatsSecurity
-from .openapi import ErrorBody, install, ref, text_body
-from .presence import PresenceRegistry
-from .presencehttp import presence_router
-from .probes import Readiness, probes_router
 from .protocol import CLOSE_SERVICE_RESTART
-from .ratelimit import BucketRegistry
-from .revocations import RevocationStore
-from .settings import Settings, default_node_name
+from .server.drain import SigtermDelay
+from .server.embedded import EmbeddedNats, start_default
+from .ws.endpoint import WebSocketEndpoint
 
 log = logging.getLogger("pushsvc")
 

@@ -24,8 +24,10 @@ from typing import Any
 
 import msgspec
 
-from . import __version__, logs, natsconn
-from .settings import ENV_PREFIX, Settings, SettingsError, check_nats_url, split_servers
+from . import logs
+from ._version import __version__
+from .bus import natsconn
+from .config.settings import ENV_PREFIX, Settings, SettingsError, check_nats_url, split_servers
 
 log = logging.getLogger("pushsvc")
 
@@ -54,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--log-level", help="debug|info|warning|error")
     serve.add_argument(
         "--ws",
-        default="pushsvc.wsprotocol:WebSocketProtocol",
+        default="pushsvc.ws.protocol:WebSocketProtocol",
         help="uvicorn WebSocket implementation (default: websockets-sansio with fixes)",
     )
 
@@ -146,8 +148,8 @@ def _serve(args: argparse.Namespace) -> int:
     from uvicorn.supervisors import Multiprocess
 
     from .bus import Bus, Unavailable
-    from .embedded import EmbeddedNatsError, start_default
-    from .serving import ListenError, listen_socket, uvicorn_config
+    from .server.embedded import EmbeddedNatsError, start_default
+    from .server.serving import ListenError, listen_socket, uvicorn_config
 
     settings = Settings.load(
         host=args.host,
@@ -243,7 +245,7 @@ def _banner(settings: Settings, bundled: bool, generated_secret: bool, json_logs
     print(f"  WebSocket: {ws}", flush=True)
     print(f"  NATS:      {nats_urls}{' (bundled)' if bundled else ''}", flush=True)
     if settings.dev:
-        from .auth import mint_token
+        from .auth.tokens import mint_token
 
         token = mint_token(
             settings.jwt_secret or "",
@@ -346,7 +348,7 @@ async def _probe_nats(settings: Settings, bus_cls: Any) -> None:
 
 
 def _token(args: argparse.Namespace) -> int:
-    from .auth import mint_token
+    from .auth.tokens import mint_token
 
     if args.private_key:
         with open(args.private_key) as f:
@@ -418,7 +420,7 @@ def _publish(args: argparse.Namespace) -> int:
 
 
 def _subscribe(args: argparse.Namespace) -> int:
-    from .auth import mint_token
+    from .auth.tokens import mint_token
     from .channels import InvalidChannel, validate_channel
     from .serverurl import parse_server_url
     from .subscriber import SubscribeError, Subscriber

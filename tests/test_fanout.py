@@ -1,7 +1,7 @@
 """Fan-out engine (issue #3): slow consumers, coalescing, send timeout, exact buffer accounting.
 
 Behaviour, not timing: real uvicorn and real sockets, except the byte-accounting
-tests, which drive a :class:`~pushsvc.session.Session` with an ASGI ``send`` gated
+tests, which drive a :class:`~pushsvc.core.client.Session` with an ASGI ``send`` gated
 by an :class:`asyncio.Event` (the same way uvicorn's send waits for its
 ``writable`` event under backpressure).
 """
@@ -21,13 +21,13 @@ from websockets.client import ClientProtocol
 from websockets.frames import Frame, Opcode
 from websockets.uri import parse_uri
 
-from pushsvc import session as session_module
-from pushsvc.auth import Authenticator, AuthError, Principal, mint_token
-from pushsvc.hub import Hub
+from pushsvc.auth.tokens import Authenticator, AuthError, Principal, mint_token
+from pushsvc.config.settings import Settings
+from pushsvc.core import client as session_module
+from pushsvc.core.client import Session
+from pushsvc.core.hub import Hub
+from pushsvc.core.ratelimit import TokenBucket
 from pushsvc.protocol import Unsubscribe
-from pushsvc.ratelimit import TokenBucket
-from pushsvc.session import Session
-from pushsvc.settings import Settings
 
 BIG = "x" * 8000  # payload padding: fills kernel buffers in a few hundred messages
 

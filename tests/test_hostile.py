@@ -28,8 +28,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from hostile import Bystander, LogCapture
 from wsclient import WSClient
 
-from pushsvc.auth import mint_token
-from pushsvc.settings import Settings, SettingsError
+from pushsvc.auth.tokens import mint_token
+from pushsvc.config.settings import Settings, SettingsError
 
 
 def _b64(obj: object) -> str:
@@ -543,7 +543,7 @@ async def test_tokens_never_logged(start_server, nc, http, channel):
     assert "Traceback" not in logs.text
 
 
-# --- broken handshakes and abrupt clients (uvicorn fixes in pushsvc.wsprotocol) -----------
+# --- broken handshakes and abrupt clients (uvicorn fixes in pushsvc.ws.protocol) -----------
 
 
 def _upgrade(path: str = "/ws", extra: str = "") -> bytes:

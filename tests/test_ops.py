@@ -28,9 +28,9 @@ import websockets
 from conftest import SECRET
 from wsclient import WSClient
 
-from pushsvc.auth import mint_token
-from pushsvc.embedded import EmbeddedNats, free_port
+from pushsvc.auth.tokens import mint_token
 from pushsvc.logs import JsonFormatter, RedactTokens
+from pushsvc.server.embedded import EmbeddedNats, free_port
 
 PUSHSVC = [sys.executable, "-m", "pushsvc"]
 

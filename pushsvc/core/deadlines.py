@@ -28,7 +28,7 @@ import weakref
 from collections.abc import Callable, Hashable
 from typing import Any
 
-log = logging.getLogger("pushsvc.deadlines")
+log = logging.getLogger("pushsvc.core.deadlines")
 
 RESOLUTION = 0.1  # seconds per tick
 _EARLY = 0.01  # fraction of a tick a timer may fire early (uvloop rounds to milliseconds)

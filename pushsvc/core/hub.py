@@ -6,10 +6,10 @@ hub encodes it once into a ``message`` frame and appends it to the channel's
 with ``PUSHSVC_WRITE_DELAY``, once per delay window) every channel with a batch
 is flushed: its frames are joined by ``\n`` into one text (wire contract: a frame
 may carry several objects), framed once, and handed to every live subscriber by
-:func:`~pushsvc.session.fan_out` (a direct write when the socket is idle and
+:func:`~pushsvc.core.client.fan_out` (a direct write when the socket is idle and
 writable, else the session's bounded buffer; never waits on a socket). A batch
 that reaches ``coalesce_bytes`` is flushed at once. With a write delay a large
-live set is written a slice per loop iteration (:mod:`pushsvc.flight`).
+live set is written a slice per loop iteration (:mod:`pushsvc.core.flight`).
 
 Batches keep the per-session order of frames exactly: a session joining the live
 set while a batch is open is owed only the frames after its join (handed to it
@@ -44,11 +44,10 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
-from . import metrics
-from .bus import Bus, StoredMessage, Unavailable
-from .channels import is_pattern
-from .flight import FAN_OUT_SLICE, Flight
-from .protocol import (
+from .. import metrics
+from ..bus import Bus, StoredMessage, Unavailable
+from ..channels import is_pattern
+from ..protocol import (
     CLOSE_SERVICE_RESTART,
     CLOSE_UNAUTHORIZED,
     Message,
@@ -56,13 +55,14 @@ from .protocol import (
     encode_frame,
     payload_to_data,
 )
-from .session import fan_out
-from .transport import utf8_len
+from .client import fan_out
+from .flight import FAN_OUT_SLICE, Flight
+from .outbox import utf8_len
 
 if TYPE_CHECKING:
-    from .session import Session
+    from .client import Session
 
-log = logging.getLogger("pushsvc.hub")
+log = logging.getLogger("pushsvc.core.hub")
 
 CATCHUP_CONCURRENCY = 16  # channels read from the stream at once after a reconnect
 
@@ -352,7 +352,7 @@ class Hub:
                 log.exception("flush of a channel batch failed")
 
     def _flush_channel(self, state: _Channel, single: bool = True) -> None:
-        """Hand ``state``'s batch to its live set (see :func:`~pushsvc.session.fan_out`).
+        """Hand ``state``'s batch to its live set (see :func:`~pushsvc.core.client.fan_out`).
 
         With a write delay, up to ``fan_out_slice`` sessions are written now and a
         larger live set one slice per loop iteration (a :class:`Flight`; a batch

@@ -3,7 +3,7 @@
 Body ``{"error": code, "message": reason, "retry_after"?: seconds}``; 401 carries
 ``WWW-Authenticate: Bearer`` (RFC 6750 3) and 429/503 carry ``Retry-After`` in
 whole seconds (RFC 9110 10.2.3). The OpenAPI description of these answers is
-:func:`pushsvc.openapi.errors`.
+:func:`pushsvc.api.openapi.errors`.
 """
 
 from __future__ import annotations

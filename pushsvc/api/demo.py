@@ -16,11 +16,11 @@ import msgspec
 from fastapi import APIRouter, HTTPException, Path, Query
 from fastapi.responses import FileResponse, Response
 
-from .auth import mint_token
-from .channels import InvalidChannel, validate_grant
-from .httperrors import HTTPError, json_response
+from ..auth.tokens import mint_token
+from ..channels import InvalidChannel, validate_grant
+from ..config.settings import Settings
+from .errors import HTTPError, json_response
 from .openapi import declare, errors, json_body, ref, text_body
-from .settings import Settings
 
 # file name in pushsvc/static -> media type; nothing else in that folder is served here
 DEMO_ASSETS: dict[str, str] = {

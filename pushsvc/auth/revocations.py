@@ -41,10 +41,10 @@ from jetstreamext import InvalidResponseError
 from nats.js.api import StorageType
 from nats.js.kv import KeyValue
 
-from .auth import MAX_REVOCATION_TTL, Revocation
-from .bus import Bus, Unavailable
+from ..bus import Bus, Unavailable
+from .tokens import MAX_REVOCATION_TTL, Revocation
 
-log = logging.getLogger("pushsvc.revocations")
+log = logging.getLogger("pushsvc.auth.revocations")
 
 
 class StoredRevocation(msgspec.Struct, omit_defaults=True):
@@ -56,7 +56,7 @@ class StoredRevocation(msgspec.Struct, omit_defaults=True):
     jti: str | None = None
 
     def revocation(self) -> Revocation:
-        """The :class:`~pushsvc.auth.Revocation` this entry stores."""
+        """The :class:`~pushsvc.auth.tokens.Revocation` this entry stores."""
         return Revocation(sub=self.sub, jti=self.jti, ttl=self.ttl)
 
 

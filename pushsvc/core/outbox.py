@@ -1,6 +1,6 @@
 """How frames reach the server's socket: eager ASGI sends, uvicorn's direct path, flushes.
 
-The sans-I/O-ish glue between :class:`pushsvc.session.Session` and the ASGI
+The sans-I/O-ish glue between :class:`pushsvc.core.client.Session` and the ASGI
 server: a per-loop flush queue (one ``call_soon`` for every dirty session), the
 trampoline that finishes an eagerly started ASGI send after backpressure, and
 the uvicorn-specific fast paths (pre-framed text frames written straight to the
@@ -30,7 +30,7 @@ except ImportError:  # pragma: no cover - another ASGI server
     _SansIOProtocol = None  # type: ignore[assignment,misc]
     _OPEN = None
 
-log = logging.getLogger("pushsvc.transport")
+log = logging.getLogger("pushsvc.core.outbox")
 
 ASGIReceive = Callable[[], Awaitable[dict[str, Any]]]
 

@@ -34,7 +34,7 @@ import jwt
 import msgspec
 from jwt.algorithms import Algorithm
 
-from .channels import (
+from ..channels import (
     PERSONAL_PREFIX,
     InvalidChannel,
     any_grant_matches,
@@ -42,7 +42,7 @@ from .channels import (
     personal_channel,
     validate_grant,
 )
-from .settings import Settings
+from ..config.settings import Settings
 
 
 class AuthError(Exception):

@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 
 import msgspec
 
-from .channels import InvalidChannel, validate_grant
+from ..channels import InvalidChannel, validate_grant
 
 ENV_PREFIX = "PUSHSVC_"
 MAX_WRITE_DELAY = 1.0  # seconds: a longer hold would stall interactive channels
@@ -63,7 +63,7 @@ class Settings(msgspec.Struct, kw_only=True):
     stream_replicas: int = 1
     dedupe_window: float = 120.0
     revocation_bucket: str = "PUSHSVC_REVOCATIONS"  # JetStream KV bucket of revocations
-    # secured NATS (see pushsvc.natsconn): at most one auth method; paths are files
+    # secured NATS (see pushsvc.bus.natsconn): at most one auth method; paths are files
     nats_creds: str | None = None  # .creds file: user JWT + NKey seed (operator mode)
     nats_nkey: str | None = None  # file holding an NKey user seed
     nats_user: str | None = None
@@ -177,7 +177,7 @@ class Settings(msgspec.Struct, kw_only=True):
         Raises:
             SettingsError: naming the first setting that is wrong.
         """
-        from .natsconn import NatsSecurity  # natsconn builds on SettingsError
+        from ..bus.natsconn import NatsSecurity  # natsconn builds on SettingsError
 
         if self.nats_url is not None:
             for url in self.nats_servers or [""]:
@@ -350,7 +350,7 @@ def check_nats_url(url: str, setting: str) -> str:
     Raises:
         SettingsError: not a NATS URL, or a bad port.
     """
-    from .natsconn import display_url  # natsconn builds on SettingsError
+    from ..bus.natsconn import display_url  # natsconn builds on SettingsError
 
     shown = display_url(url)  # credentials in the URL never reach a message
     parts = urlsplit(url if "://" in url else "nats://" + url)

@@ -13,7 +13,7 @@ import socket
 import sys
 from typing import Any
 
-from .settings import Settings
+from ..config.settings import Settings
 
 #: RFC 6455 5.5.2 protocol pings: find dead TCP peers even when the application is idle.
 WS_PING_INTERVAL = 20.0  # seconds
@@ -32,7 +32,7 @@ def uvicorn_config(settings: Settings | None = None) -> dict[str, Any]:
     ``websockets-sansio`` with handshake fixes), ``ws_max_size`` =
     ``PUSHSVC_MAX_FRAME_BYTES`` (bigger frames close 1009), no per-message deflate,
     protocol pings every 20 s with a 20 s timeout, pushsvc's httptools protocol
-    (:mod:`pushsvc.httpprotocol`: upgrades parsed once), uvloop where
+    (:mod:`pushsvc.server.httpprotocol`: upgrades parsed once), uvloop where
     available, lifespan on, ``PUSHSVC_SHUTDOWN_TIMEOUT`` seconds of graceful
     shutdown (emits in flight finish), and the log level. Host, port and logging
     configuration are not included: they belong to the host application.
@@ -48,12 +48,12 @@ def uvicorn_config(settings: Settings | None = None) -> dict[str, Any]:
     """
     settings = settings or Settings.load()
     return {
-        "ws": "pushsvc.wsprotocol:WebSocketProtocol",
+        "ws": "pushsvc.ws.protocol:WebSocketProtocol",
         "ws_max_size": settings.max_frame_bytes,
         "ws_per_message_deflate": False,
         "ws_ping_interval": WS_PING_INTERVAL,
         "ws_ping_timeout": WS_PING_TIMEOUT,
-        "http": "pushsvc.httpprotocol:HttpToolsProtocol",
+        "http": "pushsvc.server.httpprotocol:HttpToolsProtocol",
         "loop": "uvloop" if sys.platform != "win32" else "asyncio",
         "lifespan": "on",
         "timeout_graceful_shutdown": settings.shutdown_timeout,

@@ -7,7 +7,7 @@ user, info?}`` to ``<prefix>-events.<channel>`` (never stored in the stream, so
 never in history or replays). Every node holding local subscribers of that
 channel subscribes there (one refcounted NATS subscription per channel, see
 :meth:`Bus.acquire_events <pushsvc.bus.Bus.acquire_events>`) and hands the frame
-to them (:meth:`Hub.broadcast <pushsvc.hub.Hub.broadcast>`).
+to them (:meth:`Hub.broadcast <pushsvc.core.hub.Hub.broadcast>`).
 
 Order: one session's join and leave of one channel are published in that order
 (they are chained per session and channel), and NATS delivers one publisher's
@@ -25,17 +25,17 @@ from typing import TYPE_CHECKING
 
 import msgspec
 
-from . import metrics
-from .bus import Bus, Unavailable
-from .channels import concrete_match
+from .. import metrics
+from ..bus import Bus, Unavailable
+from ..channels import concrete_match
+from ..config.settings import Settings
+from ..protocol import NO_INFO, Join, Leave, encode_frame
 from .hub import Hub
-from .protocol import NO_INFO, Join, Leave, encode_frame
-from .settings import Settings
 
 if TYPE_CHECKING:
-    from .session import Session
+    from .client import Session
 
-log = logging.getLogger("pushsvc.joinleave")
+log = logging.getLogger("pushsvc.core.joinleave")
 
 _decode_event = msgspec.json.Decoder(Join | Leave)
 

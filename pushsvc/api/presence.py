@@ -19,13 +19,13 @@ import msgspec
 from fastapi import APIRouter, Path, Request
 from fastapi.responses import Response
 
-from .auth import Authenticator
-from .httpauth import reader
-from .httperrors import HTTPError, json_response
+from ..auth.credentials import reader
+from ..auth.tokens import Authenticator
+from ..config.settings import Settings
+from ..core.presence import PresenceRefused, PresenceRegistry
+from ..protocol import ClientInfo
+from .errors import HTTPError, json_response
 from .openapi import CHANNEL_SCHEMA, SECURITY, errors, json_body, ref
-from .presence import PresenceRefused, PresenceRegistry
-from .protocol import ClientInfo
-from .settings import Settings
 
 
 class PresencePage(msgspec.Struct, omit_defaults=True):

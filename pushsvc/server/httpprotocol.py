@@ -1,9 +1,9 @@
 """uvicorn's httptools HTTP protocol, handing WebSocket upgrades over without a second parse.
 
 Use it as uvicorn's ``http`` setting together with pushsvc's WebSocket protocol:
-``http="pushsvc.httpprotocol:HttpToolsProtocol"``,
-``ws="pushsvc.wsprotocol:WebSocketProtocol"`` (``pushsvc serve``,
-:func:`pushsvc.serving.uvicorn_config` and the test fixtures do).
+``http="pushsvc.server.httpprotocol:HttpToolsProtocol"``,
+``ws="pushsvc.ws.protocol:WebSocketProtocol"`` (``pushsvc serve``,
+:func:`pushsvc.server.serving.uvicorn_config` and the test fixtures do).
 
 uvicorn's own upgrade (0.54) writes the request that ``httptools`` has already
 parsed back into bytes and feeds them to the WebSocket protocol, where the
@@ -12,7 +12,7 @@ tenth of the server's CPU per connection in a reconnect storm
 (docs/benchmarks.md, "Reconnect storm"). Here the WebSocket protocol gets the
 ``websockets`` :class:`~websockets.http11.Request` built from the parsed
 method, URL and headers (:meth:`WebSocketProtocol.upgrade
-<pushsvc.wsprotocol.WebSocketProtocol.upgrade>`); the opening handshake is then
+<pushsvc.ws.protocol.WebSocketProtocol.upgrade>`); the opening handshake is then
 validated and answered by ``websockets`` exactly as before.
 
 Only requests that ``websockets``' parser would take unchanged go this way:
@@ -21,7 +21,7 @@ HTTP/1.1 or 1.0, an ASCII request target, at most 128 headers
 (``MAX_LINE_LENGTH``), header names that are RFC 9110 5.6.2 tokens, values
 ``websockets`` accepts, no body (RFC 6455 4.1: a GET without one). Anything else
 takes uvicorn's path, so its refusals (414, 431, a closed connection for a
-malformed request) and pushsvc's fixes for them in :mod:`pushsvc.wsprotocol` stay
+malformed request) and pushsvc's fixes for them in :mod:`pushsvc.ws.protocol` stay
 as they were.
 
 Also: the local and peer addresses are read with ``get_extra_info("sockname")``
@@ -40,7 +40,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as _UvicornH
 from websockets.datastructures import Headers
 from websockets.http11 import MAX_LINE_LENGTH, MAX_NUM_HEADERS, Request
 
-from .wsprotocol import WebSocketProtocol
+from ..ws.protocol import WebSocketProtocol
 
 # what websockets' parser (websockets.http11.parse_headers) requires of a header:
 # the name an RFC 9110 5.6.2 token; the value HTAB, SP, VCHAR or obs-text (no CR, LF, NUL)
@@ -102,7 +102,7 @@ class HttpToolsProtocol(_UvicornHttpTools):
         self.transport.set_protocol(protocol)
         # uvicorn drops the parser only in connection_lost, which an upgraded
         # connection never calls here: the parser <-> protocol cycle would be left
-        # to the cyclic GC (see pushsvc.wsprotocol). httptools is done with it.
+        # to the cyclic GC (see pushsvc.ws.protocol). httptools is done with it.
         self.parser = None  # type: ignore[assignment]
 
 

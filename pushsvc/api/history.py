@@ -24,14 +24,14 @@ import msgspec
 from fastapi import APIRouter, Path, Query, Request
 from fastapi.responses import Response
 
-from .auth import Authenticator
-from .bus import Bus, Unavailable
-from .channels import InvalidChannel, validate_channel
-from .httpauth import reader
-from .httperrors import HTTPError, json_response
+from ..auth.credentials import reader
+from ..auth.tokens import Authenticator
+from ..bus import Bus, Unavailable
+from ..channels import InvalidChannel, validate_channel
+from ..config.settings import Settings
+from ..protocol import MAX_SEQ, payload_to_data, position_error
+from .errors import HTTPError, json_response
 from .openapi import CHANNEL_SCHEMA, SECURITY, declare, errors, json_body, ref
-from .protocol import MAX_SEQ, payload_to_data, position_error
-from .settings import Settings
 
 
 class HistoryItem(msgspec.Struct, omit_defaults=True):

@@ -17,8 +17,8 @@ from fastapi import APIRouter
 from fastapi.responses import Response
 from msgspec import Meta
 
-from . import __version__
-from .httperrors import json_response
+from .._version import __version__
+from .errors import json_response
 from .openapi import json_body, ref
 
 

@@ -54,10 +54,11 @@ import nats.js.errors
 from jetstreamext import InvalidResponseError
 from nats.js.kv import KeyValue
 
-from . import metrics
-from .bus import Bus, Unavailable
-from .channels import InvalidChannel, concrete_match, validate_channel
-from .protocol import (
+from .. import metrics
+from ..bus import Bus, Unavailable
+from ..channels import InvalidChannel, concrete_match, validate_channel
+from ..config.settings import Settings
+from ..protocol import (
     BAD_REQUEST,
     FORBIDDEN,
     INVALID_CHANNEL,
@@ -65,13 +66,12 @@ from .protocol import (
     UNAVAILABLE,
     ClientInfo,
 )
-from .settings import Settings
 
 if TYPE_CHECKING:
-    from .auth import Principal
-    from .session import Session
+    from ..auth.tokens import Principal
+    from .client import Session
 
-log = logging.getLogger("pushsvc.presence")
+log = logging.getLogger("pushsvc.core.presence")
 
 REFRESH_CONCURRENCY = 256  # KV puts in flight at once during a refresh
 _decode_info = msgspec.json.Decoder(ClientInfo)

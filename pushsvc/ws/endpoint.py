@@ -36,11 +36,14 @@ from typing import Any
 from starlette.datastructures import Headers, QueryParams
 from starlette.requests import cookie_parser
 
-from . import metrics
-from .auth import Authenticator, AuthError, Principal
-from .hub import Hub
-from .presence import PresenceRegistry
-from .protocol import (
+from .. import metrics
+from ..auth.tokens import Authenticator, AuthError, Principal
+from ..config.settings import Settings
+from ..core.client import ASGIReceive, ASGISend, Session
+from ..core.hub import Hub
+from ..core.presence import PresenceRegistry
+from ..core.ratelimit import BucketRegistry
+from ..protocol import (
     CLOSE_RATE_LIMITED,
     CLOSE_UNAUTHORIZED,
     Auth,
@@ -48,11 +51,8 @@ from .protocol import (
     SubResume,
     decode_command,
 )
-from .ratelimit import BucketRegistry
-from .session import ASGIReceive, ASGISend, Session
-from .settings import Settings
 
-log = logging.getLogger("pushsvc.endpoint")
+log = logging.getLogger("pushsvc.ws.endpoint")
 
 
 class WebSocketEndpoint:

@@ -1,6 +1,6 @@
 """uvicorn's ``websockets-sansio`` protocol with three handshake-refusal fixes.
 
-Use it as uvicorn's ``ws`` setting: ``ws="pushsvc.wsprotocol:WebSocketProtocol"``
+Use it as uvicorn's ``ws`` setting: ``ws="pushsvc.ws.protocol:WebSocketProtocol"``
 (``pushsvc serve`` and the test fixtures do). Found by tests/test_hostile.py
 against uvicorn 0.54 / websockets 17:
 
@@ -29,10 +29,10 @@ WebSocket left ~5 KiB of garbage for the cyclic collector; in a reconnect storm
 those objects reach the oldest generation and full collections were most of
 the server's CPU per connection. The cycle is broken right after the upgrade.
 
-With :class:`pushsvc.httpprotocol.HttpToolsProtocol` as uvicorn's ``http``
+With :class:`pushsvc.server.httpprotocol.HttpToolsProtocol` as uvicorn's ``http``
 protocol, :meth:`WebSocketProtocol.upgrade` takes the request ``httptools``
 already parsed instead of parsing it a second time. Protocol pings are armed on
-the loop's shared coarse timer (:mod:`pushsvc.deadlines`), and the handshake's
+the loop's shared coarse timer (:mod:`pushsvc.core.deadlines`), and the handshake's
 request and response are dropped once the 101 is written.
 """
 
@@ -48,7 +48,7 @@ from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIO
 from websockets.http11 import Request
 from websockets.protocol import Protocol
 
-from .deadlines import deadlines
+from ..core.deadlines import deadlines
 
 WEBSOCKET_VERSION = "13"  # RFC 6455 4.1 (the only version)
 _SEND_KEEPALIVE_PING = methodcaller("send_keepalive_ping")  # uvicorn's, or an override
@@ -79,7 +79,7 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
         """Take over ``transport`` with its opening handshake already parsed.
 
         What ``connection_made`` then ``data_received(<the request's bytes>)`` do,
-        without the bytes: called by :class:`pushsvc.httpprotocol.HttpToolsProtocol`,
+        without the bytes: called by :class:`pushsvc.server.httpprotocol.HttpToolsProtocol`,
         which read the request with ``httptools`` and built ``request``. The
         ``websockets`` connection skips its HTTP request parser and starts on
         frames, as it does after parsing a request itself; the request is then
@@ -106,7 +106,7 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
 
         uvicorn gives every connection its own ``call_later`` timer for it, held
         for the connection's life; here it is an entry in
-        :func:`pushsvc.deadlines.deadlines` (0.1 s ticks: the ping interval is
+        :func:`pushsvc.core.deadlines.deadlines` (0.1 s ticks: the ping interval is
         20 s). The pong deadline after each ping stays uvicorn's own timer.
         """
         assert self.ping_interval is not None

@@ -4,10 +4,10 @@ With a write delay (``PUSHSVC_WRITE_DELAY``) the hub writes a channel's window
 to at most :data:`FAN_OUT_SLICE` sockets per event-loop iteration, so that
 publishers (emits answered), handshakes and pings are served while it goes out.
 A :class:`Flight` is that write in progress; a batch ready meanwhile joins it
-(:meth:`Flight.add`). The hub (:mod:`pushsvc.hub`) owns the flights, drives them
+(:meth:`Flight.add`). The hub (:mod:`pushsvc.core.hub`) owns the flights, drives them
 (one :meth:`Flight.write` per loop iteration) and finishes one at once when
 order requires it; each slice goes to the sockets through
-:func:`~pushsvc.session.fan_out`, like an ordinary flush.
+:func:`~pushsvc.core.client.fan_out`, like an ordinary flush.
 """
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ from __future__ import annotations
 from collections import deque
 from typing import TYPE_CHECKING
 
-from .session import fan_out
+from .client import fan_out
 
 if TYPE_CHECKING:
-    from .session import Session
+    from .client import Session
 
 #: with a write delay, the sockets one channel's flush writes per event-loop
 #: iteration (~0.1 ms of ``send()`` calls on the dev VM): a larger live set is

@@ -9,7 +9,7 @@ every answer and ping) goes through the session's buffer:
   (``PUSHSVC_SEND_QUEUE_BYTES``, counted exactly in UTF-8 bytes, including a
   send in flight); overflow closes the session with 4009 (slow consumer);
 - a flush runs once per event-loop iteration for every session that got frames
-  (one ``loop.call_soon`` for all of them, see :class:`~pushsvc.transport.FlushQueue`; no task): it
+  (one ``loop.call_soon`` for all of them: :class:`~pushsvc.core.outbox.FlushQueue`): it
   joins pending frames with ``\\n`` into one text frame of at most
   ``coalesce_bytes`` (wire contract: one frame may carry several objects) and
   hands it to the ASGI ``send`` *eagerly* (``coro.send(None)``): when the server
@@ -21,7 +21,7 @@ every answer and ping) goes through the session's buffer:
   send and drain the buffer; each send is bounded by ``PUSHSVC_SEND_TIMEOUT``
   seconds, after which the session is closed 4009 and its buffer released.
 
-Heartbeat, auth expiry and pong deadlines are coarse (:mod:`pushsvc.deadlines`:
+Heartbeat, auth expiry and pong deadlines are coarse (:mod:`pushsvc.core.deadlines`:
 one loop timer per 0.1 s tick for every session), not tasks or per-session timers.
 """
 
@@ -36,19 +36,18 @@ from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
 from operator import methodcaller
 from typing import TYPE_CHECKING, Any
 
-from . import metrics
-from .auth import Authenticator, AuthError, Principal
-from .bus import Unavailable
-from .channels import (
+from .. import metrics
+from ..auth.tokens import Authenticator, AuthError, Principal
+from ..bus import Unavailable
+from ..channels import (
     InvalidChannel,
     is_pattern,
     personal_channel,
     validate_channel,
     validate_pattern,
 )
-from .deadlines import deadlines
-from .presence import PresenceRefused, PresenceRegistry
-from .protocol import (
+from ..config.settings import Settings
+from ..protocol import (
     BAD_REQUEST,
     CLOSE_HEARTBEAT_TIMEOUT,
     CLOSE_INTERNAL_ERROR,
@@ -85,9 +84,8 @@ from .protocol import (
     encode_frame,
     position_error,
 )
-from .ratelimit import TokenBucket
-from .settings import Settings
-from .transport import (
+from .deadlines import deadlines
+from .outbox import (
     abort_connection,
     can_write_direct,
     direct_protocol,
@@ -96,11 +94,13 @@ from .transport import (
     text_frame,
     utf8_len,
 )
+from .presence import PresenceRefused, PresenceRegistry
+from .ratelimit import TokenBucket
 
 if TYPE_CHECKING:  # the hub imports this module (fan_out); sessions only hold a reference
     from .hub import Hub
 
-log = logging.getLogger("pushsvc.session")
+log = logging.getLogger("pushsvc.core.client")
 
 ASGISend = Callable[[dict[str, Any]], Awaitable[None]]
 ASGIReceive = Callable[[], Awaitable[dict[str, Any]]]
@@ -210,7 +210,7 @@ class Session:
         self._flushes = flush_queue(self._loop)
         self._closer: asyncio.Task[None] | None = None
         self._reader: asyncio.Task[Any] | None = None
-        # deadlines (pushsvc.deadlines): next ping, the pong awaited, the token's expiry
+        # deadlines (pushsvc.core.deadlines): next ping, the pong awaited, the token's expiry
         self._pings = deadlines(self._loop, "ping", _PING)
         self._pongs = deadlines(self._loop, "pong", _PONG_MISSED)
         self._expiries = deadlines(self._loop, "expiry", _EXPIRED)
@@ -285,7 +285,7 @@ class Session:
         return ("\n".join(parts) if len(parts) > 1 else frame), taken
 
     def _flush(self) -> None:
-        """The scheduled flush (see :class:`~pushsvc.transport.FlushQueue`)."""
+        """The scheduled flush (see :class:`~pushsvc.core.outbox.FlushQueue`)."""
         self._scheduled = False
         if self._writer is None and not self.closed:
             self._write_pending()
@@ -706,7 +706,7 @@ class Session:
 
     async def _presence(self, cmd: Presence | PresenceStats) -> None:
         """Answer ``presence`` / ``presence_stats`` through the registry's one rule
-        (:meth:`~pushsvc.presence.PresenceRegistry.read_for`).
+        (:meth:`~pushsvc.core.presence.PresenceRegistry.read_for`).
 
         Refusals: ``invalid_channel``; ``forbidden`` without a ``presence`` grant;
         ``bad_request`` when the channel is outside ``PUSHSVC_PRESENCE_CHANNELS``
@@ -764,9 +764,9 @@ class Session:
 def fan_out(sessions: Iterable[Session], text: str, nbytes: int, *, single: bool = True) -> None:
     """Hand ``text`` (one or more encoded frames joined by ``\\n``) to every session.
 
-    The hub's delivery loop, once per channel batch (see :class:`~pushsvc.hub.Hub`).
+    The hub's delivery loop, once per channel batch (see :class:`~pushsvc.core.hub.Hub`).
     A session with nothing pending (no buffered frame, no writer task busy), on
-    uvicorn's direct path (:func:`~pushsvc.transport.direct_protocol`), whose
+    uvicorn's direct path (:func:`~pushsvc.core.outbox.direct_protocol`), whose
     transport is open and holds no unsent bytes, gets the pre-framed bytes (RFC 6455
     5.2, framed once for all sessions) written to its transport here: no buffer, no
     flush callback, no ASGI send. Every other session goes through

@@ -10,7 +10,7 @@ see them. This module gives it what it cannot infer, in FastAPI's own terms:
   and merged into the document by :func:`install` (FastAPI's documented way of
   extending the schema: wrap ``app.openapi``);
 - ``responses=`` fragments for every error answer (:func:`errors`), with the
-  ``{"error", "message"}`` body of :class:`pushsvc.httperrors.HTTPError` and its
+  ``{"error", "message"}`` body of :class:`pushsvc.api.errors.HTTPError` and its
   ``Retry-After`` (RFC 9110 10.2.3) and ``WWW-Authenticate`` (RFC 6750 3) headers;
 - the two credentials the HTTP routes accept, as FastAPI ``Security`` schemes
   (:data:`SECURITY`): a bearer JWT and a configured API key, both sent as
@@ -30,7 +30,7 @@ from fastapi import FastAPI, Security
 from fastapi.security import HTTPBearer
 from msgspec import UNSET, Meta, UnsetType
 
-from .channels import CHANNEL_PATTERN, MAX_CHANNEL_LENGTH
+from ..channels import CHANNEL_PATTERN, MAX_CHANNEL_LENGTH
 
 CHANNEL_SCHEMA: dict[str, Any] = {
     "type": "string",

@@ -17,7 +17,7 @@ decoded, so a gzip body would be published as its compressed bytes; RFC 9110
 15.5.16: the answer carries ``Accept-Encoding: identity``), 422 invalid channel,
 429 with ``Retry-After`` (per-principal token bucket), 503 with ``Retry-After``
 when NATS did not take it. The OpenAPI description of all this is declared here
-with the helpers of :mod:`pushsvc.openapi`.
+with the helpers of :mod:`pushsvc.api.openapi`.
 """
 
 from __future__ import annotations
@@ -30,13 +30,15 @@ from fastapi.responses import JSONResponse, Response
 from msgspec import Meta
 from starlette.requests import ClientDisconnect
 
-from . import metrics
-from .auth import Authenticator, AuthError, Principal
-from .bus import Unavailable
-from .channels import InvalidChannel, validate_channel
-from .httpauth import bearer_credential
-from .httperrors import HTTPError, json_response
-from .hub import Hub
+from .. import metrics
+from ..auth.credentials import bearer_credential
+from ..auth.tokens import Authenticator, AuthError, Principal
+from ..bus import Unavailable
+from ..channels import InvalidChannel, validate_channel
+from ..config.settings import Settings
+from ..core.hub import Hub
+from ..core.ratelimit import BucketRegistry
+from .errors import HTTPError, json_response
 from .openapi import (
     CHANNEL_SCHEMA,
     SECURITY,
@@ -48,8 +50,6 @@ from .openapi import (
     json_body,
     ref,
 )
-from .ratelimit import BucketRegistry
-from .settings import Settings
 
 MAX_BATCH = 1000
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from fastapi import Request
 
-from . import metrics
-from .auth import Authenticator, AuthError, Principal
-from .httperrors import HTTPError
+from .. import metrics
+from ..api.errors import HTTPError
+from .tokens import Authenticator, AuthError, Principal
 
 
 def bearer_credential(request: Request) -> str:

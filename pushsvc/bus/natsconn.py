@@ -50,7 +50,7 @@ import msgspec
 import nats.errors
 from nats.aio.client import Client as NatsClient
 
-from .settings import SettingsError
+from ..config.settings import SettingsError
 
 #: field of :class:`NatsSecurity` -> (``PUSHSVC_*`` variable, command-line flag, help text)
 OPTIONS: dict[str, tuple[str, str, str]] = {
@@ -159,7 +159,7 @@ class NatsSecurity(msgspec.Struct, kw_only=True, frozen=True):
 
     @classmethod
     def from_settings(cls, settings: Any) -> NatsSecurity:
-        """From a :class:`~pushsvc.settings.Settings` (its ``nats_*`` fields)."""
+        """From a :class:`~pushsvc.config.settings.Settings` (its ``nats_*`` fields)."""
         return cls(**{name: getattr(settings, "nats_" + name) for name in OPTIONS})
 
     @classmethod
