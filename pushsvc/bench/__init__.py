@@ -66,8 +66,8 @@ server_idle_us_per_heartbeat, server_idle_rss_mib, server_idle_rss_per_conn_kib;
 with ``--broadcast``: broadcast_ms {rounds, last_p50, last_max, last (per
 round: publish to the last delivery), p50, p99 (across connections)} and with
 ``--server-pid`` server_cpu_ms_per_broadcast (and ``_net``: less the idle rate).
-A few more keys help diagnosis: procs, subscribed, failed_clients, published, publish_errors, publish_throttled (emits
-retried after 429), expected, unique, frames (WebSocket frames that carried
+A few more keys help diagnosis: procs, subscribed, failed_clients, published,
+publish_errors, publish_throttled (emits retried after 429), expected, unique, frames (WebSocket frames that carried
 deliveries: deliveries / frames is the server's batching), error_samples,
 elapsed_seconds.
 
