@@ -67,9 +67,9 @@ with ``--broadcast``: broadcast_ms {rounds, last_p50, last_max, last (per
 round: publish to the last delivery), p50, p99 (across connections)} and with
 ``--server-pid`` server_cpu_ms_per_broadcast (and ``_net``: less the idle rate).
 A few more keys help diagnosis: procs, subscribed, failed_clients, published,
-publish_errors, publish_throttled (emits retried after 429), expected, unique, frames (WebSocket frames that carried
-deliveries: deliveries / frames is the server's batching), error_samples,
-elapsed_seconds.
+publish_errors, publish_throttled (emits retried after 429), expected, unique, frames
+(WebSocket frames that carried deliveries: deliveries / frames is the server's
+batching), error_samples, elapsed_seconds.
 
 Exit code: 0 when every client subscribed and got every message exactly once
 with no error, 1 otherwise, 2 for bad arguments (or no way to get tokens).
