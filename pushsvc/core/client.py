@@ -110,6 +110,7 @@ _NODE = os.urandom(3).hex()
 CLOSE_TIMEOUT = 2.0  # seconds to get a close frame out before dropping the socket
 # what the deadlines call on a session (by name: a subclass's override is honoured)
 _PING, _PONG_MISSED, _EXPIRED = (methodcaller(n) for n in ("_ping", "_pong_missed", "_expired"))
+_PING_WIRE = text_frame(PING_FRAME)  # the ping as a server text frame (RFC 6455 5.2)
 
 
 class Session:
@@ -427,13 +428,41 @@ class Session:
         self._pings.set(self, self.settings.ping_interval)
 
     def _ping(self) -> None:
-        """The ping deadline: send ``ping``, await a ``pong`` (if not already), re-arm."""
+        """The ping deadline: send ``ping``, await a ``pong`` (if not already), re-arm.
+
+        On the direct path with nothing pending the pre-framed ping is written to
+        the transport as :func:`fan_out` writes a message (one ``write``, no
+        buffer, flush callback or ASGI send): an idle node's CPU is mostly
+        heartbeats (docs/capacity.md, "Idle").
+        """
         if self.closed:
             return
-        self.send(PING_FRAME, len(PING_FRAME))
+        transport = self._transport
+        if (
+            transport is not None
+            and not self._out_bytes
+            and self._writer is None
+            and not transport.get_write_buffer_size()
+            and not transport.is_closing()
+        ):
+            transport.write(_PING_WIRE)
+        else:
+            self.send(PING_FRAME, len(PING_FRAME))
         if self not in self._pongs:
             self._pongs.set(self, self.settings.pong_timeout)
         self._schedule_ping()
+
+    def pong(self) -> None:
+        """A ``pong`` came: free when it answers a ping, else it costs a command token.
+
+        Called for every pong: from :meth:`handle_frame`, or straight from the
+        WebSocket protocol (``on_pong``, :mod:`pushsvc.ws.protocol`) for the
+        canonical ``{"op":"pong"}``, which then never reaches the ASGI queue.
+        """
+        if self in self._pongs:
+            self._pongs.clear(self)
+        elif not self.closed:  # unsolicited: free for a client answering pings, charged for a flood
+            self._charge(None)
 
     def _pong_missed(self) -> None:
         self.close(CLOSE_HEARTBEAT_TIMEOUT, "no pong")
@@ -465,6 +494,9 @@ class Session:
         )
         self._schedule_ping()
         self._schedule_expiry()
+        direct = self._direct
+        if direct is not None and getattr(direct, "on_pong", False) is None:
+            direct.on_pong = self.pong  # pushsvc.ws.protocol: pongs without the ASGI queue
         try:
             if server_subs:
                 await self._server_subscribe(server_subs)
@@ -492,6 +524,8 @@ class Session:
                     extra={"client": self.id, "channels": len(self.channels)},
                 )
             self.closed = True
+            if direct is not None and getattr(direct, "on_pong", None) is not None:
+                direct.on_pong = None
             self._cancel_timers()
             self._drop_output()
             self.hub.remove_session(self)
@@ -533,10 +567,7 @@ class Session:
             self._refuse(BAD_REQUEST, str(exc), None, charge=True)
             return
         if isinstance(cmd, Pong):
-            if self in self._pongs:
-                self._pongs.clear(self)
-            else:  # unsolicited: free for a client answering pings, charged for a flood
-                self._charge(None)
+            self.pong()
             return
         if isinstance(cmd, Auth):
             self._refuse(BAD_REQUEST, "already authenticated", None, charge=True)

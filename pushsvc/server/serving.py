@@ -15,10 +15,6 @@ from typing import Any
 
 from ..config.settings import Settings
 
-#: RFC 6455 5.5.2 protocol pings: find dead TCP peers even when the application is idle.
-WS_PING_INTERVAL = 20.0  # seconds
-WS_PING_TIMEOUT = 20.0  # seconds
-
 
 class ListenError(Exception):
     """The listen address cannot be used (in use, not local, permission denied)."""
@@ -31,7 +27,9 @@ def uvicorn_config(settings: Settings | None = None) -> dict[str, Any]:
     must be told"): pushsvc's WebSocket protocol class (uvicorn's
     ``websockets-sansio`` with handshake fixes), ``ws_max_size`` =
     ``PUSHSVC_MAX_FRAME_BYTES`` (bigger frames close 1009), no per-message deflate,
-    protocol pings every 20 s with a 20 s timeout, pushsvc's httptools protocol
+    no protocol pings (the heartbeat is pushsvc's own ``ping``/``pong``, which
+    also finds dead TCP peers: one heartbeat per connection, docs/capacity.md),
+    pushsvc's httptools protocol
     (:mod:`pushsvc.server.httpprotocol`: upgrades parsed once), uvloop where
     available, lifespan on, ``PUSHSVC_SHUTDOWN_TIMEOUT`` seconds of graceful
     shutdown (emits in flight finish), and the log level. Host, port and logging
@@ -51,8 +49,8 @@ def uvicorn_config(settings: Settings | None = None) -> dict[str, Any]:
         "ws": "pushsvc.ws.protocol:WebSocketProtocol",
         "ws_max_size": settings.max_frame_bytes,
         "ws_per_message_deflate": False,
-        "ws_ping_interval": WS_PING_INTERVAL,
-        "ws_ping_timeout": WS_PING_TIMEOUT,
+        "ws_ping_interval": None,
+        "ws_ping_timeout": None,
         "http": "pushsvc.server.httpprotocol:HttpToolsProtocol",
         "loop": "uvloop" if sys.platform != "win32" else "asyncio",
         "lifespan": "on",

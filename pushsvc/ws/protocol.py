@@ -45,17 +45,31 @@ from operator import methodcaller
 from typing import Any
 
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+from websockets.frames import Frame
 from websockets.http11 import Request
 from websockets.protocol import Protocol
 
 from ..core.deadlines import deadlines
 
 WEBSOCKET_VERSION = "13"  # RFC 6455 4.1 (the only version)
+#: the canonical heartbeat answer (docs/protocol.md, "Heartbeat"), as clients send it
+PONG = b'{"op":"pong"}'
 _SEND_KEEPALIVE_PING = methodcaller("send_keepalive_ping")  # uvicorn's, or an override
 
 
 class WebSocketProtocol(WebSocketsSansIOProtocol):
-    """:class:`WebSocketsSansIOProtocol` that answers and closes rejected handshakes."""
+    """:class:`WebSocketsSansIOProtocol` that answers and closes rejected handshakes.
+
+    Attributes:
+        on_pong: set by the connection's session (:meth:`pushsvc.core.client.Session.pong`):
+            called for a text message that is exactly :data:`PONG`, which then
+            skips uvicorn's ASGI queue, its pause/resume of reading and the
+            session's reader task (the heartbeat's inbound half, once per
+            connection per ``PUSHSVC_PING_INTERVAL``). None: every message goes
+            to the application.
+    """
+
+    on_pong: Any = None
 
     def connection_made(self, transport: BaseTransport) -> None:
         """Take the connection from the HTTP protocol, then release that protocol's parser.
@@ -117,6 +131,13 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
         """Disarm the protocol ping, then uvicorn's own cleanup (the pong timer)."""
         deadlines(self.loop, "ws-ping", _SEND_KEEPALIVE_PING).clear(self)
         super().stop_keepalive()
+
+    def handle_text(self, event: Frame) -> None:
+        """A text frame: a whole ``{"op":"pong"}`` goes to :attr:`on_pong`, the rest to uvicorn."""
+        if event.fin and self.on_pong is not None and event.data == PONG and not self.close_sent:
+            self.on_pong()
+            return
+        super().handle_text(event)
 
     def data_received(self, data: bytes) -> None:
         """Feed bytes; if the opening handshake was rejected by the parser, answer and close."""
