@@ -44,6 +44,7 @@ from .core.presence import PresenceRegistry
 from .core.ratelimit import BucketRegistry
 from .logs import install_redaction
 from .protocol import CLOSE_SERVICE_RESTART
+from .server.capacity import fd_budget
 from .server.drain import SigtermDelay
 from .server.embedded import EmbeddedNats, start_default
 from .ws.endpoint import WebSocketEndpoint
@@ -106,6 +107,8 @@ class Node:
         self.bus.on_epoch_changed = self.hub.stream_reset
         self.command_buckets = BucketRegistry(settings.command_rate, settings.command_burst)
         self.emit_buckets = BucketRegistry(settings.emit_rate, settings.emit_burst)
+        #: this process's open-file budget (connections it can hold; pushsvc.server.capacity)
+        self.fds = fd_budget()
         self.endpoint = WebSocketEndpoint(
             settings,
             self.hub,
@@ -113,6 +116,7 @@ class Node:
             self.command_buckets,
             self.accepting,
             presence=self.presence,
+            at_capacity=self.fds.full,
         )
         self.embedded: EmbeddedNats | None = None
         #: revocations kept in NATS (history on), shared by every node
@@ -219,10 +223,35 @@ class Node:
                 raise
             self.revocations = store
         await self.presence.start()
+        self._log_capacity()
         self.started = True
         metrics.INFO.labels(self.name, __version__).set(1)
         if self.settings.drain_delay > 0:
             self._sigterm.install()
+
+    def _log_capacity(self) -> None:
+        """Log how many connections this process can hold (once per worker, at start)."""
+        fds = self.fds
+        capacity = fds.measure()
+        cap = self.settings.max_connections
+        log.info(
+            "capacity: %d connections in this process (open files: limit %d, %d held at "
+            "start, %d kept spare; PUSHSVC_MAX_CONNECTIONS=%d%s)",
+            min(capacity, cap),
+            fds.limit,
+            fds.baseline,
+            fds.reserve,
+            cap,
+            "" if capacity >= cap else ", the open-file limit comes first",
+            extra={
+                "capacity": min(capacity, cap),
+                "fd_limit": fds.limit,
+                "fd_baseline": fds.baseline,
+                "fd_reserve": fds.reserve,
+                "worker": self.worker,
+            },
+        )
+        metrics.CONNECTION_CAPACITY.set(min(capacity, cap))
 
     def _begin_drain(self) -> bool:
         """SIGTERM with a drain delay: readiness off now; False if already draining."""

@@ -148,6 +148,7 @@ def _serve(args: argparse.Namespace) -> int:
     from uvicorn.supervisors import Multiprocess
 
     from .bus import Bus, Unavailable
+    from .server.capacity import raise_nofile_limit
     from .server.embedded import EmbeddedNatsError, start_default
     from .server.serving import ListenError, listen_socket, uvicorn_config
 
@@ -165,6 +166,10 @@ def _serve(args: argparse.Namespace) -> int:
     log_config = logs.log_config(settings.log_format, settings.node_name or "-", settings.log_level)
     logging.config.dictConfig(log_config)
     logging.captureWarnings(True)
+    # every connection is a file descriptor: the soft limit up to the hard one (workers inherit it)
+    before, after = raise_nofile_limit()
+    if after != before:
+        logging.getLogger("pushsvc").info("open-file limit raised from %d to %d", before, after)
     json_logs = settings.log_format == "json"
     # The listen address first: a busy port fails before NATS starts or anything is printed.
     try:

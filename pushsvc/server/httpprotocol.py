@@ -24,6 +24,9 @@ takes uvicorn's path, so its refusals (414, 431, a closed connection for a
 malformed request) and pushsvc's fixes for them in :mod:`pushsvc.ws.protocol` stay
 as they were.
 
+It also hands uvicorn's set of live connections to the process's open-file
+budget (:mod:`pushsvc.server.capacity`), which refuses handshakes near the limit.
+
 Also: the local and peer addresses are read with ``get_extra_info("sockname")``
 / ``("peername")``, not through the transport's ``socket`` object, which uvloop
 creates on first use (~8 us per connection), and the WebSocket protocol reuses
@@ -41,6 +44,9 @@ from websockets.datastructures import Headers
 from websockets.http11 import MAX_LINE_LENGTH, MAX_NUM_HEADERS, Request
 
 from ..ws.protocol import WebSocketProtocol
+from .capacity import fd_budget
+
+_FDS = fd_budget()  # counts this process's connections (pushsvc.server.capacity)
 
 # what websockets' parser (websockets.http11.parse_headers) requires of a header:
 # the name an RFC 9110 5.6.2 token; the value HTAB, SP, VCHAR or obs-text (no CR, LF, NUL)
@@ -71,8 +77,10 @@ class HttpToolsProtocol(_UvicornHttpTools):
         return self._upgrade_answer
 
     def connection_made(self, transport: BaseTransport) -> None:  # type: ignore[override]
-        """As uvicorn's, with addresses from the transport's extras (no ``socket`` object)."""
+        """As uvicorn's, with addresses from the transport's extras (no ``socket`` object);
+        the open-file budget counts uvicorn's connection set."""
         self.connections.add(self)
+        _FDS.watch(self.connections)
         self.transport = transport  # type: ignore[assignment]
         self.flow = FlowControl(transport)  # type: ignore[arg-type]
         self.server = local_address(transport)

@@ -19,7 +19,8 @@ Checks, in order (OWASP WebSocket Security Cheat Sheet):
    (no ``Origin`` header: a non-browser client, checked by its token only);
 2. draining -> 503 (``Retry-After``);
 3. ``PUSHSVC_MAX_CONNECTIONS`` sockets on the node, *including* sockets still
-   waiting for their auth frame -> 503 (``Retry-After``);
+   waiting for their auth frame, or the process's open-file capacity reached
+   (:mod:`pushsvc.server.capacity`) -> 503 (``Retry-After``);
 4. the handshake token, if any -> 403; ``PUSHSVC_MAX_CONNECTIONS_PER_USER``
    -> 429 (with an auth frame instead: close 4008). A slot is reserved from the
    check until the session registers with the hub, so parallel handshakes of
@@ -66,6 +67,9 @@ class WebSocketEndpoint:
         accepting: returns False while the node drains (new handshakes get 503).
         presence: the node's presence registry, handed to every session (None: the
             ``presence`` commands are answered ``bad_request``).
+        at_capacity: returns True when the process holds all the connections its
+            open-file limit allows (:meth:`pushsvc.server.capacity.FdBudget.full`):
+            new handshakes get 503 + ``Retry-After``, as at ``PUSHSVC_MAX_CONNECTIONS``.
     """
 
     def __init__(
@@ -76,6 +80,7 @@ class WebSocketEndpoint:
         buckets: BucketRegistry,
         accepting: Callable[[], bool],
         presence: PresenceRegistry | None = None,
+        at_capacity: Callable[[], bool] | None = None,
     ) -> None:
         self.settings = settings
         self.hub = hub
@@ -83,6 +88,7 @@ class WebSocketEndpoint:
         self.buckets = buckets
         self.accepting = accepting
         self.presence = presence
+        self.at_capacity = at_capacity or _never
         self.allowed_origins = frozenset(normalise_origin(o) for o in settings.allowed_origins)
         #: sockets between handshake and close, authenticated or not (the global cap)
         self.open_sockets = 0
@@ -107,7 +113,7 @@ class WebSocketEndpoint:
             return
         # Counts sockets still waiting for their auth frame too, so unauthenticated
         # clients cannot hold more than the cap between them.
-        if self.open_sockets >= self.settings.max_connections:
+        if self.open_sockets >= self.settings.max_connections or self.at_capacity():
             await _deny(scope, receive, send, 503, "connection limit reached", "capacity", retry=5)
             return
         self.open_sockets += 1
@@ -235,6 +241,10 @@ class WebSocketEndpoint:
             await _close(send, CLOSE_RATE_LIMITED, "too many connections for this user")
             return None
         return principal, cmd.subs
+
+
+def _never() -> bool:
+    return False
 
 
 def normalise_origin(origin: str) -> str:

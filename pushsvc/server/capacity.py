@@ -1,0 +1,139 @@
+"""Open-file capacity of a server process: soft limit raised, connections counted, a margin kept.
+
+Every connection is a file descriptor, and a process has at most its soft
+``RLIMIT_NOFILE`` of them (getrlimit(2)). What happens at that limit without
+this module (measured, docs/capacity.md "At the fd limit"): uvloop's listener
+(libuv) gets ``EMFILE`` from ``accept()`` and, to keep the listen backlog from
+stalling, accepts each waiting connection on a spare descriptor and closes it at
+once (libuv ``uv__emfile_trick``): clients see the TCP connection reset before
+any HTTP answer, and nothing is logged. asyncio's own loop logs "socket.accept()
+out of system resource" and stops accepting for a second.
+
+So ``pushsvc serve``:
+
+1. raises the soft limit to the hard one at start (:func:`raise_nofile_limit`;
+   its worker processes inherit it);
+2. each worker measures what it holds once started (:meth:`FdBudget.measure`:
+   the listening socket, NATS, the event loop's descriptors...) and logs its
+   capacity: the connections it can hold with :data:`reserve` descriptors to
+   spare;
+3. a WebSocket handshake that arrives while the worker already holds that many
+   connections is refused ``503`` with ``Retry-After`` (pushsvc.ws.endpoint,
+   reason ``capacity``), like ``PUSHSVC_MAX_CONNECTIONS``: the spare
+   descriptors are what the refusals themselves, plain HTTP requests and NATS
+   reconnects use. Only a burst of more simultaneous new connections than the
+   margin can still meet the limit (then as above: reset, the client retries).
+
+Connections are counted with uvicorn's own set of live connection protocols
+(``server_state.connections``: one entry per TCP connection, HTTP or WebSocket),
+handed over by :class:`pushsvc.server.httpprotocol.HttpToolsProtocol` on the
+first connection (:meth:`FdBudget.watch`): a ``len()`` per handshake, no
+``/proc`` read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import resource
+from collections.abc import Sized
+
+RESERVE_MIN = 32  # descriptors kept spare, at least
+RESERVE_FRACTION = 0.01  # ... or this share of the limit, whichever is more
+_INFINITY_TARGET = 1 << 20  # soft limit asked for when the hard one is unlimited (Linux nr_open)
+
+
+def raise_nofile_limit() -> tuple[int, int]:
+    """Raise this process's soft ``RLIMIT_NOFILE`` to its hard limit (setrlimit(2)).
+
+    An unprivileged process may raise its soft limit up to the hard one; the hard
+    one is the administrator's (systemd ``LimitNOFILE=``, ``ulimit -Hn``,
+    Kubernetes: the container runtime's). An unlimited hard limit gets 2**20.
+
+    Returns:
+        ``(before, after)``: the soft limit before and after (equal when it was
+        already at the hard limit or the raise was refused).
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = _INFINITY_TARGET if hard == resource.RLIM_INFINITY else hard
+    if soft != resource.RLIM_INFINITY and target > soft:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    return soft, resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def open_fds() -> int | None:
+    """Descriptors this process has open now (``/proc/self/fd``), None where unknown."""
+    try:
+        return len(os.listdir("/proc/self/fd")) - 1  # less the directory listing's own
+    except OSError:
+        return None
+
+
+class FdBudget:
+    """The connections one process can hold within its open-file limit.
+
+    Attributes:
+        limit: the soft ``RLIMIT_NOFILE`` (descriptors).
+        baseline: descriptors held that are not connections (measured by
+            :meth:`measure`; 0 before).
+        reserve: descriptors kept spare: ``max(RESERVE_MIN, RESERVE_FRACTION * limit)``.
+        capacity: connections this process accepts: ``limit - baseline - reserve``.
+    """
+
+    def __init__(self) -> None:
+        self.limit = 0
+        self.reserve = 0
+        self.baseline = 0
+        self.capacity = 0
+        self._sets: list[Sized] = []  # the connection sets of every server in this process
+        self._last: Sized | None = None
+        self._read_limit()
+
+    def _read_limit(self) -> None:
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        self.limit = _INFINITY_TARGET if soft == resource.RLIM_INFINITY else int(soft)
+        self.reserve = max(RESERVE_MIN, int(self.limit * RESERVE_FRACTION))
+        self.capacity = max(0, self.limit - self.baseline - self.reserve)
+
+    def measure(self) -> int:
+        """Read the limit, count what the process holds now as its baseline, and
+        recompute :attr:`capacity`.
+
+        Call once the process has started (NATS connected, listening), before it
+        serves connections; again after changing the limit. Returns :attr:`capacity`.
+        """
+        held = open_fds()
+        if held is not None:
+            self.baseline = max(0, held - self.connections)
+        self._read_limit()
+        return self.capacity
+
+    def watch(self, connections: Sized) -> None:
+        """Count ``connections`` (a uvicorn server's set of live connection protocols)
+        from now on; called for every new connection, so repeating it is cheap."""
+        if connections is self._last:
+            return
+        self._last = connections
+        if not any(known is connections for known in self._sets):
+            self._sets.append(connections)
+
+    @property
+    def connections(self) -> int:
+        """Connections open now (HTTP and WebSocket, of every server, the one asking included)."""
+        return sum(map(len, self._sets))
+
+    def full(self) -> bool:
+        """True when a connection beyond :attr:`capacity` is asking (the caller refuses it)."""
+        return self.connections > self.capacity
+
+
+_budget: FdBudget | None = None
+
+
+def fd_budget() -> FdBudget:
+    """This process's :class:`FdBudget` (one per process: the limit is per process)."""
+    global _budget
+    if _budget is None:
+        _budget = FdBudget()
+    return _budget
