@@ -7,7 +7,7 @@ Public API::
 
 from ._version import __version__
 from .app import Node, create_app, setup_app
-from .bus.natsconn import NatsRefused, NatsSecurity
+from .config.nats import NatsRefused, NatsSecurity
 from .config.settings import Settings, SettingsError
 from .publisher import Publisher
 from .server.serving import uvicorn_config

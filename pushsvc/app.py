@@ -36,8 +36,9 @@ from .api.probes import Readiness, probes_router
 from .auth.revocations import RevocationStore
 from .auth.tokens import Authenticator, Revocation, parse_revocation
 from .bus import Bus, Unavailable
-from .bus.natsconn import NatsRefused, NatsSecurity
+from .config.nats import NatsRefused, NatsSecurity
 from .config.settings import Settings, default_node_name
+from .core.admission import Admission
 from .core.hub import Hub
 from .core.joinleave import JoinLeave
 from .core.presence import PresenceRegistry
@@ -107,16 +108,17 @@ class Node:
         self.bus.on_epoch_changed = self.hub.stream_reset
         self.command_buckets = BucketRegistry(settings.command_rate, settings.command_burst)
         self.emit_buckets = BucketRegistry(settings.emit_rate, settings.emit_burst)
+        #: origin allowlist and connection caps, every transport's connections together
         #: this process's open-file budget (connections it can hold; pushsvc.server.capacity)
         self.fds = fd_budget()
+        self.admission = Admission(settings, self.hub, self.accepting, self.fds.full)
         self.endpoint = WebSocketEndpoint(
             settings,
             self.hub,
             self.auth,
             self.command_buckets,
-            self.accepting,
+            self.admission,
             presence=self.presence,
-            at_capacity=self.fds.full,
         )
         self.embedded: EmbeddedNats | None = None
         #: revocations kept in NATS (history on), shared by every node
@@ -187,7 +189,7 @@ class Node:
             nats=self.bus.is_connected,
             draining=self.draining,
             history=self.bus.history_enabled,
-            connections=len(self.hub.sessions),
+            connections=len(self.hub.clients),
         )
 
     def accepting(self) -> bool:
@@ -260,7 +262,7 @@ class Node:
         self.draining = True
         log.info(
             "SIGTERM: readiness off, closing sessions after the drain delay",
-            extra={"drain_delay": self.settings.drain_delay, "connections": len(self.hub.sessions)},
+            extra={"drain_delay": self.settings.drain_delay, "connections": len(self.hub.clients)},
         )
         return True
 
@@ -271,10 +273,10 @@ class Node:
         """
         self.draining = self.stopping = True
         self._sigterm.uninstall()
-        if self.hub.sessions:
+        if self.hub.clients:
             log.info(
                 "closing sessions: service restart (1012)",
-                extra={"connections": len(self.hub.sessions)},
+                extra={"connections": len(self.hub.clients)},
             )
         self.hub.close_all(CLOSE_SERVICE_RESTART, "service restart")
         await asyncio.sleep(0.05)  # let close frames go out

@@ -26,7 +26,7 @@ import msgspec
 
 from . import logs
 from ._version import __version__
-from .bus import natsconn
+from .config import nats as natsconfig
 from .config.settings import ENV_PREFIX, Settings, SettingsError, check_nats_url, split_servers
 
 log = logging.getLogger("pushsvc")
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     publish.add_argument("--msg-id", help="idempotency key (Nats-Msg-Id)")
     publish.add_argument("--core", action="store_true", help="core publish (no JetStream ack)")
-    natsconn.add_arguments(publish)
+    natsconfig.add_arguments(publish)
 
     subscribe = sub.add_parser(
         "subscribe",
@@ -196,7 +196,7 @@ def _serve(args: argparse.Namespace) -> int:
             source = "bundled nats-server" if embedded else "PUSHSVC_NATS_URL"
             print(f"pushsvc: {source}: {exc}", file=sys.stderr)
             return 1
-        except natsconn.NatsRefused as exc:
+        except natsconfig.NatsRefused as exc:
             print(f"pushsvc: {exc}", file=sys.stderr)
             return 1
         _banner(settings, embedded is not None, dev_secret is not None, json_logs)
@@ -235,7 +235,7 @@ def _banner(settings: Settings, bundled: bool, generated_secret: bool, json_logs
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
     base = f"http://{host}:{settings.port}{settings.base_path}"
     ws = f"ws://{host}:{settings.port}{settings.base_path}/ws"
-    nats_urls = ", ".join(map(natsconn.display_url, settings.nats_servers))
+    nats_urls = ", ".join(map(natsconfig.display_url, settings.nats_servers))
     if json_logs:  # every line of output is a JSON object: the banner is a log record
         log.info(
             "pushsvc %s serving %s",
@@ -405,7 +405,7 @@ def _publish(args: argparse.Namespace) -> int:
     except ValueError:
         payload = args.data.encode()
 
-    security = natsconn.NatsSecurity.from_args(args)
+    security = natsconfig.NatsSecurity.from_args(args)
     # (Publisher checks the security settings: a SettingsError exits 2 with one line)
     pub = Publisher(servers, prefix=prefix, jetstream=not args.core, security=security)
 
@@ -415,7 +415,7 @@ def _publish(args: argparse.Namespace) -> int:
 
     try:
         seq = asyncio.run(run())
-    except (Unavailable, InvalidChannel, natsconn.NatsRefused) as exc:
+    except (Unavailable, InvalidChannel, natsconfig.NatsRefused) as exc:
         print(f"pushsvc: publish failed: {exc}", file=sys.stderr)
         return 1
     # The server it went to, so a publish to another NATS than the one pushsvc uses

@@ -27,6 +27,34 @@ CLOSE_RATE_LIMITED: Final = 4008
 CLOSE_SLOW_CONSUMER: Final = 4009
 CLOSE_HEARTBEAT_TIMEOUT: Final = 4010
 
+#: close codes after which a client should not reconnect on its own (docs/protocol.md,
+#: "Close codes"): fix the client (1009) or its credentials/permissions (4003)
+NO_RECONNECT: Final = frozenset({CLOSE_TOO_BIG, CLOSE_FORBIDDEN})
+
+
+class Disconnect(msgspec.Struct, frozen=True):
+    """Why the server closes a connection, transport-neutral.
+
+    WebSocket carries ``code`` and ``reason`` in its close frame (RFC 6455 5.5.1;
+    the reason cut to 120 bytes); SSE and HTTP-streaming send the whole struct as a
+    ``close`` event / frame before the body ends.
+
+    Attributes:
+        code: a close code of docs/protocol.md (1xxx: RFC 6455 7.4.1; 4000-4999).
+        reason: human-readable, client-safe (never a token).
+        reconnect: whether the client should reconnect (with backoff) and resume.
+    """
+
+    code: int
+    reason: str = ""
+    reconnect: bool = True
+
+    @classmethod
+    def of(cls, code: int, reason: str = "") -> Disconnect:
+        """The disconnect for ``code``, ``reconnect`` from the close-code table."""
+        return cls(code, reason, code not in NO_RECONNECT)
+
+
 # --- error codes carried by ``error`` frames ------------------------------------
 BAD_REQUEST: Final = "bad_request"
 UNAUTHORIZED: Final = "unauthorized"

@@ -25,8 +25,9 @@ import nats.errors
 import nats.js.errors
 
 from .bus import Unavailable, confirm
-from .bus.natsconn import NatsSecurity, NatsUnreachable, connect, display_url
+from .bus.natsconn import connect
 from .channels import subject_for, validate_channel
+from .config.nats import NatsSecurity, NatsUnreachable, display_url
 
 
 class Publisher:

@@ -13,7 +13,7 @@ import ipaddress
 import os
 from typing import Any
 
-from ..bus import natsconn
+from ..config import nats as natsconn
 from ..config.settings import split_servers
 from ..serverurl import parse_server_url
 

@@ -20,21 +20,11 @@ from urllib.parse import urlsplit
 import msgspec
 
 from ..channels import InvalidChannel, validate_grant
+from .errors import SettingsError
+from .nats import NatsSecurity, display_url
 
 ENV_PREFIX = "PUSHSVC_"
 MAX_WRITE_DELAY = 1.0  # seconds: a longer hold would stall interactive channels
-
-
-class SettingsError(ValueError):
-    """A setting is missing or invalid.
-
-    Attributes:
-        setting: the environment variable name, e.g. ``PUSHSVC_JWT_SECRET``.
-    """
-
-    def __init__(self, setting: str, message: str) -> None:
-        self.setting = setting
-        super().__init__(f"{setting}: {message}")
 
 
 class Settings(msgspec.Struct, kw_only=True):
@@ -177,7 +167,6 @@ class Settings(msgspec.Struct, kw_only=True):
         Raises:
             SettingsError: naming the first setting that is wrong.
         """
-        from ..bus.natsconn import NatsSecurity  # natsconn builds on SettingsError
 
         if self.nats_url is not None:
             for url in self.nats_servers or [""]:
@@ -350,7 +339,6 @@ def check_nats_url(url: str, setting: str) -> str:
     Raises:
         SettingsError: not a NATS URL, or a bad port.
     """
-    from ..bus.natsconn import display_url  # natsconn builds on SettingsError
 
     shown = display_url(url)  # credentials in the URL never reach a message
     parts = urlsplit(url if "://" in url else "nats://" + url)

@@ -7,18 +7,14 @@ A :class:`Flight` is that write in progress; a batch ready meanwhile joins it
 (:meth:`Flight.add`). The hub (:mod:`pushsvc.core.hub`) owns the flights, drives them
 (one :meth:`Flight.write` per loop iteration) and finishes one at once when
 order requires it; each slice goes to the sockets through
-:func:`~pushsvc.core.client.fan_out`, like an ordinary flush.
+:func:`~pushsvc.core.outbox.fan_out`, like an ordinary flush.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from typing import TYPE_CHECKING
 
-from .client import fan_out
-
-if TYPE_CHECKING:
-    from .client import Session
+from .outbox import Outbox, fan_out
 
 #: with a write delay, the sockets one channel's flush writes per event-loop
 #: iteration (~0.1 ms of ``send()`` calls on the dev VM): a larger live set is
@@ -34,7 +30,7 @@ class Segment:
 
     __slots__ = ("nbytes", "parts", "pos", "sessions", "text")
 
-    def __init__(self, sessions: tuple[Session, ...], text: str, nbytes: int) -> None:
+    def __init__(self, sessions: tuple[Outbox, ...], text: str, nbytes: int) -> None:
         self.sessions = sessions
         self.parts = [text]
         self.text: str | None = text  # the parts joined by "\n" (None: join again)
@@ -67,7 +63,7 @@ class Flight:
 
     __slots__ = ("segments", "single")
 
-    def __init__(self, sessions: tuple[Session, ...], text: str, nbytes: int, single: bool) -> None:
+    def __init__(self, sessions: tuple[Outbox, ...], text: str, nbytes: int, single: bool) -> None:
         self.segments: deque[Segment] = deque([Segment(sessions, text, nbytes)])
         self.single = single
 
@@ -75,14 +71,14 @@ class Flight:
         """UTF-8 bytes of the largest frame still to write."""
         return max(seg.nbytes for seg in self.segments)
 
-    def add(self, live: tuple[Session, ...], text: str, nbytes: int) -> None:
+    def add(self, live: tuple[Outbox, ...], text: str, nbytes: int) -> None:
         """Add a batch owed to ``live`` (the live set, less sessions that joined during it)."""
         segments = self.segments
         head = segments[0]
         if head.pos:  # its written sessions are owed the new batch alone, as the others
             head.sessions = head.sessions[head.pos :]
             head.pos = 0
-        waiting: set[Session] = set()
+        waiting: set[Outbox] = set()
         for seg in segments:
             seg.parts.append(text)
             seg.nbytes += 1 + nbytes
@@ -92,7 +88,7 @@ class Flight:
         if written:
             segments.append(Segment(written, text, nbytes))
 
-    def leave(self, session: Session) -> tuple[str, int] | None:
+    def leave(self, session: Outbox) -> tuple[str, int] | None:
         """``session`` leaves the live set: what it is owed and not yet written, if anything.
 
         It is taken out of its segment, so that it is not written later, even if it

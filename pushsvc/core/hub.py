@@ -6,7 +6,7 @@ hub encodes it once into a ``message`` frame and appends it to the channel's
 with ``PUSHSVC_WRITE_DELAY``, once per delay window) every channel with a batch
 is flushed: its frames are joined by ``\n`` into one text (wire contract: a frame
 may carry several objects), framed once, and handed to every live subscriber by
-:func:`~pushsvc.core.client.fan_out` (a direct write when the socket is idle and
+:func:`~pushsvc.core.outbox.fan_out` (a direct write when the socket is idle and
 writable, else the session's bounded buffer; never waits on a socket). A batch
 that reaches ``coalesce_bytes`` is flushed at once. With a write delay a large
 live set is written a slice per loop iteration (:mod:`pushsvc.core.flight`).
@@ -42,7 +42,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Coroutine
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .. import metrics
 from ..bus import Bus, StoredMessage, Unavailable
@@ -55,12 +55,9 @@ from ..protocol import (
     encode_frame,
     payload_to_data,
 )
-from .client import fan_out
 from .flight import FAN_OUT_SLICE, Flight
-from .outbox import utf8_len
-
-if TYPE_CHECKING:
-    from .client import Session
+from .member import Member
+from .outbox import Outbox, fan_out, utf8_len
 
 log = logging.getLogger("pushsvc.core.hub")
 
@@ -81,8 +78,8 @@ class _Channel:
     """Local state of one channel.
 
     Attributes:
-        sessions: the live set (every live frame goes to each).
-        members: ``sessions`` as a tuple, the fan-out's snapshot, kept until the
+        clients: the live set (every live frame goes to each).
+        boxes: the live set's outboxes as a tuple, the fan-out's snapshot, kept until the
             live set changes (None then): a message to a settled channel does not
             first walk every member (1000 sessions cold in cache: ~70 us before
             the first write).
@@ -100,16 +97,16 @@ class _Channel:
     __slots__ = (
         "batch",
         "batch_bytes",
+        "boxes",
         "catchup",
         "catchup_seen",
         "catchup_since",
+        "clients",
         "flight",
         "flush_scheduled",
         "last_seq",
         "late",
-        "members",
         "pending",
-        "sessions",
     )
 
     def __init__(self) -> None:
@@ -119,10 +116,10 @@ class _Channel:
         self.flight: Flight | None = None  # earlier batches, still being written
         # live sessions that joined while the batch had frames: the index of the
         # first frame they are owed (they were not subscribed for the ones before)
-        self.late: dict[Session, int] = {}
-        self.sessions: set[Session] = set()
-        self.members: tuple[Session, ...] | None = None
-        self.pending: dict[Session, _Recovery] = {}
+        self.late: dict[Member, int] = {}
+        self.clients: set[Member] = set()
+        self.boxes: tuple[Outbox, ...] | None = None
+        self.pending: dict[Member, _Recovery] = {}
         self.last_seq: int | None = None
         self.catchup: list[tuple[int | None, str, int]] | None = None
         self.catchup_since: int | None = None
@@ -150,7 +147,7 @@ def encode_stored(key: str, stored: StoredMessage) -> tuple[str, int]:
     return encode_message(key, stored.payload, stored.seq)
 
 
-def _send_frames(session: Session, frames: list[str]) -> None:
+def _send_frames(session: Member, frames: list[str]) -> None:
     """Queue ``frames`` (encoded objects, in order) to one session as one text."""
     if frames:
         nbytes = sum(utf8_len(f) for f in frames) + len(frames) - 1
@@ -184,14 +181,14 @@ class Hub:
         self._dirty: list[_Channel] = []  # channels with a batch, in the order they got it
         self._flush_handle: asyncio.Handle | asyncio.TimerHandle | None = None
         self._channels: dict[str, _Channel] = {}
-        self.users: dict[str, set[Session]] = {}
-        self.sessions: set[Session] = set()
+        self.users: dict[str, set[Member]] = {}
+        self.clients: set[Member] = set()
         self._background: set[asyncio.Task[None]] = set()
         #: membership observers (presence, join/leave): each is called with
         #: ``(session, channel)`` when a session has joined (NATS interest
         #: confirmed) or left (unsubscribe, close) a channel. Must not block.
-        self.on_join: list[Callable[[Session, str], None]] = []
-        self.on_leave: list[Callable[[Session, str], None]] = []
+        self.on_join: list[Callable[[Member, str], None]] = []
+        self.on_leave: list[Callable[[Member, str], None]] = []
         # per-message metrics not yet recorded (see _record_metrics)
         self._received = 0
         self._delivered = 0
@@ -277,12 +274,12 @@ class Hub:
     def _deliver(self, state: _Channel, seq: int | None, frame: str, nbytes: int) -> None:
         """Add one encoded frame to the live set's batch; hand it to recovering sessions.
 
-        Recovering sessions (``pending``) get it through :meth:`Session.send` once
+        Recovering sessions (``pending``) get it through :meth:`Member.send` once
         past their seam, joining the live set then.
         """
         if seq is not None and (state.last_seq is None or seq > state.last_seq):
             state.last_seq = seq
-        delivered = len(state.sessions)
+        delivered = len(state.clients)
         if delivered:
             batch = state.batch
             if batch:
@@ -352,7 +349,7 @@ class Hub:
                 log.exception("flush of a channel batch failed")
 
     def _flush_channel(self, state: _Channel, single: bool = True) -> None:
-        """Hand ``state``'s batch to its live set (see :func:`~pushsvc.core.client.fan_out`).
+        """Hand ``state``'s batch to its live set (see :func:`~pushsvc.core.outbox.fan_out`).
 
         With a write delay, up to ``fan_out_slice`` sessions are written now and a
         larger live set one slice per loop iteration (a :class:`Flight`; a batch
@@ -372,13 +369,13 @@ class Hub:
         state.batch_bytes = 0
         text = batch[0] if len(batch) == 1 else "\n".join(batch)
         if late:
-            sessions = tuple(s for s in state.sessions if s not in late)
+            sessions = tuple(s.outbox for s in state.clients if s not in late)
             for session, start in late.items():
                 _send_frames(session, batch[start:])
         else:
-            sessions = state.members
+            sessions = state.boxes
             if sessions is None:
-                sessions = state.members = tuple(state.sessions)
+                sessions = state.boxes = tuple(s.outbox for s in state.clients)
         flight = state.flight
         if flight is not None:
             if flight.largest() + 1 + nbytes <= self._coalesce:
@@ -414,26 +411,26 @@ class Hub:
         if flight is not None:
             flight.write(-1)
 
-    def _join(self, state: _Channel, session: Session) -> None:
+    def _join(self, state: _Channel, session: Member) -> None:
         """Add ``session`` to the live set; it is owed only the batch's frames from now on."""
         if state.batch:
             state.late[session] = len(state.batch)
-        state.sessions.add(session)
-        state.members = None
+        state.clients.add(session)
+        state.boxes = None
 
-    def _leave(self, state: _Channel, session: Session) -> None:
+    def _leave(self, state: _Channel, session: Member) -> None:
         """Remove ``session`` from the live set, handing it what the batch owes it first."""
         start = state.late.pop(session, 0)
-        member = session in state.sessions
+        member = session in state.clients
         flight = state.flight
         if member and flight is not None:
-            owed = flight.leave(session)
+            owed = flight.leave(session.outbox)
             if owed is not None and not session.closed:
                 session.send(*owed)
         if state.batch and member and not session.closed:
             _send_frames(session, state.batch[start:])
-        state.sessions.discard(session)
-        state.members = None
+        state.clients.discard(session)
+        state.boxes = None
 
     # --- NATS outage: suspend, then catch up ------------------------------------------
     def suspend(self) -> None:
@@ -538,7 +535,7 @@ class Hub:
             return
         if since is not None and not recovered:
             state.catchup = None
-            for session in (*state.sessions, *state.pending):
+            for session in (*state.clients, *state.pending):
                 session.close(CLOSE_SERVICE_RESTART, "messages missed during a NATS outage")
             return
         buffered, state.catchup = state.catchup, None
@@ -576,7 +573,7 @@ class Hub:
         issued (``iat``) at or before it, as a revocation by ``sub`` refuses them.
         """
         closed = 0
-        for session in list(self.sessions):
+        for session in list(self.clients):
             p = session.principal
             if (
                 (sub is None or p.sub == sub)
@@ -592,17 +589,17 @@ class Hub:
         """Number of open sessions of user ``sub`` on this node."""
         return len(self.users.get(sub, ()))
 
-    def add_session(self, session: Session) -> None:
+    def add_client(self, session: Member) -> None:
         """Register an authenticated session."""
-        self.sessions.add(session)
+        self.clients.add(session)
         self.users.setdefault(session.principal.sub, set()).add(session)
         metrics.CONNECTIONS.inc()
 
-    def remove_session(self, session: Session) -> None:
+    def remove_client(self, session: Member) -> None:
         """Forget ``session``: leave its channels (releasing NATS interest) and its user."""
-        if session not in self.sessions:
+        if session not in self.clients:
             return
-        self.sessions.discard(session)
+        self.clients.discard(session)
         metrics.CONNECTIONS.dec()
         users = self.users.get(session.principal.sub)
         if users is not None:
@@ -615,7 +612,7 @@ class Hub:
     # --- session -> hub ------------------------------------------------------------------
     async def subscribe(
         self,
-        session: Session,
+        session: Member,
         channel: str,
         since: int | None,
         req_id: object,
@@ -681,7 +678,7 @@ class Hub:
             state.last_seq = threshold  # the live set has everything up to the seam too
         metrics.REPLAYED.inc(len(replay))
 
-    def unsubscribe(self, session: Session, channel: str) -> None:
+    def unsubscribe(self, session: Member, channel: str) -> None:
         """Remove ``session`` from ``channel``; the last local one releases NATS interest."""
         if channel not in session.channels:
             return
@@ -693,7 +690,7 @@ class Hub:
         if state is not None:
             self._leave(state, session)
             state.pending.pop(session, None)
-            if not state.sessions and not state.pending:
+            if not state.clients and not state.pending:
                 del self._channels[channel]
                 metrics.CHANNELS.dec()
         self._spawn(self.bus.release(channel))
@@ -718,7 +715,7 @@ class Hub:
         state = self._channels.get(channel)
         if state is None:
             return
-        for session in tuple(state.sessions):
+        for session in tuple(state.clients):
             session.send(frame, nbytes)
         for session, rec in list(state.pending.items()):
             if rec.buffer is not None:
@@ -729,7 +726,7 @@ class Hub:
     def subscribers(self, channel: str) -> int:
         """Local sessions subscribed to ``channel`` (live or recovering)."""
         state = self._channels.get(channel)
-        return 0 if state is None else len(state.sessions) + len(state.pending)
+        return 0 if state is None else len(state.clients) + len(state.pending)
 
     def close_all(self, code: int, reason: str) -> None:
         """Close every session with ``code`` (graceful drain uses 1012).
@@ -741,7 +738,7 @@ class Hub:
         for state in self._channels.values():
             if state.flight is not None:
                 self._land(state)
-        for session in list(self.sessions):
+        for session in list(self.clients):
             session.close(code, reason)
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
 
 import msgspec
 
@@ -31,9 +30,7 @@ from ..channels import concrete_match
 from ..config.settings import Settings
 from ..protocol import NO_INFO, Join, Leave, encode_frame
 from .hub import Hub
-
-if TYPE_CHECKING:
-    from .client import Session
+from .member import Member
 
 log = logging.getLogger("pushsvc.core.joinleave")
 
@@ -65,7 +62,7 @@ class JoinLeave:
         return concrete_match(self.patterns, channel)
 
     # --- hub observers ---------------------------------------------------------------
-    def joined(self, session: Session, channel: str) -> None:
+    def joined(self, session: Member, channel: str) -> None:
         """``session`` subscribed: hold the channel's events, then publish ``join``."""
         if not self.enabled(channel):
             return
@@ -80,7 +77,7 @@ class JoinLeave:
 
         self._chain(session, channel, run)
 
-    def left(self, session: Session, channel: str) -> None:
+    def left(self, session: Member, channel: str) -> None:
         """``session`` left: publish ``leave``, then drop the hold on the channel's events."""
         if not self.enabled(channel):
             return
@@ -107,7 +104,7 @@ class JoinLeave:
             return
         metrics.JOIN_LEAVE_PUBLISHED.labels(event).inc()
 
-    def _chain(self, session: Session, channel: str, job: Callable[[], Awaitable[None]]) -> None:
+    def _chain(self, session: Member, channel: str, job: Callable[[], Awaitable[None]]) -> None:
         """Run ``job`` after the previous job of the same (session, channel) finished."""
         key = (session.id, channel)
         previous = self._chains.get(key)
@@ -153,7 +150,7 @@ class JoinLeave:
         self.hub.broadcast(channel, raw.decode(), len(raw))
 
 
-def _who(session: Session) -> dict[str, object]:
+def _who(session: Member) -> dict[str, object]:
     principal = session.principal
     info = msgspec.Raw(principal.info) if principal.info is not None else NO_INFO
     return {"client": session.id, "user": principal.sub, "info": info}

@@ -46,7 +46,7 @@ import asyncio
 import logging
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import msgspec
 import nats.errors
@@ -55,6 +55,7 @@ from jetstreamext import InvalidResponseError
 from nats.js.kv import KeyValue
 
 from .. import metrics
+from ..auth.tokens import Principal
 from ..bus import Bus, Unavailable
 from ..channels import InvalidChannel, concrete_match, validate_channel
 from ..config.settings import Settings
@@ -66,10 +67,7 @@ from ..protocol import (
     UNAVAILABLE,
     ClientInfo,
 )
-
-if TYPE_CHECKING:
-    from ..auth.tokens import Principal
-    from .client import Session
+from .member import Member
 
 log = logging.getLogger("pushsvc.core.presence")
 
@@ -221,11 +219,11 @@ class PresenceRegistry:
         return kv
 
     # --- hub observers ---------------------------------------------------------------
-    def key(self, session: Session, channel: str) -> str:
+    def key(self, session: Member, channel: str) -> str:
         """KV key of ``session`` in ``channel``: ``<channel>.<client>``."""
         return f"{channel}.{session.id}"
 
-    def joined(self, session: Session, channel: str) -> None:
+    def joined(self, session: Member, channel: str) -> None:
         """``session`` subscribed to ``channel``: write its entry (presence channels only)."""
         if not self.enabled(channel):
             return
@@ -238,7 +236,7 @@ class PresenceRegistry:
         metrics.PRESENCE_ENTRIES.set(len(self._local))
         self._spawn(self._put(key))
 
-    def left(self, session: Session, channel: str) -> None:
+    def left(self, session: Member, channel: str) -> None:
         """``session`` left ``channel``: delete its entry at once."""
         if not self._local:
             return

@@ -61,7 +61,8 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
     """:class:`WebSocketsSansIOProtocol` that answers and closes rejected handshakes.
 
     Attributes:
-        on_pong: set by the connection's session (:meth:`pushsvc.core.client.Session.pong`):
+        on_pong: set by the connection's transport
+            (:meth:`pushsvc.ws.transport.WebSocketTransport.take_pongs`):
             called for a text message that is exactly :data:`PONG`, which then
             skips uvicorn's ASGI queue, its pause/resume of reading and the
             session's reader task (the heartbeat's inbound half, once per
