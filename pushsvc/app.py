@@ -23,7 +23,7 @@ from typing import Any
 
 from fastapi import APIRouter, FastAPI
 from fastapi.responses import JSONResponse, Response
-from starlette.routing import WebSocketRoute
+from starlette.routing import Route, WebSocketRoute
 
 from . import metrics
 from ._version import __version__
@@ -33,9 +33,12 @@ from .api.history import history_router
 from .api.openapi import ErrorBody, install, ref, text_body
 from .api.presence import presence_router
 from .api.probes import Readiness, probes_router
+from .api.streams import streams_router
 from .auth.revocations import RevocationStore
 from .auth.tokens import Authenticator, Revocation, parse_revocation
 from .bus import Bus, Unavailable
+from .bus.nodes import NodeRequests
+from .bus.tickets import Tickets
 from .config.nats import NatsRefused, NatsSecurity
 from .config.settings import Settings, default_node_name
 from .core.admission import Admission
@@ -48,6 +51,9 @@ from .protocol import CLOSE_SERVICE_RESTART
 from .server.capacity import fd_budget
 from .server.drain import SigtermDelay
 from .server.embedded import EmbeddedNats, start_default
+from .sse.endpoint import StreamEndpoint
+from .sse.sessions import OP as STREAM_COMMANDS
+from .sse.sessions import StreamSessions
 from .ws.endpoint import WebSocketEndpoint
 
 log = logging.getLogger("pushsvc")
@@ -120,6 +126,23 @@ class Node:
             self.admission,
             presence=self.presence,
         )
+        # SSE and HTTP-streaming: stream sessions reached by POST /sse/commands on any node
+        self.stream_sessions = StreamSessions()
+        self.tickets = Tickets(self.bus.kv, settings.ticket_ttl)
+        self.stream_endpoints = {
+            kind: StreamEndpoint(
+                kind,
+                settings,
+                self.hub,
+                self.auth,
+                self.command_buckets,
+                self.admission,
+                self.stream_sessions,
+                self.tickets,
+                presence=self.presence,
+            )
+            for kind in ("sse", "stream")
+        }
         self.embedded: EmbeddedNats | None = None
         #: revocations kept in NATS (history on), shared by every node
         self.revocations: RevocationStore | None = None
@@ -216,6 +239,9 @@ class Node:
                 self.embedded.url,
             )
         await self.bus.start()
+        requests = NodeRequests(self.bus.conn, self.stream_sessions.node_id)
+        await requests.serve(STREAM_COMMANDS, self.stream_sessions.serve_remote)
+        self.stream_sessions.requests = requests
         if self.bus.history_enabled:
             store = RevocationStore(self.bus, self.settings.revocation_bucket, self._revoke)
             try:
@@ -340,6 +366,11 @@ class Node:
         router.include_router(presence_router(settings, self.presence, self.auth))
 
         router.include_router(probes_router(self.readiness))
+        router.routes.append(Route("/sse", self.stream_endpoints["sse"], methods=["GET"]))
+        router.routes.append(Route("/stream", self.stream_endpoints["stream"], methods=["POST"]))
+        router.include_router(
+            streams_router(settings, self.auth, self.admission, self.stream_sessions, self.tickets)
+        )
 
         @router.get(
             "/metrics",

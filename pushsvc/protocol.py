@@ -173,6 +173,8 @@ class Welcome(msgspec.Struct, tag_field="type", tag="welcome", omit_defaults=Tru
     ``subs``: channels the server subscribes the session to (their ``subscribed``
     answers follow).
     ``node`` names the pushsvc node serving the socket (``PUSHSVC_NODE_NAME``).
+    ``session``: SSE and HTTP-streaming only, the secret that addresses the
+    connection in ``POST /sse/commands`` (never the public ``client`` id).
     """
 
     client: str
@@ -182,6 +184,7 @@ class Welcome(msgspec.Struct, tag_field="type", tag="welcome", omit_defaults=Tru
     epoch: str | None = None
     subs: list[str] = msgspec.field(default_factory=list)  # server-side subscriptions
     node: str | None = None
+    session: str | None = None
 
 
 class Message(msgspec.Struct, tag_field="type", tag="message", omit_defaults=True):
@@ -252,6 +255,14 @@ Info = Annotated[
 ]
 
 
+class Close(msgspec.Struct, tag_field="type", tag="close"):
+    """The last frame of an SSE / HTTP-streaming response: why it ends (:class:`Disconnect`)."""
+
+    code: int
+    reason: str
+    reconnect: bool
+
+
 class ClientInfo(msgspec.Struct, omit_defaults=True):
     """One present session: ``client`` id, ``user`` (JWT ``sub``), ``node`` serving it,
     ``info`` (the token's ``info`` claim, a JSON object) when the token had one."""
@@ -317,6 +328,7 @@ Frame = (
     | PresenceStatsResult
     | Join
     | Leave
+    | Close
 )
 
 _command_decoder = msgspec.json.Decoder(Command)

@@ -12,6 +12,7 @@ import asyncio
 import json
 import socket
 import time
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -602,6 +603,7 @@ class _FakeSession:
         self.close_on_send = close_on_send
         self.got: list[str] = []
         self.outbox = self  # its own outbox, with no direct path: fan_out queues through send()
+        self.transport = SimpleNamespace(name="fake")
         self._wire = None
 
     def send(self, frame: str, nbytes: int) -> None:

@@ -627,6 +627,6 @@ async def test_upgraded_connections_leave_no_garbage_cycles(start_server, nc, ch
         await asyncio.sleep(0.05)
         leftover = [o for o in gc.get_objects() if isinstance(o, HttpToolsProtocol)]
         assert leftover == []
-        assert len(srv.node.hub.sessions) == 20
+        assert len(srv.node.hub.clients) == 20
     finally:
         gc.enable()

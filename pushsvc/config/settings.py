@@ -76,6 +76,8 @@ class Settings(msgspec.Struct, kw_only=True):
     api_keys: list[str] = msgspec.field(default_factory=list)  # "id:key" or "key"
     token_cache_size: int = 10000
     auth_cookie: str | None = None
+    ticket_ttl: float = 30.0  # seconds a POST /sse/ticket ticket stays valid (single use)
+    sse_retry: float = 2.0  # seconds: the SSE `retry:` field (the browser's reconnect delay)
 
     # --- sessions ------------------------------------------------------------
     ping_interval: float = 25.0
@@ -228,6 +230,8 @@ class Settings(msgspec.Struct, kw_only=True):
             "workers": self.workers,
             "presence_limit": self.presence_limit,
             "shutdown_timeout": self.shutdown_timeout,
+            "ticket_ttl": self.ticket_ttl,
+            "sse_retry": self.sse_retry,
         }
         for name, value in positive.items():
             if value <= 0:

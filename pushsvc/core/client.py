@@ -79,6 +79,11 @@ class Client:
             ``subs`` map, or an SSE stream's position.
         presence: the node's presence registry (reads for the ``presence`` and
             ``presence_stats`` commands); None: presence is off for this client.
+        channels: channels (or patterns) the connection asked for when it opened
+            (SSE ``?channel=``, ``POST /stream`` ``channels``; grants checked by the
+            endpoint), subscribed after the token's server-side subscriptions.
+        session: the secret addressing the connection for ``POST /sse/commands``
+            (sent in ``welcome``), or None (WebSocket: commands come on the socket).
 
     Attributes:
         id: the public client id (``welcome.client``, presence): never an address
@@ -91,6 +96,7 @@ class Client:
     __slots__ = (
         "__weakref__",
         "_expiries",
+        "_extra",
         "_pings",
         "_pongs",
         "_resume",
@@ -105,6 +111,7 @@ class Client:
         "outbox",
         "presence",
         "principal",
+        "session",
         "settings",
         "transport",
     )
@@ -120,8 +127,12 @@ class Client:
         *,
         resume_subs: Mapping[str, SubResume] | None = None,
         presence: PresenceRegistry | None = None,
+        channels: list[str] | None = None,
+        session: str | None = None,
     ) -> None:
         self.transport = transport
+        self.session = session
+        self._extra = channels or []
         self.principal = principal
         self.hub = hub
         self.auth = auth
@@ -180,6 +191,7 @@ class Client:
                 node=self.settings.node_name,
                 epoch=self.hub.epoch,
                 subs=(server_subs := self.server_subscriptions()),
+                session=self.session,
             )
         )
         self._schedule_ping()
@@ -203,7 +215,7 @@ class Client:
         if log.isEnabledFor(level):
             log.log(
                 level,
-                "client closed",
+                "session closed",
                 extra={
                     "client": self.id,
                     "code": code,
@@ -371,12 +383,13 @@ class Client:
         """Channels the server subscribes this client to at ``welcome``, in order.
 
         The token's ``subs`` claim (Centrifugo's server-side subscriptions),
-        preceded by ``user.<sub>`` with ``PUSHSVC_AUTO_SUBSCRIBE_PERSONAL``.
+        preceded by ``user.<sub>`` with ``PUSHSVC_AUTO_SUBSCRIBE_PERSONAL`` and
+        followed by the channels the connection opened with (SSE, HTTP-streaming).
         """
         subs = list(self.principal.subs)
         if self.settings.auto_subscribe_personal:
             subs.insert(0, personal_channel(self.principal.sub))
-        return list(dict.fromkeys(subs))
+        return list(dict.fromkeys([*subs, *self._extra]))
 
     def resume_position(self, channel: str) -> SubResume | None:
         """The position a server-side subscription to ``channel`` resumes from, if any."""

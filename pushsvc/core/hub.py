@@ -593,14 +593,14 @@ class Hub:
         """Register an authenticated session."""
         self.clients.add(session)
         self.users.setdefault(session.principal.sub, set()).add(session)
-        metrics.CONNECTIONS.inc()
+        metrics.CONNECTIONS.labels(session.transport.name).inc()
 
     def remove_client(self, session: Member) -> None:
         """Forget ``session``: leave its channels (releasing NATS interest) and its user."""
         if session not in self.clients:
             return
         self.clients.discard(session)
-        metrics.CONNECTIONS.dec()
+        metrics.CONNECTIONS.labels(session.transport.name).dec()
         users = self.users.get(session.principal.sub)
         if users is not None:
             users.discard(session)

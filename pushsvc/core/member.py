@@ -12,6 +12,7 @@ from typing import Protocol
 from ..auth.tokens import Principal
 from ..protocol import Frame
 from .outbox import Outbox
+from .transport import Transport
 
 
 class Member(Protocol):
@@ -24,6 +25,7 @@ class Member(Protocol):
             removes entries).
         closed: True once closed; a closed member has left every channel.
         outbox: its outbound buffer (the fan-out writes through it).
+        transport: its transport (``transport.name`` labels the metrics).
     """
 
     id: str
@@ -31,6 +33,7 @@ class Member(Protocol):
     channels: set[str]
     closed: bool
     outbox: Outbox
+    transport: Transport
 
     def send(self, frame: str, nbytes: int) -> None:
         """Queue one encoded frame of ``nbytes`` UTF-8 bytes."""

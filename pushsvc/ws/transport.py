@@ -24,6 +24,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 from ..protocol import Disconnect
+from ..server.eager import resume
 
 try:  # the direct write path applies to uvicorn's websockets-sansio protocol only
     from uvicorn.protocols.websockets.websockets_sansio_impl import (
@@ -106,40 +107,6 @@ def can_write_direct(proto: Any) -> bool:
         and proto.conn.state is _OPEN
         and not proto.transport.is_closing()
     )
-
-
-async def resume(coro: Coroutine[Any, Any, None], blocker: Any) -> None:
-    """Finish driving ``coro``, which already yielded ``blocker`` (a future or None).
-
-    Used after an eager ``coro.send(None)`` found the send blocked on backpressure
-    (uvicorn's send awaits ``writable.wait()``, which yields that event's future).
-    It does what a Task would: wait for the future, then resume the coroutine,
-    which sees the future's outcome itself. If this task is cancelled (send
-    timeout, close), the future is cancelled with it and the coroutine gets the
-    ``CancelledError`` at its ``await``, runs its cleanup and re-raises it.
-
-    Like a Task, it clears the future's ``_asyncio_future_blocking`` flag (set
-    when the coroutine yielded it) before awaiting it: the C Future refuses to be
-    awaited again while the flag is set ("await wasn't used with future").
-    """
-    try:
-        while True:
-            try:
-                if blocker is None:  # a bare yield (asyncio.sleep(0)): one loop turn
-                    await asyncio.sleep(0)
-                else:
-                    blocker._asyncio_future_blocking = False
-                    await blocker
-            except BaseException as exc:
-                if blocker is None or not blocker.done():
-                    blocker = coro.throw(exc)
-                    continue
-                # else: the future was cancelled with us; resuming delivers that below
-            blocker = coro.send(None)
-    except StopIteration:
-        return
-    finally:
-        coro.close()
 
 
 class WebSocketTransport:
