@@ -527,6 +527,17 @@ async def test_floor_measures_raw_fan_out_without_a_server():
     assert 0 <= lat["p50"] <= lat["p90"] <= lat["p99"] <= lat["max"]
 
 
+async def test_floor_broadcast_reports_the_last_delivery_per_round():
+    # the same --broadcast keys as a pushsvc run, for a side-by-side reading
+    code, out, err = await bench("--floor", "--clients", "10", "--broadcast", "2", "--json")
+    assert code == 0, (out, err)
+    report = json.loads(out)
+    assert report["messages"] == 2 and report["deliveries"] == 20, report
+    b = report["broadcast_ms"]
+    assert b["rounds"] == 2 and len(b["last"]) == 2, report
+    assert 0 < b["p50"] <= b["p99"] <= b["last_max"] == report["latency_ms"]["max"], report
+
+
 # ----------------------------------------------------------------------------- emit
 
 
