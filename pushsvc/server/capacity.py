@@ -2,7 +2,7 @@
 
 Every connection is a file descriptor, and a process has at most its soft
 ``RLIMIT_NOFILE`` of them (getrlimit(2)). What happens at that limit without
-this module (measured, docs/capacity.md "At the fd limit"): uvloop's listener
+this module (measured, docs/capacity.md "At the open-file limit"): uvloop's listener
 (libuv) gets ``EMFILE`` from ``accept()`` and, to keep the listen backlog from
 stalling, accepts each waiting connection on a spare descriptor and closes it at
 once (libuv ``uv__emfile_trick``): clients see the TCP connection reset before
