@@ -333,7 +333,7 @@ class Node:
         router.routes.append(WebSocketRoute("/ws", self.endpoint))
 
         # Plain HTTP on /ws (WebSocket scopes never reach this route: they go to the
-        # endpoint above, or straight to it through WebSocketShortcut).
+        # endpoint above, or straight to it through Shortcut).
         @router.get(
             "/ws",
             status_code=426,
@@ -400,39 +400,54 @@ class Node:
         return router
 
 
-class WebSocketShortcut:
-    """ASGI middleware sending WebSocket connections for ``path`` straight to the endpoint.
+class Shortcut:
+    """ASGI middleware sending the connection endpoints' requests straight to them.
 
-    Starlette's exception middleware wraps ``send`` in one more coroutine per call;
-    on the delivery hot path (one send per socket per message) that is ~5% of the
-    server's CPU (py-spy, 1000 sockets at 50 msg/s). The route stays registered,
-    so behaviour is the same without this middleware.
+    ``GET /ws`` (WebSocket), ``GET /sse`` and ``POST /stream`` skip Starlette's
+    layers: its exception middleware wraps ``send`` in one more coroutine per call
+    (~5% of the server's CPU on the delivery hot path, py-spy, 1000 sockets at 50
+    msg/s), and for a long-lived stream every layer is a coroutine frame held for
+    the connection's life (memory per connection). The routes stay registered, so
+    behaviour is the same without this middleware.
+
+    Args:
+        app: the ASGI app for everything else.
+        base: the base path (``PUSHSVC_BASE_PATH`` or the mount prefix).
+        node: the node whose endpoints serve those paths.
     """
 
-    def __init__(self, app: Any, path: str, endpoint: WebSocketEndpoint) -> None:
+    def __init__(self, app: Any, base: str, node: Node) -> None:
         self.app = app
-        self.path = path
-        self.endpoint = endpoint
+        self.routes: dict[tuple[str, str, str], Any] = {
+            ("websocket", "GET", base + "/ws"): node.endpoint,
+            ("http", "GET", base + "/sse"): node.stream_endpoints["sse"],
+            ("http", "POST", base + "/stream"): node.stream_endpoints["stream"],
+        }
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] == "websocket" and scope["path"] == self.path:
-            await self.endpoint(scope, receive, send)
-        else:
-            await self.app(scope, receive, send)
+        kind = scope["type"]
+        if kind != "lifespan":
+            key = (kind, scope.get("method", "GET"), scope["path"])
+            endpoint = self.routes.get(key)
+            if endpoint is not None:
+                await endpoint(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
-def serve_app(app: FastAPI) -> WebSocketShortcut:
-    """The ASGI callable ``pushsvc serve`` hands uvicorn: ``app`` with ``/ws`` routed first.
+def serve_app(app: FastAPI) -> Shortcut:
+    """The ASGI callable ``pushsvc serve`` hands uvicorn: ``app`` with the connection
+    endpoints (``/ws``, ``/sse``, ``/stream``) routed first.
 
-    Inside ``app`` a WebSocket handshake still passes FastAPI's own layers (its
-    telemetry and body-limit wrappers, Starlette's error middleware) before the
-    shortcut: about 5% of the server's CPU per connection in a reconnect storm
-    (py-spy). ``pushsvc serve`` adds no middleware of its own, so the endpoint is
-    called first here; everything else (HTTP, lifespan) goes to ``app`` unchanged.
-    Apps that embed pushsvc with :func:`setup_app` keep their middleware for ``/ws``.
+    Inside ``app`` a handshake still passes FastAPI's own layers (its telemetry and
+    body-limit wrappers, Starlette's error middleware) before the shortcut: about 5%
+    of the server's CPU per connection in a reconnect storm (py-spy). ``pushsvc
+    serve`` adds no middleware of its own, so the endpoints are called first here;
+    everything else (HTTP, lifespan) goes to ``app`` unchanged. Apps that embed
+    pushsvc with :func:`setup_app` keep their middleware for those paths.
     """
     node: Node = app.state.pushsvc
-    return WebSocketShortcut(app, node.settings.base_path + "/ws", node.endpoint)
+    return Shortcut(app, node.settings.base_path, node)
 
 
 _WS_REFUSALS: dict[int | str, dict[str, Any]] = {
@@ -500,7 +515,7 @@ def setup_app(app: FastAPI, settings: Settings, prefix: str = "") -> Node:
     )
     app.include_router(node.router(), prefix=prefix)
     install(app)
-    app.add_middleware(WebSocketShortcut, path=prefix + "/ws", endpoint=node.endpoint)
+    app.add_middleware(Shortcut, base=prefix, node=node)
     app.state.pushsvc = node
     inner = app.router.lifespan_context
 

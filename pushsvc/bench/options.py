@@ -57,7 +57,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=env("PUSHSVC_SUBJECT_PREFIX") or "push",
         help="NATS subject prefix (default: $PUSHSVC_SUBJECT_PREFIX or push)",
     )
-    add("--clients", type=int, default=1000, help="WebSocket clients (default 1000)")
+    add("--clients", type=int, default=1000, help="clients (default 1000)")
+    add(
+        "--transport",
+        choices=("ws", "sse", "stream"),
+        default="ws",
+        help="how the clients connect: WebSocket /ws, SSE GET /sse, HTTP-streaming "
+        "POST /stream (default ws)",
+    )
     add("--channels", type=int, default=1, help="channels bench.0..bench.N-1 (default 1)")
     add(
         "--messages",
@@ -229,6 +236,7 @@ def build_config(args: argparse.Namespace) -> dict[str, Any]:
         "emit_typ": os.environ.get("PUSHSVC_EMIT_TYPE") or None,
         "prefix": args.prefix,
         "clients": args.clients,
+        "transport": args.transport,
         "channels": args.channels,
         "messages": messages,
         "size": args.size,

@@ -27,6 +27,7 @@ from websockets.uri import parse_uri
 
 from . import messages as pipe
 from .client import Client, Tally
+from .streamclient import StreamClient
 from .system import add_pipe_reader, cpu_seconds, raise_nofile_limit, run_loop, ssl_context
 from .tokens import client_token
 
@@ -84,7 +85,7 @@ class Worker(Tally):
         gids = range(self.wid, cfg["clients"] + cfg["stall"], procs)
         for gid in gids:
             token = client_token(cfg, gid)
-            client = Client(self, gid, token, stalled=gid >= cfg["clients"])
+            client = self._client(gid, token, stalled=gid >= cfg["clients"])
             (self.stalled if client.stalled else self.clients).append(client)
         self.send(pipe.Up())
         progress = asyncio.ensure_future(self._progress())
@@ -117,6 +118,13 @@ class Worker(Tally):
             watchdog.cancel()
             with contextlib.suppress(Exception):
                 self.loop.remove_reader(self.conn.fileno())
+
+    def _client(self, gid: int, token: str, stalled: bool) -> Client:
+        """A client of the run's transport (``--transport``: ws, sse or stream)."""
+        kind = self.cfg.get("transport", "ws")
+        if kind == "ws":
+            return Client(self, gid, token, stalled=stalled)
+        return StreamClient(self, gid, token, stalled, kind)
 
     async def _watchdog(self) -> None:
         """Exit by ourselves at the hard deadline or when the coordinator is gone."""
@@ -165,13 +173,17 @@ class Worker(Tally):
                         ssl=self.ssl,
                         server_hostname=cfg["host"] if self.ssl else None,
                     )
-                await client.waiter  # handshake response
+                await client.waiter  # handshake response (a stream: its "subscribed")
+                if isinstance(client, StreamClient):
+                    raise _Ready
                 welcome = client.expect("welcome")
                 client.send_obj({"op": "auth", "token": client.token})
                 await welcome
                 subscribed = client.expect("subscribed")
                 client.send_obj({"op": "subscribe", "channel": client.channel})
                 await subscribed
+        except _Ready:
+            pass
         except Exception as exc:
             reason = "timed out" if isinstance(exc, TimeoutError) else str(exc) or repr(exc)
             self.error(f"client {client.gid}: setup failed: {reason}")
@@ -285,7 +297,7 @@ class Worker(Tally):
         self.error_samples = []  # the run's samples went out with the results
         self.subscribed -= len(self.clients)
         self.last_ready_ns = 0
-        fresh = [Client(self, c.gid, c.token, stalled=False) for c in self.clients]
+        fresh = [self._client(c.gid, c.token, stalled=False) for c in self.clients]
         for c in fresh:
             c.counting = False
         start = time.monotonic()
@@ -300,6 +312,10 @@ class Worker(Tally):
                 error_samples=self.error_samples,
             )
         )
+
+
+class _Ready(Exception):
+    """A stream client is set up by its request alone (token and channel in it)."""
 
 
 async def _wait_lost(clients: Iterable[Client], wait_s: float) -> None:

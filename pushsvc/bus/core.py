@@ -106,6 +106,7 @@ class Bus:
         self.history = self.reader.history
         self.channel_last_seq = self.reader.channel_last_seq
         self.key_value = self.kv.key_value
+        self.bucket = self.kv.bucket
         self.scan_kv = self.kv.scan
         self.kv_put = self.kv.put
         self.events_subject = self.events.subject

@@ -17,6 +17,7 @@ import nats.js.errors
 from nats.js.api import KeyValueConfig, RawStreamMsg, StorageType
 from nats.js.kv import KeyValue
 
+from .buckets import Bucket
 from .connection import Connection
 from .errors import Unavailable
 from .reads import scan
@@ -93,6 +94,18 @@ class KeyValueStore:
             raise Unavailable(f"bucket {bucket}: {exc.description}") from None
         except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
             raise Unavailable(f"bucket {bucket} not ready ({type(exc).__name__})") from None
+
+    async def bucket(
+        self, name: str, ttl: float, *, file: bool = False, description: str | None = None
+    ) -> tuple[Bucket, float]:
+        """:meth:`key_value` as a :class:`~pushsvc.bus.buckets.Bucket` (``file``: on disk).
+
+        Raises:
+            Unavailable: see :meth:`key_value`.
+        """
+        storage = StorageType.FILE if file else StorageType.MEMORY
+        kv, actual = await self.key_value(name, ttl, storage=storage, description=description)
+        return Bucket(kv, self.conn, name), actual
 
     def scan(self, bucket: str, keys: str) -> AsyncIterator[RawStreamMsg]:
         """Every stored entry of ``bucket`` whose key matches ``keys`` (wildcards allowed).

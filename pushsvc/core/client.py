@@ -16,12 +16,12 @@ timers.
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import logging
 import os
 from collections.abc import Mapping
 from operator import methodcaller
+from types import MappingProxyType
 
 from .. import metrics
 from ..auth.tokens import Authenticator, Principal
@@ -40,7 +40,6 @@ from ..protocol import (
     Auth,
     Disconnect,
     Error,
-    Frame,
     Pong,
     ProtocolError,
     SubResume,
@@ -58,13 +57,14 @@ from .transport import Transport
 log = logging.getLogger("pushsvc.client")
 
 _ids = itertools.count(1)
+_NO_RESUME: Mapping[str, SubResume] = MappingProxyType({})
 _NODE = os.urandom(3).hex()
 # what the deadlines call on a client (by name: a subclass's override is honoured)
 _PING, _PONG_MISSED, _EXPIRED = (methodcaller(n) for n in ("_ping", "_pong_missed", "_expired"))
 _PING_BYTES = len(PING_FRAME)
 
 
-class Client:
+class Client(Outbox):
     """One authenticated connection over any :class:`~pushsvc.core.transport.Transport`.
 
     Args:
@@ -89,7 +89,7 @@ class Client:
         id: the public client id (``welcome.client``, presence): never an address
             for commands.
         channels: channels and patterns this client is subscribed to.
-        outbox: its outbound buffer (bounded; 4009 on overflow).
+        outbox: its outbound buffer (bounded; 4009 on overflow): the client itself.
         close_code: the close code once closed.
     """
 
@@ -103,17 +103,12 @@ class Client:
         "_strikes",
         "auth",
         "bucket",
-        "channels",
         "close_code",
-        "closed",
         "hub",
-        "id",
-        "outbox",
         "presence",
         "principal",
         "session",
         "settings",
-        "transport",
     )
 
     def __init__(
@@ -130,49 +125,36 @@ class Client:
         channels: list[str] | None = None,
         session: str | None = None,
     ) -> None:
-        self.transport = transport
+        super().__init__(
+            f"{_NODE}-{next(_ids)}",
+            transport,
+            max_bytes=settings.send_queue_bytes,
+            coalesce_bytes=settings.coalesce_bytes,
+            send_timeout=settings.send_timeout,
+        )
         self.session = session
-        self._extra = channels or []
+        self._extra = tuple(channels) if channels else ()
         self.principal = principal
         self.hub = hub
         self.auth = auth
         self.bucket = bucket
         self.settings = settings
         self.presence = presence
-        self.id = f"{_NODE}-{next(_ids)}"
-        self.channels: set[str] = set()
-        self.closed = False
         self.close_code: int | None = None
-        self.outbox = Outbox(
-            self.id,
-            transport,
-            self.channels,
-            max_bytes=settings.send_queue_bytes,
-            coalesce_bytes=settings.coalesce_bytes,
-            send_timeout=settings.send_timeout,
-            on_close=self.close,
-        )
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         # deadlines (pushsvc.core.deadlines): next ping, the pong awaited, the token's expiry
         self._pings = deadlines(loop, "ping", _PING)
         self._pongs = deadlines(loop, "pong", _PONG_MISSED)
         self._expiries = deadlines(loop, "expiry", _EXPIRED)
         self._strikes = 0  # command refusals in a row on this connection
-        self._resume = dict(resume_subs or {})  # server-side subs to resume
+        # server-side subs to resume (most connections have none: one shared empty map)
+        self._resume = dict(resume_subs) if resume_subs else _NO_RESUME
 
-    # --- outbound ----------------------------------------------------------------------
+    # --- outbound (send, send_frame, buffered_bytes: the Outbox's) ------------------------
     @property
-    def buffered_bytes(self) -> int:
-        """Bytes queued for this connection and not yet taken by the transport."""
-        return self.outbox.buffered_bytes
-
-    def send(self, frame: str, nbytes: int) -> None:
-        """Queue one encoded frame (``nbytes`` = its UTF-8 length); see :meth:`Outbox.send`."""
-        self.outbox.send(frame, nbytes)
-
-    def send_frame(self, frame: Frame) -> None:
-        """Encode and queue one control frame (answers, errors)."""
-        self.outbox.send_frame(frame)
+    def outbox(self) -> Outbox:
+        """The connection's outbox: the client itself (its :class:`Outbox` base)."""
+        return self
 
     # --- lifecycle -----------------------------------------------------------------------
     async def start(self) -> None:
@@ -225,7 +207,7 @@ class Client:
                 },
             )
         self._cancel_timers()
-        self.outbox.close()
+        self._shut()
         self.hub.remove_client(self)
         self.transport.close(Disconnect.of(code, reason))
 
@@ -238,7 +220,7 @@ class Client:
             )
         self.closed = True
         self._cancel_timers()
-        self.outbox.close()
+        self._shut()
         self.hub.remove_client(self)
 
     def _cancel_timers(self) -> None:

@@ -81,7 +81,8 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
         idle connection, for a queue that holds one message at a time (uvicorn
         pauses reading while one waits) and an event nobody waits on unless the
         socket is backed up. :class:`Mailbox` and :class:`Flag` do the same with
-        a list and waiters made on demand (docs/capacity.md, "Where the memory per connection goes").
+        a list and waiters made on demand (docs/capacity.md, "Where the memory
+        per connection goes").
         """
         super().__init__(*args, **kwargs)
         self.queue = Mailbox()  # type: ignore[assignment]
