@@ -106,3 +106,32 @@ async def test_serve_raises_the_limit_logs_capacity_and_refuses_503_near_it(nats
         out, _ = await asyncio.to_thread(proc.communicate, timeout=20)
     log = "".join(lines) + out
     assert "Traceback" not in log and " ERROR " not in log, log
+
+
+async def test_handshake_gate_holds_new_connections_until_a_slot_frees(start_server, monkeypatch):
+    # one handshake in flight at a time: a connection that sends nothing holds the slot,
+    # the next one waits (accepted, reading paused) and completes as soon as it frees
+    from pushsvc.server.capacity import handshake_gate
+
+    gate = handshake_gate()
+    monkeypatch.setattr(gate, "limit", 1)
+    srv = await start_server()
+    before = gate.active
+    _, silent = await asyncio.open_connection("127.0.0.1", srv.settings.port)
+    for _ in range(100):
+        if gate.active > before:
+            break
+        await asyncio.sleep(0.01)
+    pending = asyncio.ensure_future(_connect(srv.ws_url, "waiting"))
+    await asyncio.sleep(0.3)
+    assert not pending.done() and gate.waiting == 1  # no 101 while the slot is held
+    silent.close()  # the slot frees: the waiting handshake goes on
+    ws = await asyncio.wait_for(pending, 5)
+    # an authenticated client holds no slot: the next connections pass at once
+    more = [await _connect(srv.ws_url, f"u{i}") for i in range(3)]
+    async with httpx.AsyncClient() as http:
+        assert (await http.get(f"{srv.base}/healthz")).status_code == 200
+    for c in [ws, *more]:
+        await c.close()
+    await asyncio.sleep(0.1)
+    assert gate.active == before and gate.waiting == 0

@@ -36,7 +36,9 @@ from __future__ import annotations
 import contextlib
 import os
 import resource
+from collections import deque
 from collections.abc import Sized
+from typing import Any
 
 RESERVE_MIN = 32  # descriptors kept spare, at least
 RESERVE_FRACTION = 0.01  # ... or this share of the limit, whichever is more
@@ -137,3 +139,75 @@ def fd_budget() -> FdBudget:
     if _budget is None:
         _budget = FdBudget()
     return _budget
+
+
+HANDSHAKES_IN_FLIGHT = 256  # connections between accept and an authenticated client, per process
+
+
+class HandshakeGate:
+    """At most :attr:`limit` connections of this process between TCP accept and the
+    end of their handshake; the next ones wait, reading paused, in arrival order.
+
+    A WebSocket's handshake ends when its client is authenticated (the auth frame
+    included) or the connection is gone; a plain HTTP connection's when its first
+    request's headers are in. Without the gate, a reconnect storm of a whole node
+    (tens of thousands of connections in a second) gets every connection accepted
+    and answered ``101`` at once, and the auth frames then wait behind the other
+    handshakes for longer than ``PUSHSVC_AUTH_TIMEOUT``: closes 4001 by the
+    thousand (docs/capacity.md, "Connect rate"). With it, the handshakes in
+    flight finish in a fraction of a second each, the waiting connections cost
+    only their descriptor, and the storm completes at the CPU's pace.
+
+    A slot is held at most ``PUSHSVC_AUTH_TIMEOUT`` (WebSocket) or uvicorn's
+    keep-alive timeout (HTTP) by a peer that sends nothing.
+
+    Args:
+        limit: handshakes in flight; default :data:`HANDSHAKES_IN_FLIGHT`.
+    """
+
+    def __init__(self, limit: int = HANDSHAKES_IN_FLIGHT) -> None:
+        self.limit = limit
+        self.active = 0
+        self._waiting: deque[Any] = deque()  # connections paused until a slot frees
+
+    @property
+    def waiting(self) -> int:
+        """Connections waiting for a slot (reading paused)."""
+        return len(self._waiting)
+
+    def enter(self, conn: Any) -> None:
+        """A new connection (a protocol with ``transport`` and ``gate_held``): it takes
+        a slot (``gate_held`` True) or waits with reading paused until one frees."""
+        if self.active < self.limit and not self._waiting:
+            self.active += 1
+            conn.gate_held = True
+            return
+        conn.transport.pause_reading()
+        self._waiting.append(conn)
+
+    def release(self, conn: Any) -> None:
+        """``conn``'s handshake is over (or it is gone): its slot goes to the oldest
+        waiting connection still open. Nothing happens if it holds no slot."""
+        if not conn.gate_held:
+            return
+        conn.gate_held = False
+        self.active -= 1
+        waiting = self._waiting
+        while waiting and self.active < self.limit:
+            nxt = waiting.popleft()
+            if nxt.transport.is_closing():
+                continue
+            self.active += 1
+            nxt.gate_held = True
+            nxt.transport.resume_reading()
+
+
+_gate: HandshakeGate | None = None
+
+
+def handshake_gate() -> HandshakeGate:
+    """This process's :class:`HandshakeGate`."""
+    global _gate
+    if _gate is None:
+        _gate = HandshakeGate()
+    return _gate

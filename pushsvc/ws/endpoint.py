@@ -184,6 +184,7 @@ async def _run(
     registered) but not yet awaited. Always unregisters the client.
     """
     transport.reader = asyncio.current_task()
+    transport.established()
     pongs = transport.take_pongs(client.pong)
     try:
         await started

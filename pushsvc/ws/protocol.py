@@ -51,6 +51,7 @@ from websockets.http11 import Request
 from websockets.protocol import Protocol
 
 from ..core.deadlines import deadlines
+from ..server.capacity import handshake_gate
 
 WEBSOCKET_VERSION = "13"  # RFC 6455 4.1 (the only version)
 #: the canonical heartbeat answer (docs/protocol.md, "Heartbeat"), as clients send it
@@ -72,6 +73,7 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
     """
 
     on_pong: Any = None
+    gate_held = False  # holds a handshake-gate slot (pushsvc.server.capacity)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         """uvicorn's, with a lighter receive queue and ``writable`` event (same behaviour).
@@ -149,6 +151,15 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
         """Disarm the protocol ping, then uvicorn's own cleanup (the pong timer)."""
         deadlines(self.loop, "ws-ping", _SEND_KEEPALIVE_PING).clear(self)
         super().stop_keepalive()
+
+    def handshake_done(self) -> None:
+        """The application has an authenticated client: free the handshake-gate slot."""
+        handshake_gate().release(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        """As uvicorn's, and the handshake-gate slot (if still held) is freed."""
+        handshake_gate().release(self)
+        super().connection_lost(exc)
 
     def handle_text(self, event: Frame) -> None:
         """A text frame: a whole ``{"op":"pong"}`` goes to :attr:`on_pong`, the rest to uvicorn."""

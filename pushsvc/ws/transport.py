@@ -138,6 +138,13 @@ class WebSocketTransport:
         self._closer: asyncio.Task[None] | None = None
         self.reader: asyncio.Task[Any] | None = None
 
+    def established(self) -> None:
+        """The client is authenticated: the connection's handshake is over (it frees its
+        slot of the server's handshake gate, :class:`pushsvc.server.capacity.HandshakeGate`)."""
+        done = getattr(self._direct, "handshake_done", None)
+        if done is not None:
+            done()
+
     def take_pongs(self, callback: Callable[[], None] | None) -> bool:
         """Hand this connection's canonical pongs to ``callback`` (None: stop).
 
