@@ -135,3 +135,23 @@ async def test_handshake_gate_holds_new_connections_until_a_slot_frees(start_ser
         await c.close()
     await asyncio.sleep(0.1)
     assert gate.active == before and gate.waiting == 0
+
+
+async def test_a_silent_connection_loses_its_gate_slot_after_the_handshake_timeout(
+    start_server, monkeypatch
+):
+    # a peer that never sends its request cannot keep the gate shut: it is closed
+    from pushsvc.server import capacity
+
+    gate = capacity.handshake_gate()
+    monkeypatch.setattr(gate, "limit", 1)
+    monkeypatch.setattr(capacity, "HANDSHAKE_TIMEOUT", 0.5)
+    srv = await start_server()
+    reader, silent = await asyncio.open_connection("127.0.0.1", srv.settings.port)
+    await asyncio.sleep(0.05)
+    t0 = time.monotonic()
+    ws = await asyncio.wait_for(_connect(srv.ws_url, "patient"), 5)
+    assert 0.3 < time.monotonic() - t0 < 3  # waited for the silent one's deadline
+    assert await asyncio.wait_for(reader.read(), 5) == b""  # the silent one was closed
+    silent.close()
+    await ws.close()

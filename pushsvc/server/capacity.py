@@ -33,12 +33,16 @@ first connection (:meth:`FdBudget.watch`): a ``len()`` per handshake, no
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import resource
 from collections import deque
 from collections.abc import Sized
+from operator import methodcaller
 from typing import Any
+
+from ..core.deadlines import Deadlines, deadlines
 
 RESERVE_MIN = 32  # descriptors kept spare, at least
 RESERVE_FRACTION = 0.01  # ... or this share of the limit, whichever is more
@@ -142,6 +146,8 @@ def fd_budget() -> FdBudget:
 
 
 HANDSHAKES_IN_FLIGHT = 256  # connections between accept and an authenticated client, per process
+HANDSHAKE_TIMEOUT = 10.0  # seconds a connection may hold a gate slot (request headers, auth)
+_EXPIRED = methodcaller("gate_expired")  # what the deadline calls on a connection
 
 
 class HandshakeGate:
@@ -158,8 +164,12 @@ class HandshakeGate:
     flight finish in a fraction of a second each, the waiting connections cost
     only their descriptor, and the storm completes at the CPU's pace.
 
-    A slot is held at most ``PUSHSVC_AUTH_TIMEOUT`` (WebSocket) or uvicorn's
-    keep-alive timeout (HTTP) by a peer that sends nothing.
+    A slot is held at most :data:`HANDSHAKE_TIMEOUT` seconds: then the
+    connection's ``gate_expired()`` runs (the HTTP protocol closes a connection
+    whose request headers are still not in, as nginx's ``client_header_timeout``
+    and Go's ``ReadHeaderTimeout`` do; a WebSocket waiting for its auth frame
+    only gives the slot back: ``PUSHSVC_AUTH_TIMEOUT`` closes it), so silent
+    peers cannot keep the gate shut.
 
     Args:
         limit: handshakes in flight; default :data:`HANDSHAKES_IN_FLIGHT`.
@@ -179,8 +189,7 @@ class HandshakeGate:
         """A new connection (a protocol with ``transport`` and ``gate_held``): it takes
         a slot (``gate_held`` True) or waits with reading paused until one frees."""
         if self.active < self.limit and not self._waiting:
-            self.active += 1
-            conn.gate_held = True
+            self._grant(conn)
             return
         conn.transport.pause_reading()
         self._waiting.append(conn)
@@ -192,14 +201,33 @@ class HandshakeGate:
             return
         conn.gate_held = False
         self.active -= 1
+        self._timers().clear(conn)
         waiting = self._waiting
         while waiting and self.active < self.limit:
             nxt = waiting.popleft()
             if nxt.transport.is_closing():
                 continue
-            self.active += 1
-            nxt.gate_held = True
+            self._grant(nxt)
             nxt.transport.resume_reading()
+
+    def hand_over(self, old: Any, new: Any) -> None:
+        """The slot of ``old`` (an HTTP protocol) goes to ``new`` (the WebSocket
+        protocol of the same connection), with its deadline."""
+        if not old.gate_held:
+            return
+        old.gate_held = False
+        new.gate_held = True
+        timers = self._timers()
+        timers.clear(old)
+        timers.set(new, HANDSHAKE_TIMEOUT)
+
+    def _grant(self, conn: Any) -> None:
+        self.active += 1
+        conn.gate_held = True
+        self._timers().set(conn, HANDSHAKE_TIMEOUT)
+
+    def _timers(self) -> Deadlines:
+        return deadlines(asyncio.get_running_loop(), "handshake", _EXPIRED)
 
 
 _gate: HandshakeGate | None = None

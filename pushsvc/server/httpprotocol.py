@@ -99,6 +99,12 @@ class HttpToolsProtocol(_UvicornHttpTools):
         if self.gate_held and not (self.parser.should_upgrade() and self._should_upgrade()):
             _GATE.release(self)
 
+    def gate_expired(self) -> None:
+        """No complete request headers within ``HANDSHAKE_TIMEOUT``: close (frees the slot)."""
+        if self.gate_held:
+            _GATE.release(self)
+            self.transport.close()
+
     def connection_lost(self, exc: Exception | None) -> None:
         """As uvicorn's, and the gate slot (if held) goes to the next connection."""
         _GATE.release(self)
@@ -125,7 +131,7 @@ class HttpToolsProtocol(_UvicornHttpTools):
             config=self.config, server_state=self.server_state, app_state=self.app_state
         )
         # the slot goes with the connection: released when its client is authenticated
-        protocol.gate_held, self.gate_held = self.gate_held, False
+        _GATE.hand_over(self, protocol)
         protocol.upgrade(self.transport, request, self.server, self.client)
         self.transport.set_protocol(protocol)
         # uvicorn drops the parser only in connection_lost, which an upgraded

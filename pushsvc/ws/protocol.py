@@ -156,6 +156,11 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
         """The application has an authenticated client: free the handshake-gate slot."""
         handshake_gate().release(self)
 
+    def gate_expired(self) -> None:
+        """Still no authenticated client after ``HANDSHAKE_TIMEOUT``: give the slot back
+        (``PUSHSVC_AUTH_TIMEOUT`` closes a socket that never authenticates)."""
+        handshake_gate().release(self)
+
     def connection_lost(self, exc: Exception | None) -> None:
         """As uvicorn's, and the handshake-gate slot (if still held) is freed."""
         handshake_gate().release(self)
