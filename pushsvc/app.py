@@ -33,6 +33,7 @@ from .api.history import history_router
 from .api.openapi import ErrorBody, install, ref, text_body
 from .api.presence import presence_router
 from .api.probes import Readiness, probes_router
+from .api.serverapi import server_api_router
 from .api.streams import streams_router
 from .auth.revocations import RevocationStore
 from .auth.tokens import Authenticator, Revocation, parse_revocation
@@ -46,11 +47,16 @@ from .core.hub import Hub
 from .core.joinleave import JoinLeave
 from .core.presence import PresenceRegistry
 from .core.ratelimit import BucketRegistry
+from .lifecycle.events import LifecycleEvents
+from .lifecycle.lost import NodeLost
+from .lifecycle.occupancy import Occupancy
 from .logs import install_redaction
 from .protocol import CLOSE_SERVICE_RESTART
 from .server.capacity import fd_budget
 from .server.drain import SigtermDelay
 from .server.embedded import EmbeddedNats, start_default
+from .serverapi.cluster import ServerAPI
+from .serverapi.local import LocalOps
 from .sse.endpoint import StreamEndpoint
 from .sse.sessions import OP as STREAM_COMMANDS
 from .sse.sessions import StreamSessions
@@ -126,6 +132,7 @@ class Node:
             self.admission,
             presence=self.presence,
         )
+        self._wire_backends(settings)
         # SSE and HTTP-streaming: stream sessions reached by POST /sse/commands on any node
         self.stream_sessions = StreamSessions()
         self.tickets = Tickets(self.bus.kv, settings.ticket_ttl)
@@ -150,6 +157,23 @@ class Node:
         self.stopping = False
         self.started = False
         self._sigterm = SigtermDelay(settings.drain_delay, self._begin_drain)
+
+    def _wire_backends(self, settings: Settings) -> None:
+        """What backends use: the server API and lifecycle events (docs/server-api.md)."""
+        #: lifecycle events (PUSHSVC_EVENTS): connect/disconnect/subscribe/unsubscribe,
+        #: cluster-wide occupied/vacated, and the disconnects of nodes that died
+        self.events = LifecycleEvents(settings, self.bus, self.hub.node_id)
+        self.occupancy = Occupancy(self.bus, settings.node_bucket, self.events, self.hub.node_id)
+        self.node_lost = NodeLost(self.bus, settings.node_bucket, self.events, self.hub.node_id)
+        if self.events.enabled:
+            self.hub.on_connect.append(self.events.connected)
+            self.hub.on_disconnect.append(self.events.disconnected)
+            self.hub.on_join.extend((self.events.joined, self.occupancy.joined))
+            self.hub.on_leave.extend((self.events.left, self.occupancy.left))
+        #: the cluster-wide server API (NATS <prefix>-api.<op>, POST /api/<op>)
+        self.server_api = ServerAPI(
+            settings, self.bus, LocalOps(settings, self.hub, self.hub.node_id), self.presence
+        )
 
     @property
     def connection_name(self) -> str:
@@ -251,6 +275,13 @@ class Node:
                 raise
             self.revocations = store
         await self.presence.start()
+        try:
+            await self.server_api.start()
+        except Unavailable:
+            await self.bus.close()
+            raise
+        await self.events.start()
+        await self.node_lost.start()
         self._log_capacity()
         self.started = True
         metrics.INFO.labels(self.name, __version__).set(1)
@@ -299,6 +330,7 @@ class Node:
         """
         self.draining = self.stopping = True
         self._sigterm.uninstall()
+        await self.server_api.stop()
         if self.hub.clients:
             log.info(
                 "closing sessions: service restart (1012)",
@@ -308,6 +340,9 @@ class Node:
         await asyncio.sleep(0.05)  # let close frames go out
         await self.hub.wait_idle()
         await self.join_leave.wait_idle()
+        await self.occupancy.stop()
+        await self.events.stop()
+        await self.bus.lifecycle.stop()
         await self.presence.stop()
         if self.revocations is not None:
             await self.revocations.close()
@@ -364,6 +399,7 @@ class Node:
         router.include_router(emit_router(settings, self.hub, self.auth, self.emit_buckets))
         router.include_router(history_router(settings, self.bus, self.auth))
         router.include_router(presence_router(settings, self.presence, self.auth))
+        router.include_router(server_api_router(settings, self.server_api, self.auth))
 
         router.include_router(probes_router(self.readiness))
         router.routes.append(Route("/sse", self.stream_endpoints["sse"], methods=["GET"]))

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import itertools
 import logging
-import os
+import time
 from collections.abc import Mapping
 from operator import methodcaller
 from types import MappingProxyType
@@ -58,7 +58,6 @@ log = logging.getLogger("pushsvc.client")
 
 _ids = itertools.count(1)
 _NO_RESUME: Mapping[str, SubResume] = MappingProxyType({})
-_NODE = os.urandom(3).hex()
 # what the deadlines call on a client (by name: a subclass's override is honoured)
 _PING, _PONG_MISSED, _EXPIRED = (methodcaller(n) for n in ("_ping", "_pong_missed", "_expired"))
 _PING_BYTES = len(PING_FRAME)
@@ -91,6 +90,8 @@ class Client(Outbox):
         channels: channels and patterns this client is subscribed to.
         outbox: its outbound buffer (bounded; 4009 on overflow): the client itself.
         close_code: the close code once closed.
+        close_reason: the close reason once closed by the server.
+        connected_at: when the connection was accepted (Unix seconds).
     """
 
     __slots__ = (
@@ -104,6 +105,8 @@ class Client(Outbox):
         "auth",
         "bucket",
         "close_code",
+        "close_reason",
+        "connected_at",
         "hub",
         "presence",
         "principal",
@@ -126,7 +129,7 @@ class Client(Outbox):
         session: str | None = None,
     ) -> None:
         super().__init__(
-            f"{_NODE}-{next(_ids)}",
+            f"{hub.node_id}-{next(_ids)}",
             transport,
             max_bytes=settings.send_queue_bytes,
             coalesce_bytes=settings.coalesce_bytes,
@@ -141,6 +144,8 @@ class Client(Outbox):
         self.settings = settings
         self.presence = presence
         self.close_code: int | None = None
+        self.close_reason = ""
+        self.connected_at = time.time()
         loop = self._loop
         # deadlines (pushsvc.core.deadlines): next ping, the pong awaited, the token's expiry
         self._pings = deadlines(loop, "ping", _PING)
@@ -191,6 +196,7 @@ class Client(Outbox):
             return
         self.closed = True
         self.close_code = code
+        self.close_reason = reason
         metrics.CLOSES.labels(str(code)).inc()
         # a drain closes every connection with 1012: one line per socket only at debug
         level = logging.DEBUG if code == CLOSE_SERVICE_RESTART else logging.INFO

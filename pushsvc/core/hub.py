@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -74,6 +75,9 @@ class Hub(OutageRecovery):
             (``PUSHSVC_COALESCE_BYTES``), so a batch never exceeds one frame's cap.
 
     Attributes:
+        node_id: this node's random id (6 hex digits), the prefix of every client id
+            it serves: connections are addressed by it plus a session secret, never
+            by the public client id alone.
         fan_out_slice: with a write delay, sockets a channel's flush writes per loop
             iteration (:data:`FAN_OUT_SLICE`); 0 = the whole live set at once, which
             is what a hub without a write delay always does.
@@ -81,6 +85,7 @@ class Hub(OutageRecovery):
 
     def __init__(self, bus: Bus, write_delay: float = 0.0, coalesce_bytes: int = 65536) -> None:
         self.bus = bus
+        self.node_id = os.urandom(3).hex()
         self.write_delay = write_delay
         self._coalesce = coalesce_bytes
         self.fan_out_slice = FAN_OUT_SLICE if write_delay > 0 else 0
@@ -95,6 +100,10 @@ class Hub(OutageRecovery):
         #: confirmed) or left (unsubscribe, close) a channel. Must not block.
         self.on_join: list[Callable[[Member, str], None]] = []
         self.on_leave: list[Callable[[Member, str], None]] = []
+        #: connection observers (lifecycle events): called with the session once it
+        #: is registered, and once it is gone (after it left its channels). Must not block.
+        self.on_connect: list[Callable[[Member], None]] = []
+        self.on_disconnect: list[Callable[[Member], None]] = []
         # per-message metrics not yet recorded (see _record_metrics)
         self._received = 0
         self._delivered = 0
@@ -373,6 +382,8 @@ class Hub(OutageRecovery):
         self.clients.add(session)
         self.users.setdefault(session.principal.sub, set()).add(session)
         metrics.CONNECTIONS.labels(session.transport.name).inc()
+        for connected in self.on_connect:
+            connected(session)
 
     def remove_client(self, session: Member) -> None:
         """Forget ``session``: leave its channels (releasing NATS interest) and its user."""
@@ -387,6 +398,8 @@ class Hub(OutageRecovery):
                 del self.users[session.principal.sub]
         for channel in list(session.channels):
             self.unsubscribe(session, channel)
+        for disconnected in self.on_disconnect:
+            disconnected(session)
 
     # --- session -> hub ------------------------------------------------------------------
     async def subscribe(

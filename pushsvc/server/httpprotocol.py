@@ -110,6 +110,19 @@ class HttpToolsProtocol(_UvicornHttpTools):
         _GATE.release(self)
         super().connection_lost(exc)
 
+    def shutdown(self) -> None:
+        """uvicorn's graceful shutdown of this connection; a stream is ended first.
+
+        uvicorn waits for a response in progress to complete, and a stream
+        (``GET /sse``, ``POST /stream``) never completes by itself: the stream
+        endpoint leaves ``pushsvc_shutdown`` on the request cycle, which ends it
+        with a ``close`` event (1012) before uvicorn's own shutdown.
+        """
+        closer = getattr(self.cycle, "pushsvc_shutdown", None)
+        if closer is not None:
+            closer()
+        super().shutdown()
+
     def handle_websocket_upgrade(self) -> None:
         """Hand the connection to pushsvc's WebSocket protocol with the parsed request.
 

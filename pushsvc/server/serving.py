@@ -9,11 +9,15 @@ uvicorn (``create_app``/``setup_app``) passes :func:`uvicorn_config` to
 
 from __future__ import annotations
 
+import logging
 import socket
 import sys
 from typing import Any
 
 from ..config.settings import Settings
+from .capacity import raise_nofile_limit
+
+log = logging.getLogger("pushsvc.server")
 
 
 class ListenError(Exception):
@@ -62,6 +66,10 @@ def uvicorn_config(settings: Settings | None = None) -> dict[str, Any]:
 def listen_socket(host: str, port: int, backlog: int = 2048) -> socket.socket:
     """Bind and listen on ``host:port`` (port 0: any free port) before anything else starts.
 
+    First the process's soft open-file limit goes up to the hard one
+    (:func:`pushsvc.server.capacity.raise_nofile_limit`, logged): every accepted
+    connection is a descriptor, and ``--workers`` processes inherit the limit.
+
     Set up like uvicorn's own listener (``SO_REUSEADDR``; IPv6 when ``host``
     contains ``:``) and handed to uvicorn, so the address ``pushsvc serve`` prints
     is the one it serves, and a busy address fails before NATS is started.
@@ -80,6 +88,9 @@ def listen_socket(host: str, port: int, backlog: int = 2048) -> socket.socket:
         ListenError: the address cannot be used; the message names it and the
             cause (e.g. "address already in use").
     """
+    before, after = raise_nofile_limit()
+    if after != before:
+        log.info("open-file limit raised from %d to %d", before, after)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:

@@ -201,6 +201,9 @@ async def _run(
                 text = message.get("text")
                 await client.handle_text(text)
             elif kind == "websocket.disconnect":
+                if not client.closed:  # the peer closed: its code (lifecycle events)
+                    client.close_code = message.get("code", 1005)
+                    client.close_reason = "closed by the client"
                 break
     except asyncio.CancelledError:
         if not client.closed:
