@@ -53,6 +53,7 @@ from .lifecycle.lost import NodeLost
 from .lifecycle.occupancy import Occupancy
 from .logs import install_redaction
 from .protocol import CLOSE_SERVICE_RESTART
+from .server.capacity import fd_budget
 from .server.drain import SigtermDelay
 from .server.embedded import EmbeddedNats, start_default
 from .serverapi.cluster import ServerAPI
@@ -123,7 +124,9 @@ class Node:
         self.command_buckets = BucketRegistry(settings.command_rate, settings.command_burst)
         self.emit_buckets = BucketRegistry(settings.emit_rate, settings.emit_burst)
         #: origin allowlist and connection caps, every transport's connections together
-        self.admission = Admission(settings, self.hub, self.accepting)
+        #: this process's open-file budget (connections it can hold; pushsvc.server.capacity)
+        self.fds = fd_budget()
+        self.admission = Admission(settings, self.hub, self.accepting, self.fds.full)
         self.endpoint = WebSocketEndpoint(
             settings,
             self.hub,
@@ -134,7 +137,7 @@ class Node:
         )
         self._wire_backends(settings)
         # SSE and HTTP-streaming: stream sessions reached by POST /sse/commands on any node
-        self.stream_sessions = StreamSessions()
+        self.stream_sessions = StreamSessions(self.hub.node_id)
         self.tickets = Tickets(self.bus.kv, settings.ticket_ttl)
         self.stream_endpoints = {
             kind: StreamEndpoint(
@@ -287,10 +290,35 @@ class Node:
             raise
         await self.events.start()
         await self.node_lost.start()
+        self._log_capacity()
         self.started = True
         metrics.INFO.labels(self.name, __version__).set(1)
         if self.settings.drain_delay > 0:
             self._sigterm.install()
+
+    def _log_capacity(self) -> None:
+        """Log how many connections this process can hold (once per worker, at start)."""
+        fds = self.fds
+        capacity = fds.measure()
+        cap = self.settings.max_connections
+        log.info(
+            "capacity: %d connections in this process (open files: limit %d, %d held at "
+            "start, %d kept spare; PUSHSVC_MAX_CONNECTIONS=%d%s)",
+            min(capacity, cap),
+            fds.limit,
+            fds.baseline,
+            fds.reserve,
+            cap,
+            "" if capacity >= cap else ", the open-file limit comes first",
+            extra={
+                "capacity": min(capacity, cap),
+                "fd_limit": fds.limit,
+                "fd_baseline": fds.baseline,
+                "fd_reserve": fds.reserve,
+                "worker": self.worker,
+            },
+        )
+        metrics.CONNECTION_CAPACITY.set(min(capacity, cap))
 
     def _begin_drain(self) -> bool:
         """SIGTERM with a drain delay: readiness off now; False if already draining."""

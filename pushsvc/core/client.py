@@ -49,7 +49,7 @@ from ..protocol import (
 from . import commands
 from .deadlines import deadlines
 from .hub import Hub
-from .outbox import Outbox
+from .outbox import Outbox, fan_out
 from .presence import PresenceRegistry
 from .ratelimit import TokenBucket
 from .rpc import Calls
@@ -61,6 +61,7 @@ _ids = itertools.count(1)
 _NO_RESUME: Mapping[str, SubResume] = MappingProxyType({})
 # what the deadlines call on a client (by name: a subclass's override is honoured)
 _PING, _PONG_MISSED, _EXPIRED = (methodcaller(n) for n in ("_ping", "_pong_missed", "_expired"))
+_PING_BYTES = len(PING_FRAME)
 
 
 class Client(Outbox):
@@ -242,13 +243,30 @@ class Client(Outbox):
         self._pings.set(self, self.settings.ping_interval)
 
     def _ping(self) -> None:
-        """The ping deadline: send ``ping``, await a ``pong`` (if the transport needs one)."""
+        """The ping deadline: send ``ping``, await a ``pong`` (if the transport needs one).
+
+        The ping goes out as a fan-out of one: written pre-framed to the wire when
+        nothing is pending (no buffer, flush callback or ASGI send), else queued
+        behind what is. An idle node's CPU is mostly heartbeats (docs/capacity.md).
+        """
         if self.closed:
             return
-        self.send(PING_FRAME, len(PING_FRAME))
+        fan_out((self.outbox,), PING_FRAME, _PING_BYTES)
         if self.transport.expects_pong and self not in self._pongs:
             self._pongs.set(self, self.settings.pong_timeout)
         self._schedule_ping()
+
+    def pong(self) -> None:
+        """A ``pong`` came: free when it answers a ping, else it costs a command token.
+
+        Called for every pong: by :meth:`handle_text`, or by the transport for the
+        pongs it recognises itself (the WebSocket transport's canonical
+        ``{"op":"pong"}``, :meth:`pushsvc.ws.transport.WebSocketTransport.take_pongs`).
+        """
+        if self in self._pongs:
+            self._pongs.clear(self)
+        elif not self.closed:  # unsolicited: free for a client answering pings, charged for a flood
+            self.charge(None)
 
     def _pong_missed(self) -> None:
         self.close(CLOSE_HEARTBEAT_TIMEOUT, "no pong")
@@ -295,10 +313,7 @@ class Client(Outbox):
             self.refuse(BAD_REQUEST, str(exc), None, charge=True)
             return
         if isinstance(cmd, Pong):
-            if self in self._pongs:
-                self._pongs.clear(self)
-            else:  # unsolicited: free for a client answering pings, charged for a flood
-                self.charge(None)
+            self.pong()
             return
         if isinstance(cmd, Auth):
             self.refuse(BAD_REQUEST, "already authenticated", None, charge=True)
