@@ -97,7 +97,9 @@ class WebSocketEndpoint:
         principal: Principal | None = None
         if token is not None:
             try:
-                principal = await self.auth.authenticate(token, _context(scope, headers))
+                principal = await self.auth.authenticate(
+                    token, _context(scope, Headers(scope=scope))
+                )
             except CalloutUnavailable as exc:  # the app's authorisation service is away
                 _auth_failed(exc, scope, "handshake")
                 await _deny(scope, receive, send, Refusal(503, str(exc), "unavailable", 5))
