@@ -33,10 +33,12 @@ from .api.history import history_router
 from .api.openapi import ErrorBody, install, ref, text_body
 from .api.presence import presence_router
 from .api.probes import Readiness, probes_router
+from .api.serverapi import server_api_router
 from .api.streams import streams_router
+from .auth.callouts import Callouts
 from .auth.revocations import RevocationStore
 from .auth.tokens import Authenticator, Revocation, parse_revocation
-from .bus import Bus, Unavailable
+from .bus import Bus, Headers, Unavailable
 from .bus.nodes import NodeRequests
 from .bus.tickets import Tickets
 from .config.nats import NatsRefused, NatsSecurity
@@ -46,10 +48,16 @@ from .core.hub import Hub
 from .core.joinleave import JoinLeave
 from .core.presence import PresenceRegistry
 from .core.ratelimit import BucketRegistry
+from .lifecycle.events import LifecycleEvents
+from .lifecycle.lost import NodeLost
+from .lifecycle.occupancy import Occupancy
 from .logs import install_redaction
 from .protocol import CLOSE_SERVICE_RESTART
+from .server.capacity import fd_budget
 from .server.drain import SigtermDelay
 from .server.embedded import EmbeddedNats, start_default
+from .serverapi.cluster import ServerAPI
+from .serverapi.local import LocalOps
 from .sse.endpoint import StreamEndpoint
 from .sse.sessions import OP as STREAM_COMMANDS
 from .sse.sessions import StreamSessions
@@ -91,6 +99,8 @@ class Node:
             on_control=self._control,
             name=self.connection_name,
         )
+        # connect/subscribe callouts over NATS (PUSHSVC_*_AUTH_SUBJECT; none: off)
+        Callouts(settings, self.bus.requests).install(self.auth)
         self.hub = Hub(
             self.bus, write_delay=settings.write_delay, coalesce_bytes=settings.coalesce_bytes
         )
@@ -114,7 +124,9 @@ class Node:
         self.command_buckets = BucketRegistry(settings.command_rate, settings.command_burst)
         self.emit_buckets = BucketRegistry(settings.emit_rate, settings.emit_burst)
         #: origin allowlist and connection caps, every transport's connections together
-        self.admission = Admission(settings, self.hub, self.accepting)
+        #: this process's open-file budget (connections it can hold; pushsvc.server.capacity)
+        self.fds = fd_budget()
+        self.admission = Admission(settings, self.hub, self.accepting, self.fds.full)
         self.endpoint = WebSocketEndpoint(
             settings,
             self.hub,
@@ -123,8 +135,9 @@ class Node:
             self.admission,
             presence=self.presence,
         )
+        self._wire_backends(settings)
         # SSE and HTTP-streaming: stream sessions reached by POST /sse/commands on any node
-        self.stream_sessions = StreamSessions()
+        self.stream_sessions = StreamSessions(self.hub.node_id)
         self.tickets = Tickets(self.bus.kv, settings.ticket_ttl)
         self.stream_endpoints = {
             kind: StreamEndpoint(
@@ -148,6 +161,23 @@ class Node:
         self.started = False
         self._sigterm = SigtermDelay(settings.drain_delay, self._begin_drain)
 
+    def _wire_backends(self, settings: Settings) -> None:
+        """What backends use: the server API and lifecycle events (docs/server-api.md)."""
+        #: lifecycle events (PUSHSVC_EVENTS): connect/disconnect/subscribe/unsubscribe,
+        #: cluster-wide occupied/vacated, and the disconnects of nodes that died
+        self.events = LifecycleEvents(settings, self.bus, self.hub.node_id)
+        self.occupancy = Occupancy(self.bus, settings.node_bucket, self.events, self.hub.node_id)
+        self.node_lost = NodeLost(self.bus, settings.node_bucket, self.events, self.hub.node_id)
+        if self.events.enabled:
+            self.hub.on_connect.append(self.events.connected)
+            self.hub.on_disconnect.append(self.events.disconnected)
+            self.hub.on_join.extend((self.events.joined, self.occupancy.joined))
+            self.hub.on_leave.extend((self.events.left, self.occupancy.left))
+        #: the cluster-wide server API (NATS <prefix>-api.<op>, POST /api/<op>)
+        self.server_api = ServerAPI(
+            settings, self.bus, LocalOps(settings, self.hub, self.hub.node_id), self.presence
+        )
+
     @property
     def connection_name(self) -> str:
         """The NATS connection name: ``pushsvc/<node>``, plus ``/<worker pid>`` under workers.
@@ -159,10 +189,15 @@ class Node:
         return f"{base}/{self.worker}" if self.worker else base
 
     def _hub_dispatch(
-        self, channel: str, payload: bytes, seq: int | None, stamp: float | None
+        self,
+        channel: str,
+        payload: bytes,
+        seq: int | None,
+        stamp: float | None,
+        headers: Headers = None,
     ) -> None:
         """The bus's ``on_message``: hand a live NATS message to the hub."""
-        self.hub.dispatch(channel, payload, seq, stamp)
+        self.hub.dispatch(channel, payload, seq, stamp, headers)
 
     def _control(self, payload: bytes) -> None:
         """A revocation from NATS: refuse the token(s) from now on, close their sessions.
@@ -248,10 +283,42 @@ class Node:
                 raise
             self.revocations = store
         await self.presence.start()
+        try:
+            await self.server_api.start()
+        except Unavailable:
+            await self.bus.close()
+            raise
+        await self.events.start()
+        await self.node_lost.start()
+        self._log_capacity()
         self.started = True
         metrics.INFO.labels(self.name, __version__).set(1)
         if self.settings.drain_delay > 0:
             self._sigterm.install()
+
+    def _log_capacity(self) -> None:
+        """Log how many connections this process can hold (once per worker, at start)."""
+        fds = self.fds
+        capacity = fds.measure()
+        cap = self.settings.max_connections
+        log.info(
+            "capacity: %d connections in this process (open files: limit %d, %d held at "
+            "start, %d kept spare; PUSHSVC_MAX_CONNECTIONS=%d%s)",
+            min(capacity, cap),
+            fds.limit,
+            fds.baseline,
+            fds.reserve,
+            cap,
+            "" if capacity >= cap else ", the open-file limit comes first",
+            extra={
+                "capacity": min(capacity, cap),
+                "fd_limit": fds.limit,
+                "fd_baseline": fds.baseline,
+                "fd_reserve": fds.reserve,
+                "worker": self.worker,
+            },
+        )
+        metrics.CONNECTION_CAPACITY.set(min(capacity, cap))
 
     def _begin_drain(self) -> bool:
         """SIGTERM with a drain delay: readiness off now; False if already draining."""
@@ -271,6 +338,7 @@ class Node:
         """
         self.draining = self.stopping = True
         self._sigterm.uninstall()
+        await self.server_api.stop()
         if self.hub.clients:
             log.info(
                 "closing sessions: service restart (1012)",
@@ -280,6 +348,9 @@ class Node:
         await asyncio.sleep(0.05)  # let close frames go out
         await self.hub.wait_idle()
         await self.join_leave.wait_idle()
+        await self.occupancy.stop()
+        await self.events.stop()
+        await self.bus.lifecycle.stop()
         await self.presence.stop()
         if self.revocations is not None:
             await self.revocations.close()
@@ -336,6 +407,7 @@ class Node:
         router.include_router(emit_router(settings, self.hub, self.auth, self.emit_buckets))
         router.include_router(history_router(settings, self.bus, self.auth))
         router.include_router(presence_router(settings, self.presence, self.auth))
+        router.include_router(server_api_router(settings, self.server_api, self.auth))
 
         router.include_router(probes_router(self.readiness))
         router.routes.append(Route("/sse", self.stream_endpoints["sse"], methods=["GET"]))

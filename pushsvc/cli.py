@@ -1,4 +1,4 @@
-"""Command line: ``pushsvc serve | token | publish | subscribe | bench``.
+"""Command line: ``pushsvc serve | token | publish | subscribe | api | bench``.
 
 Every ``serve`` flag overrides the ``PUSHSVC_*`` variable of the same name;
 errors in configuration print one line naming the setting and exit with 2.
@@ -53,6 +53,10 @@ def main(argv: list[str] | None = None) -> int:
             return _publish(args)
         if args.command == "subscribe":
             return _subscribe(args)
+        if args.command == "api":
+            from .serverapi import command as api_command
+
+            return api_command.run(args)
         return bench_module.main(args)
     except SettingsError as exc:
         print(f"pushsvc: configuration error: {exc}", file=sys.stderr)
@@ -94,6 +98,14 @@ def build_parser() -> argparse.ArgumentParser:
     token.add_argument("--sub", required=True, help="user id (JWT sub)")
     token.add_argument("--channel", action="append", default=[], help="subscribe grant")
     token.add_argument("--publish", action="append", default=[], help="publish grant")
+    token.add_argument(
+        "--presence", action="append", default=[], help="presence grant (channels whose presence)"
+    )
+    token.add_argument(
+        "--subs", action="append", default=[], help="server-side subscription (channel/pattern)"
+    )
+    token.add_argument("--rpc", action="append", default=[], help="rpc grant (method pattern)")
+    token.add_argument("--info", help='info claim, a JSON object (e.g. \'{"name":"Ann"}\')')
     token.add_argument("--ttl", type=float, default=3600, help="lifetime in seconds")
     token.add_argument("--secret", help="HS256 secret (default PUSHSVC_JWT_SECRET)")
     token.add_argument("--private-key", help="PEM private key for RS256/ES256")
@@ -135,6 +147,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     subscribe.add_argument("--sub", help="user id of the minted token (with --secret)")
     subscribe.add_argument("--raw", action="store_true", help="print only each message's data")
+
+    from .serverapi import command as api_command
+
+    api_command.add_arguments(
+        sub.add_parser("api", help="call the server API over NATS (docs/server-api.md)")
+    )
 
     bench = sub.add_parser("bench", help="load-test a running pushsvc")
     from . import bench as bench_module
@@ -266,12 +284,17 @@ def _banner(settings: Settings, bundled: bool, generated_secret: bool, json_logs
             "dev",
             channels=[">"],
             publish=[">"],
+            presence=[">"],
+            rpc=[">"],
             ttl=86400,
             audience=settings.jwt_audience,
             issuer=settings.jwt_issuer,
         )
         print(f"  Demo page: {base}/", flush=True)
-        print(f"  Dev token (user 'dev', all channels, 24 h):\n    {token}", flush=True)
+        print(
+            f"  Dev token (user 'dev', all channels, presence and rpc, 24 h):\n    {token}",
+            flush=True,
+        )
         if generated_secret:
             print("  JWT secret generated for this run (set PUSHSVC_JWT_SECRET to keep one)")
 
@@ -374,12 +397,24 @@ def _token(args: argparse.Namespace) -> int:
             raise SettingsError("PUSHSVC_JWT_SECRET", "missing: needed to sign tokens")
         algorithm = args.algorithm or "HS256"
     audience = args.audience or os.environ.get("PUSHSVC_JWT_AUDIENCE")
+    info = None
+    if args.info is not None:
+        try:
+            info = json.loads(args.info)
+        except ValueError:
+            info = None
+        if not isinstance(info, dict):
+            raise SettingsError("--info", 'must be a JSON object, e.g. \'{"name":"Ann"}\'')
     print(
         mint_token(
             key,
             args.sub,
             channels=args.channel,
             publish=args.publish,
+            presence=args.presence,
+            subs=args.subs,
+            rpc=args.rpc,
+            info=info,
             ttl=args.ttl,
             algorithm=algorithm,
             audience=audience,

@@ -12,6 +12,7 @@ server encodes is guaranteed to contain no raw newline.
 from __future__ import annotations
 
 import base64
+from collections.abc import Mapping
 from typing import Annotated, Final
 
 import msgspec
@@ -26,10 +27,26 @@ CLOSE_FORBIDDEN: Final = 4003
 CLOSE_RATE_LIMITED: Final = 4008
 CLOSE_SLOW_CONSUMER: Final = 4009
 CLOSE_HEARTBEAT_TIMEOUT: Final = 4010
+CLOSE_DISCONNECTED: Final = 4011  # the server API's disconnect: do not reconnect
+CLOSE_DISCONNECTED_RECONNECT: Final = 4012  # the server API's disconnect with reconnect
+#: close codes an application chooses for the server API's ``disconnect``: clients
+#: reconnect after 4100-4499 and stop after 4500-4999 (docs/protocol.md, "Close codes")
+APP_RECONNECT_CODES: Final = range(4100, 4500)
+APP_NO_RECONNECT_CODES: Final = range(4500, 5000)
 
 #: close codes after which a client should not reconnect on its own (docs/protocol.md,
-#: "Close codes"): fix the client (1009) or its credentials/permissions (4003)
-NO_RECONNECT: Final = frozenset({CLOSE_TOO_BIG, CLOSE_FORBIDDEN})
+#: "Close codes"): fix the client (1009) or its credentials/permissions (4003), or
+#: the backend said so (4011); and every code of :data:`APP_NO_RECONNECT_CODES`
+NO_RECONNECT: Final = frozenset({CLOSE_TOO_BIG, CLOSE_FORBIDDEN, CLOSE_DISCONNECTED})
+
+
+def reconnects(code: int) -> bool:
+    """Whether a client reconnects (with backoff, then resumes) after close ``code``.
+
+    The close-code table of docs/protocol.md: not after :data:`NO_RECONNECT` nor
+    an application code in 4500-4999; after every other code.
+    """
+    return code not in NO_RECONNECT and code not in APP_NO_RECONNECT_CODES
 
 
 class Disconnect(msgspec.Struct, frozen=True):
@@ -51,8 +68,21 @@ class Disconnect(msgspec.Struct, frozen=True):
 
     @classmethod
     def of(cls, code: int, reason: str = "") -> Disconnect:
-        """The disconnect for ``code``, ``reconnect`` from the close-code table."""
-        return cls(code, reason, code not in NO_RECONNECT)
+        """The disconnect for ``code``, ``reconnect`` from the close-code table
+        (:func:`reconnects`)."""
+        return cls(code, reason, reconnects(code))
+
+
+# --- NATS headers pushsvc stamps (docs/protocol.md, "NATS side") ---------------
+#: the verified user (JWT ``sub``) behind a message a client published or a JWT emit,
+#: and behind an ``rpc`` request; read back into ``publisher.user``
+USER_HEADER: Final = "Pushsvc-User"
+#: the connection (``welcome.client``) that published a message or made an ``rpc`` call
+CLIENT_HEADER: Final = "Pushsvc-Client"
+NODE_HEADER: Final = "Pushsvc-Node"  # the node that took an ``rpc`` call
+INFO_HEADER: Final = "Pushsvc-Info"  # the caller's ``info`` claim (``rpc``)
+#: a connection (``welcome.client``) a message is not delivered to (its own no-echo publish)
+EXCLUDE_HEADER: Final = "Pushsvc-Exclude-Client"
 
 
 # --- error codes carried by ``error`` frames ------------------------------------
@@ -63,6 +93,8 @@ INVALID_CHANNEL: Final = "invalid_channel"
 RATE_LIMITED: Final = "rate_limited"
 LIMIT_EXCEEDED: Final = "limit_exceeded"
 UNAVAILABLE: Final = "unavailable"
+NOT_FOUND: Final = "not_found"  # rpc: no service answers the method
+TOO_LARGE: Final = "too_large"  # rpc: the reply (or request) does not fit a frame
 
 RequestId = int | str | None
 MAX_EPOCH_LENGTH: Final = 64  # characters of an ``epoch`` a client may send back
@@ -126,12 +158,15 @@ class Unsubscribe(msgspec.Struct, tag_field="op", tag="unsubscribe"):
     id: RequestId = None
 
 
-class Publish(msgspec.Struct, tag_field="op", tag="publish"):
-    """``{"op":"publish","channel":C,"data":ANY,"id":I?}``; ``data`` is kept as raw JSON."""
+class Publish(msgspec.Struct, tag_field="op", tag="publish", omit_defaults=True):
+    """``{"op":"publish","channel":C,"data":ANY,"id":I?,"echo":B?}``; ``data`` is kept
+    as raw JSON. ``echo: false``: not delivered back to this connection (every other
+    subscriber, the same user's other connections included, gets it)."""
 
     channel: str
     data: msgspec.Raw
     id: RequestId = None
+    echo: bool = True
 
 
 class Refresh(msgspec.Struct, tag_field="op", tag="refresh"):
@@ -162,7 +197,21 @@ class PresenceStats(msgspec.Struct, tag_field="op", tag="presence_stats"):
     id: RequestId = None
 
 
-Command = Auth | Subscribe | Unsubscribe | Publish | Refresh | Pong | Presence | PresenceStats
+class Rpc(msgspec.Struct, tag_field="op", tag="rpc"):
+    """``{"op":"rpc","method":M,"data":ANY?,"id":I}``: a NATS request to ``<prefix>-rpc.<M>``.
+
+    ``method`` follows the channel grammar (no wildcards); ``data`` (default
+    ``null``) is the request body as raw JSON; ``id`` is required (several calls
+    may be in flight; answers come in the order the services reply). Needs an
+    ``rpc`` grant covering ``M``. Answered ``rpc_result`` or ``error``.
+    """
+
+    method: str
+    id: int | str
+    data: msgspec.Raw = msgspec.Raw(b"null")
+
+
+Command = Auth | Subscribe | Unsubscribe | Publish | Refresh | Pong | Presence | PresenceStats | Rpc
 
 
 # --- server frames ----------------------------------------------------------------
@@ -187,15 +236,35 @@ class Welcome(msgspec.Struct, tag_field="type", tag="welcome", omit_defaults=Tru
     session: str | None = None
 
 
+class PublishedBy(msgspec.Struct, omit_defaults=True):
+    """Who published a message, stamped by the server from the NATS headers
+    ``Pushsvc-User`` / ``Pushsvc-Client``: ``user`` (the publisher's JWT ``sub``) and
+    ``client`` (the publishing connection; absent for an emit)."""
+
+    user: str
+    client: str | None = None
+
+
+def publisher_of(headers: Mapping[str, str] | None) -> PublishedBy | None:
+    """The ``publisher`` a NATS message's headers name (``Pushsvc-User``,
+    ``Pushsvc-Client``), or None when it carries no ``Pushsvc-User``."""
+    if not headers:
+        return None
+    user = headers.get(USER_HEADER)
+    return PublishedBy(user, headers.get(CLIENT_HEADER) or None) if user else None
+
+
 class Message(msgspec.Struct, tag_field="type", tag="message", omit_defaults=True):
     """A delivery. ``seq`` is the JetStream stream sequence (absent with history off);
-    ``pattern`` is set when a wildcard subscription delivered it (``channel`` is concrete)."""
+    ``pattern`` is set when a wildcard subscription delivered it (``channel`` is concrete);
+    ``publisher`` when a client (or a JWT emit) published it."""
 
     channel: str
     data: msgspec.Raw
     seq: int | None = None
     encoding: str | None = None
     pattern: str | None = None  # the wildcard subscription that delivered it
+    publisher: PublishedBy | None = None
 
 
 class Ping(msgspec.Struct, tag_field="type", tag="ping"):
@@ -243,6 +312,15 @@ class Refreshed(msgspec.Struct, tag_field="type", tag="refreshed", omit_defaults
 
     exp: float
     id: RequestId = None
+
+
+class RpcResult(msgspec.Struct, tag_field="type", tag="rpc_result", omit_defaults=True):
+    """Answer to ``rpc``: the service's reply body as ``data`` (JSON embedded as is,
+    other text as a string, other bytes base64 with ``encoding: "base64"``)."""
+
+    id: RequestId
+    data: msgspec.Raw
+    encoding: str | None = None
 
 
 NO_INFO: Final = msgspec.UNSET  # an absent ``info`` (omitted when encoding)
@@ -328,6 +406,7 @@ Frame = (
     | PresenceStatsResult
     | Join
     | Leave
+    | RpcResult
     | Close
 )
 

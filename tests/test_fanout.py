@@ -448,6 +448,8 @@ async def test_socket_stuck_in_send_is_closed_after_send_timeout(start_server, n
 
 
 class _StubHub:
+    node_id = "5706b0"  # the prefix of the client ids (Hub.node_id)
+
     def __init__(self) -> None:
         self.removed: list[Client] = []
 
@@ -597,6 +599,7 @@ class _StubBus:
 class _FakeSession:
     def __init__(self, hub: Hub, name: str, close_on_send: bool = False) -> None:
         self.hub = hub
+        self.id = name  # Member.id (the public client id)
         self.principal = Principal(sub=name, exp=time.time() + 60)
         self.channels: set[str] = set()
         self.closed = False

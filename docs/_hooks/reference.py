@@ -361,7 +361,7 @@ def on_files(files: Any, config: Any) -> Any:
     docs_dir = Path(config["docs_dir"]).resolve()
     added: set[str] = set()
     for page in docs_dir.rglob("*.md"):
-        text = _expand_includes(page.read_text(), docs_dir.parent)
+        text = _expand_includes(page.read_text(), docs_dir.parent, page.parent)
         for target in _REPO_LINK.findall(text):
             path = _repo_file(docs_dir, page.parent, target)
             if path is not None and path not in added and not path.endswith(".md"):
@@ -371,15 +371,36 @@ def on_files(files: Any, config: Any) -> Any:
     return files
 
 
-#: a whole file included with pymdownx.snippets (``--8<-- "clients/js/README.md"``)
-_INCLUDE = re.compile(r'^--8<-- "([^":]+)"$', re.M)
+#: a file, or a section of one, included with pymdownx.snippets
+#: (``--8<-- "clients/js/README.md"``, ``--8<-- "docs/protocol.md:close-codes"``)
+_INCLUDE = re.compile(r'^--8<-- "([^":]+)(?::([\w-]+))?"$', re.M)
+_LINK = re.compile(r"\]\(([^)\s#:]+)(#[^)\s]*)?\)")
 
 
-def _expand_includes(markdown: str, root: Path) -> str:
-    """Whole-file snippet includes replaced by the files, so that their relative links
-    can be rewritten for the including page (sections, ``"file:name"``, are left to
-    pymdownx.snippets)."""
-    return _INCLUDE.sub(lambda m: (root / m.group(1)).read_text(), markdown)
+def _expand_includes(markdown: str, root: Path, page_dir: Path | None = None) -> str:
+    """Snippet includes replaced by the text they include, with its relative links
+    made relative to ``page_dir`` (the including page's folder), so that a link that
+    works in the included file works in the page too."""
+
+    def include(m: re.Match[str]) -> str:
+        source = root / m.group(1)
+        text = source.read_text()
+        if m.group(2):
+            start, end = f"[start:{m.group(2)}]", f"[end:{m.group(2)}]"
+            text = text.split(start, 1)[1].split("\n", 1)[1].split(end, 1)[0]
+            text = text.rsplit("\n", 1)[0] + "\n"  # the end marker's line
+        if page_dir is None:
+            return text
+
+        def relink(link: re.Match[str]) -> str:
+            target = (source.parent / link.group(1)).resolve()
+            if not target.exists():
+                return link.group(0)
+            return f"]({os.path.relpath(target, page_dir)}{link.group(2) or ''})"
+
+        return _LINK.sub(relink, text)
+
+    return _INCLUDE.sub(include, markdown)
 
 
 #: where the site serves copies of repository files linked from pages (compose.yaml, deploy/...)
@@ -425,7 +446,8 @@ def on_page_markdown(markdown: str, page: Any, config: Any, files: Any) -> str:
     """Replace the markers of a page with the generated references, and point links to
     repository files at the site's copies (MkDocs event)."""
     root = Path(config["docs_dir"]).resolve().parent
-    markdown = _rewrite_repo_links(_expand_includes(markdown, root), page, config)
+    page_dir = (Path(config["docs_dir"]).resolve() / page.file.src_uri).parent
+    markdown = _rewrite_repo_links(_expand_includes(markdown, root, page_dir), page, config)
     renderers = {
         "settings": render_settings,
         "client-variables": render_client_variables,

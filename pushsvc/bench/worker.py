@@ -18,6 +18,7 @@ import contextlib
 import gc
 import os
 import signal
+import socket
 import time
 from collections.abc import Iterable
 from typing import Any
@@ -32,6 +33,8 @@ from .tokens import client_token
 
 SETUP_TIMEOUT = 30.0  # seconds for connect + auth + subscribe of one client
 PROGRESS_INTERVAL = 0.5  # seconds between worker progress messages
+# Linux ip(7): bind() to an address only, the port chosen at connect() for the 4-tuple
+IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
 
 
 class Worker(Tally):
@@ -92,6 +95,8 @@ class Worker(Tally):
                 cmd = await self.cmds.get()
                 if isinstance(cmd, pipe.Connect):
                     await self._connect_all(until=cmd.until)
+                elif isinstance(cmd, pipe.Mark):
+                    self.send(pipe.Marked(app=self.app_pings, protocol=self.ws_pings))
                 elif isinstance(cmd, pipe.Published):
                     self._arm(cmd.per_channel)
                 elif isinstance(cmd, pipe.Stop):
@@ -151,13 +156,23 @@ class Worker(Tally):
         loop = self.loop
         try:
             async with asyncio.timeout(max(0.01, min(SETUP_TIMEOUT, until - time.monotonic()))):
-                await loop.create_connection(
-                    lambda: client,
-                    cfg["host"],
-                    cfg["port"],
-                    ssl=self.ssl,
-                    server_hostname=cfg["host"] if self.ssl else None,
-                )
+                sources = cfg["source_addresses"]
+                if sources:
+                    sock = await self._bound_socket(sources[client.gid % len(sources)])
+                    await loop.create_connection(
+                        lambda: client,
+                        sock=sock,
+                        ssl=self.ssl,
+                        server_hostname=cfg["host"] if self.ssl else None,
+                    )
+                else:
+                    await loop.create_connection(
+                        lambda: client,
+                        cfg["host"],
+                        cfg["port"],
+                        ssl=self.ssl,
+                        server_hostname=cfg["host"] if self.ssl else None,
+                    )
                 await client.waiter  # handshake response (a stream: its "subscribed")
                 if isinstance(client, StreamClient):
                     raise _Ready
@@ -180,6 +195,25 @@ class Worker(Tally):
         if client.stalled and client.transport is not None:
             client.transport.pause_reading()
         return True
+
+    async def _bound_socket(self, source: str) -> socket.socket:
+        """A TCP socket from ``source`` (an IPv4 address), connected to the server.
+
+        ``IP_BIND_ADDRESS_NO_PORT`` defers the port choice to ``connect()``, so a
+        source address's ephemeral ports are shared by every destination instead
+        of each bind() taking one for good (ip(7)).
+        """
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            sock.setblocking(False)
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+            sock.bind((source, 0))
+            await self.loop.sock_connect(sock, (self.cfg["host"], self.cfg["port"]))
+        except BaseException:
+            sock.close()
+            raise
+        return sock
 
     async def _connect_all(self, until: float) -> None:
         cfg = self.cfg
@@ -233,6 +267,7 @@ class Worker(Tally):
             "stride": self.stride,
             "lat_max": self.lat_max,
             "closes": dict(self.closes),
+            "msg_lat": self.msg_lat.tobytes() if self.msg_lat is not None else b"",
         }
         self.lat_done = array.array("q")
         if self.stalled:

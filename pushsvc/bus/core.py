@@ -23,8 +23,10 @@ from .connection import Connection
 from .errors import Unavailable
 from .events import EventHandler, Events
 from .kv import KeyValueStore
+from .lifecycle import LifecycleBus
 from .publish import publish
 from .reads import Reader
+from .requests import Requests
 from .stream import Streams
 from .subscriptions import LiveSubscriptions, MessageHandler, PatternHandler
 
@@ -39,9 +41,10 @@ class Bus:
 
     Args:
         settings: NATS URL(s), prefix, stream and history settings, timeouts.
-        on_message: called with ``(channel, payload, seq, stamp)`` for every live
-            message of a channel this node holds (``stamp``: stream time, Unix
-            seconds, or None); must not block (it runs on the NATS subscription's
+        on_message: called with ``(channel, payload, seq, stamp, headers)`` for
+            every live message of a channel this node holds (``stamp``: stream time,
+            Unix seconds, or None; ``headers``: the NATS headers or None); must
+            not block (it runs on the NATS subscription's
             task).
         on_control: called with the raw payload of each control message.
         name: the NATS connection name (shown by ``nats server report
@@ -54,6 +57,10 @@ class Bus:
         reader: history reads (:class:`~pushsvc.bus.reads.Reader`).
         kv: KV buckets (:class:`~pushsvc.bus.kv.KeyValueStore`).
         events: channel events (:class:`~pushsvc.bus.events.Events`).
+        requests: request/reply: serve, request, scatter
+            (:class:`~pushsvc.bus.requests.Requests`).
+        lifecycle: lifecycle events, their stream, expiry markers
+            (:class:`~pushsvc.bus.lifecycle.LifecycleBus`).
         on_disconnected: called (synchronously) when the NATS connection drops.
         on_resumed: awaited after a reconnect once the stream is verified, with
             ``True`` when the stream was re-created (NATS lost its store:
@@ -66,7 +73,9 @@ class Bus:
     - history: ``history(channel, since, limit, *, seen, epoch)``,
       ``channel_last_seq(channel)`` (:class:`~pushsvc.bus.reads.Reader`);
     - KV buckets: ``key_value(bucket, ttl, *, storage, description)``,
-      ``scan_kv(bucket, keys)``, ``kv_put(bucket, key, value, *, ttl, msg_id)``
+      ``scan_kv(bucket, keys)``, ``kv_put(bucket, key, value, *, ttl, msg_id)``,
+      ``kv_entries(bucket, keys, *, timeout)``, ``kv_delete(bucket, key)``,
+      ``kv_post(bucket, key, value, *, delete)``, ``kv_update(bucket, key, change)``
       (:class:`~pushsvc.bus.kv.KeyValueStore`);
     - channel events: ``events_subject(channel)``, ``publish_event(channel,
       payload)``, ``acquire_events(channel)``, ``release_events(channel)``
@@ -91,6 +100,8 @@ class Bus:
         self.reader = Reader(self.conn, self.streams)
         self.kv = KeyValueStore(self.conn)
         self.events = Events(self.conn)
+        self.requests = Requests(self.conn)
+        self.lifecycle = LifecycleBus(self.conn)
         self.control_subject = f"{self.conn.prefix}-control.disconnect"
         self._on_control = on_control
         self._control_sub: Subscription | None = None
@@ -109,6 +120,10 @@ class Bus:
         self.bucket = self.kv.bucket
         self.scan_kv = self.kv.scan
         self.kv_put = self.kv.put
+        self.kv_entries = self.kv.entries
+        self.kv_delete = self.kv.delete
+        self.kv_post = self.kv.post
+        self.kv_update = self.kv.update
         self.events_subject = self.events.subject
         self.publish_event = self.events.publish
         self.acquire_events = self.events.acquire
@@ -240,7 +255,7 @@ class Bus:
 
     @property
     def on_pattern_message(self) -> PatternHandler | None:
-        """Called with ``(pattern, channel, payload, seq, stamp)`` for every live
+        """Called with ``(pattern, channel, payload, seq, stamp, headers)`` for every live
         message of a wildcard subscription (:meth:`acquire` of a pattern); must
         not block."""
         return self.live.on_pattern_message
@@ -276,12 +291,18 @@ class Bus:
         return self.live.count
 
     # --- publish ---------------------------------------------------------------------
-    async def publish(self, channel: str, payload: bytes, msg_id: str | None = None) -> int | None:
-        """Publish ``payload`` to ``channel``; the stream sequence, or None with history
-        off. See :func:`pushsvc.bus.publish.publish`.
+    async def publish(
+        self,
+        channel: str,
+        payload: bytes,
+        msg_id: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> int | None:
+        """Publish ``payload`` to ``channel`` (with NATS ``headers``); the stream
+        sequence, or None with history off. See :func:`pushsvc.bus.publish.publish`.
 
         Raises:
             Unavailable: not connected, no ack within ``publish_timeout`` s, or
                 JetStream refused the message.
         """
-        return await publish(self.conn, self.streams, channel, payload, msg_id)
+        return await publish(self.conn, self.streams, channel, payload, msg_id, headers)

@@ -24,6 +24,8 @@ from .errors import SettingsError
 from .nats import NatsSecurity, display_url
 
 ENV_PREFIX = "PUSHSVC_"
+#: lifecycle event types (``PUSHSVC_EVENTS``; docs/server-api.md, "Lifecycle events")
+EVENT_TYPES = ("connect", "disconnect", "subscribe", "unsubscribe", "occupied", "vacated")
 MAX_WRITE_DELAY = 1.0  # seconds: a longer hold would stall interactive channels
 
 
@@ -109,6 +111,21 @@ class Settings(msgspec.Struct, kw_only=True):
     join_leave_channels: list[str] = msgspec.field(default_factory=list)  # patterns
     auto_subscribe_personal: bool = False  # every session is subscribed to user.<sub>
     wildcard_subscriptions: bool = True  # subscribe accepts patterns (orders.*, orders.>)
+
+    # --- client RPC (NATS request/reply on <prefix>-rpc.<method>) -----------------------
+    rpc_timeout: float = 5.0  # s a service has to reply before the call is `unavailable`
+
+    # --- authorisation callouts (NATS requests; pushsvc.auth.callouts) -------------------
+    connect_auth_subject: str | None = None  # decides connections with a non-JWT credential
+    subscribe_auth_subject: str | None = None  # decides subscriptions the token does not grant
+    auth_callout_timeout: float = 2.0  # s a callout has to answer (then: refused)
+
+    # --- server API -----------------------------------------------------------
+    api_timeout: float = 2.0  # s a cluster-wide server API request waits for every node
+    node_bucket: str = "PUSHSVC_NODES"  # JetStream KV bucket of live nodes (server API)
+    events: list[str] = msgspec.field(default_factory=list)  # lifecycle event types; none = off
+    events_stream: str = "PUSHSVC_EVENTS"  # JetStream stream keeping them (history on)
+    events_ttl: float = 86400.0  # s the events stream keeps an event
 
     # --- operations ----------------------------------------------------------
     node_name: str | None = None  # None: the host name (see load)
@@ -230,6 +247,10 @@ class Settings(msgspec.Struct, kw_only=True):
             "workers": self.workers,
             "presence_limit": self.presence_limit,
             "shutdown_timeout": self.shutdown_timeout,
+            "rpc_timeout": self.rpc_timeout,
+            "auth_callout_timeout": self.auth_callout_timeout,
+            "api_timeout": self.api_timeout,
+            "events_ttl": self.events_ttl,
             "ticket_ttl": self.ticket_ttl,
             "sse_retry": self.sse_retry,
         }
@@ -272,6 +293,20 @@ class Settings(msgspec.Struct, kw_only=True):
                 raise SettingsError("PUSHSVC_API_KEYS", "empty API key")
         if self.presence_ttl < 1:
             raise SettingsError("PUSHSVC_PRESENCE_TTL", "must be >= 1 s")
+        for kind in self.events:
+            if kind not in EVENT_TYPES:
+                raise SettingsError(
+                    "PUSHSVC_EVENTS",
+                    f"unknown event type {kind!r}; one of {', '.join(EVENT_TYPES)}",
+                )
+        if not _is_token(self.events_stream):
+            raise SettingsError(
+                "PUSHSVC_EVENTS_STREAM", f"invalid stream name {self.events_stream!r}"
+            )
+        if not _is_token(self.node_bucket):
+            raise SettingsError(
+                "PUSHSVC_NODE_BUCKET", f"invalid KV bucket name {self.node_bucket!r}"
+            )
         if not _is_token(self.presence_bucket):
             raise SettingsError(
                 "PUSHSVC_PRESENCE_BUCKET", f"invalid KV bucket name {self.presence_bucket!r}"
@@ -282,6 +317,13 @@ class Settings(msgspec.Struct, kw_only=True):
                     validate_grant(pattern)
                 except InvalidChannel as exc:
                     raise SettingsError(ENV_PREFIX + name.upper(), str(exc)) from None
+        for name in ("connect_auth_subject", "subscribe_auth_subject"):
+            subject = getattr(self, name)
+            if subject is not None and not _is_subject(subject):
+                raise SettingsError(
+                    ENV_PREFIX + name.upper(),
+                    f"{subject!r} is not a NATS subject (dot-separated tokens, no wildcards)",
+                )
         if self.base_path and (not self.base_path.startswith("/") or self.base_path.endswith("/")):
             raise SettingsError("PUSHSVC_BASE_PATH", "must start with '/' and not end with '/'")
 
@@ -365,6 +407,13 @@ def check_nats_url(url: str, setting: str) -> str:
 def split_servers(url: str) -> list[str]:
     """A comma-separated NATS URL list (``PUSHSVC_NATS_URL``, ``--nats-url``) as URLs."""
     return [u.strip() for u in url.split(",") if u.strip()]
+
+
+def _is_subject(value: str) -> bool:
+    """A NATS subject one can publish to: non-empty dot-separated tokens, no wildcards
+    or whitespace (NATS docs, "Subject-Based Messaging")."""
+    tokens = value.split(".")
+    return all(t and t not in ("*", ">") and t.isprintable() and " " not in t for t in tokens)
 
 
 def _is_token(value: str) -> bool:

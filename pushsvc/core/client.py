@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import itertools
 import logging
-import os
+import time
 from collections.abc import Mapping
 from operator import methodcaller
 from types import MappingProxyType
@@ -49,18 +49,19 @@ from ..protocol import (
 from . import commands
 from .deadlines import deadlines
 from .hub import Hub
-from .outbox import Outbox
+from .outbox import Outbox, fan_out
 from .presence import PresenceRegistry
 from .ratelimit import TokenBucket
+from .rpc import Calls
 from .transport import Transport
 
 log = logging.getLogger("pushsvc.client")
 
 _ids = itertools.count(1)
 _NO_RESUME: Mapping[str, SubResume] = MappingProxyType({})
-_NODE = os.urandom(3).hex()
 # what the deadlines call on a client (by name: a subclass's override is honoured)
 _PING, _PONG_MISSED, _EXPIRED = (methodcaller(n) for n in ("_ping", "_pong_missed", "_expired"))
+_PING_BYTES = len(PING_FRAME)
 
 
 class Client(Outbox):
@@ -90,6 +91,8 @@ class Client(Outbox):
         channels: channels and patterns this client is subscribed to.
         outbox: its outbound buffer (bounded; 4009 on overflow): the client itself.
         close_code: the close code once closed.
+        close_reason: the close reason once closed by the server.
+        connected_at: when the connection was accepted (Unix seconds).
     """
 
     __slots__ = (
@@ -102,7 +105,10 @@ class Client(Outbox):
         "_strikes",
         "auth",
         "bucket",
+        "calls",
         "close_code",
+        "close_reason",
+        "connected_at",
         "hub",
         "presence",
         "principal",
@@ -125,7 +131,7 @@ class Client(Outbox):
         session: str | None = None,
     ) -> None:
         super().__init__(
-            f"{_NODE}-{next(_ids)}",
+            f"{hub.node_id}-{next(_ids)}",
             transport,
             max_bytes=settings.send_queue_bytes,
             coalesce_bytes=settings.coalesce_bytes,
@@ -140,6 +146,8 @@ class Client(Outbox):
         self.settings = settings
         self.presence = presence
         self.close_code: int | None = None
+        self.close_reason = ""
+        self.connected_at = time.time()
         loop = self._loop
         # deadlines (pushsvc.core.deadlines): next ping, the pong awaited, the token's expiry
         self._pings = deadlines(loop, "ping", _PING)
@@ -148,6 +156,7 @@ class Client(Outbox):
         self._strikes = 0  # command refusals in a row on this connection
         # server-side subs to resume (most connections have none: one shared empty map)
         self._resume = dict(resume_subs) if resume_subs else _NO_RESUME
+        self.calls = Calls()  # rpc calls waiting for their service's reply
 
     # --- outbound (send, send_frame, buffered_bytes: the Outbox's) ------------------------
     @property
@@ -190,6 +199,7 @@ class Client(Outbox):
             return
         self.closed = True
         self.close_code = code
+        self.close_reason = reason
         metrics.CLOSES.labels(str(code)).inc()
         # a drain closes every connection with 1012: one line per socket only at debug
         level = logging.DEBUG if code == CLOSE_SERVICE_RESTART else logging.INFO
@@ -206,6 +216,7 @@ class Client(Outbox):
                 },
             )
         self._cancel_timers()
+        self.calls.cancel()
         self._shut()
         self.hub.remove_client(self)
         self.transport.close(Disconnect.of(code, reason))
@@ -219,6 +230,7 @@ class Client(Outbox):
             )
         self.closed = True
         self._cancel_timers()
+        self.calls.cancel()
         self._shut()
         self.hub.remove_client(self)
 
@@ -231,13 +243,30 @@ class Client(Outbox):
         self._pings.set(self, self.settings.ping_interval)
 
     def _ping(self) -> None:
-        """The ping deadline: send ``ping``, await a ``pong`` (if the transport needs one)."""
+        """The ping deadline: send ``ping``, await a ``pong`` (if the transport needs one).
+
+        The ping goes out as a fan-out of one: written pre-framed to the wire when
+        nothing is pending (no buffer, flush callback or ASGI send), else queued
+        behind what is. An idle node's CPU is mostly heartbeats (docs/capacity.md).
+        """
         if self.closed:
             return
-        self.send(PING_FRAME, len(PING_FRAME))
+        fan_out((self.outbox,), PING_FRAME, _PING_BYTES)
         if self.transport.expects_pong and self not in self._pongs:
             self._pongs.set(self, self.settings.pong_timeout)
         self._schedule_ping()
+
+    def pong(self) -> None:
+        """A ``pong`` came: free when it answers a ping, else it costs a command token.
+
+        Called for every pong: by :meth:`handle_text`, or by the transport for the
+        pongs it recognises itself (the WebSocket transport's canonical
+        ``{"op":"pong"}``, :meth:`pushsvc.ws.transport.WebSocketTransport.take_pongs`).
+        """
+        if self in self._pongs:
+            self._pongs.clear(self)
+        elif not self.closed:  # unsolicited: free for a client answering pings, charged for a flood
+            self.charge(None)
 
     def _pong_missed(self) -> None:
         self.close(CLOSE_HEARTBEAT_TIMEOUT, "no pong")
@@ -263,7 +292,7 @@ class Client(Outbox):
         - binary frames, non-JSON, non-objects, unknown ``op``, wrong field types
           and nesting deeper than msgspec allows get ``error`` ``bad_request``
           and cost one command token, so malformed floods are rate limited too;
-        - ``subscribe``/``unsubscribe``/``publish``/``refresh``/``presence`` (and a
+        - ``subscribe``/``unsubscribe``/``publish``/``refresh``/``presence``/``rpc`` (and a
           repeated ``auth``) cost one token of the user's bucket; refused ones get
           ``rate_limited`` with ``retry_after`` seconds and count as strikes;
         - ``pong`` answering a ping is free; an unsolicited one costs a token;
@@ -284,10 +313,7 @@ class Client(Outbox):
             self.refuse(BAD_REQUEST, str(exc), None, charge=True)
             return
         if isinstance(cmd, Pong):
-            if self in self._pongs:
-                self._pongs.clear(self)
-            else:  # unsolicited: free for a client answering pings, charged for a flood
-                self.charge(None)
+            self.pong()
             return
         if isinstance(cmd, Auth):
             self.refuse(BAD_REQUEST, "already authenticated", None, charge=True)

@@ -23,6 +23,7 @@ from typing import Any
 from starlette.datastructures import Headers
 
 from .. import metrics
+from ..auth.callouts import CalloutUnavailable
 from ..auth.credentials import handshake_token
 from ..auth.tokens import Authenticator, AuthError, Principal
 from ..config.settings import Settings
@@ -76,26 +77,33 @@ class WebSocketEndpoint:
 
     async def __call__(self, scope: dict[str, Any], receive: ASGIReceive, send: ASGISend) -> None:
         assert scope["type"] == "websocket"
-        headers = Headers(scope=scope)
         admission = self.admission
-        refusal = admission.check(headers.get("origin"))
+        refusal = admission.check(Headers(scope=scope).get("origin"))
         if refusal is not None:
             await _deny(scope, receive, send, refusal)
             return
         admission.opened()
         try:
-            await self._serve(scope, receive, send, headers)
+            await self._serve(scope, receive, send)
         finally:
             admission.closed()
 
-    async def _serve(
-        self, scope: dict[str, Any], receive: ASGIReceive, send: ASGISend, headers: Headers
-    ) -> None:
-        token = handshake_token(headers, scope.get("query_string", b""), self.settings.auth_cookie)
+    async def _serve(self, scope: dict[str, Any], receive: ASGIReceive, send: ASGISend) -> None:
+        # no Headers kept in this frame: the connection's request headers are freed
+        # once it is accepted (pushsvc.ws.protocol drops the scope's copy)
+        token = handshake_token(
+            Headers(scope=scope), scope.get("query_string", b""), self.settings.auth_cookie
+        )
         principal: Principal | None = None
         if token is not None:
             try:
-                principal = self.auth.verify(token)
+                principal = await self.auth.authenticate(
+                    token, _context(scope, Headers(scope=scope))
+                )
+            except CalloutUnavailable as exc:  # the app's authorisation service is away
+                _auth_failed(exc, scope, "handshake")
+                await _deny(scope, receive, send, Refusal(503, str(exc), "unavailable", 5))
+                return
             except AuthError as exc:
                 _auth_failed(exc, scope, "handshake")
                 await _deny(scope, receive, send, Refusal(403, str(exc), "unauthorized"))
@@ -163,7 +171,9 @@ class WebSocketEndpoint:
             await _close(send, CLOSE_UNAUTHORIZED, "expected an auth frame")
             return None
         try:
-            principal = self.auth.verify(cmd.token)
+            principal = await self.auth.authenticate(
+                cmd.token, _context(scope, Headers(scope=scope))
+            )
         except AuthError as exc:
             _auth_failed(exc, scope, "auth frame")
             await _close(send, CLOSE_UNAUTHORIZED, str(exc))
@@ -183,6 +193,8 @@ async def _run(
     registered) but not yet awaited. Always unregisters the client.
     """
     transport.reader = asyncio.current_task()
+    transport.established()
+    pongs = transport.take_pongs(client.pong)
     try:
         await started
         while True:
@@ -198,12 +210,27 @@ async def _run(
                 text = message.get("text")
                 await client.handle_text(text)
             elif kind == "websocket.disconnect":
+                if not client.closed:  # the peer closed: its code (lifecycle events)
+                    client.close_code = message.get("code", 1005)
+                    client.close_reason = "closed by the client"
                 break
     except asyncio.CancelledError:
         if not client.closed:
             raise
     finally:
+        if pongs:
+            transport.take_pongs(None)
         client.gone()
+
+
+def _context(scope: dict[str, Any], headers: Headers) -> dict[str, str | None]:
+    """What the connect callout is told about a WebSocket connection."""
+    client = scope.get("client")
+    return {
+        "transport": "ws",
+        "origin": headers.get("origin"),
+        "remote": client[0] if client else None,
+    }
 
 
 def _auth_failed(exc: AuthError, scope: dict[str, Any], where: str) -> None:
