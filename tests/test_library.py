@@ -109,7 +109,7 @@ def test_uvicorn_config_is_what_serve_uses():
     uvicorn.Config(FastAPI(), **cfg)  # valid uvicorn arguments
     docs = Path(__file__).resolve().parent.parent / "docs"
     embedding = docs / "backend" / "embedding.md"
-    ops = docs / "operations.md"
+    ops = docs / "operations" / "deploying.md"
     flags = (
         "--ws pushsvc.ws.protocol:WebSocketProtocol",
         "--http pushsvc.server.httpprotocol:HttpToolsProtocol",
