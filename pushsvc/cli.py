@@ -78,21 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"pushsvc {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    serve = sub.add_parser("serve", help="run the WebSocket/HTTP server")
-    serve.add_argument("--host", help="listen address (default 127.0.0.1)")
-    serve.add_argument("--port", type=int, help="listen port (default 8000)")
-    serve.add_argument("--dev", action="store_true", default=None, help="development mode")
-    serve.add_argument("--nats-url", help="NATS URL(s), comma-separated; unset = bundled server")
-    serve.add_argument("--data-dir", help="bundled nats-server store folder (default: temp)")
-    serve.add_argument("--workers", type=int, help="uvicorn worker processes (default 1)")
-    serve.add_argument("--history-ttl", type=float, help="seconds of history (0 = off)")
-    serve.add_argument("--base-path", help="mount routes under this path, e.g. /push")
-    serve.add_argument("--log-level", help="debug|info|warning|error")
-    serve.add_argument(
-        "--ws",
-        default="pushsvc.ws.protocol:WebSocketProtocol",
-        help="uvicorn WebSocket implementation (default: websockets-sansio with fixes)",
-    )
+    _add_serve_parser(sub)
 
     token = sub.add_parser("token", help="mint a JWT with the configured secret")
     token.add_argument("--sub", required=True, help="user id (JWT sub)")
@@ -159,6 +145,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench_module.add_arguments(bench)
     return parser
+
+
+def _add_serve_parser(sub: Any) -> None:
+    """The ``serve`` sub-command's flags (each overrides its ``PUSHSVC_*`` setting)."""
+    serve = sub.add_parser("serve", help="run the WebSocket/HTTP server")
+    serve.add_argument("--host", help="listen address (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="listen port (default 8000)")
+    serve.add_argument("--dev", action="store_true", default=None, help="development mode")
+    serve.add_argument("--nats-url", help="NATS URL(s), comma-separated; unset = bundled server")
+    serve.add_argument("--data-dir", help="bundled nats-server store folder (default: temp)")
+    serve.add_argument("--workers", type=int, help="uvicorn worker processes (default 1)")
+    serve.add_argument("--history-ttl", type=float, help="seconds of history (0 = off)")
+    serve.add_argument("--base-path", help="mount routes under this path, e.g. /push")
+    serve.add_argument("--log-level", help="debug|info|warning|error")
+    serve.add_argument(
+        "--ws",
+        default="pushsvc.ws.protocol:WebSocketProtocol",
+        help="uvicorn WebSocket implementation (default: websockets-sansio with fixes)",
+    )
 
 
 def settings_to_env(settings: Settings) -> dict[str, str]:
