@@ -79,7 +79,7 @@ export class WebSocketTransport implements Transport {
     const ws = (this.ws = new WS(url));
     ws.binaryType = "arraybuffer";
     ws.onopen = () => h.onOpen();
-    ws.onmessage = (ev) => {
+    ws.onmessage = (ev: { data: unknown }) => {
       h.onActivity();
       let raw = ev.data;
       if (typeof raw !== "string") {
@@ -93,7 +93,7 @@ export class WebSocketTransport implements Transport {
         if (f) h.onFrame(f);
       }
     };
-    ws.onclose = (ev) => {
+    ws.onclose = (ev: { code: number; reason: string }) => {
       if (this.ws === ws) {
         this.detach();
         h.onClose(ev.code, ev.reason);

@@ -12,17 +12,20 @@ export type SubscriptionState = "unsubscribed" | "subscribing" | "subscribed";
 /** Transport names of the `transports` option, tried in this order by default. */
 export type TransportName = "websocket" | "http_stream" | "sse";
 
-/** A WebSocket constructor: the browser's, or e.g. `WebSocket` from the `ws` package in Node. */
-export type WebSocketConstructor = new (url: string, protocols?: string | string[]) => WebSocketLike;
+/**
+ * A WebSocket constructor: the browser's, or e.g. `WebSocket` from the `ws` package in Node.
+ * (Loosely typed so that both fit: only the members of WebSocketLike are used.)
+ */
+export type WebSocketConstructor = new (url: string, protocols?: any) => WebSocketLike;
 
-/** The part of the WHATWG WebSocket interface the client uses. */
+/** The part of the WHATWG WebSocket interface the client uses (handlers get `{data}` / `{code, reason}`). */
 export interface WebSocketLike {
   readonly readyState: number;
-  binaryType: string;
-  onopen: ((ev: unknown) => void) | null;
-  onmessage: ((ev: { data: unknown }) => void) | null;
-  onclose: ((ev: { code: number; reason: string }) => void) | null;
-  onerror: ((ev: unknown) => void) | null;
+  binaryType: any;
+  onopen: any;
+  onmessage: any;
+  onclose: any;
+  onerror: any;
   send(data: string): void;
   close(code?: number, reason?: string): void;
 }

@@ -10,6 +10,11 @@ import {
   type Subscription,
   type TransportName,
 } from "pushsvc";
+import NodeWebSocket from "ws";
+
+// both WebSocket constructors fit the option: the browser's and the `ws` package's
+new PushsvcClient({ url: "ws://127.0.0.1:8000/ws", WebSocket: NodeWebSocket });
+new PushsvcClient({ url: "ws://127.0.0.1:8000/ws", WebSocket: globalThis.WebSocket, fetch: globalThis.fetch });
 
 interface ChatMessage {
   user: string;
