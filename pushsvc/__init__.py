@@ -5,13 +5,12 @@ Public API::
     from pushsvc import create_app, setup_app, Settings, Publisher, NatsSecurity, uvicorn_config
 """
 
-__version__ = "0.1.0"
-
+from ._version import __version__
 from .app import Node, create_app, setup_app
-from .natsconn import NatsRefused, NatsSecurity
+from .config.nats import NatsRefused, NatsSecurity
+from .config.settings import Settings, SettingsError
 from .publisher import Publisher
-from .serving import uvicorn_config
-from .settings import Settings, SettingsError
+from .server.serving import uvicorn_config
 
 __all__ = [
     "NatsRefused",

@@ -6,7 +6,7 @@ bundled nats-server first when ``PUSHSVC_NATS_URL`` is unset), and on shutdown
 stops accepting, turns readiness false, closes sessions with 1012 and drains NATS.
 
 With ``PUSHSVC_DRAIN_DELAY`` > 0 the node also delays the server's SIGTERM
-handling (see :mod:`pushsvc.drain`): readiness turns false at once, the
+handling (see :mod:`pushsvc.server.drain`): readiness turns false at once, the
 server keeps serving for the delay, then the shutdown above runs.
 """
 
@@ -23,29 +23,37 @@ from typing import Any
 
 from fastapi import APIRouter, FastAPI
 from fastapi.responses import JSONResponse, Response
-from starlette.routing import WebSocketRoute
+from starlette.routing import Route, WebSocketRoute
 
-from . import __version__, metrics
-from .auth import Authenticator, Revocation, parse_revocation
+from . import metrics
+from ._version import __version__
+from .api.demo import demo_router, dev_token_router, static_file_route
+from .api.emit import emit_router
+from .api.history import history_router
+from .api.openapi import ErrorBody, install, ref, text_body
+from .api.presence import presence_router
+from .api.probes import Readiness, probes_router
+from .api.streams import streams_router
+from .auth.revocations import RevocationStore
+from .auth.tokens import Authenticator, Revocation, parse_revocation
 from .bus import Bus, Unavailable
-from .demo import demo_router, dev_token_router, static_file_route
-from .drain import SigtermDelay
-from .embedded import EmbeddedNats, start_default
-from .emit import emit_router
-from .endpoint import WebSocketEndpoint
-from .history import history_router
-from .hub import Hub
-from .joinleave import JoinLeave
+from .bus.nodes import NodeRequests
+from .bus.tickets import Tickets
+from .config.nats import NatsRefused, NatsSecurity
+from .config.settings import Settings, default_node_name
+from .core.admission import Admission
+from .core.hub import Hub
+from .core.joinleave import JoinLeave
+from .core.presence import PresenceRegistry
+from .core.ratelimit import BucketRegistry
 from .logs import install_redaction
-from .natsconn import NatsRefused, NatsSecurity
-from .openapi import ErrorBody, install, ref, text_body
-from .presence import PresenceRegistry
-from .presencehttp import presence_router
-from .probes import Readiness, probes_router
 from .protocol import CLOSE_SERVICE_RESTART
-from .ratelimit import BucketRegistry
-from .revocations import RevocationStore
-from .settings import Settings, default_node_name
+from .server.drain import SigtermDelay
+from .server.embedded import EmbeddedNats, start_default
+from .sse.endpoint import StreamEndpoint
+from .sse.sessions import OP as STREAM_COMMANDS
+from .sse.sessions import StreamSessions
+from .ws.endpoint import WebSocketEndpoint
 
 log = logging.getLogger("pushsvc")
 
@@ -105,14 +113,33 @@ class Node:
         self.bus.on_epoch_changed = self.hub.stream_reset
         self.command_buckets = BucketRegistry(settings.command_rate, settings.command_burst)
         self.emit_buckets = BucketRegistry(settings.emit_rate, settings.emit_burst)
+        #: origin allowlist and connection caps, every transport's connections together
+        self.admission = Admission(settings, self.hub, self.accepting)
         self.endpoint = WebSocketEndpoint(
             settings,
             self.hub,
             self.auth,
             self.command_buckets,
-            self.accepting,
+            self.admission,
             presence=self.presence,
         )
+        # SSE and HTTP-streaming: stream sessions reached by POST /sse/commands on any node
+        self.stream_sessions = StreamSessions()
+        self.tickets = Tickets(self.bus.kv, settings.ticket_ttl)
+        self.stream_endpoints = {
+            kind: StreamEndpoint(
+                kind,
+                settings,
+                self.hub,
+                self.auth,
+                self.command_buckets,
+                self.admission,
+                self.stream_sessions,
+                self.tickets,
+                presence=self.presence,
+            )
+            for kind in ("sse", "stream")
+        }
         self.embedded: EmbeddedNats | None = None
         #: revocations kept in NATS (history on), shared by every node
         self.revocations: RevocationStore | None = None
@@ -182,7 +209,7 @@ class Node:
             nats=self.bus.is_connected,
             draining=self.draining,
             history=self.bus.history_enabled,
-            connections=len(self.hub.sessions),
+            connections=len(self.hub.clients),
         )
 
     def accepting(self) -> bool:
@@ -209,6 +236,9 @@ class Node:
                 self.embedded.url,
             )
         await self.bus.start()
+        requests = NodeRequests(self.bus.conn, self.stream_sessions.node_id)
+        await requests.serve(STREAM_COMMANDS, self.stream_sessions.serve_remote)
+        self.stream_sessions.requests = requests
         if self.bus.history_enabled:
             store = RevocationStore(self.bus, self.settings.revocation_bucket, self._revoke)
             try:
@@ -230,7 +260,7 @@ class Node:
         self.draining = True
         log.info(
             "SIGTERM: readiness off, closing sessions after the drain delay",
-            extra={"drain_delay": self.settings.drain_delay, "connections": len(self.hub.sessions)},
+            extra={"drain_delay": self.settings.drain_delay, "connections": len(self.hub.clients)},
         )
         return True
 
@@ -241,10 +271,10 @@ class Node:
         """
         self.draining = self.stopping = True
         self._sigterm.uninstall()
-        if self.hub.sessions:
+        if self.hub.clients:
             log.info(
                 "closing sessions: service restart (1012)",
-                extra={"connections": len(self.hub.sessions)},
+                extra={"connections": len(self.hub.clients)},
             )
         self.hub.close_all(CLOSE_SERVICE_RESTART, "service restart")
         await asyncio.sleep(0.05)  # let close frames go out
@@ -308,6 +338,11 @@ class Node:
         router.include_router(presence_router(settings, self.presence, self.auth))
 
         router.include_router(probes_router(self.readiness))
+        router.routes.append(Route("/sse", self.stream_endpoints["sse"], methods=["GET"]))
+        router.routes.append(Route("/stream", self.stream_endpoints["stream"], methods=["POST"]))
+        router.include_router(
+            streams_router(settings, self.auth, self.admission, self.stream_sessions, self.tickets)
+        )
 
         @router.get(
             "/metrics",

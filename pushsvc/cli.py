@@ -24,8 +24,10 @@ from typing import Any
 
 import msgspec
 
-from . import __version__, logs, natsconn
-from .settings import ENV_PREFIX, Settings, SettingsError, check_nats_url, split_servers
+from . import logs
+from ._version import __version__
+from .config import nats as natsconfig
+from .config.settings import ENV_PREFIX, Settings, SettingsError, check_nats_url, split_servers
 
 log = logging.getLogger("pushsvc")
 
@@ -54,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--log-level", help="debug|info|warning|error")
     serve.add_argument(
         "--ws",
-        default="pushsvc.wsprotocol:WebSocketProtocol",
+        default="pushsvc.ws.protocol:WebSocketProtocol",
         help="uvicorn WebSocket implementation (default: websockets-sansio with fixes)",
     )
 
@@ -80,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     publish.add_argument("--msg-id", help="idempotency key (Nats-Msg-Id)")
     publish.add_argument("--core", action="store_true", help="core publish (no JetStream ack)")
-    natsconn.add_arguments(publish)
+    natsconfig.add_arguments(publish)
 
     subscribe = sub.add_parser(
         "subscribe",
@@ -146,8 +148,8 @@ def _serve(args: argparse.Namespace) -> int:
     from uvicorn.supervisors import Multiprocess
 
     from .bus import Bus, Unavailable
-    from .embedded import EmbeddedNatsError, start_default
-    from .serving import ListenError, listen_socket, uvicorn_config
+    from .server.embedded import EmbeddedNatsError, start_default
+    from .server.serving import ListenError, listen_socket, uvicorn_config
 
     settings = Settings.load(
         host=args.host,
@@ -189,7 +191,7 @@ def _serve(args: argparse.Namespace) -> int:
             source = "bundled nats-server" if embedded else "PUSHSVC_NATS_URL"
             print(f"pushsvc: {source}: {exc}", file=sys.stderr)
             return 1
-        except natsconn.NatsRefused as exc:
+        except natsconfig.NatsRefused as exc:
             print(f"pushsvc: {exc}", file=sys.stderr)
             return 1
         _banner(settings, embedded is not None, dev_secret is not None, json_logs)
@@ -228,7 +230,7 @@ def _banner(settings: Settings, bundled: bool, generated_secret: bool, json_logs
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
     base = f"http://{host}:{settings.port}{settings.base_path}"
     ws = f"ws://{host}:{settings.port}{settings.base_path}/ws"
-    nats_urls = ", ".join(map(natsconn.display_url, settings.nats_servers))
+    nats_urls = ", ".join(map(natsconfig.display_url, settings.nats_servers))
     if json_logs:  # every line of output is a JSON object: the banner is a log record
         log.info(
             "pushsvc %s serving %s",
@@ -243,7 +245,7 @@ def _banner(settings: Settings, bundled: bool, generated_secret: bool, json_logs
     print(f"  WebSocket: {ws}", flush=True)
     print(f"  NATS:      {nats_urls}{' (bundled)' if bundled else ''}", flush=True)
     if settings.dev:
-        from .auth import mint_token
+        from .auth.tokens import mint_token
 
         token = mint_token(
             settings.jwt_secret or "",
@@ -346,7 +348,7 @@ async def _probe_nats(settings: Settings, bus_cls: Any) -> None:
 
 
 def _token(args: argparse.Namespace) -> int:
-    from .auth import mint_token
+    from .auth.tokens import mint_token
 
     if args.private_key:
         with open(args.private_key) as f:
@@ -398,7 +400,7 @@ def _publish(args: argparse.Namespace) -> int:
     except ValueError:
         payload = args.data.encode()
 
-    security = natsconn.NatsSecurity.from_args(args)
+    security = natsconfig.NatsSecurity.from_args(args)
     # (Publisher checks the security settings: a SettingsError exits 2 with one line)
     pub = Publisher(servers, prefix=prefix, jetstream=not args.core, security=security)
 
@@ -408,7 +410,7 @@ def _publish(args: argparse.Namespace) -> int:
 
     try:
         seq = asyncio.run(run())
-    except (Unavailable, InvalidChannel, natsconn.NatsRefused) as exc:
+    except (Unavailable, InvalidChannel, natsconfig.NatsRefused) as exc:
         print(f"pushsvc: publish failed: {exc}", file=sys.stderr)
         return 1
     # The server it went to, so a publish to another NATS than the one pushsvc uses
@@ -418,7 +420,7 @@ def _publish(args: argparse.Namespace) -> int:
 
 
 def _subscribe(args: argparse.Namespace) -> int:
-    from .auth import mint_token
+    from .auth.tokens import mint_token
     from .channels import InvalidChannel, validate_channel
     from .serverurl import parse_server_url
     from .subscriber import SubscribeError, Subscriber

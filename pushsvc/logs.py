@@ -16,7 +16,7 @@ record:
 It is installed on the loggers uvicorn and pushsvc log to, and on every handler
 attached to them and to the root logger when :func:`install_redaction` runs
 (the app calls it at creation and again at start-up, after uvicorn configured
-logging), so child loggers (``pushsvc.session``...) are covered too. OWASP
+logging), so child loggers (``pushsvc.core.client``...) are covered too. OWASP
 Logging Cheat Sheet: session identifiers, access tokens and secrets are never
 logged.
 

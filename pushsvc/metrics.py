@@ -32,7 +32,10 @@ from prometheus_client import (
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 CONNECTIONS = Gauge(
-    "pushsvc_connections", "Open authenticated WebSocket sessions", multiprocess_mode="livesum"
+    "pushsvc_connections",
+    "Open authenticated connections, by transport (ws, sse, stream)",
+    ["transport"],
+    multiprocess_mode="livesum",
 )
 SUBSCRIPTIONS = Gauge(
     "pushsvc_subscriptions",

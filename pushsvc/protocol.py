@@ -27,6 +27,34 @@ CLOSE_RATE_LIMITED: Final = 4008
 CLOSE_SLOW_CONSUMER: Final = 4009
 CLOSE_HEARTBEAT_TIMEOUT: Final = 4010
 
+#: close codes after which a client should not reconnect on its own (docs/protocol.md,
+#: "Close codes"): fix the client (1009) or its credentials/permissions (4003)
+NO_RECONNECT: Final = frozenset({CLOSE_TOO_BIG, CLOSE_FORBIDDEN})
+
+
+class Disconnect(msgspec.Struct, frozen=True):
+    """Why the server closes a connection, transport-neutral.
+
+    WebSocket carries ``code`` and ``reason`` in its close frame (RFC 6455 5.5.1;
+    the reason cut to 120 bytes); SSE and HTTP-streaming send the whole struct as a
+    ``close`` event / frame before the body ends.
+
+    Attributes:
+        code: a close code of docs/protocol.md (1xxx: RFC 6455 7.4.1; 4000-4999).
+        reason: human-readable, client-safe (never a token).
+        reconnect: whether the client should reconnect (with backoff) and resume.
+    """
+
+    code: int
+    reason: str = ""
+    reconnect: bool = True
+
+    @classmethod
+    def of(cls, code: int, reason: str = "") -> Disconnect:
+        """The disconnect for ``code``, ``reconnect`` from the close-code table."""
+        return cls(code, reason, code not in NO_RECONNECT)
+
+
 # --- error codes carried by ``error`` frames ------------------------------------
 BAD_REQUEST: Final = "bad_request"
 UNAUTHORIZED: Final = "unauthorized"
@@ -145,6 +173,8 @@ class Welcome(msgspec.Struct, tag_field="type", tag="welcome", omit_defaults=Tru
     ``subs``: channels the server subscribes the session to (their ``subscribed``
     answers follow).
     ``node`` names the pushsvc node serving the socket (``PUSHSVC_NODE_NAME``).
+    ``session``: SSE and HTTP-streaming only, the secret that addresses the
+    connection in ``POST /sse/commands`` (never the public ``client`` id).
     """
 
     client: str
@@ -154,6 +184,7 @@ class Welcome(msgspec.Struct, tag_field="type", tag="welcome", omit_defaults=Tru
     epoch: str | None = None
     subs: list[str] = msgspec.field(default_factory=list)  # server-side subscriptions
     node: str | None = None
+    session: str | None = None
 
 
 class Message(msgspec.Struct, tag_field="type", tag="message", omit_defaults=True):
@@ -224,6 +255,14 @@ Info = Annotated[
 ]
 
 
+class Close(msgspec.Struct, tag_field="type", tag="close"):
+    """The last frame of an SSE / HTTP-streaming response: why it ends (:class:`Disconnect`)."""
+
+    code: int
+    reason: str
+    reconnect: bool
+
+
 class ClientInfo(msgspec.Struct, omit_defaults=True):
     """One present session: ``client`` id, ``user`` (JWT ``sub``), ``node`` serving it,
     ``info`` (the token's ``info`` claim, a JSON object) when the token had one."""
@@ -289,6 +328,7 @@ Frame = (
     | PresenceStatsResult
     | Join
     | Leave
+    | Close
 )
 
 _command_decoder = msgspec.json.Decoder(Command)

@@ -25,8 +25,9 @@ import nats.errors
 import nats.js.errors
 
 from .bus import Unavailable, confirm
+from .bus.natsconn import connect
 from .channels import subject_for, validate_channel
-from .natsconn import NatsSecurity, NatsUnreachable, connect, display_url
+from .config.nats import NatsSecurity, NatsUnreachable, display_url
 
 
 class Publisher:
@@ -39,7 +40,7 @@ class Publisher:
             (history on); False = core publish + flush, returns None.
         timeout: seconds to wait for NATS.
         security: all NATS security settings as one
-            :class:`~pushsvc.natsconn.NatsSecurity` (e.g.
+            :class:`~pushsvc.bus.natsconn.NatsSecurity` (e.g.
             ``NatsSecurity.from_settings(settings)``); equivalent to the eight
             keyword arguments below, which may not be given with it.
         creds: path of a NATS ``.creds`` file (user JWT + NKey seed).
@@ -52,7 +53,7 @@ class Publisher:
         tls_key: PEM private key of ``tls_cert``.
 
     The security arguments are those of ``PUSHSVC_NATS_*`` (see
-    :mod:`pushsvc.natsconn`); at most one authentication method.
+    :mod:`pushsvc.bus.natsconn`); at most one authentication method.
 
     Raises:
         SettingsError: (a ``ValueError``) a file cannot be read, a pair is

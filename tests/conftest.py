@@ -24,8 +24,8 @@ from wsclient import WSClient
 
 from pushsvc import Settings, create_app
 from pushsvc.app import Node
-from pushsvc.auth import mint_token
-from pushsvc.embedded import EmbeddedNats, free_port
+from pushsvc.auth.tokens import mint_token
+from pushsvc.server.embedded import EmbeddedNats, free_port
 
 SECRET = "test-secret-0123456789-abcdefghijklmnop"
 
@@ -138,8 +138,8 @@ async def start_server(nats_url: str) -> AsyncIterator[Any]:
             app,
             host="127.0.0.1",
             port=settings.port,
-            http="pushsvc.httpprotocol:HttpToolsProtocol",
-            ws="pushsvc.wsprotocol:WebSocketProtocol",
+            http="pushsvc.server.httpprotocol:HttpToolsProtocol",
+            ws="pushsvc.ws.protocol:WebSocketProtocol",
             ws_max_size=settings.max_frame_bytes,
             ws_per_message_deflate=False,
             lifespan="on",

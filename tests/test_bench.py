@@ -50,7 +50,7 @@ from pushsvc import Settings
 from pushsvc.bench import add_arguments
 from pushsvc.bench.client import Client, Tally
 from pushsvc.cli import main as cli_main
-from pushsvc.embedded import free_port
+from pushsvc.server.embedded import free_port
 
 PUSHSVC = [sys.executable, "-m", "pushsvc"]
 RUN_TIMEOUT = 60  # seconds; the bench caps itself at --duration-limit (30) + a few

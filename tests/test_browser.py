@@ -120,7 +120,7 @@ async def test_client_api_presence_join_leave_wildcards_server_subs(
     await nc.publish(f"push.{tag}.news", b'{"n":2}')
     await page.wait_for_function("() => window.bobGot.length === 1", timeout=10000)
     # ... and resumed with since after a restart close: nothing lost, nothing twice
-    for sess in list(srv.node.hub.sessions):
+    for sess in list(srv.node.hub.clients):
         if sess.principal.sub == "bob":
             sess.close(1012, "service restart")
     for n in (3, 4):

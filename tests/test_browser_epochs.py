@@ -16,7 +16,7 @@ import shutil
 import nats
 import pytest
 
-from pushsvc.embedded import EmbeddedNats
+from pushsvc.server.embedded import EmbeddedNats
 
 CHROMIUM = os.environ.get("PUSHSVC_TEST_CHROMIUM") or shutil.which("chromium")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed")

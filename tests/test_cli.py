@@ -15,7 +15,7 @@ import httpx
 import pytest
 from wsclient import WSClient
 
-from pushsvc.embedded import free_port
+from pushsvc.server.embedded import free_port
 
 PUSHSVC = [sys.executable, "-m", "pushsvc"]
 

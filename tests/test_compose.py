@@ -26,7 +26,7 @@ import yaml
 
 from pushsvc import Settings, create_app
 from pushsvc.cli import main
-from pushsvc.embedded import EmbeddedNats, find_binary, free_port
+from pushsvc.server.embedded import EmbeddedNats, find_binary, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "compose.yaml"

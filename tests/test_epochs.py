@@ -11,7 +11,7 @@ from typing import Any
 import nats
 from helpers import bearer, until
 
-from pushsvc.embedded import EmbeddedNats
+from pushsvc.server.embedded import EmbeddedNats
 
 
 async def publish(url: str, channel: str, values: list[Any]) -> list[int]:

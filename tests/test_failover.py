@@ -23,7 +23,7 @@ import nats.errors
 import nats.js.errors
 import pytest
 
-from pushsvc.embedded import EmbeddedNats, free_port
+from pushsvc.server.embedded import EmbeddedNats, free_port
 
 STALL_BOUND = 3.0  # s: target 2 s, slack for a loaded CI machine (before the fix: 4.2-8.8 s)
 

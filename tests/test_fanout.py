@@ -1,7 +1,7 @@
 """Fan-out engine (issue #3): slow consumers, coalescing, send timeout, exact buffer accounting.
 
 Behaviour, not timing: real uvicorn and real sockets, except the byte-accounting
-tests, which drive a :class:`~pushsvc.session.Session` with an ASGI ``send`` gated
+tests, which drive a :class:`~pushsvc.core.client.Client` with an ASGI ``send`` gated
 by an :class:`asyncio.Event` (the same way uvicorn's send waits for its
 ``writable`` event under backpressure).
 """
@@ -12,6 +12,7 @@ import asyncio
 import json
 import socket
 import time
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -21,13 +22,15 @@ from websockets.client import ClientProtocol
 from websockets.frames import Frame, Opcode
 from websockets.uri import parse_uri
 
-from pushsvc import session as session_module
-from pushsvc.auth import Authenticator, AuthError, Principal, mint_token
-from pushsvc.hub import Hub
+from pushsvc.auth.tokens import Authenticator, AuthError, Principal, mint_token
+from pushsvc.config.settings import Settings
+from pushsvc.core import commands
+from pushsvc.core.client import Client
+from pushsvc.core.hub import Hub
+from pushsvc.core.ratelimit import TokenBucket
 from pushsvc.protocol import Unsubscribe
-from pushsvc.ratelimit import TokenBucket
-from pushsvc.session import Session
-from pushsvc.settings import Settings
+from pushsvc.ws import transport as ws_transport
+from pushsvc.ws.transport import WebSocketTransport
 
 BIG = "x" * 8000  # payload padding: fills kernel buffers in a few hundred messages
 
@@ -82,7 +85,7 @@ class StalledClient:
                 elif event.opcode is Opcode.TEXT and b'"subscribed"' in event.data:
                     subscribed = True
         self.writer.transport.pause_reading()
-        self.session = next(s for s in srv.node.hub.sessions if s.principal.sub == sub)
+        self.session = next(s for s in srv.node.hub.clients if s.principal.sub == sub)
         return self
 
     def _write(self) -> None:
@@ -229,14 +232,14 @@ async def test_write_delay_writes_a_large_live_set_in_slices_in_order(
 
 async def sliced_flight(start_server: Any, nc: Any, channel: str) -> tuple[Any, ...]:
     """Six subscribers, a write delay and a slice of one socket; message 0 published and
-    its flush caught after its first slice: ``(hub, clients, sessions by id, flight)``."""
+    its flush caught after its first slice: ``(hub, clients, outboxes by client id, flight)``."""
     srv = await start_server(write_delay=0.002)
     hub = srv.node.hub
     hub.fan_out_slice = 1
     clients = [await srv.client(srv.token(f"user{k}")) for k in range(6)]
     for c in clients:
         await c.subscribe(channel)
-    by_id = {s.id: s for s in hub.sessions}
+    by_id = {s.id: s.outbox for s in hub.clients}
     await nc.publish(f"push.{channel}", json.dumps({"i": 0}).encode())
     await nc.flush()
     return hub, clients, by_id, await until_flight(hub, channel)
@@ -248,13 +251,14 @@ async def test_sessions_leaving_during_a_sliced_flush_get_what_they_are_owed(
     """A session that unsubscribes before its slice is written gets the batch first
     (it was subscribed when the message arrived) and nothing after; a session closed
     before its slice gets nothing after its close frame; the others get everything."""
-    _, clients, by_id, flight = await sliced_flight(start_server, nc, channel)
+    hub, clients, by_id, flight = await sliced_flight(start_server, nc, channel)
+    owner = {s.outbox: s for s in hub.clients}
     head = flight.segments[0]
     unwritten = head.sessions[head.pos :]
     assert len(unwritten) >= 2
     leaver, closer = unwritten[-1], unwritten[-2]
-    await leaver._unsubscribe(Unsubscribe(channel=channel, id=7))  # the command, no await inside
-    closer.close(4000, "closed by the test")
+    commands.unsubscribe(owner[leaver], Unsubscribe(channel=channel, id=7))  # the command
+    owner[closer].close(4000, "closed by the test")
     for i in (1, 2):
         await nc.publish(f"push.{channel}", json.dumps({"i": i}).encode())
     await nc.flush()
@@ -298,8 +302,9 @@ async def test_a_session_leaving_and_joining_again_during_a_sliced_flush(start_s
     hub, clients, by_id, flight = await sliced_flight(start_server, nc, channel)
     head = flight.segments[0]
     again = head.sessions[-1]  # not written yet
-    await again._unsubscribe(Unsubscribe(channel=channel, id=1))
-    await hub.subscribe(again, channel, None, 2)  # the channel is held: no wait
+    client = next(s for s in hub.clients if s.outbox is again)
+    commands.unsubscribe(client, Unsubscribe(channel=channel, id=1))
+    await hub.subscribe(client, channel, None, 2)  # the channel is held: no wait
     hub.dispatch(channel, json.dumps({"i": 1}).encode(), None)
     hub._flush_channel(hub._channels[channel])
     for c in clients:
@@ -352,8 +357,8 @@ async def test_stalled_client_closed_4009_while_others_get_everything(
         await asyncio.sleep(0.005)
     for s in stalled:
         assert s.closed and s.close_code == 4009, (published, s.close_code)
-        assert s not in hub.sessions and not s.channels
-        assert s.buffered_bytes == 0 and not s._out and s._writer is None
+        assert s not in hub.clients and not s.channels
+        assert s.buffered_bytes == 0 and not s.outbox._out and s.outbox._writer is None
     assert slow_consumers() - before == 2
     assert hub.subscribers(channel) == 2
     await hub.wait_idle()
@@ -375,7 +380,7 @@ async def test_stalled_client_closed_4009_while_others_get_everything(
     # and all (a graceful close would wait for it forever).
     await until(
         lambda: sleeper.server_connection() is None,
-        session_module.CLOSE_TIMEOUT + 5,
+        ws_transport.CLOSE_TIMEOUT + 5,
         "the server to drop the stalled connection",
     )
     sleeper.abort()
@@ -420,22 +425,22 @@ async def test_socket_stuck_in_send_is_closed_after_send_timeout(start_server, n
     s = stuck.session
     before = slow_consumers()
     published = 0
-    while s._writer is None and published < 4000:  # fill the kernel buffers
+    while s.outbox._writer is None and published < 4000:  # fill the kernel buffers
         for _ in range(10):
             await nc.publish(f"push.{channel}", json.dumps({"i": published, "p": BIG}).encode())
             published += 1
         await nc.flush()
         await asyncio.sleep(0.005)
-    writer = s._writer
+    writer = s.outbox._writer
     assert writer is not None and not writer.done(), "the send never blocked"
     assert s.buffered_bytes > 0 and not s.closed
     await until(lambda: s.closed, 5, "the send timeout")
     assert s.close_code == 4009
     assert slow_consumers() - before == 1
     # memory released: no buffer, no writer task
-    assert s.buffered_bytes == 0 and not s._out and s._writer is None
+    assert s.buffered_bytes == 0 and not s.outbox._out and s.outbox._writer is None
     await until(writer.done, 2, "the writer task to end")
-    assert s not in srv.node.hub.sessions and srv.node.hub.subscribers(channel) == 0
+    assert s not in srv.node.hub.clients and srv.node.hub.subscribers(channel) == 0
     stuck.abort()
 
 
@@ -444,9 +449,9 @@ async def test_socket_stuck_in_send_is_closed_after_send_timeout(start_server, n
 
 class _StubHub:
     def __init__(self) -> None:
-        self.removed: list[Session] = []
+        self.removed: list[Client] = []
 
-    def remove_session(self, session: Session) -> None:
+    def remove_client(self, session: Client) -> None:
         self.removed.append(session)
 
 
@@ -467,7 +472,7 @@ class GatedSend:
             self.closes.append(message)
 
 
-def make_session(send: GatedSend, **overrides: Any) -> tuple[Session, _StubHub]:
+def make_session(send: GatedSend, **overrides: Any) -> tuple[Client, _StubHub]:
     settings = Settings.load(env={}, jwt_secret=SECRET, **overrides)
     hub = _StubHub()
 
@@ -475,9 +480,8 @@ def make_session(send: GatedSend, **overrides: Any) -> tuple[Session, _StubHub]:
         await asyncio.Event().wait()
         return {}
 
-    session = Session(
-        send,
-        receive,
+    session = Client(
+        WebSocketTransport(send, receive),
         Principal(sub="u", exp=time.time() + 3600),
         hub,  # type: ignore[arg-type]
         Authenticator(settings),
@@ -503,13 +507,13 @@ async def test_buffered_bytes_is_exact_through_backpressure():
     s.send(*f[1])
     assert s.buffered_bytes == sizes[0] + sizes[1]  # pending until the loop turns
     await asyncio.sleep(0)
-    assert s.buffered_bytes == 0 and s._writer is None  # written eagerly, no task
+    assert s.buffered_bytes == 0 and s.outbox._writer is None  # written eagerly, no task
     assert send.texts == [f"{f[0][0]}\n{f[1][0]}"]
 
     send.gate.clear()  # the socket stops draining
     s.send(*f[2])
     await asyncio.sleep(0)
-    assert s._writer is not None  # that send blocked: a writer task finishes it
+    assert s.outbox._writer is not None  # that send blocked: a writer task finishes it
     assert s.buffered_bytes == sizes[2]  # in flight
     expected = sizes[2]
     for i in range(3, 12):
@@ -520,8 +524,8 @@ async def test_buffered_bytes_is_exact_through_backpressure():
     assert s.buffered_bytes == expected  # nothing moves while blocked
 
     send.gate.set()
-    await until(lambda: s._writer is None, 2, "the writer to drain")
-    assert s.buffered_bytes == 0 and not s._out
+    await until(lambda: s.outbox._writer is None, 2, "the writer to drain")
+    assert s.buffered_bytes == 0 and not s.outbox._out
     # every frame went out once, in order, in frames of at most coalesce_bytes
     assert [line for t in send.texts for line in t.split("\n")] == [t for t, _ in f]
     assert all(len(t.encode()) <= 100 for t in send.texts[2:])
@@ -546,7 +550,7 @@ async def test_overflow_closes_4009_and_releases_the_buffer():
             assert s.buffered_bytes == total <= 300
     assert total > 300 and s.close_code == 4009
     assert slow_consumers() - before == 1
-    assert s.buffered_bytes == 0 and not s._out and s._writer is None
+    assert s.buffered_bytes == 0 and not s.outbox._out and s.outbox._writer is None
     assert hub.removed == [s]
     s.send(*frame(99))  # a closed session ignores frames
     assert s.buffered_bytes == 0
@@ -562,12 +566,12 @@ async def test_send_timeout_closes_and_releases():
     send.gate.clear()
     s.send(*frame(0))
     await asyncio.sleep(0)
-    writer = s._writer
+    writer = s.outbox._writer
     assert writer is not None
     s.send(*frame(1))
     await until(lambda: s.closed, 3, "the send timeout")
     assert s.close_code == 4009 and hub.removed == [s]
-    assert s.buffered_bytes == 0 and s._writer is None
+    assert s.buffered_bytes == 0 and s.outbox._writer is None
     await until(writer.done, 1, "the writer to end")
     assert not writer.cancelled()  # it ended by itself, after closing the session
     send.gate.set()
@@ -598,7 +602,9 @@ class _FakeSession:
         self.closed = False
         self.close_on_send = close_on_send
         self.got: list[str] = []
-        self._transport = None  # no uvicorn socket: fan_out queues through send()
+        self.outbox = self  # its own outbox, with no direct path: fan_out queues through send()
+        self.transport = SimpleNamespace(name="fake")
+        self._wire = None
 
     def send(self, frame: str, nbytes: int) -> None:
         if self.closed:
@@ -606,7 +612,7 @@ class _FakeSession:
         self.got.append(frame)
         if self.close_on_send:  # what an overflowing Session does: leave at once
             self.closed = True
-            self.hub.remove_session(self)  # type: ignore[arg-type]
+            self.hub.remove_client(self)  # type: ignore[arg-type]
 
     def send_frame(self, frame: Any) -> None:
         pass
@@ -617,7 +623,7 @@ async def test_dispatch_survives_a_session_closing_during_fan_out():
     hub = Hub(bus)  # type: ignore[arg-type]
     sessions = [_FakeSession(hub, f"u{i}", close_on_send=i % 3 == 1) for i in range(9)]
     for s in sessions:
-        hub.add_session(s)  # type: ignore[arg-type]
+        hub.add_client(s)  # type: ignore[arg-type]
         await hub.subscribe(s, "room", None, None)  # type: ignore[arg-type]
     hub.dispatch("room", b'{"n": 1}', None)
     await asyncio.sleep(0)  # the channel's batch is handed out at the next loop iteration

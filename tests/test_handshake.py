@@ -1,4 +1,4 @@
-"""The opening handshake as pushsvc's uvicorn protocols take it (pushsvc.httpprotocol).
+"""The opening handshake as pushsvc's uvicorn protocols take it (pushsvc.server.httpprotocol).
 
 An upgrade request is parsed once, by httptools, and handed to the WebSocket
 protocol as a ``websockets`` Request; requests ``websockets``' own parser would
@@ -23,9 +23,9 @@ from conftest import SECRET
 from hostile import LogCapture
 from wsclient import WSClient
 
-from pushsvc.auth import Authenticator, AuthError
-from pushsvc.deadlines import Deadlines
-from pushsvc.settings import Settings
+from pushsvc.auth.tokens import Authenticator, AuthError
+from pushsvc.config.settings import Settings
+from pushsvc.core.deadlines import Deadlines
 
 
 def _upgrade(path: str = "/ws", extra: bytes = b"") -> bytes:
@@ -118,7 +118,7 @@ def test_cached_jwt_key_still_checks_every_signature():
     assert auth.verify(jwt.encode({**claims, "sub": "carol"}, SECRET)).sub == "carol"
 
 
-# --- coarse deadlines (pushsvc.deadlines: pings, pongs, token expiry) -----------------------
+# --- coarse deadlines (pushsvc.core.deadlines: pings, pongs, token expiry) -----------------------
 
 
 async def test_deadlines_fire_once_not_early_and_can_move_or_clear():

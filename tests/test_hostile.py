@@ -28,8 +28,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from hostile import Bystander, LogCapture
 from wsclient import WSClient
 
-from pushsvc.auth import mint_token
-from pushsvc.settings import Settings, SettingsError
+from pushsvc.auth.tokens import mint_token
+from pushsvc.config.settings import Settings, SettingsError
 
 
 def _b64(obj: object) -> str:
@@ -543,7 +543,7 @@ async def test_tokens_never_logged(start_server, nc, http, channel):
     assert "Traceback" not in logs.text
 
 
-# --- broken handshakes and abrupt clients (uvicorn fixes in pushsvc.wsprotocol) -----------
+# --- broken handshakes and abrupt clients (uvicorn fixes in pushsvc.ws.protocol) -----------
 
 
 def _upgrade(path: str = "/ws", extra: str = "") -> bytes:
@@ -627,6 +627,6 @@ async def test_upgraded_connections_leave_no_garbage_cycles(start_server, nc, ch
         await asyncio.sleep(0.05)
         leftover = [o for o in gc.get_objects() if isinstance(o, HttpToolsProtocol)]
         assert leftover == []
-        assert len(srv.node.hub.sessions) == 20
+        assert len(srv.node.hub.clients) == 20
     finally:
         gc.enable()

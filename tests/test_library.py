@@ -16,7 +16,7 @@ from wsclient import WSClient
 
 from pushsvc import Publisher, Settings, setup_app, uvicorn_config
 from pushsvc.channels import InvalidChannel
-from pushsvc.embedded import DEFAULT_PORT
+from pushsvc.server.embedded import DEFAULT_PORT
 
 
 async def test_setup_app_mounts_under_a_base_path(start_server, http, channel):
@@ -101,16 +101,16 @@ def test_uvicorn_config_is_what_serve_uses():
     """One source for the uvicorn settings of docs/operations.md and README."""
     settings = Settings.load(env={}, jwt_secret="x", max_frame_bytes=1234)
     cfg = uvicorn_config(settings)
-    assert cfg["ws"] == "pushsvc.wsprotocol:WebSocketProtocol"
-    assert cfg["http"] == "pushsvc.httpprotocol:HttpToolsProtocol"
+    assert cfg["ws"] == "pushsvc.ws.protocol:WebSocketProtocol"
+    assert cfg["http"] == "pushsvc.server.httpprotocol:HttpToolsProtocol"
     assert cfg["ws_max_size"] == 1234 and cfg["ws_per_message_deflate"] is False
     assert cfg["ws_ping_interval"] == 20 and cfg["ws_ping_timeout"] == 20
     uvicorn.Config(FastAPI(), **cfg)  # valid uvicorn arguments
     readme = Path(__file__).resolve().parent.parent / "README.md"
     ops = readme.parent / "docs" / "operations.md"
     flags = (
-        "--ws pushsvc.wsprotocol:WebSocketProtocol",
-        "--http pushsvc.httpprotocol:HttpToolsProtocol",
+        "--ws pushsvc.ws.protocol:WebSocketProtocol",
+        "--http pushsvc.server.httpprotocol:HttpToolsProtocol",
         "--ws-max-size 65536",
         "--ws-per-message-deflate false",
         "--ws-ping-interval 20",

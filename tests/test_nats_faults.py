@@ -12,7 +12,7 @@ from typing import Any
 import nats
 from helpers import bearer, until
 
-from pushsvc.embedded import EmbeddedNats, free_port
+from pushsvc.server.embedded import EmbeddedNats, free_port
 
 
 async def stored_seqs(http: Any, srv: Any, channel: str) -> list[int]:

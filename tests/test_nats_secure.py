@@ -45,9 +45,9 @@ from nats_jwt.v2.snippets import Account
 from wsclient import WSClient
 
 from pushsvc import NatsRefused, NatsSecurity, Publisher
-from pushsvc.auth import mint_token
-from pushsvc.embedded import EmbeddedNats, free_port
-from pushsvc.settings import Settings, SettingsError
+from pushsvc.auth.tokens import mint_token
+from pushsvc.config.settings import Settings, SettingsError
+from pushsvc.server.embedded import EmbeddedNats, free_port
 
 PUSHSVC = [sys.executable, "-m", "pushsvc"]
 KINDS = ["tls", "user", "token", "nkey", "creds"]

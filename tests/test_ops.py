@@ -28,9 +28,9 @@ import websockets
 from conftest import SECRET
 from wsclient import WSClient
 
-from pushsvc.auth import mint_token
-from pushsvc.embedded import EmbeddedNats, free_port
+from pushsvc.auth.tokens import mint_token
 from pushsvc.logs import JsonFormatter, RedactTokens
+from pushsvc.server.embedded import EmbeddedNats, free_port
 
 PUSHSVC = [sys.executable, "-m", "pushsvc"]
 
@@ -109,9 +109,12 @@ class Serve:
 
 
 def sample(text: str, name: str) -> float | None:
-    """The value of an unlabelled sample ``name`` in a Prometheus text exposition."""
+    """The value of sample ``name`` in a Prometheus text exposition (labelled: the sum)."""
     match = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
-    return None if match is None else float(match.group(1))
+    if match is not None:
+        return float(match.group(1))
+    values = re.findall(rf"^{re.escape(name)}\{{[^}}]*\}} (\S+)$", text, re.M)
+    return sum(map(float, values)) if values else None
 
 
 async def scrape(http: httpx.AsyncClient, base: str) -> str:

@@ -19,7 +19,7 @@ import httpx
 from conftest import SECRET
 from wsclient import WSClient
 
-from pushsvc.embedded import free_port
+from pushsvc.server.embedded import free_port
 
 PRESENCE = {"presence_channels": ["room.>", "*.room"]}
 

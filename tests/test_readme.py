@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from pushsvc.embedded import free_port
+from pushsvc.server.embedded import free_port
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 

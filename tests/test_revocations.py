@@ -18,8 +18,8 @@ import websockets
 from helpers import bearer
 from wsclient import WSClient
 
-from pushsvc.auth import Revocation
-from pushsvc.revocations import entry_keys
+from pushsvc.auth.revocations import entry_keys
+from pushsvc.auth.tokens import Revocation
 
 BUCKET = "PUSHSVC_REVOCATIONS"
 

@@ -17,7 +17,7 @@ from pushsvc.channels import (
     validate_grant,
     validate_pattern,
 )
-from pushsvc.settings import Settings, SettingsError
+from pushsvc.config.settings import Settings, SettingsError
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 

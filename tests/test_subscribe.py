@@ -162,7 +162,7 @@ async def test_resume_position_carries_the_epoch(start_server, nats_url, channel
 
 
 async def test_says_why_while_the_server_is_not_there(subscribe, channel):
-    from pushsvc.embedded import free_port
+    from pushsvc.server.embedded import free_port
 
     url = f"http://127.0.0.1:{free_port()}"
     cli = await subscribe(channel, "--url", url, "--token", "t")

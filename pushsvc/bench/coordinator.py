@@ -19,7 +19,7 @@ import time
 from collections import Counter
 from typing import Any, TypeVar
 
-from .. import natsconn
+from ..config import nats as natsconn
 from . import messages as pipe
 from .client import ERROR_SAMPLES
 from .options import BenchError

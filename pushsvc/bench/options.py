@@ -12,9 +12,9 @@ import argparse
 import os
 from typing import Any
 
-from .. import natsconn
+from ..config import nats as natsconn
+from ..config.settings import split_servers
 from ..serverurl import parse_server_url
-from ..settings import split_servers
 
 DEFAULT_URL = "http://127.0.0.1:8000"  # `pushsvc serve`'s default address
 EMIT_CONCURRENCY = 16  # default parallel emit POSTs (one HTTP connection and emit user each)

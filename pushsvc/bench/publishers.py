@@ -21,8 +21,8 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import quote
 
-from .. import natsconn
-from ..settings import split_servers
+from ..bus import natsconn
+from ..config.settings import split_servers
 from .client import ERROR_SAMPLES
 from .hop import HopProbe
 from .httpclient import HttpConnection

@@ -18,7 +18,7 @@ from urllib.parse import urlencode
 
 import h11
 
-from ..auth import mint_token
+from ..auth.tokens import mint_token
 from .httpclient import HttpConnection
 from .options import BenchError
 from .system import run_loop, ssl_context
@@ -31,7 +31,7 @@ GRANTS = "bench.>"
 
 def mint(cfg: dict[str, Any], sub: str, audience: str | None, typ: str | None = None) -> str:
     """An HS256 token for ``sub`` signed with ``cfg["secret"]``, valid TOKEN_TTL seconds
-    (:func:`pushsvc.auth.mint_token`; ``typ`` is the JOSE header the server may require)."""
+    (:func:`pushsvc.auth.tokens.mint_token`; ``typ`` is the JOSE header the server may require)."""
     return mint_token(
         cfg["secret"],
         sub,

@@ -37,11 +37,11 @@ Modules, one concept each:
 - ``errors``: :class:`Unavailable`, :class:`StreamConfigError`.
 """
 
-from ..natsconn import connect_failure
 from .connection import Connection, confirm
 from .core import Bus, ControlHandler, ResumeHandler
 from .errors import StreamConfigError, Unavailable
 from .events import EventHandler
+from .natsconn import connect_failure
 from .reads import History, StoredMessage
 from .stream import epoch_of, stream_time
 from .subscriptions import MessageHandler, PatternHandler

@@ -1,6 +1,6 @@
 """The node's NATS connection and the state every part of the bus shares.
 
-:class:`Connection` opens the connection (through :func:`pushsvc.natsconn.connect`,
+:class:`Connection` opens the connection (through :func:`pushsvc.bus.natsconn.connect`,
 bounded by ``PUSHSVC_CONNECT_TIMEOUT``), reports drops and reconnects (metrics,
 logs, then the bus's hooks), drains it at close, and holds what the parts of
 :class:`~pushsvc.bus.Bus` (streams, live subscriptions, reads, KV, events) read
@@ -20,8 +20,9 @@ from nats.aio.client import Client as NatsClient
 from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 
-from .. import metrics, natsconn
-from ..settings import Settings
+from .. import metrics
+from ..config.settings import Settings
+from . import natsconn
 from .errors import Unavailable
 
 log = logging.getLogger("pushsvc.bus")

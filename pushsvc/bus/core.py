@@ -18,7 +18,7 @@ from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-from ..settings import Settings
+from ..config.settings import Settings
 from .connection import Connection
 from .errors import Unavailable
 from .events import EventHandler, Events

@@ -3,7 +3,7 @@
 A node publishes an event when one of its sessions joins or leaves a channel
 that has events on (``PUSHSVC_JOIN_LEAVE_CHANNELS``) and holds one refcounted
 subscription per such channel with local subscribers, so every node delivers
-every node's events (:mod:`pushsvc.joinleave` builds and delivers the frames).
+every node's events (:mod:`pushsvc.core.joinleave` builds and delivers the frames).
 """
 
 from __future__ import annotations

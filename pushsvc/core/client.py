@@ -1,0 +1,384 @@
+"""One authenticated connection, whatever its transport: state, lifecycle, limits.
+
+A :class:`Client` owns what every transport needs (centrifuge's ``client.go``):
+the principal, the subscription set, the user's command token bucket and the
+strikes against it, heartbeat and token-expiry deadlines, the server-side
+subscriptions at ``welcome``, and closing with a transport-neutral
+:class:`~pushsvc.protocol.Disconnect`. Outbound frames go through its
+:class:`~pushsvc.core.outbox.Outbox`; the transport (``pushsvc.ws``,
+``pushsvc.sse``) only frames and writes. Commands are decoded here and handled
+by :mod:`pushsvc.core.commands`.
+
+Heartbeat, auth expiry and pong deadlines are coarse (:mod:`pushsvc.core.deadlines`:
+one loop timer per 0.1 s tick for every connection), not tasks or per-connection
+timers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+from collections.abc import Mapping
+from operator import methodcaller
+
+from .. import metrics
+from ..auth.tokens import Authenticator, Principal
+from ..channels import InvalidChannel, is_pattern, personal_channel, validate_channel
+from ..channels import validate_pattern as _validate_pattern
+from ..config.settings import Settings
+from ..protocol import (
+    BAD_REQUEST,
+    CLOSE_HEARTBEAT_TIMEOUT,
+    CLOSE_RATE_LIMITED,
+    CLOSE_SERVICE_RESTART,
+    CLOSE_TOO_BIG,
+    CLOSE_UNAUTHORIZED,
+    PING_FRAME,
+    RATE_LIMITED,
+    Auth,
+    Disconnect,
+    Error,
+    Frame,
+    Pong,
+    ProtocolError,
+    SubResume,
+    Welcome,
+    decode_command,
+)
+from . import commands
+from .deadlines import deadlines
+from .hub import Hub
+from .outbox import Outbox
+from .presence import PresenceRegistry
+from .ratelimit import TokenBucket
+from .transport import Transport
+
+log = logging.getLogger("pushsvc.client")
+
+_ids = itertools.count(1)
+_NODE = os.urandom(3).hex()
+# what the deadlines call on a client (by name: a subclass's override is honoured)
+_PING, _PONG_MISSED, _EXPIRED = (methodcaller(n) for n in ("_ping", "_pong_missed", "_expired"))
+
+
+class Client:
+    """One authenticated connection over any :class:`~pushsvc.core.transport.Transport`.
+
+    Args:
+        transport: the connection's transport (framing and writes).
+        principal: the verified token's principal.
+        hub: the node's hub (subscriptions, publish).
+        auth: verifies refresh tokens.
+        bucket: the user's command token bucket (shared by the user's connections).
+        settings: limits and timers (seconds, bytes).
+        resume_subs: channel -> ``since``/``epoch`` for the server-side
+            subscriptions (:meth:`server_subscriptions`): the WebSocket auth frame's
+            ``subs`` map, or an SSE stream's position.
+        presence: the node's presence registry (reads for the ``presence`` and
+            ``presence_stats`` commands); None: presence is off for this client.
+        channels: channels (or patterns) the connection asked for when it opened
+            (SSE ``?channel=``, ``POST /stream`` ``channels``; grants checked by the
+            endpoint), subscribed after the token's server-side subscriptions.
+        session: the secret addressing the connection for ``POST /sse/commands``
+            (sent in ``welcome``), or None (WebSocket: commands come on the socket).
+
+    Attributes:
+        id: the public client id (``welcome.client``, presence): never an address
+            for commands.
+        channels: channels and patterns this client is subscribed to.
+        outbox: its outbound buffer (bounded; 4009 on overflow).
+        close_code: the close code once closed.
+    """
+
+    __slots__ = (
+        "__weakref__",
+        "_expiries",
+        "_extra",
+        "_pings",
+        "_pongs",
+        "_resume",
+        "_strikes",
+        "auth",
+        "bucket",
+        "channels",
+        "close_code",
+        "closed",
+        "hub",
+        "id",
+        "outbox",
+        "presence",
+        "principal",
+        "session",
+        "settings",
+        "transport",
+    )
+
+    def __init__(
+        self,
+        transport: Transport,
+        principal: Principal,
+        hub: Hub,
+        auth: Authenticator,
+        bucket: TokenBucket,
+        settings: Settings,
+        *,
+        resume_subs: Mapping[str, SubResume] | None = None,
+        presence: PresenceRegistry | None = None,
+        channels: list[str] | None = None,
+        session: str | None = None,
+    ) -> None:
+        self.transport = transport
+        self.session = session
+        self._extra = channels or []
+        self.principal = principal
+        self.hub = hub
+        self.auth = auth
+        self.bucket = bucket
+        self.settings = settings
+        self.presence = presence
+        self.id = f"{_NODE}-{next(_ids)}"
+        self.channels: set[str] = set()
+        self.closed = False
+        self.close_code: int | None = None
+        self.outbox = Outbox(
+            self.id,
+            transport,
+            self.channels,
+            max_bytes=settings.send_queue_bytes,
+            coalesce_bytes=settings.coalesce_bytes,
+            send_timeout=settings.send_timeout,
+            on_close=self.close,
+        )
+        loop = asyncio.get_running_loop()
+        # deadlines (pushsvc.core.deadlines): next ping, the pong awaited, the token's expiry
+        self._pings = deadlines(loop, "ping", _PING)
+        self._pongs = deadlines(loop, "pong", _PONG_MISSED)
+        self._expiries = deadlines(loop, "expiry", _EXPIRED)
+        self._strikes = 0  # command refusals in a row on this connection
+        self._resume = dict(resume_subs or {})  # server-side subs to resume
+
+    # --- outbound ----------------------------------------------------------------------
+    @property
+    def buffered_bytes(self) -> int:
+        """Bytes queued for this connection and not yet taken by the transport."""
+        return self.outbox.buffered_bytes
+
+    def send(self, frame: str, nbytes: int) -> None:
+        """Queue one encoded frame (``nbytes`` = its UTF-8 length); see :meth:`Outbox.send`."""
+        self.outbox.send(frame, nbytes)
+
+    def send_frame(self, frame: Frame) -> None:
+        """Encode and queue one control frame (answers, errors)."""
+        self.outbox.send_frame(frame)
+
+    # --- lifecycle -----------------------------------------------------------------------
+    async def start(self) -> None:
+        """Register with the hub, send ``welcome``, arm the deadlines, subscribe server-side.
+
+        The caller has accepted the connection and registered nothing; :meth:`gone`
+        (or :meth:`close`) always unregisters.
+        """
+        self.hub.add_client(self)
+        self.send_frame(
+            Welcome(
+                client=self.id,
+                user=self.principal.sub,
+                ping_interval=self.settings.ping_interval,
+                exp=self.principal.exp,
+                node=self.settings.node_name,
+                epoch=self.hub.epoch,
+                subs=(server_subs := self.server_subscriptions()),
+                session=self.session,
+            )
+        )
+        self._schedule_ping()
+        self._schedule_expiry()
+        if server_subs:
+            await self._server_subscribe(server_subs)
+
+    def close(self, code: int, reason: str = "") -> None:
+        """Close with ``code`` (see protocol.py); idempotent, never blocks.
+
+        Releases the outbox and the client's channels at once; the transport tells
+        the peer (:meth:`Transport.close`) in the background, bounded in time.
+        """
+        if self.closed:
+            return
+        self.closed = True
+        self.close_code = code
+        metrics.CLOSES.labels(str(code)).inc()
+        # a drain closes every connection with 1012: one line per socket only at debug
+        level = logging.DEBUG if code == CLOSE_SERVICE_RESTART else logging.INFO
+        if log.isEnabledFor(level):
+            log.log(
+                level,
+                "session closed",
+                extra={
+                    "client": self.id,
+                    "code": code,
+                    "reason": reason,
+                    "channels": len(self.channels),
+                    "transport": self.transport.name,
+                },
+            )
+        self._cancel_timers()
+        self.outbox.close()
+        self.hub.remove_client(self)
+        self.transport.close(Disconnect.of(code, reason))
+
+    def gone(self) -> None:
+        """The peer went away (or the transport stopped reading): forget the client."""
+        if not self.closed and log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "client disconnected",
+                extra={"client": self.id, "channels": len(self.channels)},
+            )
+        self.closed = True
+        self._cancel_timers()
+        self.outbox.close()
+        self.hub.remove_client(self)
+
+    def _cancel_timers(self) -> None:
+        self._pings.clear(self)
+        self._pongs.clear(self)
+        self._expiries.clear(self)
+
+    def _schedule_ping(self) -> None:
+        self._pings.set(self, self.settings.ping_interval)
+
+    def _ping(self) -> None:
+        """The ping deadline: send ``ping``, await a ``pong`` (if the transport needs one)."""
+        if self.closed:
+            return
+        self.send(PING_FRAME, len(PING_FRAME))
+        if self.transport.expects_pong and self not in self._pongs:
+            self._pongs.set(self, self.settings.pong_timeout)
+        self._schedule_ping()
+
+    def _pong_missed(self) -> None:
+        self.close(CLOSE_HEARTBEAT_TIMEOUT, "no pong")
+
+    def _expired(self) -> None:
+        self.close(CLOSE_UNAUTHORIZED, "token expired")
+
+    def _schedule_expiry(self) -> None:
+        self._expiries.set(self, self.auth.expires_in(self.principal))
+
+    def reprincipal(self, principal: Principal) -> None:
+        """Take a refreshed token's ``principal`` (same ``sub``) and re-arm the expiry."""
+        self.principal = principal
+        self._schedule_expiry()
+
+    # --- inbound -----------------------------------------------------------------------
+    async def handle_text(self, text: str | None) -> None:
+        """Handle one client frame: a text holding one JSON command (None: a binary frame).
+
+        Rules (wire contract v1; OWASP WebSocket cheat sheet: validate every
+        message, limit rates):
+
+        - binary frames, non-JSON, non-objects, unknown ``op``, wrong field types
+          and nesting deeper than msgspec allows get ``error`` ``bad_request``
+          and cost one command token, so malformed floods are rate limited too;
+        - ``subscribe``/``unsubscribe``/``publish``/``refresh``/``presence`` (and a
+          repeated ``auth``) cost one token of the user's bucket; refused ones get
+          ``rate_limited`` with ``retry_after`` seconds and count as strikes;
+        - ``pong`` answering a ping is free; an unsolicited one costs a token;
+        - a frame longer than ``max_frame_bytes`` closes 1009 (normally uvicorn's
+          ``ws_max_size`` does this first, counting bytes after reassembly).
+
+        Never raises for client mistakes (no traceback is logged for them).
+        """
+        if text is None:
+            self.refuse(BAD_REQUEST, "binary frames are not supported", None, charge=True)
+            return
+        if len(text) > self.settings.max_frame_bytes:
+            self.close(CLOSE_TOO_BIG, "frame too big")
+            return
+        try:
+            cmd = decode_command(text)
+        except ProtocolError as exc:
+            self.refuse(BAD_REQUEST, str(exc), None, charge=True)
+            return
+        if isinstance(cmd, Pong):
+            if self in self._pongs:
+                self._pongs.clear(self)
+            else:  # unsolicited: free for a client answering pings, charged for a flood
+                self.charge(None)
+            return
+        if isinstance(cmd, Auth):
+            self.refuse(BAD_REQUEST, "already authenticated", None, charge=True)
+            return
+        metrics.COMMANDS.labels(type(cmd).__name__.lower()).inc()
+        if not self.charge(cmd.id):
+            return
+        await commands.handle(self, cmd)
+
+    def refuse(self, code: str, message: str, req_id: object, *, charge: bool = False) -> None:
+        """Answer ``error``; with ``charge`` the frame also costs a command token."""
+        self.send_frame(Error(code=code, message=message, id=req_id))  # type: ignore[arg-type]
+        if charge:
+            self.charge(None)
+
+    def charge(self, req_id: object) -> bool:
+        """Take one token from the user's command bucket (shared by all their connections).
+
+        Returns:
+            True when granted. When refused, answers ``error`` ``rate_limited``
+            with ``retry_after`` (seconds) and returns False; the refusal is this
+            connection's strike, and a connection refused more than
+            ``PUSHSVC_RATE_LIMIT_STRIKES`` times in a row is closed with 4008.
+            Strikes are counted per connection, so a user's well-behaved socket is
+            not closed for the flood of their other one.
+        """
+        wait = self.bucket.take()
+        if not wait:
+            self._strikes = 0
+            return True
+        self._strikes += 1
+        metrics.RATE_LIMITED.inc()
+        if self._strikes > self.settings.rate_limit_strikes:
+            self.close(CLOSE_RATE_LIMITED, "rate limit exceeded repeatedly")
+            return False
+        self.send_frame(
+            Error(
+                code=RATE_LIMITED,
+                message="too many commands",
+                id=req_id,  # type: ignore[arg-type]
+                retry_after=round(wait, 3),
+            )
+        )
+        return False
+
+    def target(self, name: object) -> str:
+        """A subscription target: a channel, or a pattern when wildcards are on.
+
+        Raises:
+            InvalidChannel: malformed, or a pattern with
+                ``PUSHSVC_WILDCARD_SUBSCRIPTIONS=false``.
+        """
+        if is_pattern(name):
+            if not self.settings.wildcard_subscriptions:
+                raise InvalidChannel("wildcard subscriptions are off on this server")
+            return _validate_pattern(name)
+        return validate_channel(name)
+
+    def server_subscriptions(self) -> list[str]:
+        """Channels the server subscribes this client to at ``welcome``, in order.
+
+        The token's ``subs`` claim (Centrifugo's server-side subscriptions),
+        preceded by ``user.<sub>`` with ``PUSHSVC_AUTO_SUBSCRIBE_PERSONAL`` and
+        followed by the channels the connection opened with (SSE, HTTP-streaming).
+        """
+        subs = list(self.principal.subs)
+        if self.settings.auto_subscribe_personal:
+            subs.insert(0, personal_channel(self.principal.sub))
+        return list(dict.fromkeys([*subs, *self._extra]))
+
+    def resume_position(self, channel: str) -> SubResume | None:
+        """The position a server-side subscription to ``channel`` resumes from, if any."""
+        return self._resume.get(channel)
+
+    async def _server_subscribe(self, channels: list[str]) -> None:
+        await commands.server_subscribe(self, channels)

@@ -1,0 +1,190 @@
+"""uvicorn's ``websockets-sansio`` protocol with three handshake-refusal fixes.
+
+Use it as uvicorn's ``ws`` setting: ``ws="pushsvc.ws.protocol:WebSocketProtocol"``
+(``pushsvc serve`` and the test fixtures do). Found by tests/test_hostile.py
+against uvicorn 0.54 / websockets 17:
+
+1. A handshake the ``websockets`` parser rejects before it is a request -- a
+   request line or header line over 8192 bytes (e.g. a 9 KB ``?token=`` or
+   ``Authorization`` header), more than 128 headers, or garbage after the
+   ``Upgrade`` -- gets its answer (414/431) queued but never written, and the
+   connection is never closed: one such request holds a socket forever, and
+   uvicorn's graceful shutdown then crashes on it (``AssertionError`` in
+   ``send_eof``), so the remaining sessions are not closed with 1012. Here the
+   answer is written and the connection closed at once.
+2. A handshake refused by the app with the ASGI "websocket.http.response"
+   extension (pushsvc's 403/429/503 before accept) is logged by uvicorn as an
+   ERROR "ASGI callable returned without completing handshake.": hostile clients
+   could flood the error log. The refusal is complete once its body is sent.
+3. A handshake asking for a ``Sec-WebSocket-Version`` other than 13 got ``400``;
+   RFC 6455 4.2.2 (and 4.4) asks for ``426 Upgrade Required`` with
+   ``Sec-WebSocket-Version: 13`` so that the client can retry with a version the
+   server speaks.
+
+And one memory/CPU fix: the HTTP protocol object that read the upgrade request
+(uvicorn's ``HttpToolsProtocol``) stays in a reference cycle with its
+``httptools`` parser after the upgrade (uvicorn breaks it only in
+``connection_lost``, which an upgraded connection never calls on it), so every
+WebSocket left ~5 KiB of garbage for the cyclic collector; in a reconnect storm
+those objects reach the oldest generation and full collections were most of
+the server's CPU per connection. The cycle is broken right after the upgrade.
+
+With :class:`pushsvc.server.httpprotocol.HttpToolsProtocol` as uvicorn's ``http``
+protocol, :meth:`WebSocketProtocol.upgrade` takes the request ``httptools``
+already parsed instead of parsing it a second time. Protocol pings are armed on
+the loop's shared coarse timer (:mod:`pushsvc.core.deadlines`), and the handshake's
+request and response are dropped once the 101 is written.
+"""
+
+from __future__ import annotations
+
+from asyncio import BaseTransport, Transport
+from collections.abc import Coroutine
+from http import HTTPStatus
+from operator import methodcaller
+from typing import Any
+
+from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+from websockets.http11 import Request
+from websockets.protocol import Protocol
+
+from ..core.deadlines import deadlines
+
+WEBSOCKET_VERSION = "13"  # RFC 6455 4.1 (the only version)
+_SEND_KEEPALIVE_PING = methodcaller("send_keepalive_ping")  # uvicorn's, or an override
+
+
+class WebSocketProtocol(WebSocketsSansIOProtocol):
+    """:class:`WebSocketsSansIOProtocol` that answers and closes rejected handshakes."""
+
+    def connection_made(self, transport: BaseTransport) -> None:
+        """Take the connection from the HTTP protocol, then release that protocol's parser.
+
+        uvicorn calls this during the upgrade, while the transport still points at the
+        HTTP protocol; once the upgrade has returned (next loop turn), the HTTP
+        protocol's ``parser`` is dropped as uvicorn's own ``connection_lost`` does.
+        """
+        super().connection_made(transport)
+        http = transport.get_protocol()
+        if http is not self and hasattr(http, "parser"):
+            self.loop.call_soon(_release_parser, http)
+
+    def upgrade(
+        self,
+        transport: Transport,
+        request: Request,
+        server: tuple[str, int | None] | None,
+        client: tuple[str, int] | None,
+    ) -> None:
+        """Take over ``transport`` with its opening handshake already parsed.
+
+        What ``connection_made`` then ``data_received(<the request's bytes>)`` do,
+        without the bytes: called by :class:`pushsvc.server.httpprotocol.HttpToolsProtocol`,
+        which read the request with ``httptools`` and built ``request``. The
+        ``websockets`` connection skips its HTTP request parser and starts on
+        frames, as it does after parsing a request itself; the request is then
+        validated and answered (101 on accept, or the refusal) by
+        :meth:`handle_connect`, as on uvicorn's path.
+
+        Args:
+            transport: the connection (still pointing at the HTTP protocol).
+            request: the opening handshake (path with query, headers).
+            server / client: local and peer address as the HTTP protocol found them.
+        """
+        self.connections.add(self)
+        self.transport = transport
+        self.server = server
+        self.client = client
+        self.scheme = "wss" if transport.get_extra_info("sslcontext") else "ws"
+        conn = self.conn
+        conn.parser = Protocol.parse(conn)  # the frame parser ServerProtocol.parse ends in
+        next(conn.parser)
+        self.handle_connect(request)
+
+    def schedule_ping(self) -> None:
+        """Arm the next protocol ping (RFC 6455 5.5.2) on the loop's shared coarse timer.
+
+        uvicorn gives every connection its own ``call_later`` timer for it, held
+        for the connection's life; here it is an entry in
+        :func:`pushsvc.core.deadlines.deadlines` (0.1 s ticks: the ping interval is
+        20 s). The pong deadline after each ping stays uvicorn's own timer.
+        """
+        assert self.ping_interval is not None
+        delay = max(0.0, self.ping_interval - self.last_ping_rtt)
+        deadlines(self.loop, "ws-ping", _SEND_KEEPALIVE_PING).set(self, delay)
+
+    def stop_keepalive(self) -> None:
+        """Disarm the protocol ping, then uvicorn's own cleanup (the pong timer)."""
+        deadlines(self.loop, "ws-ping", _SEND_KEEPALIVE_PING).clear(self)
+        super().stop_keepalive()
+
+    def data_received(self, data: bytes) -> None:
+        """Feed bytes; if the opening handshake was rejected by the parser, answer and close."""
+        super().data_received(data)
+        if (
+            not self.handshake_initiated
+            and not self.close_sent
+            and self.conn.handshake_exc is not None
+        ):
+            self.transport.write(b"".join(self.conn.data_to_send()))
+            self.handshake_complete = True
+            self.close_sent = True
+            self.transport.close()
+
+    def handle_connect(self, event: Request) -> None:
+        """An opening handshake: 426 for an unsupported version, else as uvicorn does."""
+        versions = event.headers.get_all("Sec-WebSocket-Version")
+        if len(versions) != 1 or versions[0].strip() == WEBSOCKET_VERSION:
+            super().handle_connect(event)
+            return
+        response = self.conn.reject(
+            HTTPStatus.UPGRADE_REQUIRED,
+            f"Failed to open a WebSocket connection: unsupported Sec-WebSocket-Version "
+            f"(this server speaks {WEBSOCKET_VERSION}).\n",
+        )
+        response.headers["Upgrade"] = "websocket"
+        response.headers["Sec-WebSocket-Version"] = WEBSOCKET_VERSION
+        self.request = event
+        self.response = response
+        self.handshake_initiated = True
+        self.handshake_complete = True
+        self.close_sent = True
+        self.conn.send_response(response)
+        self.transport.write(b"".join(self.conn.data_to_send()))
+        self.transport.close()
+
+    def send(self, message: Any) -> Coroutine[Any, Any, None]:
+        """ASGI send; a finished denial response completes the handshake (no ERROR log).
+
+        A plain method returning the coroutine to await: every delivery goes
+        through here, so it adds no coroutine frame of its own.
+        """
+        kind = message["type"]
+        if kind == "websocket.accept":
+            return self._send_accept(message)
+        if kind == "websocket.http.response.body" and not message.get("more_body", False):
+            return self._send_denial_body(message)
+        return super().send(message)
+
+    async def _send_accept(self, message: Any) -> None:
+        """uvicorn's accept (the 101 response), then forget the opening handshake.
+
+        uvicorn keeps the ``websockets`` request and response (each with its
+        headers: ~20 container objects and their strings) for the life of the
+        connection but never reads them after the 101 is written: dropped here,
+        they cost neither idle memory nor garbage-collector passes.
+        """
+        try:
+            await super().send(message)
+        finally:
+            if self.handshake_complete:
+                self.request = self.response = None  # type: ignore[assignment]
+
+    async def _send_denial_body(self, message: Any) -> None:
+        await super().send(message)
+        self.handshake_complete = True
+
+
+def _release_parser(http: Any) -> None:
+    """Break the HTTP protocol <-> ``httptools`` parser cycle of an upgraded connection."""
+    http.parser = None

@@ -1,0 +1,201 @@
+"""The WebSocket transport: RFC 6455 text frames, uvicorn's direct path, eager ASGI sends.
+
+:class:`WebSocketTransport` is what the connection core
+(:mod:`pushsvc.core.transport`) writes to. Two ways a batch reaches the socket:
+
+- **direct** (uvicorn's websockets-sansio protocol, no extension negotiated):
+  the batch is framed once (:func:`text_frame`, RFC 6455 5.2, built by the
+  ``websockets`` library; the same bytes uvicorn would write) and written to the
+  connection's asyncio transport, with no ASGI send coroutine;
+- **ASGI**: any other server, or a direct connection under backpressure (uvicorn's
+  ``writable`` event clear) or closing: the ASGI ``websocket.send`` coroutine is
+  started *eagerly* (``coro.send(None)``); when the server writes at once (the
+  usual case) it completes synchronously with no task. When it yields (waiting for
+  the socket to drain) the send is in flight and :meth:`WebSocketTransport.drained`
+  finishes it (:func:`resume`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import struct
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
+
+from ..protocol import Disconnect
+from ..server.eager import resume
+
+try:  # the direct write path applies to uvicorn's websockets-sansio protocol only
+    from uvicorn.protocols.websockets.websockets_sansio_impl import (
+        WebSocketsSansIOProtocol as _SansIOProtocol,
+    )
+    from websockets.frames import Frame, Opcode
+    from websockets.protocol import State
+
+    _OPEN: Any = State.OPEN
+except ImportError:  # pragma: no cover - another ASGI server
+    _SansIOProtocol = None  # type: ignore[assignment,misc]
+    _OPEN = None
+
+ASGISend = Callable[[dict[str, Any]], Awaitable[None]]
+ASGIReceive = Callable[[], Awaitable[dict[str, Any]]]
+
+CLOSE_TIMEOUT = 2.0  # seconds to get a close frame out before dropping the socket
+_MAX_REASON = 120  # bytes of a close reason (RFC 6455 5.5: 125-byte control payload)
+
+_last_text: str | None = None
+_last_frame = b""
+
+
+def text_frame(text: str) -> bytes:
+    """The wire bytes of a server text frame carrying ``text`` (RFC 6455 5.2, unmasked).
+
+    A fan-out hands the same ``str`` to every connection in turn, so a one-entry
+    cache keyed by identity frames a message once, not once per socket.
+    """
+    global _last_text, _last_frame
+    if text is not _last_text:
+        _last_frame = Frame(Opcode.TEXT, text.encode()).serialize(mask=False)
+        _last_text = text
+    return _last_frame
+
+
+def abort_connection(receive: ASGIReceive) -> bool:
+    """Abort the TCP connection behind ``receive``, when the server exposes it.
+
+    ASGI has no "abort". uvicorn passes its protocol's bound ``receive`` method
+    unwrapped through Starlette, and the protocol's ``transport`` is an asyncio
+    transport: ``abort()`` drops its buffer and the socket at once (the reader then
+    gets ``websocket.disconnect``); with ``SO_LINGER`` 0 the kernel resets the
+    connection and frees its send buffer too. With another server this does
+    nothing and the server's own timeouts apply. Returns True when it aborted.
+    """
+    transport = getattr(getattr(receive, "__self__", None), "transport", None)
+    abort = getattr(transport, "abort", None)
+    if not callable(abort):
+        return False
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        try:  # linger 0: reset, so the kernel frees its send buffer now, not after probes
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        except Exception:  # already closed, or a transport without a real socket
+            pass
+    abort()
+    return True
+
+
+def direct_protocol(receive: ASGIReceive) -> Any:
+    """uvicorn's websockets-sansio protocol behind ``receive``, if frames can bypass ASGI.
+
+    It needs uvicorn's sans-I/O protocol with no extension negotiated (per-message
+    deflate off); any other server uses the ASGI path.
+    """
+    proto = getattr(receive, "__self__", None)
+    if _SansIOProtocol is None or not isinstance(proto, _SansIOProtocol):
+        return None
+    if proto.conn.extensions:
+        return None
+    return proto
+
+
+def can_write_direct(proto: Any) -> bool:
+    """True while the connection is open and uvicorn would write at once (no backpressure)."""
+    return (
+        proto.writable.is_set()
+        and not proto.close_sent
+        and proto.conn.state is _OPEN
+        and not proto.transport.is_closing()
+    )
+
+
+class WebSocketTransport:
+    """The core's :class:`~pushsvc.core.transport.Transport` over an accepted ASGI WebSocket.
+
+    Args:
+        send / receive: the ASGI callables of the *accepted* WebSocket.
+
+    Attributes:
+        reader: the task reading the connection (set by the endpoint): cancelled
+            when a close frame could not be written in time.
+    """
+
+    name = "ws"
+    expects_pong = True
+    framing = staticmethod(text_frame)
+
+    __slots__ = ("_closer", "_direct", "_inflight", "_receive", "_send", "reader", "wire")
+
+    def __init__(self, send: ASGISend, receive: ASGIReceive) -> None:
+        self._send = send
+        self._receive = receive
+        self._direct = direct_protocol(receive)
+        self.wire: asyncio.WriteTransport | None = (
+            None if self._direct is None else self._direct.transport
+        )
+        # an ASGI send that hit backpressure: (its coroutine, what it yielded)
+        self._inflight: tuple[Coroutine[Any, Any, None], Any] | None = None
+        self._closer: asyncio.Task[None] | None = None
+        self.reader: asyncio.Task[Any] | None = None
+
+    def can_write(self) -> bool:
+        """False while an ASGI send is in flight (the server applies backpressure)."""
+        return self._inflight is None
+
+    def write(self, text: str) -> None:
+        """Write one batch: direct when uvicorn would write at once, else an eager ASGI send.
+
+        Raises:
+            OSError: the peer is gone (the ASGI server's ``send`` raised it).
+        """
+        direct = self._direct
+        if direct is not None and can_write_direct(direct):
+            direct.transport.write(text_frame(text))
+            return
+        coro = self._send({"type": "websocket.send", "text": text})
+        try:
+            blocker = coro.send(None)
+        except StopIteration:
+            return
+        self._inflight = (coro, blocker)
+
+    async def drained(self) -> None:
+        """Finish the ASGI send in flight (see :func:`resume`)."""
+        inflight, self._inflight = self._inflight, None
+        if inflight is not None:
+            await resume(*inflight)
+
+    def close(self, disconnect: Disconnect) -> None:
+        """Send the close frame in the background (bounded by ``CLOSE_TIMEOUT`` seconds)."""
+        inflight, self._inflight = self._inflight, None
+        if inflight is not None:
+            inflight[0].close()  # abandon the blocked send: the close frame comes next
+        reason = disconnect.reason.encode()[:_MAX_REASON].decode(errors="ignore")
+        loop = asyncio.get_running_loop()
+        self._closer = loop.create_task(self._send_close(disconnect.code, reason))
+
+    async def wait_closed(self) -> None:
+        """Wait until the close frame is out or given up on (at most ``CLOSE_TIMEOUT``)."""
+        if self._closer is not None and not self._closer.done():
+            await asyncio.wait([self._closer])
+
+    async def _send_close(self, code: int, reason: str) -> None:
+        """Write the close frame; if the peer does not take it in time, drop the connection.
+
+        A peer that does not read keeps the server's buffers (the transport's and
+        the kernel's, megabytes) full, and a graceful close waits for them to drain:
+        so the TCP connection is aborted (uvicorn) and the reader stopped.
+        """
+        try:
+            async with asyncio.timeout(CLOSE_TIMEOUT):
+                await self._send({"type": "websocket.close", "code": code, "reason": reason})
+            return
+        except Exception:
+            pass
+        self.abort()
+
+    def abort(self) -> None:
+        """Drop the TCP connection (uvicorn) and stop the reader."""
+        abort_connection(self._receive)
+        if self.reader is not None and not self.reader.done():
+            self.reader.cancel()
