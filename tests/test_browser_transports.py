@@ -34,7 +34,7 @@ async def test_falls_back_to_sse_and_resumes_after_a_restart(start_server, nc, c
     async with httpx.AsyncClient() as http:
         if (await http.get(f"{srv.base}/sse")).status_code == 404:
             pytest.skip("this pushsvc has no GET /sse yet (issue 23)")
-    token = srv.token("sia", extra={"presence": ["*.room"]})
+    token = srv.token("sia", publish=[channel], extra={"presence": ["*.room"]})
     async with launch() as browser:
         page = await browser.new_page()
         await page.add_init_script(REFUSE_WEBSOCKET)
@@ -66,7 +66,9 @@ async def test_falls_back_to_sse_and_resumes_after_a_restart(start_server, nc, c
         await page.wait_for_function("() => window.got.length === 3", timeout=10000)
 
         port = srv.settings.port
-        await srv.stop()  # the stream ends with `event: close` 1012
+        # the drain's step (close every connection with 1012: `event: close`), then the stop
+        srv.node.hub.close_all(1012, "service restart")
+        await srv.stop()
         for i in range(3, 8):  # published while the page is away
             await nc.publish(f"push.{channel}", json.dumps({"i": i}).encode())
         await nc.flush()

@@ -92,8 +92,8 @@ export class PushsvcClient extends Emitter<ClientEvents> {
   private _stopped = true; // connect() not called yet, close() called, or a terminal close code
   private _hbTimeout: number;
   private _serverSubs = new Map<string, Position>(); // server-side subscription -> position
-  private _cursor: string | null = null; // the HTTP stream's cursor (last event id)
-  private _urlChannels = new Set<string>(); // channels the current HTTP stream was opened with
+  private _urlChannels = new Set<string>(); // channels the current HTTP stream resumes by its event id
+  private _noResume = false; // the last HTTP stream opened with resumed channels was refused
   private _onOnline = () => {
     if (!this._stopped && !this._t && !this._opening && this._timers.reconnect !== undefined) {
       this._log("online: reconnecting now");
@@ -335,9 +335,6 @@ export class PushsvcClient extends Emitter<ClientEvents> {
       onFrame: (f) => {
         if (this._t === t) this._onFrame(f);
       },
-      onCursor: (id) => {
-        if (this._t === t) this._cursor = id;
-      },
       onClose: (code, reason) => {
         if (this._t === t) this._onClose(code, reason);
       },
@@ -349,11 +346,9 @@ export class PushsvcClient extends Emitter<ClientEvents> {
         this._urlChannels = new Set();
         t = new WebSocketTransport(this._WS!, this.url, h);
       } else {
-        const channels: string[] = [];
-        if (this._cursor !== null) this._channels.forEach((e) => e.onStream && !this._serverSubs.has(e.channel) && channels.push(e.channel));
-        this._channels.forEach((e) => (e.onStream = false));
-        this._urlChannels = new Set(channels);
-        t = new HttpTransport(name, { base: this.baseUrl, token: this.token!, channels, cursor: this._cursor, fetch: this._fetch! }, h);
+        const { channels, cursor } = this._streamChannels();
+        this._urlChannels = new Set(cursor !== null ? channels : []); // resumed by the event id
+        t = new HttpTransport(name, { base: this.baseUrl, token: this.token!, channels, cursor, fetch: this._fetch! }, h);
       }
     } catch (err) {
       this._emit("error", err as Error);
@@ -361,6 +356,31 @@ export class PushsvcClient extends Emitter<ClientEvents> {
     }
     this._t = t;
     this._armWatchdog(this.connectTimeout);
+  }
+
+  /**
+   * The channels and the event id (`<epoch>:<seq>`) an HTTP stream opens with. Resumed by the id:
+   * the channels confirmed on the previous stream whose position belongs to its epoch, and the
+   * server-side subscriptions with a position; the id is the lowest of their seqs, so no channel
+   * misses anything (what one has seen already is dropped as a duplicate). The others are
+   * subscribed by command after `welcome`, with their own since/epoch, as on WebSocket, so a
+   * refusal stays theirs. The server wants at least one channel: with none to resume, the stream
+   * opens with the user's personal channel `user.<sub>` (always granted), which stays subscribed.
+   */
+  private _streamChannels(): { channels: string[]; cursor: string | null } {
+    const epoch = this.welcome && typeof this.welcome.epoch === "string" ? this.welcome.epoch : null;
+    const channels: string[] = [];
+    let min: number | null = null;
+    const take = (channel: string, p: Position) => {
+      if (p.lastSeq === null || p.epoch !== epoch || epoch === null || this._noResume) return;
+      channels.push(channel);
+      min = min === null ? p.lastSeq : Math.min(min, p.lastSeq);
+    };
+    this._channels.forEach((e) => e.onStream && take(e.channel, e));
+    this._serverSubs.forEach((p, ch) => !this._channels.has(ch) && take(ch, p));
+    if (min !== null) return { channels, cursor: epoch + ":" + min };
+    const sub = tokenSub(this.token);
+    return { channels: sub ? ["user." + sub] : Array.from(this._channels.keys()), cursor: null };
   }
 
   private _authFrame(): object {
@@ -517,6 +537,7 @@ export class PushsvcClient extends Emitter<ClientEvents> {
         break;
       case "unsubscribed": {
         const uf = f as UnsubscribedFrame;
+        this._serverSubs.delete(uf.channel);
         p = this._take(f.id);
         if (p) p.resolve!(uf);
         else if ((e = this._channels.get(uf.channel))) {
@@ -538,7 +559,9 @@ export class PushsvcClient extends Emitter<ClientEvents> {
     this._hbTimeout = Math.max(pi * 1.5, pi + 10);
     this._ready = true;
     this._attempt = 0;
+    this._noResume = false;
     this.welcome = f;
+    this._channels.forEach((e) => (e.onStream = false)); // set again by this stream's `subscribed`
     if (this._t) this._sticky = this._t.name;
     this._armWatchdog(this._hbTimeout);
     this._scheduleRefresh(f.exp);
@@ -546,9 +569,9 @@ export class PushsvcClient extends Emitter<ClientEvents> {
     for (const ch of Array.isArray(f.subs) ? f.subs : []) serverSubs.set(ch, this._serverSubs.get(ch) || { lastSeq: null, epoch: null });
     this._serverSubs = serverSubs;
     this._channels.forEach((entry) => {
-      if (!serverSubs.has(entry.channel) && !this._urlChannels.has(entry.channel)) this._sendSubscribe(entry);
+      if (!serverSubs.has(entry.channel)) this._sendSubscribe(entry); // stream channels are listed in subs
     });
-    // channels the stream was opened with but no longer wanted
+    // resumed channels unsubscribed while the stream was opening
     this._urlChannels.forEach((ch) => {
       if (!this._channels.has(ch)) this._request({ op: "unsubscribe", channel: ch }).catch(() => {});
     });
@@ -636,10 +659,10 @@ export class PushsvcClient extends Emitter<ClientEvents> {
     this._detach();
     this._failPending();
     if (this._stopped) return;
-    if (code === 4003 && t && !t.framed && this._urlChannels.size) {
-      // an HTTP stream refused 403 with channels in its URL (a grant gone): reopen without them,
-      // they are subscribed by command (with since) after welcome
-      this._cursor = null;
+    if (!welcomed && t && !t.framed && /^HTTP 40[03]\b/.test(reason) && !this._noResume && this._urlChannels.size) {
+      // an HTTP stream refused with resumed channels (a grant gone, a bad position): open the next
+      // one without; they are subscribed by command (with since) after welcome
+      this._noResume = true;
       code = 1006;
     }
     if (!welcomed && !this._sticky && transportFailed(code) && this._tIndex + 1 < this._transports.length) {
@@ -671,5 +694,16 @@ export class PushsvcClient extends Emitter<ClientEvents> {
       this._setTimer("reconnect", () => this._open(), delay);
     }
     this._emit("disconnected", { code, reason: reason || "", willReconnect: delay !== null, delay: delay === null ? null : delay / 1000 });
+  }
+}
+
+/** The `sub` claim of a JWT (read, not verified: the server verifies), or null. */
+function tokenSub(token: string | null): string | null {
+  try {
+    const b64 = token!.split(".")[1].replace(/-/g, "+").replace(/_/g, "/");
+    const sub = JSON.parse(atob(b64 + "===".slice((b64.length + 3) % 4))).sub;
+    return typeof sub === "string" && /^[A-Za-z0-9_-]+$/.test(sub) ? sub : null;
+  } catch {
+    return null;
   }
 }

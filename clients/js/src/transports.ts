@@ -7,8 +7,8 @@
  * - `http_stream`: `POST <base>/stream` (fetch, body `{channels, last_event_id?}`,
  *   `Authorization: Bearer`), the answer is NDJSON, one frame per line.
  * - `sse`: `GET <base>/sse?channel=...&last_event_id=...` (fetch with `Authorization: Bearer`,
- *   read as `text/event-stream`: `event:` names the frame type, `data:` holds the frame, `id:` the
- *   stream cursor; comment lines are heartbeats).
+ *   read as `text/event-stream`: `event:` names the frame type, `data:` holds the frame; comment
+ *   lines are heartbeats).
  *
  * On both HTTP transports the welcome frame carries `session`, and commands go to
  * `POST <base>/sse/commands` `{session, commands: [...]}` (answers arrive on the stream). Commands
@@ -27,8 +27,6 @@ export interface TransportHandlers {
   onActivity(): void;
   /** One frame, in order. */
   onFrame(f: Frame): void;
-  /** The stream cursor after the frames handed over so far (HTTP transports: `id:` / message `id`). */
-  onCursor(id: string): void;
   /** The connection ended (WebSocket close code, or the equivalent for HTTP refusals and ends). */
   onClose(code: number, reason: string): void;
 }
@@ -142,10 +140,9 @@ export class HttpTransport implements Transport {
   private session: string | null = null;
   private queue: object[] = [];
   private posting = false;
-  // SSE parser state: the event being assembled
+  // the text/event-stream event being assembled
   private event = "";
   private data: string[] = [];
-  private id: string | null = null;
 
   constructor(
     readonly name: "http_stream" | "sse",
@@ -223,36 +220,36 @@ export class HttpTransport implements Transport {
         const line = buf.slice(0, nl).replace(/\r$/, "");
         buf = buf.slice(nl + 1);
         if (this.name === "sse") this.sseLine(line);
-        else this.frame(parse(line), null);
+        else this.frame(parse(line));
       }
     }
   }
 
-  /** One line of text/event-stream (WHATWG HTML 9.2.6): fields build an event, a blank line ends it. */
+  /**
+   * One line of text/event-stream (WHATWG HTML 9.2.6): fields build an event, a blank line ends
+   * it. `event:` names the frame type (none: a `message`), `data:` lines hold the frame; `id:` is
+   * the `<epoch>:<seq>` of a message, which its frame carries too, and comments are heartbeats.
+   */
   private sseLine(line: string): void {
     if (line === "") {
-      const data = this.data, id = this.id, event = this.event;
+      const data = this.data, event = this.event;
       this.data = [];
-      this.id = null;
       this.event = "";
-      if (data.length) {
-        const f = parse(data.join("\n"));
-        if (f && !f.type) f.type = event || "message";
-        this.frame(f, id);
-      } else if (id !== null) this.h.onCursor(id); // an id-only block: a cursor, no event
-      return;
+      if (!data.length) return;
+      const f = parse(data.join("\n"));
+      if (f && !f.type) f.type = event || "message";
+      return this.frame(f);
     }
-    if (line[0] === ":") return; // a comment: the heartbeat
+    if (line[0] === ":") return;
     const colon = line.indexOf(":");
     const field = colon < 0 ? line : line.slice(0, colon);
     let value = colon < 0 ? "" : line.slice(colon + 1);
     if (value[0] === " ") value = value.slice(1);
     if (field === "data") this.data.push(value);
     else if (field === "event") this.event = value;
-    else if (field === "id") this.id = value;
   }
 
-  private frame(f: Frame | null, id: string | null): void {
+  private frame(f: Frame | null): void {
     if (!f || this.dead) return;
     if (f.type === "close") {
       return this.end(typeof f.code === "number" ? f.code : 1006, typeof f.reason === "string" ? f.reason : "");
@@ -261,14 +258,7 @@ export class HttpTransport implements Transport {
       this.session = f.session;
       this.pump();
     }
-    if (id === null && f.type === "message" && (typeof f.id === "string" || typeof f.id === "number")) id = String(f.id);
-    if (f.type === "id" || f.type === "position") {
-      // an NDJSON cursor line (the equivalent of an id-only SSE block)
-      if (typeof f.id === "string") this.h.onCursor(f.id);
-      return;
-    }
     this.h.onFrame(f);
-    if (id !== null && !this.dead) this.h.onCursor(id);
   }
 
   /** Send the queued commands: one POST at a time, in order. */
