@@ -7,8 +7,10 @@ import { PushsvcClient } from "../dist/index.mjs";
 import { channel, next, startServer, until } from "./server.mjs";
 
 let srv;
+const clients = []; // closed at the end, also when a test fails (a client keeps reconnecting)
 const ENV = { PUSHSVC_MAX_CONNECTIONS_PER_USER: "1" };
 after(async () => {
+  for (const c of clients) c.close();
   if (srv) await srv.cleanup();
 });
 
@@ -26,6 +28,7 @@ test("resume after a server restart on the same store: nothing lost, nothing twi
   const { port, dataDir } = srv;
   const ch = channel(), pattern = `${channel()}.*`;
   const c = new PushsvcClient({ url: srv.base, WebSocket: GatedWebSocket, transports: ["websocket"], getToken: () => srv.token("ray") });
+  clients.push(c);
   const got = [], wild = [], closes = [], subscribed = [];
   c.on("disconnected", (d) => closes.push(d.code));
   c.on("subscribed", (f) => subscribed.push([f.channel, f.recovered]));
@@ -66,12 +69,14 @@ test("the `online` event reconnects at once instead of after the backoff delay",
   // the client then waits 30 s + backoff, unless the browser says it is online again
   const token = await srv.token("cap");
   const first = new PushsvcClient({ url: srv.base, WebSocket, transports: ["websocket"], token });
+  clients.push(first);
   await next(first.connect(), "connected");
   const target = new EventTarget();
   globalThis.addEventListener = target.addEventListener.bind(target);
   globalThis.removeEventListener = target.removeEventListener.bind(target);
   try {
     const c = new PushsvcClient({ url: srv.base, WebSocket, transports: ["websocket"], token });
+    clients.push(c);
     const d = await next(c.connect(), "disconnected");
     assert.equal(d.code, 4008);
     assert.ok(d.willReconnect && d.delay >= 30);

@@ -22,7 +22,14 @@ export async function startServer(o = {}) {
   const dataDir = o.dataDir || mkdtempSync(join(tmpdir(), "pushsvc-js-"));
   const args = ["serve", "--dev", "--port", String(o.port ?? 0), "--data-dir", dataDir, ...(o.args || [])];
   const env = { ...process.env, PUSHSVC_JWT_SECRET: SECRET, PUSHSVC_API_KEYS: API_KEY, PUSHSVC_LOG_LEVEL: "warning", PUSHSVC_JWT_LEEWAY: "0", ...(o.env || {}) };
-  const proc = spawn(PUSHSVC, args, { env, stdio: ["ignore", "pipe", "pipe"] });
+  // its own process group, so that a kill reaches the bundled nats-server too
+  const proc = spawn(PUSHSVC, args, { env, stdio: ["ignore", "pipe", "pipe"], detached: true });
+  const killGroup = () => {
+    try {
+      process.kill(-proc.pid, "SIGKILL");
+    } catch {}
+  };
+  process.on("exit", killGroup);
   let out = "", err = "";
   proc.stderr.on("data", (d) => (err += d));
   const base = await new Promise((resolve, reject) => {
@@ -64,14 +71,20 @@ export async function startServer(o = {}) {
       if (r.status !== 202) throw new Error(`POST /emit/${channel}: ${r.status} ${await r.text()}`);
       return r.json();
     },
-    /** SIGTERM (drain: sockets closed with 1012) and wait for the exit; keeps the store. */
+    /**
+     * SIGTERM (drain: connections closed with 1012) and wait for the exit; keeps the store.
+     * A server still running 12 s later is killed with its nats-server (SIGKILL to the group).
+     */
     async stop() {
-      if (proc.exitCode !== null || proc.signalCode !== null) return;
-      const exited = new Promise((r) => proc.on("exit", r));
-      proc.kill("SIGTERM");
-      const t = setTimeout(() => proc.kill("SIGKILL"), 15000);
-      await exited;
-      clearTimeout(t);
+      if (proc.exitCode === null && proc.signalCode === null) {
+        const exited = new Promise((r) => proc.on("exit", r));
+        proc.kill("SIGTERM");
+        const t = setTimeout(killGroup, 12000);
+        await exited;
+        clearTimeout(t);
+      }
+      killGroup(); // nothing of it survives (the nats-server child exits with it normally)
+      process.off("exit", killGroup);
     },
     /** stop() and remove the store (unless it was given). */
     async cleanup() {
