@@ -33,6 +33,7 @@ from .api.history import history_router
 from .api.openapi import ErrorBody, install, ref, text_body
 from .api.presence import presence_router
 from .api.probes import Readiness, probes_router
+from .api.serverapi import server_api_router
 from .api.streams import streams_router
 from .auth.revocations import RevocationStore
 from .auth.tokens import Authenticator, Revocation, parse_revocation
@@ -46,10 +47,16 @@ from .core.hub import Hub
 from .core.joinleave import JoinLeave
 from .core.presence import PresenceRegistry
 from .core.ratelimit import BucketRegistry
+from .lifecycle.events import LifecycleEvents
+from .lifecycle.lost import NodeLost
+from .lifecycle.occupancy import Occupancy
 from .logs import install_redaction
 from .protocol import CLOSE_SERVICE_RESTART
+from .server.capacity import fd_budget
 from .server.drain import SigtermDelay
 from .server.embedded import EmbeddedNats, start_default
+from .serverapi.cluster import ServerAPI
+from .serverapi.local import LocalOps
 from .sse.endpoint import StreamEndpoint
 from .sse.sessions import OP as STREAM_COMMANDS
 from .sse.sessions import StreamSessions
@@ -114,7 +121,9 @@ class Node:
         self.command_buckets = BucketRegistry(settings.command_rate, settings.command_burst)
         self.emit_buckets = BucketRegistry(settings.emit_rate, settings.emit_burst)
         #: origin allowlist and connection caps, every transport's connections together
-        self.admission = Admission(settings, self.hub, self.accepting)
+        #: this process's open-file budget (connections it can hold; pushsvc.server.capacity)
+        self.fds = fd_budget()
+        self.admission = Admission(settings, self.hub, self.accepting, self.fds.full)
         self.endpoint = WebSocketEndpoint(
             settings,
             self.hub,
@@ -123,8 +132,9 @@ class Node:
             self.admission,
             presence=self.presence,
         )
+        self._wire_backends(settings)
         # SSE and HTTP-streaming: stream sessions reached by POST /sse/commands on any node
-        self.stream_sessions = StreamSessions()
+        self.stream_sessions = StreamSessions(self.hub.node_id)
         self.tickets = Tickets(self.bus.kv, settings.ticket_ttl)
         self.stream_endpoints = {
             kind: StreamEndpoint(
@@ -147,6 +157,23 @@ class Node:
         self.stopping = False
         self.started = False
         self._sigterm = SigtermDelay(settings.drain_delay, self._begin_drain)
+
+    def _wire_backends(self, settings: Settings) -> None:
+        """What backends use: the server API and lifecycle events (docs/server-api.md)."""
+        #: lifecycle events (PUSHSVC_EVENTS): connect/disconnect/subscribe/unsubscribe,
+        #: cluster-wide occupied/vacated, and the disconnects of nodes that died
+        self.events = LifecycleEvents(settings, self.bus, self.hub.node_id)
+        self.occupancy = Occupancy(self.bus, settings.node_bucket, self.events, self.hub.node_id)
+        self.node_lost = NodeLost(self.bus, settings.node_bucket, self.events, self.hub.node_id)
+        if self.events.enabled:
+            self.hub.on_connect.append(self.events.connected)
+            self.hub.on_disconnect.append(self.events.disconnected)
+            self.hub.on_join.extend((self.events.joined, self.occupancy.joined))
+            self.hub.on_leave.extend((self.events.left, self.occupancy.left))
+        #: the cluster-wide server API (NATS <prefix>-api.<op>, POST /api/<op>)
+        self.server_api = ServerAPI(
+            settings, self.bus, LocalOps(settings, self.hub, self.hub.node_id), self.presence
+        )
 
     @property
     def connection_name(self) -> str:
@@ -248,10 +275,42 @@ class Node:
                 raise
             self.revocations = store
         await self.presence.start()
+        try:
+            await self.server_api.start()
+        except Unavailable:
+            await self.bus.close()
+            raise
+        await self.events.start()
+        await self.node_lost.start()
+        self._log_capacity()
         self.started = True
         metrics.INFO.labels(self.name, __version__).set(1)
         if self.settings.drain_delay > 0:
             self._sigterm.install()
+
+    def _log_capacity(self) -> None:
+        """Log how many connections this process can hold (once per worker, at start)."""
+        fds = self.fds
+        capacity = fds.measure()
+        cap = self.settings.max_connections
+        log.info(
+            "capacity: %d connections in this process (open files: limit %d, %d held at "
+            "start, %d kept spare; PUSHSVC_MAX_CONNECTIONS=%d%s)",
+            min(capacity, cap),
+            fds.limit,
+            fds.baseline,
+            fds.reserve,
+            cap,
+            "" if capacity >= cap else ", the open-file limit comes first",
+            extra={
+                "capacity": min(capacity, cap),
+                "fd_limit": fds.limit,
+                "fd_baseline": fds.baseline,
+                "fd_reserve": fds.reserve,
+                "worker": self.worker,
+            },
+        )
+        metrics.CONNECTION_CAPACITY.set(min(capacity, cap))
 
     def _begin_drain(self) -> bool:
         """SIGTERM with a drain delay: readiness off now; False if already draining."""
@@ -271,6 +330,7 @@ class Node:
         """
         self.draining = self.stopping = True
         self._sigterm.uninstall()
+        await self.server_api.stop()
         if self.hub.clients:
             log.info(
                 "closing sessions: service restart (1012)",
@@ -280,6 +340,9 @@ class Node:
         await asyncio.sleep(0.05)  # let close frames go out
         await self.hub.wait_idle()
         await self.join_leave.wait_idle()
+        await self.occupancy.stop()
+        await self.events.stop()
+        await self.bus.lifecycle.stop()
         await self.presence.stop()
         if self.revocations is not None:
             await self.revocations.close()
@@ -305,7 +368,7 @@ class Node:
         router.routes.append(WebSocketRoute("/ws", self.endpoint))
 
         # Plain HTTP on /ws (WebSocket scopes never reach this route: they go to the
-        # endpoint above, or straight to it through WebSocketShortcut).
+        # endpoint above, or straight to it through Shortcut).
         @router.get(
             "/ws",
             status_code=426,
@@ -336,6 +399,7 @@ class Node:
         router.include_router(emit_router(settings, self.hub, self.auth, self.emit_buckets))
         router.include_router(history_router(settings, self.bus, self.auth))
         router.include_router(presence_router(settings, self.presence, self.auth))
+        router.include_router(server_api_router(settings, self.server_api, self.auth))
 
         router.include_router(probes_router(self.readiness))
         router.routes.append(Route("/sse", self.stream_endpoints["sse"], methods=["GET"]))
@@ -372,39 +436,54 @@ class Node:
         return router
 
 
-class WebSocketShortcut:
-    """ASGI middleware sending WebSocket connections for ``path`` straight to the endpoint.
+class Shortcut:
+    """ASGI middleware sending the connection endpoints' requests straight to them.
 
-    Starlette's exception middleware wraps ``send`` in one more coroutine per call;
-    on the delivery hot path (one send per socket per message) that is ~5% of the
-    server's CPU (py-spy, 1000 sockets at 50 msg/s). The route stays registered,
-    so behaviour is the same without this middleware.
+    ``GET /ws`` (WebSocket), ``GET /sse`` and ``POST /stream`` skip Starlette's
+    layers: its exception middleware wraps ``send`` in one more coroutine per call
+    (~5% of the server's CPU on the delivery hot path, py-spy, 1000 sockets at 50
+    msg/s), and for a long-lived stream every layer is a coroutine frame held for
+    the connection's life (memory per connection). The routes stay registered, so
+    behaviour is the same without this middleware.
+
+    Args:
+        app: the ASGI app for everything else.
+        base: the base path (``PUSHSVC_BASE_PATH`` or the mount prefix).
+        node: the node whose endpoints serve those paths.
     """
 
-    def __init__(self, app: Any, path: str, endpoint: WebSocketEndpoint) -> None:
+    def __init__(self, app: Any, base: str, node: Node) -> None:
         self.app = app
-        self.path = path
-        self.endpoint = endpoint
+        self.routes: dict[tuple[str, str, str], Any] = {
+            ("websocket", "GET", base + "/ws"): node.endpoint,
+            ("http", "GET", base + "/sse"): node.stream_endpoints["sse"],
+            ("http", "POST", base + "/stream"): node.stream_endpoints["stream"],
+        }
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] == "websocket" and scope["path"] == self.path:
-            await self.endpoint(scope, receive, send)
-        else:
-            await self.app(scope, receive, send)
+        kind = scope["type"]
+        if kind != "lifespan":
+            key = (kind, scope.get("method", "GET"), scope["path"])
+            endpoint = self.routes.get(key)
+            if endpoint is not None:
+                await endpoint(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
-def serve_app(app: FastAPI) -> WebSocketShortcut:
-    """The ASGI callable ``pushsvc serve`` hands uvicorn: ``app`` with ``/ws`` routed first.
+def serve_app(app: FastAPI) -> Shortcut:
+    """The ASGI callable ``pushsvc serve`` hands uvicorn: ``app`` with the connection
+    endpoints (``/ws``, ``/sse``, ``/stream``) routed first.
 
-    Inside ``app`` a WebSocket handshake still passes FastAPI's own layers (its
-    telemetry and body-limit wrappers, Starlette's error middleware) before the
-    shortcut: about 5% of the server's CPU per connection in a reconnect storm
-    (py-spy). ``pushsvc serve`` adds no middleware of its own, so the endpoint is
-    called first here; everything else (HTTP, lifespan) goes to ``app`` unchanged.
-    Apps that embed pushsvc with :func:`setup_app` keep their middleware for ``/ws``.
+    Inside ``app`` a handshake still passes FastAPI's own layers (its telemetry and
+    body-limit wrappers, Starlette's error middleware) before the shortcut: about 5%
+    of the server's CPU per connection in a reconnect storm (py-spy). ``pushsvc
+    serve`` adds no middleware of its own, so the endpoints are called first here;
+    everything else (HTTP, lifespan) goes to ``app`` unchanged. Apps that embed
+    pushsvc with :func:`setup_app` keep their middleware for those paths.
     """
     node: Node = app.state.pushsvc
-    return WebSocketShortcut(app, node.settings.base_path + "/ws", node.endpoint)
+    return Shortcut(app, node.settings.base_path, node)
 
 
 _WS_REFUSALS: dict[int | str, dict[str, Any]] = {
@@ -472,7 +551,7 @@ def setup_app(app: FastAPI, settings: Settings, prefix: str = "") -> Node:
     )
     app.include_router(node.router(), prefix=prefix)
     install(app)
-    app.add_middleware(WebSocketShortcut, path=prefix + "/ws", endpoint=node.endpoint)
+    app.add_middleware(Shortcut, base=prefix, node=node)
     app.state.pushsvc = node
     inner = app.router.lifespan_context
 

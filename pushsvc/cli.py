@@ -1,4 +1,4 @@
-"""Command line: ``pushsvc serve | token | publish | subscribe | bench``.
+"""Command line: ``pushsvc serve | token | publish | subscribe | api | bench``.
 
 Every ``serve`` flag overrides the ``PUSHSVC_*`` variable of the same name;
 errors in configuration print one line naming the setting and exit with 2.
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         "subscribe",
         help="print a channel's messages, one JSON object per line (resumes after disconnects)",
     )
-    subscribe.add_argument("channel")
+    subscribe.add_argument("channel", help="a channel, or a pattern: 'orders.*', 'orders.>'")
     subscribe.add_argument(
         "--url",
         default=os.environ.get("PUSHSVC_URL") or DEFAULT_URL,
@@ -106,6 +106,12 @@ def main(argv: list[str] | None = None) -> int:
     subscribe.add_argument("--sub", help="user id of the minted token (with --secret)")
     subscribe.add_argument("--raw", action="store_true", help="print only each message's data")
 
+    from .serverapi import command as api_command
+
+    api_command.add_arguments(
+        sub.add_parser("api", help="call the server API over NATS (docs/server-api.md)")
+    )
+
     bench = sub.add_parser("bench", help="load-test a running pushsvc")
     from . import bench as bench_module
 
@@ -121,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
             return _publish(args)
         if args.command == "subscribe":
             return _subscribe(args)
+        if args.command == "api":
+            return api_command.run(args)
         return bench_module.main(args)
     except SettingsError as exc:
         print(f"pushsvc: configuration error: {exc}", file=sys.stderr)
@@ -421,12 +429,15 @@ def _publish(args: argparse.Namespace) -> int:
 
 def _subscribe(args: argparse.Namespace) -> int:
     from .auth.tokens import mint_token
-    from .channels import InvalidChannel, validate_channel
+    from .channels import InvalidChannel, is_pattern, validate_channel, validate_pattern
     from .serverurl import parse_server_url
     from .subscriber import SubscribeError, Subscriber
 
     try:
-        channel = validate_channel(args.channel)
+        if is_pattern(args.channel):
+            channel = validate_pattern(args.channel)
+        else:
+            channel = validate_channel(args.channel)
     except InvalidChannel as exc:
         print(f"pushsvc: subscribe: {exc}", file=sys.stderr)
         return 2

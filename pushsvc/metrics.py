@@ -37,6 +37,12 @@ CONNECTIONS = Gauge(
     ["transport"],
     multiprocess_mode="livesum",
 )
+CONNECTION_CAPACITY = Gauge(
+    "pushsvc_connection_capacity",
+    "Connections the node accepts: PUSHSVC_MAX_CONNECTIONS or what the open-file limit "
+    "allows, whichever is less (summed over live workers)",
+    multiprocess_mode="livesum",
+)
 SUBSCRIPTIONS = Gauge(
     "pushsvc_subscriptions",
     "Client subscriptions (one per socket and channel, live or recovering)",

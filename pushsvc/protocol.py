@@ -26,10 +26,26 @@ CLOSE_FORBIDDEN: Final = 4003
 CLOSE_RATE_LIMITED: Final = 4008
 CLOSE_SLOW_CONSUMER: Final = 4009
 CLOSE_HEARTBEAT_TIMEOUT: Final = 4010
+CLOSE_DISCONNECTED: Final = 4011  # the server API's disconnect: do not reconnect
+CLOSE_DISCONNECTED_RECONNECT: Final = 4012  # the server API's disconnect with reconnect
+#: close codes an application chooses for the server API's ``disconnect``: clients
+#: reconnect after 4100-4499 and stop after 4500-4999 (docs/protocol.md, "Close codes")
+APP_RECONNECT_CODES: Final = range(4100, 4500)
+APP_NO_RECONNECT_CODES: Final = range(4500, 5000)
 
 #: close codes after which a client should not reconnect on its own (docs/protocol.md,
-#: "Close codes"): fix the client (1009) or its credentials/permissions (4003)
-NO_RECONNECT: Final = frozenset({CLOSE_TOO_BIG, CLOSE_FORBIDDEN})
+#: "Close codes"): fix the client (1009) or its credentials/permissions (4003), or
+#: the backend said so (4011); and every code of :data:`APP_NO_RECONNECT_CODES`
+NO_RECONNECT: Final = frozenset({CLOSE_TOO_BIG, CLOSE_FORBIDDEN, CLOSE_DISCONNECTED})
+
+
+def reconnects(code: int) -> bool:
+    """Whether a client reconnects (with backoff, then resumes) after close ``code``.
+
+    The close-code table of docs/protocol.md: not after :data:`NO_RECONNECT` nor
+    an application code in 4500-4999; after every other code.
+    """
+    return code not in NO_RECONNECT and code not in APP_NO_RECONNECT_CODES
 
 
 class Disconnect(msgspec.Struct, frozen=True):
@@ -51,8 +67,9 @@ class Disconnect(msgspec.Struct, frozen=True):
 
     @classmethod
     def of(cls, code: int, reason: str = "") -> Disconnect:
-        """The disconnect for ``code``, ``reconnect`` from the close-code table."""
-        return cls(code, reason, code not in NO_RECONNECT)
+        """The disconnect for ``code``, ``reconnect`` from the close-code table
+        (:func:`reconnects`)."""
+        return cls(code, reason, reconnects(code))
 
 
 # --- error codes carried by ``error`` frames ------------------------------------

@@ -1,70 +1,32 @@
 """A command-line subscriber: ``pushsvc subscribe CHANNEL`` (like ``nats sub``).
 
-Speaks the wire contract (docs/protocol.md) over ``GET /ws`` with the
-``websockets`` client: auth frame, ``subscribe``, answers every ``ping`` with
-``pong``, and prints one line per message. Reconnection is the ``websockets``
-client's own (``async for ws in connect(...)``: RFC 6455 7.2.3 backoff with an
-initial random delay on failed attempts); after every reconnect the channel is
-subscribed again with ``since`` = the last ``seq`` printed and, when the server
-announced one in ``subscribed``, the ``epoch`` that seq belongs to (a stream
-created anew meanwhile is then answered ``recovered: false`` with everything it
-holds), so nothing inside the history TTL is lost and nothing is printed twice.
+A thin layer over :class:`pushsvc.client.Client`: it subscribes to one channel
+or pattern (``orders.*``), prints one line per message and status lines on
+stderr. Everything else is the client's: the auth frame, ``pong`` answers,
+reconnecting with full-jitter backoff after the close codes that allow it
+(:mod:`pushsvc.client.closecodes`), and resuming with ``since`` = the last
+``seq`` and the ``epoch`` it belongs to, so nothing inside the history TTL is
+lost and nothing is printed twice (a stream created anew meanwhile is answered
+``recovered: false`` with everything it holds).
 
-Close codes (docs/protocol.md "Close codes"): 4001 (token refused; a token minted
-from a secret is minted again first), 4003 and 1009 stop with exit status 1;
-4008 waits :data:`RATE_LIMITED_PAUSE` seconds, then resumes; every other close
-(1001, 1006, 1011, 1012, 4009, 4010, ...) resumes after a short jitter.
+Stops with exit status 1 (one line saying why): a token refused with 4001 (a
+token minted from a secret is minted again once first; refused again: stop),
+4003 and the other close codes after which the client does not reconnect, a
+handshake refused with a status retrying cannot change (403, 404...), a channel
+the server refuses (``forbidden``, ``invalid_channel``).
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
-import os
-import random
 import sys
 from collections.abc import Callable
 from typing import Any, TextIO
 
-import websockets
-from websockets.asyncio.client import ClientConnection, connect, process_exception
-
-from .protocol import (
-    CLOSE_FORBIDDEN,
-    CLOSE_GOING_AWAY,
-    CLOSE_RATE_LIMITED,
-    CLOSE_SERVICE_RESTART,
-    CLOSE_TOO_BIG,
-    CLOSE_UNAUTHORIZED,
-)
+from .client import Client, CommandError, Stopped, Unauthorized
+from .client.events import Connected, Disconnected, Event, ServerError, Subscribed
+from .client.messages import Message
 from .serverurl import parse_server_url
-
-#: seconds to wait after a 4008 close (rate limit exceeded repeatedly)
-RATE_LIMITED_PAUSE = 30.0
-#: upper bound of the random pause (seconds) before reconnecting after 1001/1012,
-#: so the clients of a restarting node do not all come back at once
-RESTART_JITTER = 1.0
-#: seconds allowed for the TCP connect + WebSocket handshake
-OPEN_TIMEOUT = 10.0
-#: largest server frame accepted (bytes): NATS payloads are at most 1 MiB by default
-#: (max_payload), base64 and batching add to that
-MAX_FRAME_BYTES = 16 * 1024 * 1024
-
-CLOSE_MEANINGS = {
-    1000: "normal closure",
-    1001: "server going away",
-    1006: "connection lost",
-    1008: "policy violation",
-    1009: "frame too big",
-    1011: "internal server error",
-    1012: "service restart",
-    4001: "unauthorized",
-    4003: "forbidden",
-    4008: "rate limit exceeded",
-    4009: "slow consumer",
-    4010: "heartbeat timeout",
-}
 
 
 class SubscribeError(Exception):
@@ -75,14 +37,15 @@ class SubscribeError(Exception):
 
 
 class Subscriber:
-    """Follows one channel over ``/ws`` and prints its messages, resuming after disconnects.
+    """Follows one channel or pattern and prints its messages, resuming after disconnects.
 
     Args:
         url: server URL (``http://host:port[/base]`` or the ``ws://.../ws`` URL);
             a bad one raises ``ValueError`` (see :func:`~pushsvc.serverurl.parse_server_url`).
-        channel: the channel to subscribe to (no wildcards: a channel, not a grant).
-        token: returns the JWT to present; called before every connection, so a
-            token minted from a secret is always fresh.
+        channel: the channel or pattern (``orders.*``, ``orders.>``) to subscribe to.
+        token: returns the JWT to present. Called once for a fixed token; with
+            ``renewable``, again whenever the client needs a new one (after a
+            4001 close, before the token's ``exp``).
         since: resume after this stream sequence from the first connection
             (``0`` = everything the history still holds); None = live only.
         epoch: the stream epoch ``since`` belongs to (sent with ``since``).
@@ -90,8 +53,8 @@ class Subscriber:
             compact) instead of the whole ``message`` object.
         out: where messages go (one line each, flushed).
         err: where status lines go (reconnects, recovery gaps).
-        renewable: the token can be minted again (a 4001 close reconnects once
-            with a new token instead of stopping).
+        renewable: the token can be minted again (a 4001 close reconnects with a
+            new token instead of stopping; refused again before a ``welcome``: stop).
 
     Attributes:
         last_seq: the ``seq`` of the last message printed (None before any).
@@ -123,8 +86,9 @@ class Subscriber:
         self.err = err or sys.stderr
         self.renewable = renewable
         self.printed = 0
-        self._connections = 0
-        self._welcomed = False
+        self._subscribed = 0
+        self._minted = False  # a token was minted and no welcome came since
+        self._refused: Disconnected | None = None  # the last 4001 close
 
     async def run(self, max_messages: int | None = None) -> None:
         """Subscribe and print until interrupted (or ``max_messages`` were printed).
@@ -133,123 +97,79 @@ class Subscriber:
             SubscribeError: a fatal refusal (see the module docstring), with a
                 one-line reason naming the URL or the channel.
         """
-        # The library retries failed connects with backoff: network errors and
-        # 500/502/503/504 (what a draining or full node answers); anything else,
-        # e.g. 403 (token, origin) or 404 (wrong path), is raised.
-        connections = connect(
-            self.url,
-            compression=None,
-            open_timeout=OPEN_TIMEOUT,
-            max_size=MAX_FRAME_BYTES,
-            process_exception=self._connect_failed,
-        )
-        refused_once = False
+        if self.renewable:
+            client = Client(self.url, get_token=self._mint, on_event=self._on_event)
+        else:
+            client = Client(self.url, token=self.token(), on_event=self._on_event)
         try:
-            async with contextlib.aclosing(aiter(connections)) as attempts:
-                async for ws in attempts:
-                    self._connections += 1
-                    self._welcomed = False
-                    try:
-                        done = await self._session(ws, max_messages)
-                    except websockets.ConnectionClosed:
-                        done = False
-                    if self._welcomed:
-                        refused_once = False  # that token worked: a later 4001 may renew again
-                    if done:
-                        await ws.close()
-                        return
-                    code = ws.close_code or 1006
-                    reason = ws.close_reason or CLOSE_MEANINGS.get(code, "")
-                    if code == CLOSE_UNAUTHORIZED and self.renewable and not refused_once:
-                        refused_once = True  # mint a fresh token, once; refused again: stop
-                    elif code in (CLOSE_UNAUTHORIZED, CLOSE_FORBIDDEN, CLOSE_TOO_BIG, 1008):
-                        raise SubscribeError(f"{self.url} closed the connection: {code} {reason}")
-                    pause = 0.0
-                    if code == CLOSE_RATE_LIMITED:
-                        pause = RATE_LIMITED_PAUSE
-                    elif code in (CLOSE_SERVICE_RESTART, CLOSE_GOING_AWAY):
-                        pause = random.uniform(0, RESTART_JITTER)
-                    after = "" if self.last_seq is None else f", resuming after seq {self.last_seq}"
-                    self._status(f"disconnected ({code} {reason}); reconnecting{after}")
-                    await asyncio.sleep(pause)
-        except websockets.InvalidStatus as exc:
-            status = exc.response.status_code
-            body = exc.response.body.decode(errors="replace").strip()[:200]
-            raise SubscribeError(f"{self.url} refused the handshake: {status} {body}") from None
-        except (websockets.InvalidURI, websockets.InvalidHandshake) as exc:
-            raise SubscribeError(f"{self.url}: {exc}") from None
-
-    async def _session(self, ws: ClientConnection, max_messages: int | None) -> bool:
-        """One connection: auth, subscribe (resuming), print. True when done."""
-        await ws.send(json.dumps({"op": "auth", "token": self.token()}))
-        sub: dict[str, Any] = {"op": "subscribe", "channel": self.channel, "id": "sub"}
-        subscribed = False
-        async for frame in ws:
-            if not isinstance(frame, str):
-                continue  # the contract has text frames only
-            for line in frame.split("\n"):
-                msg = json.loads(line)
-                kind = msg.get("type")
-                if kind == "ping":
-                    await ws.send('{"op":"pong"}')
-                elif kind == "welcome":
-                    self._welcomed = True
-                    # welcome's epoch is the stream's current one, not necessarily the
-                    # one of our position: the position keeps the epoch `subscribed` gave
-                    if self.last_seq is not None:
-                        sub["since"] = self.last_seq
-                        if self.epoch is not None:
-                            sub["epoch"] = self.epoch
-                    await ws.send(json.dumps(sub))
-                elif kind == "subscribed":
-                    subscribed = True
-                    self._note_epoch(msg)
-                    if msg.get("recovered") is False:
-                        self._status(
-                            f"history no longer holds everything after seq {self.last_seq} "
-                            f"on {self.channel}: some messages are missing"
-                        )
-                    elif self._connections == 1:
-                        self._status(f"subscribed to {self.channel} at {self.url}")
-                    else:
-                        self._status(f"subscribed to {self.channel} again")
-                elif kind == "message":
-                    self._print(msg)
+            async with client:
+                try:
+                    sub = await client.subscribe(
+                        self.channel, since=self.last_seq, epoch=self.epoch
+                    )
+                except CommandError as exc:
+                    raise SubscribeError(f"cannot subscribe to {self.channel!r}: {exc}") from None
+                async for message in sub:
+                    self.epoch = message.epoch
+                    self._print(message)
                     if max_messages is not None and self.printed >= max_messages:
-                        return True
-                elif kind == "error":
-                    text = f"{msg.get('code')}: {msg.get('message')}"
-                    if msg.get("id") == "sub" and not subscribed:
-                        raise SubscribeError(f"cannot subscribe to {self.channel!r}: {text}")
-                    self._status(f"server error {text}")
-        return False
+                        return
+        except Stopped as exc:
+            raise SubscribeError(str(exc)) from None
 
-    def _connect_failed(self, exc: Exception) -> Exception | None:
-        """``process_exception`` hook of ``connect``: the library's verdict (retry
-        network errors and 500/502/503/504, raise the rest), plus a status line so
-        a user waiting for a server that is down sees why nothing happens."""
-        verdict = process_exception(exc)
-        if verdict is None:
-            if isinstance(exc, OSError) and exc.errno:
-                cause = os.strerror(exc.errno).lower()  # asyncio's text names no cause
-            else:
-                cause = str(exc) or type(exc).__name__
-            self._status(f"cannot connect to {self.url}: {cause}; retrying")
-        return verdict
+    def _mint(self) -> str:
+        """``get_token`` of a renewable token: a fresh one, unless the last one was
+        refused (4001) before any ``welcome``: minting again would not help."""
+        if self._minted and self._refused is not None:
+            d = self._refused
+            raise Unauthorized(f"{self.url} closed the connection: {d.code} {d.reason}")
+        self._minted = True
+        self._refused = None
+        return self.token()
 
-    def _note_epoch(self, msg: dict[str, Any]) -> None:
-        """``subscribed`` names the epoch of every ``seq`` that follows (docs/protocol.md)."""
-        if msg.get("epoch") is not None:
-            self.epoch = msg["epoch"]
+    def _on_event(self, event: Event) -> None:
+        match event:
+            case Connected():
+                self._minted = False
+            case Disconnected(code=4001, error=None):
+                self._refused = event
+                if event.reconnect:
+                    self._disconnected(event)
+            case Disconnected(reconnect=True, error=error) if error is not None:
+                self._status(f"cannot connect to {self.url}: {event.reason}; retrying")
+            case Disconnected(reconnect=True):
+                self._disconnected(event)
+            case Subscribed(channel=self.channel):
+                self._on_subscribed(event)
+            case ServerError(error=error):
+                self._status(f"server error {error}")
 
-    def _print(self, msg: dict[str, Any]) -> None:
-        if msg.get("seq") is not None:
-            self.last_seq = msg["seq"]
+    def _disconnected(self, event: Disconnected) -> None:
+        after = "" if self.last_seq is None else f", resuming after seq {self.last_seq}"
+        self._status(f"disconnected ({event.code} {event.reason}); reconnecting{after}")
+
+    def _on_subscribed(self, event: Subscribed) -> None:
+        self._subscribed += 1
+        if event.epoch is not None:
+            self.epoch = event.epoch  # the epoch of every seq that follows
+        if event.recovered is False:
+            self._status(
+                f"history no longer holds everything after seq {self.last_seq} "
+                f"on {self.channel}: some messages are missing"
+            )
+        elif self._subscribed == 1:
+            self._status(f"subscribed to {self.channel} at {self.url}")
+        else:
+            self._status(f"subscribed to {self.channel} again")
+
+    def _print(self, message: Message) -> None:
+        if message.seq is not None:
+            self.last_seq = message.seq
         if self.raw:
-            data = msg.get("data")
+            data = message.data
             text = data if isinstance(data, str) else _compact(data)
         else:
-            text = _compact(msg)
+            text = _compact(message.to_frame())
         print(text, file=self.out, flush=True)
         self.printed += 1
 

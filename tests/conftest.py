@@ -112,6 +112,49 @@ class Running:
         await asyncio.wait_for(self.task, 15)
 
 
+async def launch(
+    session_nats: str,
+    app_factory: Any = None,
+    uvicorn_options: dict[str, Any] | None = None,
+    **overrides: Any,
+) -> Running:
+    """Start a pushsvc server under uvicorn on a free port (see :func:`start_server`);
+    the caller stops it (``await running.stop()``). For module-scoped fixtures.
+
+    ``session_nats`` is the NATS URL unless ``overrides`` give ``nats_url``."""
+    values: dict[str, Any] = {
+        "jwt_secret": SECRET,
+        "nats_url": session_nats,
+        "port": free_port(),
+    }
+    values.update(overrides)
+    settings = Settings.load(env={}, **values)
+    app = (app_factory or create_app)(settings)
+    config = uvicorn.Config(
+        app,
+        host="127.0.0.1",
+        port=settings.port,
+        http="pushsvc.server.httpprotocol:HttpToolsProtocol",
+        ws="pushsvc.ws.protocol:WebSocketProtocol",
+        ws_max_size=settings.max_frame_bytes,
+        ws_per_message_deflate=False,
+        lifespan="on",
+        log_level="warning",
+        **(uvicorn_options or {}),
+    )
+    server = uvicorn.Server(config)
+    server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign]
+    task = asyncio.create_task(server.serve())
+    for _ in range(500):
+        if server.started or task.done():
+            break
+        await asyncio.sleep(0.01)
+    if task.done():
+        task.result()
+    assert server.started, "uvicorn did not start"
+    return Running(app.state.pushsvc, settings, server, task)
+
+
 @pytest.fixture
 async def start_server(nats_url: str) -> AsyncIterator[Any]:
     """Factory: ``await start_server(app_factory=None, uvicorn_options=None, **overrides)``.
@@ -126,37 +169,7 @@ async def start_server(nats_url: str) -> AsyncIterator[Any]:
     async def start(
         app_factory: Any = None, uvicorn_options: dict[str, Any] | None = None, **overrides: Any
     ) -> Running:
-        values: dict[str, Any] = {
-            "jwt_secret": SECRET,
-            "nats_url": nats_url,
-            "port": free_port(),
-        }
-        values.update(overrides)
-        settings = Settings.load(env={}, **values)
-        app = (app_factory or create_app)(settings)
-        config = uvicorn.Config(
-            app,
-            host="127.0.0.1",
-            port=settings.port,
-            http="pushsvc.server.httpprotocol:HttpToolsProtocol",
-            ws="pushsvc.ws.protocol:WebSocketProtocol",
-            ws_max_size=settings.max_frame_bytes,
-            ws_per_message_deflate=False,
-            lifespan="on",
-            log_level="warning",
-            **(uvicorn_options or {}),
-        )
-        server = uvicorn.Server(config)
-        server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign]
-        task = asyncio.create_task(server.serve())
-        for _ in range(500):
-            if server.started or task.done():
-                break
-            await asyncio.sleep(0.01)
-        if task.done():
-            task.result()
-        assert server.started, "uvicorn did not start"
-        r = Running(app.state.pushsvc, settings, server, task)
+        r = await launch(nats_url, app_factory, uvicorn_options, **overrides)
         running.append(r)
         return r
 

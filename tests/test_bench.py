@@ -140,6 +140,7 @@ class _Proxy:
         self.port = 0
         self.server: asyncio.Server | None = None
         self.tasks: set[asyncio.Task[None]] = set()
+        self.peers: set[str] = set()  # client addresses seen
 
     async def __aenter__(self) -> Self:
         self.server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
@@ -158,6 +159,7 @@ class _Proxy:
         task = asyncio.current_task()
         assert task is not None
         self.tasks.add(task)
+        self.peers.add(c_writer.get_extra_info("peername")[0])
         try:
             s_reader, s_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
             await self._relay(c_reader, c_writer, s_reader, s_writer)
@@ -386,6 +388,41 @@ async def test_reconnect_and_server_cpu_figures(start_server, nats_url):
     assert report["server_cpu_s"] >= report["server_cpu_ms_per_connection"] * 20 / 1e3, report
 
 
+async def test_source_addresses_idle_and_broadcast(start_server, nats_url):
+    # the capacity run's flags on a small scale: clients from three loopback addresses,
+    # a quiet second in which only heartbeats flow, then two broadcast rounds
+    srv = await start_server(ping_interval=0.2)
+    async with CountingProxy(srv.settings.port) as proxy:
+        code, report, err = await run_bench(
+            srv,
+            nats_url,
+            "--clients",
+            "6",
+            "--source-addresses",
+            "3",
+            "--idle",
+            "1",
+            "--broadcast",
+            "2",
+            "--server-pid",
+            str(os.getpid()),
+            procs=2,
+            url=f"http://127.0.0.1:{proxy.port}{srv.settings.base_path}",
+        )
+    assert_clean(code, report, err, expected=6 * 2)
+    assert proxy.peers == {"127.0.0.1", "127.0.0.2", "127.0.0.3"}, proxy.peers
+    # idle: every connection answered its pushsvc pings (one per 0.2 s), nothing lost
+    assert 0.9 <= report["idle_seconds"] < 3, report
+    beats = report["idle_heartbeats"]
+    assert beats["app"] >= 6 * 2 and beats["per_connection"] >= 2, report
+    assert report["server_idle_cpu_pct"] >= 0 and report["server_idle_rss_mib"] > 0, report
+    # broadcast: one message per round to all six, publish -> last delivery per round
+    b = report["broadcast_ms"]
+    assert b["rounds"] == 2 and len(b["last"]) == 2, report
+    assert 0 < b["p50"] <= b["p99"] <= b["last_max"], report
+    assert report["messages"] == 2 and report["nats_hop_ms"]["messages"] == 2, report
+
+
 # ---------------------------------------------------------------------------- errors
 
 
@@ -407,6 +444,14 @@ BAD_ARGUMENTS = [
     (["--vs-floor", "--rounds", "0"], "--rounds must be >= 1"),
     (["--vs-floor", "--reconnect"], "--vs-floor compares plain runs"),
     (["--vs-floor", "--stall", "2"], "--vs-floor compares plain runs"),
+    (["--source-addresses", "0"], "--source-addresses must be 1..65536"),
+    (["--source-addresses", "2", "--url", "http://localhost:8000"], "needs a 127.x.y.z --url"),
+    (["--idle", "-1"], "--idle must be >= 0"),
+    (["--broadcast", "--messages", "5"], "drop --messages"),
+    (["--broadcast", "2", "--channels", "2"], "--broadcast needs --channels 1"),
+    (["--broadcast", "--via", "emit"], "--broadcast needs --channels 1 and --via nats"),
+    (["--broadcast", "--rate", "5"], "drop --rate"),
+    (["--broadcast", "-1"], "--broadcast must be >= 0 rounds"),
 ]
 
 
@@ -480,6 +525,17 @@ async def test_floor_measures_raw_fan_out_without_a_server():
     assert report["server_cpu_us_per_write"] > 0
     lat = report["latency_ms"]
     assert 0 <= lat["p50"] <= lat["p90"] <= lat["p99"] <= lat["max"]
+
+
+async def test_floor_broadcast_reports_the_last_delivery_per_round():
+    # the same --broadcast keys as a pushsvc run, for a side-by-side reading
+    code, out, err = await bench("--floor", "--clients", "10", "--broadcast", "2", "--json")
+    assert code == 0, (out, err)
+    report = json.loads(out)
+    assert report["messages"] == 2 and report["deliveries"] == 20, report
+    b = report["broadcast_ms"]
+    assert b["rounds"] == 2 and len(b["last"]) == 2, report
+    assert 0 < b["p50"] <= b["p99"] <= b["last_max"] == report["latency_ms"]["max"], report
 
 
 # ----------------------------------------------------------------------------- emit

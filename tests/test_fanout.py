@@ -448,6 +448,8 @@ async def test_socket_stuck_in_send_is_closed_after_send_timeout(start_server, n
 
 
 class _StubHub:
+    node_id = "5706b0"  # the prefix of the client ids (Hub.node_id)
+
     def __init__(self) -> None:
         self.removed: list[Client] = []
 

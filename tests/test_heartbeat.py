@@ -58,6 +58,33 @@ async def test_ping_pong_keeps_a_client_and_welcome_carries_the_interval(start_s
     assert (await c.messages(1))[0]["data"] == 1
 
 
+@pytest.mark.parametrize("pong", ['{"op":"pong"}', '{"op": "pong"}'], ids=["canonical", "spaced"])
+async def test_one_heartbeat_kind_and_both_pong_paths(start_server, nc, pong):
+    # the canonical pong is taken by the WebSocket protocol itself (no ASGI queue), any
+    # other spelling by the session's command reader: both keep the client alive, and
+    # unsolicited ones cost command tokens on both paths. No RFC 6455 ping ever comes.
+    srv = await start_server(**FAST, command_rate=1, command_burst=3, rate_limit_strikes=2)
+    bystander = await Bystander.join(srv)
+    ws = await _raw(srv.ws_url, srv.token("carol"))
+    assert json.loads(await ws.recv())["type"] == "welcome"
+    pings = 0
+    end = time.monotonic() + 1.0  # ~10 pings, each answered inside the 0.3 s timeout
+    while time.monotonic() < end:
+        frame = json.loads(await asyncio.wait_for(ws.recv(), 1))
+        assert frame == {"type": "ping"}, frame
+        pings += 1
+        await ws.send(pong)
+    assert pings >= 5 and ws.close_code is None
+    assert ws.protocol.state is websockets.State.OPEN
+    # unsolicited pongs: the burst of 3, then refusals (the 2nd in a row closes 4008)
+    with contextlib.suppress(websockets.ConnectionClosed):
+        for _ in range(10):
+            await ws.send(pong)
+            await asyncio.sleep(0.005)
+    assert await _close_code(ws) == 4008
+    await bystander.still_served(nc)
+
+
 async def test_silent_client_closed_4010(start_server, nc):
     srv = await start_server(**FAST)
     bystander = await Bystander.join(srv)

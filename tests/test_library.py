@@ -104,7 +104,8 @@ def test_uvicorn_config_is_what_serve_uses():
     assert cfg["ws"] == "pushsvc.ws.protocol:WebSocketProtocol"
     assert cfg["http"] == "pushsvc.server.httpprotocol:HttpToolsProtocol"
     assert cfg["ws_max_size"] == 1234 and cfg["ws_per_message_deflate"] is False
-    assert cfg["ws_ping_interval"] == 20 and cfg["ws_ping_timeout"] == 20
+    # one heartbeat per connection: pushsvc's ping/pong, no RFC 6455 protocol pings
+    assert cfg["ws_ping_interval"] is None and cfg["ws_ping_timeout"] is None
     uvicorn.Config(FastAPI(), **cfg)  # valid uvicorn arguments
     readme = Path(__file__).resolve().parent.parent / "README.md"
     ops = readme.parent / "docs" / "operations.md"
@@ -113,8 +114,7 @@ def test_uvicorn_config_is_what_serve_uses():
         "--http pushsvc.server.httpprotocol:HttpToolsProtocol",
         "--ws-max-size 65536",
         "--ws-per-message-deflate false",
-        "--ws-ping-interval 20",
-        "--ws-ping-timeout 20",
+        "--ws-ping-interval 0",
     )
     for doc in (readme, ops):
         text = doc.read_text()

@@ -107,6 +107,7 @@ async def test_generated_requests_get_declared_answers(start_server, http):
         "POST /emit/{channel}",
         "GET /history/{channel}",
         "GET /presence/{channel}",
+        "POST /api/{op}",
         "GET /healthz",
         "GET /readyz",
         "GET /metrics",

@@ -101,6 +101,11 @@ def test_quick_tour_runs_as_written(own_nats, tmp_path):
     assert '{"channel":"chat.room1","seq":3}' in text  # the curl emit
     # the websockets client block replayed the three from history
     assert "1 {'text': 'hello'}\n2 {'text': 'hi from Python'}\n3 {'text': 'hello again'}" in text
+    # the pushsvc.client block: the pattern's history, then its own publish
+    assert (
+        "chat.room1 1 {'text': 'hello'}\nchat.room1 2 {'text': 'hi from Python'}\n"
+        "chat.room1 3 {'text': 'hello again'}\nchat.room2 4 {'text': 'from pushsvc.client'}\n"
+    ) in text
 
 
 def _messages(path: Path) -> list[dict]:

@@ -242,3 +242,66 @@ async def test_sse_close_event_on_drain(start_server, channel, path):
         assert close["event"] == "close" and close["data"]["code"] == 1012
         async with asyncio.timeout(5):
             await events.task  # the body ended
+
+
+async def test_a_pattern_stream_resumes_three_interleaved_channels_from_one_id(
+    start_server, nc, channel
+):
+    """Three channels published interleaved under one wildcard subscription (one NATS
+    subscription, so stream order): the event ids only grow, and resuming from one
+    of them gives exactly the messages after it, on every channel."""
+    srv = await start_server()
+    token = srv.token("gus")
+    pattern = f"{channel}.*"
+    names = [f"{channel}.{k}" for k in range(3)]
+    async with sse(srv.base, pattern, token=token) as events:
+        await events.next("subscribed")
+        for i in range(60):
+            await nc.publish(f"push.{names[i % 3]}", json.dumps({"i": i}).encode())
+        got = [await events.next("message") for _ in range(60)]
+    seqs = [int(e["id"].rsplit(":", 1)[1]) for e in got]
+    assert seqs == sorted(seqs) and len(set(seqs)) == 60
+    assert [e["data"]["data"]["i"] for e in got] == list(range(60))
+    assert {e["data"]["pattern"] for e in got} == {pattern}
+    headers = {"Last-Event-ID": got[23]["id"]}
+    async with sse(srv.base, pattern, token=token, headers=headers) as events:
+        assert (await events.next("subscribed"))["data"]["recovered"] is True
+        again = [await events.next("message") for _ in range(36)]
+        with pytest.raises(TimeoutError):
+            await events.next("message", timeout=0.3)  # and nothing twice
+    assert [e["data"]["data"]["i"] for e in again] == list(range(24, 60))
+
+
+async def test_slow_sse_consumer_is_closed_4009_and_released_while_others_receive(
+    start_server, nc, channel
+):
+    """A stream whose reader stopped reading fills the kernel's and the server's
+    buffers: it is closed 4009 (slow consumer) and its buffer released, while a
+    reading stream on the same channel gets everything."""
+    srv = await start_server(send_queue_bytes=64 * 1024, send_timeout=1.0)
+    token = srv.token("hal")
+    reader, writer = await asyncio.open_connection("127.0.0.1", srv.settings.port)
+    writer.write(f"GET /sse?channel={channel}&token={token} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    await writer.drain()
+    await reader.readuntil(b"event: subscribed")  # then never read again
+    stuck = next(c for c in srv.node.hub.clients if c.transport.name == "sse")
+    payload = json.dumps({"pad": "x" * 4000}).encode()
+    async with sse(srv.base, channel, token=srv.token("ivy")) as events:
+        await events.next("subscribed")
+        sent = 0
+        while not stuck.closed and sent < 3000:
+            await nc.publish(f"push.{channel}", payload)
+            sent += 1
+            if sent % 50 == 0:
+                await nc.flush()
+                await asyncio.sleep(0.01)
+        await nc.flush()
+        for _ in range(100):
+            if stuck.closed:
+                break
+            await asyncio.sleep(0.05)
+        assert stuck.closed and stuck.close_code == 4009
+        assert stuck.buffered_bytes == 0 and stuck not in srv.node.hub.clients
+        got = [await events.next("message", timeout=30) for _ in range(sent)]
+        assert len(got) == sent
+    writer.close()

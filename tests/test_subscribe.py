@@ -185,3 +185,38 @@ def test_subscribe_and_bench_read_url_alike(url, endpoint):
     add_arguments(parser)
     cfg = build_config(parser.parse_args(["--secret", "s", "--url", url]))
     assert Subscriber(url, "news", lambda: "t").url == cfg["ws_url"] == endpoint
+
+
+async def test_a_pattern_prints_each_channel_with_its_pattern(start_server, subscribe, nats_url):
+    from conftest import SECRET
+
+    srv = await start_server()
+    base = f"orders{os.getpid()}x{id(srv) % 10000}"
+    cli = await subscribe(
+        f"{base}.*", "--url", srv.base, "--sub", "ann", **{"PUSHSVC_JWT_SECRET": SECRET}
+    )
+    await cli.status(f"subscribed to {base}.*")
+    async with Publisher(nats_url) as pub:
+        eu = await pub.publish(f"{base}.eu", {"n": 1})
+        us = await pub.publish(f"{base}.us", {"n": 2})
+    lines = [json.loads(await cli.line()) for _ in range(2)]
+    assert [(m["channel"], m["pattern"], m["seq"]) for m in lines] == [
+        (f"{base}.eu", f"{base}.*", eu),
+        (f"{base}.us", f"{base}.*", us),
+    ]
+
+
+async def test_a_minted_token_refused_twice_stops(start_server, subscribe, channel):
+    srv = await start_server()
+    cli = await subscribe(
+        channel,
+        "--url",
+        srv.base,
+        "--sub",
+        "ann",
+        PUSHSVC_JWT_SECRET="not-the-server-secret-0123456789abcdef",
+    )
+    assert await asyncio.wait_for(cli.proc.wait(), 30) == 1
+    err = (await cli.errors()).splitlines()
+    assert "disconnected (4001" in err[0] and "reconnecting" in err[0]  # minted once more
+    assert len(err) == 2 and f"{srv.ws_url} closed the connection: 4001" in err[1]

@@ -137,8 +137,15 @@ _ERRORS: dict[int, tuple[str, dict[str, Any]]] = {
             }
         },
     ),
-    403: ("the credential does not grant this channel, or the Origin is refused", {}),
-    404: ("unknown or closed stream session: reconnect the stream", {}),
+    403: (
+        "the credential does not grant this channel, or the Origin is refused, or it is "
+        "not an API key (server API)",
+        {},
+    ),
+    404: (
+        "unknown or closed stream session: reconnect the stream; unknown server API operation",
+        {},
+    ),
     413: ("body larger than its limit (PUSHSVC_MAX_EMIT_BYTES, PUSHSVC_MAX_FRAME_BYTES)", {}),
     415: (
         "Content-Encoding other than identity: pushsvc does not decode bodies",

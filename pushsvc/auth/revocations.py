@@ -32,16 +32,12 @@ import base64
 import hashlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
 import msgspec
-import nats.errors
-import nats.js.errors
-from jetstreamext import InvalidResponseError
-from nats.js.api import StorageType
-from nats.js.kv import KeyValue
 
 from ..bus import Bus, Unavailable
+from ..bus.buckets import Entry, NoDirectGets
 from .tokens import MAX_REVOCATION_TTL, Revocation
 
 log = logging.getLogger("pushsvc.auth.revocations")
@@ -104,39 +100,45 @@ class RevocationStore:
         """
         try:
             async with asyncio.timeout(timeout):
-                kv, _ = await self.bus.key_value(
+                kv, _ = await self.bus.bucket(
                     self.bucket,
                     MAX_REVOCATION_TTL,
-                    storage=StorageType.FILE,
+                    file=True,
                     description="pushsvc token revocations",
                 )
                 # Watch first (every later write arrives there), then read every
                 # stored entry by batch direct gets: the watch's own "initial values
                 # done" marker can come before the values it announces (nats-py
                 # decides it from consumer info), so the load does not rely on it.
-                watcher = await kv.watchall()
-                self._task = asyncio.ensure_future(self._watch(watcher))
+                watcher = kv.watch()
+                first = await anext(watcher)  # the watch is started (its consumer exists)
+                self._task = asyncio.ensure_future(self._watch(watcher, first))
                 try:
-                    async for raw in self.bus.scan_kv(self.bucket, ">"):
-                        self._entry(raw.data, (raw.headers or {}).get("KV-Operation"))
-                except nats.errors.NoRespondersError:
+                    async for entry in kv.entries(">"):
+                        self._entry(entry.value, entry.operation)
+                except NoDirectGets:
                     # a bucket created elsewhere without allow_direct: the watch's
                     # marker is all there is
                     log.warning("bucket %s has no allow_direct; loading by its watch", self.bucket)
                     await self._initial.wait()
-        except (TimeoutError, nats.errors.Error, nats.js.errors.Error, InvalidResponseError) as exc:
+        except (TimeoutError, Unavailable, StopAsyncIteration) as exc:
             await self.close()
             raise Unavailable(
                 f"revocation bucket {self.bucket} could not be read ({type(exc).__name__}: {exc})"
             ) from None
         log.info("revocations loaded from bucket %s (%d applied)", self.bucket, self.applied)
 
-    async def _watch(self, watcher: KeyValue.KeyWatcher) -> None:
-        async for entry in watcher:
+    async def _watch(self, watcher: AsyncIterator[Entry | None], first: Entry | None) -> None:
+        entry: Entry | None = first
+        while True:
             if entry is None:
                 self._initial.set()
             else:
                 self._entry(entry.value, entry.operation)
+            try:
+                entry = await anext(watcher)
+            except (StopAsyncIteration, Unavailable):
+                return
 
     def _entry(self, value: bytes | None, operation: str | None) -> None:
         if operation is not None or not value:

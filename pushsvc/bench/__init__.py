@@ -22,6 +22,18 @@ its clock). The run ends when every subscribed client has every message of its
 channel, ``--timeout`` seconds after the last publish, or at ``--duration-limit``,
 whichever comes first; every process exits by itself.
 
+Capacity runs: ``--source-addresses N`` spreads the clients over 127.0.0.1..N
+(one source address has ~28,000 ephemeral ports towards one server port),
+``--connect-rate`` paces the connects, and every client answers the server's
+heartbeats (``ping`` frames and RFC 6455 pings) all along. ``--idle SECONDS``
+publishes nothing for that long once everyone is subscribed and reports the
+heartbeats and the server's CPU and RSS meanwhile; ``--broadcast [ROUNDS]``
+publishes one message per round (a second apart) to the one channel every
+client is on and reports, per round, publish to last delivery::
+
+    pushsvc bench --clients 19000 --procs 2 --connect-rate 2000 --idle 60 --broadcast 5 \
+        --server-pid "$(pgrep -of 'pushsvc serve')"
+
 Modes: the default run against ``--url``; ``--floor`` (:mod:`.floor`), the
 machine's raw TCP fan-out; ``--vs-floor`` (:mod:`.vsfloor`), both alternately
 for ``--rounds`` rounds, side by side with their ratios.
@@ -47,11 +59,17 @@ server_rss_per_conn_kib, server_cpu_ms_per_connection (connect phase:
 handshake + auth + subscribe), server_cpu_us_per_frame (first publish to last
 delivery, per frame); with ``--reconnect``: reconnect_seconds, reconnect_errors
 (and with ``--server-pid`` server_cpu_ms_per_reconnect); with ``--stall``:
-stalled_closed_codes (and stalled_open). A few more keys help diagnosis: procs,
-subscribed, failed_clients, published, publish_errors, publish_throttled (emits
-retried after 429), expected, unique, frames (WebSocket frames that carried
-deliveries: deliveries / frames is the server's batching), error_samples,
-elapsed_seconds.
+stalled_closed_codes (and stalled_open); with ``--idle``: idle_seconds,
+idle_heartbeats {app (pushsvc ``ping`` frames), protocol (RFC 6455 pings),
+per_connection} and with ``--server-pid`` server_idle_cpu_pct (of one core),
+server_idle_us_per_heartbeat, server_idle_rss_mib, server_idle_rss_per_conn_kib;
+with ``--broadcast``: broadcast_ms {rounds, last_p50, last_max, last (per
+round: publish to the last delivery), p50, p99 (across connections)} and with
+``--server-pid`` server_cpu_ms_per_broadcast (and ``_net``: less the idle rate).
+A few more keys help diagnosis: procs, subscribed, failed_clients, published,
+publish_errors, publish_throttled (emits retried after 429), expected, unique, frames
+(WebSocket frames that carried deliveries: deliveries / frames is the server's
+batching), error_samples, elapsed_seconds.
 
 Exit code: 0 when every client subscribed and got every message exactly once
 with no error, 1 otherwise, 2 for bad arguments (or no way to get tokens).

@@ -35,6 +35,7 @@ ERROR_SAMPLES = 10  # error messages kept for the report
 
 _PONG = b'{"op":"pong"}'
 _TEXT = Opcode.TEXT
+_PING = Opcode.PING
 _OPEN = State.OPEN
 
 
@@ -78,6 +79,13 @@ class Tally:
         self.last_ns = 0
         self.expected = 0
         self.armed = False
+        # heartbeats received: pushsvc `ping` frames, RFC 6455 ping frames (websockets pongs)
+        self.app_pings = 0
+        self.ws_pings = 0
+        # --broadcast: per message index, the latency (ns) of its latest delivery here
+        self.msg_lat: array.array[int] | None = (
+            array.array("q", bytes(8 * cfg["messages"])) if cfg.get("broadcast") else None
+        )
 
     def error(self, text: str) -> None:
         """Count one error; keep its text (300 chars) among the first ERROR_SAMPLES."""
@@ -139,8 +147,8 @@ class Client(asyncio.Protocol):
     messages arrive in order.
     """
 
-    # the slots the common read touches come first, in the order it reads them:
-    # hundreds of clients share a process, each cold in cache when its frame comes
+    # slots keep each client small (hundreds share a process); CPython sorts the
+    # names, so the order below is for the reader (the common read's fields first)
     __slots__ = (  # noqa: RUF023
         "raw",
         "counting",
@@ -227,6 +235,8 @@ class Client(asyncio.Protocol):
                             w.lat_room -= 1
                             if lat > w.lat_max:
                                 w.lat_max = lat
+                            if w.msg_lat is not None and d.i < len(w.msg_lat):
+                                w.msg_lat[d.i] = lat
                             self.next_i += w.n_channels
                             self.unique += 1
                             w.unique += 1
@@ -292,6 +302,8 @@ class Client(asyncio.Protocol):
                 if ev.opcode is _TEXT:
                     if not self.discard:
                         self._on_text(ev.data, now)
+                elif ev.opcode is _PING:  # answered by the websockets protocol
+                    self.w.ws_pings += 1
             elif self.waiting == "open":  # the handshake response
                 if proto.handshake_exc is not None:
                     self._wake(SetupError(f"handshake: {proto.handshake_exc}"))
@@ -426,6 +438,7 @@ class Client(asyncio.Protocol):
 
     def _on_control(self, kind: Any, code: Any, message: Any) -> None:
         if kind == "ping":
+            self.w.app_pings += 1
             if self.proto.state is _OPEN:
                 self.proto.send_text(_PONG)
                 self.unflushed = True  # data_received flushes
@@ -464,6 +477,10 @@ class Client(asyncio.Protocol):
         oldest = now - min(ts)
         if oldest > w.lat_max:
             w.lat_max = oldest
+        if (per_msg := w.msg_lat) is not None:
+            for i, t in zip(ids, ts, strict=True):
+                if 0 <= i < len(per_msg):
+                    per_msg[i] = now - t
         if len(w.lat_t) >= w.lat_room:
             w.decimate()
         # unique / duplicate accounting

@@ -11,9 +11,11 @@ and at the end.
 
 from __future__ import annotations
 
+import array
 import asyncio
 import contextlib
 import multiprocessing
+import statistics
 import sys
 import time
 from collections import Counter
@@ -53,6 +55,8 @@ class Coordinator:
         self.phase = "starting"
         self.server_before: dict[str, float] | None = None
         self.server_ready: dict[str, float] | None = None  # sampled once every client is ready
+        self.server_pub: dict[str, float] | None = None  # sampled right before the publish
+        self.idle_cpu_per_s: float | None = None  # server CPU s/s in the --idle phase
         # set by _run, inside the event loop
         self.loop: asyncio.AbstractEventLoop
         self.inbox: list[asyncio.Queue[pipe.Answer]] = []
@@ -235,8 +239,14 @@ class Coordinator:
                 chan_clients[c] += k
         planned = [len(range(c, cfg["messages"], cfg["channels"])) for c in range(cfg["channels"])]
         self.expected_total = sum(map(int.__mul__, chan_clients, planned))
+        idle: dict[str, Any] = {}
+        if cfg["idle"] and ready:
+            self.phase = "idle"
+            idle = await self._idle_phase(subscribed + stalled_ready)
         # 2. publish
         self.phase = "publishing"
+        if cfg["server_pid"]:
+            self.server_pub = server_sample(cfg["server_pid"])
         pub_start = time.time_ns()
         if subscribed:
             pub = await publisher.publish(self.work_deadline)
@@ -261,6 +271,10 @@ class Coordinator:
             pipe.Result, self._left(self.deadline - 0.5 * self.reserve, drain_s + 1.0)
         )
         report = self._report_base(connect_seconds, subscribed, pub, pub_start, pub_end, results)
+        report.update(idle)
+        if cfg["broadcast"]:
+            report["broadcast_ms"] = broadcast_ms(results, pub.sent, report["latency_ms"])
+            self._broadcast_cpu(report, server_mid, pub_start)
         if publisher.probe is not None:
             report["nats_hop_ms"] = publisher.probe.result()
         if cfg["stall"]:
@@ -291,6 +305,62 @@ class Coordinator:
             self._server_report(report, server_mid, subscribed + stalled_ready)
         report["elapsed_seconds"] = round(time.monotonic() - self.t0, 3)
         return report
+
+    async def _idle_phase(self, conns: int) -> dict[str, Any]:
+        """``--idle``: nothing published for that many seconds; heartbeats, server CPU and RSS.
+
+        Returns the report keys: idle_seconds, idle_heartbeats {app, protocol,
+        per_connection}, and with a server pid server_idle_cpu_pct (of one core),
+        server_idle_us_per_heartbeat, server_idle_rss_mib, server_idle_rss_per_conn_kib.
+        """
+        cfg = self.cfg
+        pid = cfg["server_pid"]
+        wait_s = min(cfg["idle"], self._left(self.work_deadline))
+        self._broadcast(pipe.Mark())
+        first = await self._collect(pipe.Marked, 5.0)
+        before = server_sample(pid) if pid else None
+        t0 = time.monotonic()
+        await asyncio.sleep(wait_s)
+        after = server_sample(pid) if pid else None
+        seconds = time.monotonic() - t0
+        self._broadcast(pipe.Mark())
+        last = await self._collect(pipe.Marked, 5.0)
+        app = sum(m.app for m in last.values()) - sum(m.app for m in first.values())
+        proto = sum(m.protocol for m in last.values()) - sum(m.protocol for m in first.values())
+        out: dict[str, Any] = {
+            "idle_seconds": round(seconds, 3),
+            "idle_heartbeats": {
+                "app": app,
+                "protocol": proto,
+                "per_connection": round((app + proto) / conns, 3) if conns else 0.0,
+            },
+        }
+        if before is not None and after is not None and seconds > 0:
+            cpu = after["cpu"] - before["cpu"]
+            self.idle_cpu_per_s = cpu / seconds
+            out["server_idle_cpu_pct"] = round(100 * cpu / seconds, 2)
+            if app + proto:
+                out["server_idle_us_per_heartbeat"] = round(cpu / (app + proto) * 1e6, 1)
+            out["server_idle_rss_mib"] = round(after["rss"] / 1024, 1)
+            if self.server_before is not None and conns:
+                grown = after["rss"] - self.server_before["rss"]
+                out["server_idle_rss_per_conn_kib"] = round(grown / conns, 2)
+        return out
+
+    def _broadcast_cpu(
+        self, report: dict[str, Any], mid: dict[str, float] | None, pub_start: int
+    ) -> None:
+        """server_cpu_ms_per_broadcast: server CPU from the first publish to the last
+        delivery, per round; ``_net`` also takes off the idle phase's rate over that time."""
+        start, rounds = self.server_pub, report["published"]
+        if start is None or mid is None or not rounds:
+            return
+        cpu = mid["cpu"] - start["cpu"]
+        report["server_cpu_ms_per_broadcast"] = round(cpu / rounds * 1e3, 2)
+        if self.idle_cpu_per_s is not None:
+            window = max(0.0, (time.time_ns() - pub_start) / 1e9)
+            net = max(0.0, cpu - self.idle_cpu_per_s * window)
+            report["server_cpu_ms_per_broadcast_net"] = round(net / rounds * 1e3, 2)
 
     def _report_base(
         self,
@@ -413,13 +483,42 @@ class Coordinator:
             # handshake + auth + subscribe of every client (first use of each token)
             cpu = (ready["cpu"] - before["cpu"]) / conns
             report["server_cpu_ms_per_connection"] = round(cpu * 1e3, 3)
-        if ready is not None and mid is not None and report["frames"]:
+        start = self.server_pub or ready
+        if start is not None and mid is not None and report["frames"]:
             # publish to last delivery: the delivery path only, handshakes left out
-            cpu = (mid["cpu"] - ready["cpu"]) / report["frames"]
+            cpu = (mid["cpu"] - start["cpu"]) / report["frames"]
             report["server_cpu_us_per_frame"] = round(cpu * 1e6, 2)
         report["server_procs"] = int(before["procs"])
         if after is None:
             report["server_exited"] = True
+
+
+def broadcast_ms(
+    results: dict[int, pipe.Result], rounds: int, latency: dict[str, float | None]
+) -> dict[str, Any]:
+    """``--broadcast``'s figures, in milliseconds.
+
+    Returns:
+        {rounds, last_p50, last_max (publish to the last delivery of a round: median
+        and worst over rounds), last (per round), p50, p99 (across every connection
+        and round)}.
+    """
+    last = [0] * rounds
+    for m in results.values():
+        per = array.array("q")
+        per.frombytes(m.stats["msg_lat"])
+        for i, lat in enumerate(per[:rounds]):
+            if lat > last[i]:
+                last[i] = lat
+    ms = [round(v / 1e6, 3) for v in last if v]
+    return {
+        "rounds": rounds,
+        "last_p50": round(statistics.median(ms), 3) if ms else None,
+        "last_max": max(ms) if ms else None,
+        "last": ms,
+        "p50": latency["p50"],
+        "p99": latency["p99"],
+    }
 
 
 def run_bench(cfg: dict[str, Any]) -> dict[str, Any]:

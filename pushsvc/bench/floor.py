@@ -21,7 +21,8 @@ figures of a pushsvc run can be read against it:
 Report keys: mode (``"floor"``), clients, messages, size, record_bytes, procs,
 deliveries, expected, lost, deliveries_per_s, latency_ms {p50, p90, p99, max},
 server_cpu_s, server_cpu_us_per_write, server_user_us_per_write (the rest is
-the kernel), generator_cpu_s, elapsed_seconds. Every
+the kernel), generator_cpu_s, elapsed_seconds; with ``--broadcast`` (one record
+per round, a second apart) broadcast_ms as a pushsvc run reports it. Every
 process is bounded by ``--duration-limit`` and exits by itself.
 """
 
@@ -31,6 +32,7 @@ import array
 import asyncio
 import contextlib
 import multiprocessing
+import statistics
 import time
 from typing import Any, NamedTuple
 
@@ -51,12 +53,14 @@ class ServerReport(NamedTuple):
 
 class ClientsReport(NamedTuple):
     """What one client process sends back: records received, latencies (``array('q')``
-    bytes, nanoseconds), its CPU seconds and the largest latency (ns)."""
+    bytes, nanoseconds), its CPU seconds, the largest latency (ns) and, per message
+    index, the latency of its latest delivery (``array('q')`` bytes, ns)."""
 
     got: int
     lat: bytes
     cpu_s: float
     lat_max: int
+    last: bytes
 
 
 def _server(conn: Any, cfg: dict[str, Any]) -> None:
@@ -103,12 +107,14 @@ def _clients(conn: Any, cfg: dict[str, Any], count: int, port: int) -> None:
         record = cfg["record"]
         expected = cfg["messages"] * count
         lat = array.array("q")
+        last = array.array("q", bytes(8 * cfg["messages"]))  # per message: latest delivery
         got = [0]
         done = loop.create_future()
 
         class Client(asyncio.Protocol):
             def __init__(self) -> None:
                 self.buf = b""
+                self.n = 0  # records so far: the next one is message n (TCP keeps the order)
 
             def data_received(self, data: bytes) -> None:
                 now = time.time_ns()
@@ -116,7 +122,11 @@ def _clients(conn: Any, cfg: dict[str, Any], count: int, port: int) -> None:
                     data = self.buf + data
                 usable = len(data) - len(data) % record
                 for off in range(0, usable, record):
-                    lat.append(now - int.from_bytes(data[off : off + _STAMP], "big"))
+                    v = now - int.from_bytes(data[off : off + _STAMP], "big")
+                    lat.append(v)
+                    if self.n < len(last) and v > last[self.n]:
+                        last[self.n] = v
+                    self.n += 1
                 self.buf = data[usable:]
                 got[0] += usable // record
                 if got[0] >= expected and not done.done():
@@ -132,7 +142,11 @@ def _clients(conn: Any, cfg: dict[str, Any], count: int, port: int) -> None:
         cpu0 = cpu_seconds()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(done, cfg["duration_limit"])
-        conn.send(ClientsReport(got[0], lat.tobytes(), cpu_seconds() - cpu0, max(lat, default=0)))
+        conn.send(
+            ClientsReport(
+                got[0], lat.tobytes(), cpu_seconds() - cpu0, max(lat, default=0), last.tobytes()
+            )
+        )
         for transport in transports:
             transport.close()
 
@@ -192,7 +206,8 @@ def run_floor(cfg: dict[str, Any]) -> dict[str, Any]:
     deliveries = sum(r.got for r in results)
     expected = cfg["messages"] * cfg["clients"]
     writes = cfg["messages"] * server.connections
-    return {
+    latency = latency_ms([{"lat": r.lat, "stride": 1, "lat_max": r.lat_max} for r in results])
+    report = {
         "mode": "floor",
         "clients": cfg["clients"],
         "messages": cfg["messages"],
@@ -203,14 +218,33 @@ def run_floor(cfg: dict[str, Any]) -> dict[str, Any]:
         "expected": expected,
         "lost": expected - deliveries,
         "deliveries_per_s": round(deliveries / elapsed) if elapsed > 0 else None,
-        "latency_ms": latency_ms(
-            [{"lat": r.lat, "stride": 1, "lat_max": r.lat_max} for r in results]
-        ),
+        "latency_ms": latency,
         "server_cpu_s": round(server.cpu_s, 3),
         "server_cpu_us_per_write": round(server.cpu_s / writes * 1e6, 2) if writes else None,
         "server_user_us_per_write": round(server.user_s / writes * 1e6, 2) if writes else None,
         "generator_cpu_s": round(sum(r.cpu_s for r in results), 3),
         "elapsed_seconds": round(elapsed, 3),
+    }
+    if cfg.get("broadcast"):
+        report["broadcast_ms"] = _broadcast_ms([r.last for r in results], latency)
+    return report
+
+
+def _broadcast_ms(lasts: list[bytes], latency: dict[str, float | None]) -> dict[str, Any]:
+    """``--broadcast``'s keys, as a pushsvc run reports them (publish -> last delivery)."""
+    worst: list[int] = []
+    for raw in lasts:
+        per = array.array("q")
+        per.frombytes(raw)
+        worst = [max(a, b) for a, b in zip(worst, per, strict=True)] if worst else list(per)
+    ms = [round(v / 1e6, 3) for v in worst if v]
+    return {
+        "rounds": len(worst),
+        "last_p50": round(statistics.median(ms), 3) if ms else None,
+        "last_max": max(ms) if ms else None,
+        "last": ms,
+        "p50": latency["p50"],
+        "p99": latency["p99"],
     }
 
 
@@ -229,5 +263,15 @@ def format_floor(r: dict[str, Any]) -> str:
             f"({r['server_cpu_us_per_write']} us per write, {r['server_user_us_per_write']} us "
             "of it in user space; one process)",
             f"  generator cpu {r['generator_cpu_s']} s",
+            *_broadcast_line(r.get("broadcast_ms")),
         ]
     )
+
+
+def _broadcast_line(b: dict[str, Any] | None) -> list[str]:
+    if not b:
+        return []
+    return [
+        f"  broadcast     {b['rounds']} round(s): last delivery ms p50 {b['last_p50']}  "
+        f"max {b['last_max']}; across connections p50 {b['p50']}  p99 {b['p99']}"
+    ]

@@ -6,8 +6,8 @@ monotonic seconds (``until``, deadlines) or ``time.time_ns()`` nanoseconds
 (``*_ns``), durations seconds.
 
 Coordinator -> worker: :class:`Connect`, :class:`Published`, :class:`Stop`,
-:class:`Close`, :class:`Reconnect`, :class:`Exit`.
-Worker -> coordinator: :class:`Up`, :class:`Progress`, :class:`Ready`,
+:class:`Close`, :class:`Reconnect`, :class:`Mark`, :class:`Exit`.
+Worker -> coordinator: :class:`Up`, :class:`Progress`, :class:`Ready`, :class:`Marked`,
 :class:`Done`, :class:`Result`, :class:`Closed`, :class:`Reconnected`, :class:`Bye`.
 """
 
@@ -54,13 +54,17 @@ class Reconnect(msgspec.Struct):
     until: float
 
 
+class Mark(msgspec.Struct):
+    """Report the heartbeats received so far. Answered :class:`Marked`."""
+
+
 class Exit(msgspec.Struct):
     """Close every client (``close_s`` seconds at most) and exit. Answered :class:`Bye`."""
 
     close_s: float = 0.5
 
 
-Command = Connect | Published | Stop | Close | Reconnect | Exit
+Command = Connect | Mark | Published | Stop | Close | Reconnect | Exit
 
 # --- worker -> coordinator -------------------------------------------------------------
 
@@ -94,6 +98,14 @@ class Ready(msgspec.Struct):
     failed: int
     last_ready_ns: int
     per_channel: list[int]
+
+
+class Marked(msgspec.Struct):
+    """Heartbeats the worker's clients received so far: pushsvc ``ping`` frames
+    (``app``) and RFC 6455 ping frames (``protocol``)."""
+
+    app: int
+    protocol: int
 
 
 class Done(msgspec.Struct):
@@ -141,4 +153,4 @@ class Dead(msgspec.Struct):
     """Not sent: put in a worker's inbox by the coordinator when its pipe broke."""
 
 
-Answer = Up | Progress | Ready | Done | Result | Closed | Reconnected | Bye | Dead
+Answer = Up | Progress | Ready | Marked | Done | Result | Closed | Reconnected | Bye | Dead

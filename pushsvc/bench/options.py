@@ -9,6 +9,7 @@ sizes bytes, rates per second.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 from typing import Any
 
@@ -18,6 +19,9 @@ from ..serverurl import parse_server_url
 
 DEFAULT_URL = "http://127.0.0.1:8000"  # `pushsvc serve`'s default address
 EMIT_CONCURRENCY = 16  # default parallel emit POSTs (one HTTP connection and emit user each)
+MESSAGES = 1000  # default --messages
+BROADCAST_ROUNDS = 5  # --broadcast without a number
+BROADCAST_INTERVAL = 1.0  # seconds between two --broadcast rounds
 
 
 class BenchError(Exception):
@@ -53,9 +57,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=env("PUSHSVC_SUBJECT_PREFIX") or "push",
         help="NATS subject prefix (default: $PUSHSVC_SUBJECT_PREFIX or push)",
     )
-    add("--clients", type=int, default=1000, help="WebSocket clients (default 1000)")
+    add("--clients", type=int, default=1000, help="clients (default 1000)")
+    add(
+        "--transport",
+        choices=("ws", "sse", "stream"),
+        default="ws",
+        help="how the clients connect: WebSocket /ws, SSE GET /sse, HTTP-streaming "
+        "POST /stream (default ws)",
+    )
     add("--channels", type=int, default=1, help="channels bench.0..bench.N-1 (default 1)")
-    add("--messages", type=int, default=1000, help="messages published in total (default 1000)")
+    add(
+        "--messages",
+        type=int,
+        default=None,
+        help=f"messages published in total (default {MESSAGES}; with --broadcast, one per round)",
+    )
     add("--size", type=int, default=100, help="payload size in bytes (default 100)")
     add("--rate", type=float, default=0.0, help="publish rate, messages/s (0 = max; default)")
     add("--via", choices=("nats", "emit"), default="nats", help="publish path (default nats)")
@@ -72,6 +88,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=os.cpu_count() or 1,
         help="client processes (default: CPU count)",
+    )
+    add(
+        "--source-addresses",
+        type=int,
+        default=1,
+        metavar="N",
+        help="spread the clients over N loopback source addresses 127.0.0.1, 127.0.0.2, ... "
+        "(each gives ~28,000 ephemeral ports towards one server port; a loopback --url only; "
+        "default 1: the kernel picks)",
+    )
+    add(
+        "--idle",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="once every client is subscribed, publish nothing for SECONDS and report the "
+        "server's CPU (%% of one core, per heartbeat) and RSS meanwhile (needs --server-pid, "
+        "or --vs-floor's own lookup; default 0: no idle phase)",
+    )
+    add(
+        "--broadcast",
+        type=int,
+        nargs="?",
+        const=BROADCAST_ROUNDS,
+        default=0,
+        metavar="ROUNDS",
+        help=f"publish ROUNDS messages (default {BROADCAST_ROUNDS}) to the one channel every "
+        f"client is on, {BROADCAST_INTERVAL:g} s apart (--via nats, --channels 1), and report "
+        "per round the time from the publish to the last delivery, and p50/p99 across connections",
     )
     add(
         "--connect-rate",
@@ -142,7 +187,8 @@ def build_config(args: argparse.Namespace) -> dict[str, Any]:
     for name in ("clients", "channels"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be >= 1")
-    for name in ("messages", "stall", "size"):
+    messages = _messages(args)
+    for name in ("stall", "size"):
         if getattr(args, name) < 0:
             raise ValueError(f"--{name} must be >= 0")
     if args.size > 1024 * 1024:
@@ -162,7 +208,10 @@ def build_config(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError("--vs-floor compares plain runs: --reconnect and --stall do not apply")
     if not args.prefix or any(c in args.prefix for c in " .*>\t\r\n"):
         raise ValueError("--prefix must be one NATS token, e.g. 'push'")
+    if args.idle < 0:
+        raise ValueError("--idle must be >= 0 seconds")
     server = parse_server_url(args.url, "--url")
+    sources = source_addresses(args.source_addresses, server.host)
     total = args.clients + args.stall
     security = natsconn.NatsSecurity.from_args(args)
     security.check(split_servers(args.nats_url))  # SettingsError is a ValueError
@@ -187,14 +236,19 @@ def build_config(args: argparse.Namespace) -> dict[str, Any]:
         "emit_typ": os.environ.get("PUSHSVC_EMIT_TYPE") or None,
         "prefix": args.prefix,
         "clients": args.clients,
+        "transport": args.transport,
         "channels": args.channels,
-        "messages": args.messages,
+        "messages": messages,
         "size": args.size,
-        "rate": float(args.rate),
+        "rate": 1.0 / BROADCAST_INTERVAL if args.broadcast else float(args.rate),
         "via": args.via,
         "emit_concurrency": args.emit_concurrency,
         "procs": max(1, min(args.procs, total)),
         "connect_rate": float(args.connect_rate),
+        "source_addresses": sources,
+        "idle": float(args.idle),
+        "broadcast": args.broadcast,
+        "broadcast_interval": BROADCAST_INTERVAL,
         "timeout": float(args.timeout),
         "duration_limit": float(args.duration_limit),
         "reconnect": bool(args.reconnect),
@@ -206,3 +260,51 @@ def build_config(args: argparse.Namespace) -> dict[str, Any]:
         "rounds": args.rounds,
         "progress": not (args.quiet or args.json),
     }
+
+
+def _messages(args: argparse.Namespace) -> int:
+    """``--messages`` checked against ``--broadcast`` (which sets it: one per round)."""
+    if args.broadcast < 0:
+        raise ValueError("--broadcast must be >= 0 rounds (0: none)")
+    if args.broadcast:
+        if args.messages is not None:
+            raise ValueError("--broadcast publishes one message per round: drop --messages")
+        if args.channels != 1 or args.via != "nats":
+            raise ValueError("--broadcast needs --channels 1 and --via nats")
+        if args.rate:
+            raise ValueError(
+                f"--broadcast paces itself (a round every {BROADCAST_INTERVAL:g} s): drop --rate"
+            )
+        return int(args.broadcast)
+    if args.messages is None:
+        return MESSAGES
+    if args.messages < 0:
+        raise ValueError("--messages must be >= 0")
+    return int(args.messages)
+
+
+def source_addresses(n: int, host: str) -> list[str]:
+    """The ``--source-addresses`` list: ``n`` consecutive addresses from 127.0.0.1.
+
+    Towards one server address and port, a client address has one ephemeral port
+    per connection (``net.ipv4.ip_local_port_range``, 28,232 by default), so more
+    connections than that need more source addresses; every address of
+    127.0.0.0/8 is local on Linux (RFC 1122 3.2.1.3: loopback). With ``n`` = 1 the
+    list is empty: the kernel picks the address.
+
+    Raises:
+        ValueError: ``n`` < 1 or > 65,536, or ``n`` > 1 with a ``host`` that is not
+            an IPv4 loopback address.
+    """
+    if n < 1 or n > 65_536:
+        raise ValueError("--source-addresses must be 1..65536")
+    if n == 1:
+        return []
+    try:
+        loopback = ipaddress.ip_address(host) in ipaddress.ip_network("127.0.0.0/8")
+    except ValueError:
+        loopback = False
+    if not loopback:
+        raise ValueError("--source-addresses needs a 127.x.y.z --url (loopback sources)")
+    first = ipaddress.ip_address("127.0.0.1")
+    return [str(first + k) for k in range(n)]

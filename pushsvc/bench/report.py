@@ -89,6 +89,19 @@ def format_report(r: dict[str, Any]) -> str:
             per.append(f"{r['server_cpu_ms_per_reconnect']:.3f} ms per reconnect")
         if per:
             lines.append(f"  server cpu    {', '.join(per)}")
+    lines.extend(_idle_lines(r))
+    if "broadcast_ms" in r:
+        b = r["broadcast_ms"]
+        cpu = ""
+        if "server_cpu_ms_per_broadcast" in r:
+            cpu = f"; server cpu {r['server_cpu_ms_per_broadcast']:.1f} ms per round"
+            if "server_cpu_ms_per_broadcast_net" in r:
+                cpu += f" ({r['server_cpu_ms_per_broadcast_net']:.1f} ms less idle)"
+        lines.append(
+            f"  broadcast     {b['rounds']} round(s): last delivery ms p50 {ms(b['last_p50'])}  "
+            f"max {ms(b['last_max'])}; across connections p50 {ms(b['p50'])}  "
+            f"p99 {ms(b['p99'])}{cpu}"
+        )
     if "reconnect_seconds" in r:
         lines.append(
             f"  reconnect     {_secs(r['reconnect_seconds'])}  ({r['reconnected']} ok, "
@@ -102,6 +115,24 @@ def format_report(r: dict[str, Any]) -> str:
     for text in r["error_samples"] + r.get("reconnect_error_samples", []):
         lines.append(f"  ! {text}")
     return "\n".join(lines)
+
+
+def _idle_lines(r: dict[str, Any]) -> list[str]:
+    if "idle_seconds" not in r:
+        return []
+    beats = r["idle_heartbeats"]
+    line = (
+        f"  idle          {r['idle_seconds']:.1f} s: heartbeats {beats['app']} ping frames + "
+        f"{beats['protocol']} protocol pings ({beats['per_connection']:.2f} per connection)"
+    )
+    if "server_idle_cpu_pct" in r:
+        line += f"; server cpu {r['server_idle_cpu_pct']:.2f}% of a core"
+        if "server_idle_us_per_heartbeat" in r:
+            line += f" ({r['server_idle_us_per_heartbeat']:.1f} us per heartbeat)"
+        line += f", rss {r['server_idle_rss_mib']:.1f} MiB"
+        if "server_idle_rss_per_conn_kib" in r:
+            line += f" ({r['server_idle_rss_per_conn_kib']:.2f} KiB/conn)"
+    return [line]
 
 
 def _secs(value: float | None) -> str:

@@ -14,6 +14,8 @@ import ssl
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
+from ..server import capacity as server_capacity
+
 T = TypeVar("T")
 
 try:  # pragma: no cover - uvloop is a Linux/macOS dependency
@@ -24,11 +26,7 @@ except ImportError:  # pragma: no cover
 
 def raise_nofile_limit() -> None:
     """Raise the soft open-files limit to the hard one (every client is a socket)."""
-    with contextlib.suppress(ValueError, OSError):
-        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        if hard == resource.RLIM_INFINITY or hard > soft:
-            target = 1 << 20 if hard == resource.RLIM_INFINITY else hard
-            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    server_capacity.raise_nofile_limit()
 
 
 def cpu_seconds() -> float:

@@ -18,6 +18,7 @@ import contextlib
 import gc
 import os
 import signal
+import socket
 import time
 from collections.abc import Iterable
 from typing import Any
@@ -26,11 +27,14 @@ from websockets.uri import parse_uri
 
 from . import messages as pipe
 from .client import Client, Tally
+from .streamclient import StreamClient
 from .system import add_pipe_reader, cpu_seconds, raise_nofile_limit, run_loop, ssl_context
 from .tokens import client_token
 
 SETUP_TIMEOUT = 30.0  # seconds for connect + auth + subscribe of one client
 PROGRESS_INTERVAL = 0.5  # seconds between worker progress messages
+# Linux ip(7): bind() to an address only, the port chosen at connect() for the 4-tuple
+IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
 
 
 class Worker(Tally):
@@ -81,7 +85,7 @@ class Worker(Tally):
         gids = range(self.wid, cfg["clients"] + cfg["stall"], procs)
         for gid in gids:
             token = client_token(cfg, gid)
-            client = Client(self, gid, token, stalled=gid >= cfg["clients"])
+            client = self._client(gid, token, stalled=gid >= cfg["clients"])
             (self.stalled if client.stalled else self.clients).append(client)
         self.send(pipe.Up())
         progress = asyncio.ensure_future(self._progress())
@@ -91,6 +95,8 @@ class Worker(Tally):
                 cmd = await self.cmds.get()
                 if isinstance(cmd, pipe.Connect):
                     await self._connect_all(until=cmd.until)
+                elif isinstance(cmd, pipe.Mark):
+                    self.send(pipe.Marked(app=self.app_pings, protocol=self.ws_pings))
                 elif isinstance(cmd, pipe.Published):
                     self._arm(cmd.per_channel)
                 elif isinstance(cmd, pipe.Stop):
@@ -112,6 +118,13 @@ class Worker(Tally):
             watchdog.cancel()
             with contextlib.suppress(Exception):
                 self.loop.remove_reader(self.conn.fileno())
+
+    def _client(self, gid: int, token: str, stalled: bool) -> Client:
+        """A client of the run's transport (``--transport``: ws, sse or stream)."""
+        kind = self.cfg.get("transport", "ws")
+        if kind == "ws":
+            return Client(self, gid, token, stalled=stalled)
+        return StreamClient(self, gid, token, stalled, kind)
 
     async def _watchdog(self) -> None:
         """Exit by ourselves at the hard deadline or when the coordinator is gone."""
@@ -143,20 +156,34 @@ class Worker(Tally):
         loop = self.loop
         try:
             async with asyncio.timeout(max(0.01, min(SETUP_TIMEOUT, until - time.monotonic()))):
-                await loop.create_connection(
-                    lambda: client,
-                    cfg["host"],
-                    cfg["port"],
-                    ssl=self.ssl,
-                    server_hostname=cfg["host"] if self.ssl else None,
-                )
-                await client.waiter  # handshake response
+                sources = cfg["source_addresses"]
+                if sources:
+                    sock = await self._bound_socket(sources[client.gid % len(sources)])
+                    await loop.create_connection(
+                        lambda: client,
+                        sock=sock,
+                        ssl=self.ssl,
+                        server_hostname=cfg["host"] if self.ssl else None,
+                    )
+                else:
+                    await loop.create_connection(
+                        lambda: client,
+                        cfg["host"],
+                        cfg["port"],
+                        ssl=self.ssl,
+                        server_hostname=cfg["host"] if self.ssl else None,
+                    )
+                await client.waiter  # handshake response (a stream: its "subscribed")
+                if isinstance(client, StreamClient):
+                    raise _Ready
                 welcome = client.expect("welcome")
                 client.send_obj({"op": "auth", "token": client.token})
                 await welcome
                 subscribed = client.expect("subscribed")
                 client.send_obj({"op": "subscribe", "channel": client.channel})
                 await subscribed
+        except _Ready:
+            pass
         except Exception as exc:
             reason = "timed out" if isinstance(exc, TimeoutError) else str(exc) or repr(exc)
             self.error(f"client {client.gid}: setup failed: {reason}")
@@ -168,6 +195,25 @@ class Worker(Tally):
         if client.stalled and client.transport is not None:
             client.transport.pause_reading()
         return True
+
+    async def _bound_socket(self, source: str) -> socket.socket:
+        """A TCP socket from ``source`` (an IPv4 address), connected to the server.
+
+        ``IP_BIND_ADDRESS_NO_PORT`` defers the port choice to ``connect()``, so a
+        source address's ephemeral ports are shared by every destination instead
+        of each bind() taking one for good (ip(7)).
+        """
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            sock.setblocking(False)
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+            sock.bind((source, 0))
+            await self.loop.sock_connect(sock, (self.cfg["host"], self.cfg["port"]))
+        except BaseException:
+            sock.close()
+            raise
+        return sock
 
     async def _connect_all(self, until: float) -> None:
         cfg = self.cfg
@@ -221,6 +267,7 @@ class Worker(Tally):
             "stride": self.stride,
             "lat_max": self.lat_max,
             "closes": dict(self.closes),
+            "msg_lat": self.msg_lat.tobytes() if self.msg_lat is not None else b"",
         }
         self.lat_done = array.array("q")
         if self.stalled:
@@ -250,7 +297,7 @@ class Worker(Tally):
         self.error_samples = []  # the run's samples went out with the results
         self.subscribed -= len(self.clients)
         self.last_ready_ns = 0
-        fresh = [Client(self, c.gid, c.token, stalled=False) for c in self.clients]
+        fresh = [self._client(c.gid, c.token, stalled=False) for c in self.clients]
         for c in fresh:
             c.counting = False
         start = time.monotonic()
@@ -265,6 +312,10 @@ class Worker(Tally):
                 error_samples=self.error_samples,
             )
         )
+
+
+class _Ready(Exception):
+    """A stream client is set up by its request alone (token and channel in it)."""
 
 
 async def _wait_lost(clients: Iterable[Client], wait_s: float) -> None:

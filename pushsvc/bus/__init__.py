@@ -15,7 +15,7 @@ Subjects (``prefix`` = ``PUSHSVC_SUBJECT_PREFIX``, default ``push``):
 - with history off (``PUSHSVC_HISTORY_TTL=0`` or no JetStream) nodes subscribe to
   ``<prefix>.<channel>`` directly and messages carry no sequence;
 - revocations arrive on ``<prefix>-control.disconnect``;
-- channel events (join/leave) travel on ``<prefix>-events.<channel>`` (core NATS,
+- channel events (join/leave) travel on ``<prefix>-joinleave.<channel>`` (core NATS,
   never stored), one refcounted subscription per channel with local subscribers
   where they are on (:meth:`Bus.acquire_events`);
 - presence and revocations live in JetStream KV buckets (:meth:`Bus.key_value`).
@@ -34,6 +34,8 @@ Modules, one concept each:
 - ``reads``: history reads (:class:`History`, :class:`StoredMessage`);
 - ``kv``: JetStream KV buckets (presence, revocations);
 - ``events``: channel events (join/leave);
+- ``lifecycle``: lifecycle events (``<prefix>-events.<type>``), their stream, expiry markers;
+- ``requests``: NATS request/reply (serve a subject, request, scatter-gather);
 - ``errors``: :class:`Unavailable`, :class:`StreamConfigError`.
 """
 
@@ -43,17 +45,34 @@ from .errors import StreamConfigError, Unavailable
 from .events import EventHandler
 from .natsconn import connect_failure
 from .reads import History, StoredMessage
+from .requests import (
+    ERROR_HEADER,
+    Handler,
+    NoResponders,
+    Reply,
+    Request,
+    RequestTimeout,
+    Responder,
+    request_once,
+)
 from .stream import epoch_of, stream_time
 from .subscriptions import MessageHandler, PatternHandler
 
 __all__ = [
+    "ERROR_HEADER",
     "Bus",
     "Connection",
     "ControlHandler",
     "EventHandler",
+    "Handler",
     "History",
     "MessageHandler",
+    "NoResponders",
     "PatternHandler",
+    "Reply",
+    "Request",
+    "RequestTimeout",
+    "Responder",
     "ResumeHandler",
     "StoredMessage",
     "StreamConfigError",
@@ -61,5 +80,6 @@ __all__ = [
     "confirm",
     "connect_failure",
     "epoch_of",
+    "request_once",
     "stream_time",
 ]

@@ -23,8 +23,10 @@ from .connection import Connection
 from .errors import Unavailable
 from .events import EventHandler, Events
 from .kv import KeyValueStore
+from .lifecycle import LifecycleBus
 from .publish import publish
 from .reads import Reader
+from .requests import Requests
 from .stream import Streams
 from .subscriptions import LiveSubscriptions, MessageHandler, PatternHandler
 
@@ -54,6 +56,10 @@ class Bus:
         reader: history reads (:class:`~pushsvc.bus.reads.Reader`).
         kv: KV buckets (:class:`~pushsvc.bus.kv.KeyValueStore`).
         events: channel events (:class:`~pushsvc.bus.events.Events`).
+        requests: request/reply: serve, request, scatter
+            (:class:`~pushsvc.bus.requests.Requests`).
+        lifecycle: lifecycle events, their stream, expiry markers
+            (:class:`~pushsvc.bus.lifecycle.LifecycleBus`).
         on_disconnected: called (synchronously) when the NATS connection drops.
         on_resumed: awaited after a reconnect once the stream is verified, with
             ``True`` when the stream was re-created (NATS lost its store:
@@ -66,7 +72,9 @@ class Bus:
     - history: ``history(channel, since, limit, *, seen, epoch)``,
       ``channel_last_seq(channel)`` (:class:`~pushsvc.bus.reads.Reader`);
     - KV buckets: ``key_value(bucket, ttl, *, storage, description)``,
-      ``scan_kv(bucket, keys)``, ``kv_put(bucket, key, value, *, ttl, msg_id)``
+      ``scan_kv(bucket, keys)``, ``kv_put(bucket, key, value, *, ttl, msg_id)``,
+      ``kv_entries(bucket, keys, *, timeout)``, ``kv_delete(bucket, key)``,
+      ``kv_post(bucket, key, value, *, delete)``, ``kv_update(bucket, key, change)``
       (:class:`~pushsvc.bus.kv.KeyValueStore`);
     - channel events: ``events_subject(channel)``, ``publish_event(channel,
       payload)``, ``acquire_events(channel)``, ``release_events(channel)``
@@ -91,6 +99,8 @@ class Bus:
         self.reader = Reader(self.conn, self.streams)
         self.kv = KeyValueStore(self.conn)
         self.events = Events(self.conn)
+        self.requests = Requests(self.conn)
+        self.lifecycle = LifecycleBus(self.conn)
         self.control_subject = f"{self.conn.prefix}-control.disconnect"
         self._on_control = on_control
         self._control_sub: Subscription | None = None
@@ -106,8 +116,13 @@ class Bus:
         self.history = self.reader.history
         self.channel_last_seq = self.reader.channel_last_seq
         self.key_value = self.kv.key_value
+        self.bucket = self.kv.bucket
         self.scan_kv = self.kv.scan
         self.kv_put = self.kv.put
+        self.kv_entries = self.kv.entries
+        self.kv_delete = self.kv.delete
+        self.kv_post = self.kv.post
+        self.kv_update = self.kv.update
         self.events_subject = self.events.subject
         self.publish_event = self.events.publish
         self.acquire_events = self.events.acquire

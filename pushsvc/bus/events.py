@@ -1,4 +1,4 @@
-"""Channel events (join/leave): core NATS on ``<prefix>-events.<channel>``, never stored.
+"""Channel events (join/leave): core NATS on ``<prefix>-joinleave.<channel>``, never stored.
 
 A node publishes an event when one of its sessions joins or leaves a channel
 that has events on (``PUSHSVC_JOIN_LEAVE_CHANNELS``) and holds one refcounted
@@ -29,19 +29,19 @@ class Events:
         conn: the node's shared :class:`~pushsvc.bus.connection.Connection`.
 
     Attributes:
-        prefix: ``<prefix>-events``.
+        prefix: ``<prefix>-joinleave``.
         on_event: called with ``(channel, payload)`` for every event of a channel
             held with :meth:`acquire`; must not block.
     """
 
     def __init__(self, conn: Connection) -> None:
         self.conn = conn
-        self.prefix = f"{conn.prefix}-events"
+        self.prefix = f"{conn.prefix}-joinleave"
         self.on_event: EventHandler | None = None
         self._subs: dict[str, list[Any]] = {}  # channel -> [refs, Subscription | None]
 
     def subject(self, channel: str) -> str:
-        """Subject of ``channel``'s events: ``<prefix>-events.<channel>``."""
+        """Subject of ``channel``'s events: ``<prefix>-joinleave.<channel>``."""
         return subject_for(self.prefix, channel)
 
     async def publish(self, channel: str, payload: bytes) -> None:

@@ -24,6 +24,8 @@ from .errors import SettingsError
 from .nats import NatsSecurity, display_url
 
 ENV_PREFIX = "PUSHSVC_"
+#: lifecycle event types (``PUSHSVC_EVENTS``; docs/server-api.md, "Lifecycle events")
+EVENT_TYPES = ("connect", "disconnect", "subscribe", "unsubscribe", "occupied", "vacated")
 MAX_WRITE_DELAY = 1.0  # seconds: a longer hold would stall interactive channels
 
 
@@ -109,6 +111,13 @@ class Settings(msgspec.Struct, kw_only=True):
     join_leave_channels: list[str] = msgspec.field(default_factory=list)  # patterns
     auto_subscribe_personal: bool = False  # every session is subscribed to user.<sub>
     wildcard_subscriptions: bool = True  # subscribe accepts patterns (orders.*, orders.>)
+
+    # --- server API -----------------------------------------------------------
+    api_timeout: float = 2.0  # s a cluster-wide server API request waits for every node
+    node_bucket: str = "PUSHSVC_NODES"  # JetStream KV bucket of live nodes (server API)
+    events: list[str] = msgspec.field(default_factory=list)  # lifecycle event types; none = off
+    events_stream: str = "PUSHSVC_EVENTS"  # JetStream stream keeping them (history on)
+    events_ttl: float = 86400.0  # s the events stream keeps an event
 
     # --- operations ----------------------------------------------------------
     node_name: str | None = None  # None: the host name (see load)
@@ -230,6 +239,8 @@ class Settings(msgspec.Struct, kw_only=True):
             "workers": self.workers,
             "presence_limit": self.presence_limit,
             "shutdown_timeout": self.shutdown_timeout,
+            "api_timeout": self.api_timeout,
+            "events_ttl": self.events_ttl,
             "ticket_ttl": self.ticket_ttl,
             "sse_retry": self.sse_retry,
         }
@@ -272,6 +283,20 @@ class Settings(msgspec.Struct, kw_only=True):
                 raise SettingsError("PUSHSVC_API_KEYS", "empty API key")
         if self.presence_ttl < 1:
             raise SettingsError("PUSHSVC_PRESENCE_TTL", "must be >= 1 s")
+        for kind in self.events:
+            if kind not in EVENT_TYPES:
+                raise SettingsError(
+                    "PUSHSVC_EVENTS",
+                    f"unknown event type {kind!r}; one of {', '.join(EVENT_TYPES)}",
+                )
+        if not _is_token(self.events_stream):
+            raise SettingsError(
+                "PUSHSVC_EVENTS_STREAM", f"invalid stream name {self.events_stream!r}"
+            )
+        if not _is_token(self.node_bucket):
+            raise SettingsError(
+                "PUSHSVC_NODE_BUCKET", f"invalid KV bucket name {self.node_bucket!r}"
+            )
         if not _is_token(self.presence_bucket):
             raise SettingsError(
                 "PUSHSVC_PRESENCE_BUCKET", f"invalid KV bucket name {self.presence_bucket!r}"

@@ -7,8 +7,9 @@ Checks, in order (OWASP WebSocket Security Cheat Sheet), for ``GET /ws``,
    (no ``Origin`` header: a non-browser client, checked by its token only);
 2. draining -> 503 (``Retry-After``);
 3. ``PUSHSVC_MAX_CONNECTIONS`` connections on the node, every transport's
-   together, *including* WebSockets still waiting for their auth frame -> 503
-   (``Retry-After``);
+   together, *including* WebSockets still waiting for their auth frame, or the
+   process's open-file capacity reached (``at_capacity``,
+   :mod:`pushsvc.server.capacity`) -> 503 (``Retry-After``);
 4. after the token: ``PUSHSVC_MAX_CONNECTIONS_PER_USER`` -> 429 (WebSocket auth
    frame: close 4008). A slot is reserved from the check until the client
    registers with the hub, so parallel handshakes of one user cannot overshoot.
@@ -48,6 +49,10 @@ AT_CAPACITY = Refusal(503, "connection limit reached", "capacity", RETRY_AFTER)
 USER_LIMIT = Refusal(429, "too many connections", "user_limit")
 
 
+def _never() -> bool:
+    return False
+
+
 def normalise_origin(origin: str) -> str:
     """An allowlist entry as browsers serialise an Origin (RFC 6454 6.2).
 
@@ -65,16 +70,26 @@ class Admission:
         settings: ``allowed_origins``, ``max_connections``, ``max_connections_per_user``.
         hub: counts the users' registered connections.
         accepting: returns False while the node drains.
+        at_capacity: returns True when the process holds every connection its
+            open-file limit allows (:meth:`pushsvc.server.capacity.FdBudget.full`);
+            None: no such limit is checked.
 
     Attributes:
         open_connections: connections between admission and close, every
             transport, authenticated or not (the global cap).
     """
 
-    def __init__(self, settings: Settings, hub: Hub, accepting: Callable[[], bool]) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        hub: Hub,
+        accepting: Callable[[], bool],
+        at_capacity: Callable[[], bool] | None = None,
+    ) -> None:
         self.settings = settings
         self.hub = hub
         self.accepting = accepting
+        self.at_capacity = at_capacity or _never
         self.allowed_origins = frozenset(normalise_origin(o) for o in settings.allowed_origins)
         self.open_connections = 0
         self._reserved: dict[str, int] = {}  # per user: admitted, not yet registered
@@ -96,7 +111,7 @@ class Admission:
             return ORIGIN_REFUSED
         if not self.accepting():
             return DRAINING
-        if self.open_connections >= self.settings.max_connections:
+        if self.open_connections >= self.settings.max_connections or self.at_capacity():
             return AT_CAPACITY
         return None
 

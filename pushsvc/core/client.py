@@ -16,12 +16,12 @@ timers.
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import logging
-import os
+import time
 from collections.abc import Mapping
 from operator import methodcaller
+from types import MappingProxyType
 
 from .. import metrics
 from ..auth.tokens import Authenticator, Principal
@@ -40,7 +40,6 @@ from ..protocol import (
     Auth,
     Disconnect,
     Error,
-    Frame,
     Pong,
     ProtocolError,
     SubResume,
@@ -50,7 +49,7 @@ from ..protocol import (
 from . import commands
 from .deadlines import deadlines
 from .hub import Hub
-from .outbox import Outbox
+from .outbox import Outbox, fan_out
 from .presence import PresenceRegistry
 from .ratelimit import TokenBucket
 from .transport import Transport
@@ -58,12 +57,13 @@ from .transport import Transport
 log = logging.getLogger("pushsvc.client")
 
 _ids = itertools.count(1)
-_NODE = os.urandom(3).hex()
+_NO_RESUME: Mapping[str, SubResume] = MappingProxyType({})
 # what the deadlines call on a client (by name: a subclass's override is honoured)
 _PING, _PONG_MISSED, _EXPIRED = (methodcaller(n) for n in ("_ping", "_pong_missed", "_expired"))
+_PING_BYTES = len(PING_FRAME)
 
 
-class Client:
+class Client(Outbox):
     """One authenticated connection over any :class:`~pushsvc.core.transport.Transport`.
 
     Args:
@@ -88,8 +88,10 @@ class Client:
         id: the public client id (``welcome.client``, presence): never an address
             for commands.
         channels: channels and patterns this client is subscribed to.
-        outbox: its outbound buffer (bounded; 4009 on overflow).
+        outbox: its outbound buffer (bounded; 4009 on overflow): the client itself.
         close_code: the close code once closed.
+        close_reason: the close reason once closed by the server.
+        connected_at: when the connection was accepted (Unix seconds).
     """
 
     __slots__ = (
@@ -102,17 +104,14 @@ class Client:
         "_strikes",
         "auth",
         "bucket",
-        "channels",
         "close_code",
-        "closed",
+        "close_reason",
+        "connected_at",
         "hub",
-        "id",
-        "outbox",
         "presence",
         "principal",
         "session",
         "settings",
-        "transport",
     )
 
     def __init__(
@@ -129,49 +128,38 @@ class Client:
         channels: list[str] | None = None,
         session: str | None = None,
     ) -> None:
-        self.transport = transport
+        super().__init__(
+            f"{hub.node_id}-{next(_ids)}",
+            transport,
+            max_bytes=settings.send_queue_bytes,
+            coalesce_bytes=settings.coalesce_bytes,
+            send_timeout=settings.send_timeout,
+        )
         self.session = session
-        self._extra = channels or []
+        self._extra = tuple(channels) if channels else ()
         self.principal = principal
         self.hub = hub
         self.auth = auth
         self.bucket = bucket
         self.settings = settings
         self.presence = presence
-        self.id = f"{_NODE}-{next(_ids)}"
-        self.channels: set[str] = set()
-        self.closed = False
         self.close_code: int | None = None
-        self.outbox = Outbox(
-            self.id,
-            transport,
-            self.channels,
-            max_bytes=settings.send_queue_bytes,
-            coalesce_bytes=settings.coalesce_bytes,
-            send_timeout=settings.send_timeout,
-            on_close=self.close,
-        )
-        loop = asyncio.get_running_loop()
+        self.close_reason = ""
+        self.connected_at = time.time()
+        loop = self._loop
         # deadlines (pushsvc.core.deadlines): next ping, the pong awaited, the token's expiry
         self._pings = deadlines(loop, "ping", _PING)
         self._pongs = deadlines(loop, "pong", _PONG_MISSED)
         self._expiries = deadlines(loop, "expiry", _EXPIRED)
         self._strikes = 0  # command refusals in a row on this connection
-        self._resume = dict(resume_subs or {})  # server-side subs to resume
+        # server-side subs to resume (most connections have none: one shared empty map)
+        self._resume = dict(resume_subs) if resume_subs else _NO_RESUME
 
-    # --- outbound ----------------------------------------------------------------------
+    # --- outbound (send, send_frame, buffered_bytes: the Outbox's) ------------------------
     @property
-    def buffered_bytes(self) -> int:
-        """Bytes queued for this connection and not yet taken by the transport."""
-        return self.outbox.buffered_bytes
-
-    def send(self, frame: str, nbytes: int) -> None:
-        """Queue one encoded frame (``nbytes`` = its UTF-8 length); see :meth:`Outbox.send`."""
-        self.outbox.send(frame, nbytes)
-
-    def send_frame(self, frame: Frame) -> None:
-        """Encode and queue one control frame (answers, errors)."""
-        self.outbox.send_frame(frame)
+    def outbox(self) -> Outbox:
+        """The connection's outbox: the client itself (its :class:`Outbox` base)."""
+        return self
 
     # --- lifecycle -----------------------------------------------------------------------
     async def start(self) -> None:
@@ -208,6 +196,7 @@ class Client:
             return
         self.closed = True
         self.close_code = code
+        self.close_reason = reason
         metrics.CLOSES.labels(str(code)).inc()
         # a drain closes every connection with 1012: one line per socket only at debug
         level = logging.DEBUG if code == CLOSE_SERVICE_RESTART else logging.INFO
@@ -224,7 +213,7 @@ class Client:
                 },
             )
         self._cancel_timers()
-        self.outbox.close()
+        self._shut()
         self.hub.remove_client(self)
         self.transport.close(Disconnect.of(code, reason))
 
@@ -237,7 +226,7 @@ class Client:
             )
         self.closed = True
         self._cancel_timers()
-        self.outbox.close()
+        self._shut()
         self.hub.remove_client(self)
 
     def _cancel_timers(self) -> None:
@@ -249,13 +238,30 @@ class Client:
         self._pings.set(self, self.settings.ping_interval)
 
     def _ping(self) -> None:
-        """The ping deadline: send ``ping``, await a ``pong`` (if the transport needs one)."""
+        """The ping deadline: send ``ping``, await a ``pong`` (if the transport needs one).
+
+        The ping goes out as a fan-out of one: written pre-framed to the wire when
+        nothing is pending (no buffer, flush callback or ASGI send), else queued
+        behind what is. An idle node's CPU is mostly heartbeats (docs/capacity.md).
+        """
         if self.closed:
             return
-        self.send(PING_FRAME, len(PING_FRAME))
+        fan_out((self.outbox,), PING_FRAME, _PING_BYTES)
         if self.transport.expects_pong and self not in self._pongs:
             self._pongs.set(self, self.settings.pong_timeout)
         self._schedule_ping()
+
+    def pong(self) -> None:
+        """A ``pong`` came: free when it answers a ping, else it costs a command token.
+
+        Called for every pong: by :meth:`handle_text`, or by the transport for the
+        pongs it recognises itself (the WebSocket transport's canonical
+        ``{"op":"pong"}``, :meth:`pushsvc.ws.transport.WebSocketTransport.take_pongs`).
+        """
+        if self in self._pongs:
+            self._pongs.clear(self)
+        elif not self.closed:  # unsolicited: free for a client answering pings, charged for a flood
+            self.charge(None)
 
     def _pong_missed(self) -> None:
         self.close(CLOSE_HEARTBEAT_TIMEOUT, "no pong")
@@ -302,10 +308,7 @@ class Client:
             self.refuse(BAD_REQUEST, str(exc), None, charge=True)
             return
         if isinstance(cmd, Pong):
-            if self in self._pongs:
-                self._pongs.clear(self)
-            else:  # unsolicited: free for a client answering pings, charged for a flood
-                self.charge(None)
+            self.pong()
             return
         if isinstance(cmd, Auth):
             self.refuse(BAD_REQUEST, "already authenticated", None, charge=True)

@@ -33,128 +33,35 @@ The same idea covers a NATS outage for the sessions that stay connected: each
 channel remembers the last seq handed to its sessions (``last_seq``); when the
 connection drops (:meth:`Hub.suspend`) live frames are buffered, and once nats-py
 has reconnected and resubscribed (:meth:`Hub.resume`) the hub reads the stream
-after ``last_seq``, delivers what was missed, then the buffered frames past it.
+after ``last_seq``, delivers what was missed, then the buffered frames past it
+(:mod:`pushsvc.core.recovery`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
 from .. import metrics
-from ..bus import Bus, StoredMessage, Unavailable
-from ..channels import is_pattern
+from ..bus import Bus, Unavailable
 from ..protocol import (
-    CLOSE_SERVICE_RESTART,
     CLOSE_UNAUTHORIZED,
-    Message,
     Subscribed,
-    encode_frame,
-    payload_to_data,
 )
+from .channelstate import ChannelState, Seam, encode_message, encode_stored, send_frames
 from .flight import FAN_OUT_SLICE, Flight
 from .member import Member
-from .outbox import Outbox, fan_out, utf8_len
+from .outbox import fan_out
+from .recovery import OutageRecovery
 
 log = logging.getLogger("pushsvc.core.hub")
 
-CATCHUP_CONCURRENCY = 16  # channels read from the stream at once after a reconnect
 
-
-class _Recovery:
-    """A session catching up on one channel: buffers live frames, then filters by seq."""
-
-    __slots__ = ("buffer", "threshold")
-
-    def __init__(self) -> None:
-        self.buffer: list[tuple[int | None, str, int]] | None = []
-        self.threshold = 0
-
-
-class _Channel:
-    """Local state of one channel.
-
-    Attributes:
-        clients: the live set (every live frame goes to each).
-        boxes: the live set's outboxes as a tuple, the fan-out's snapshot, kept until the
-            live set changes (None then): a message to a settled channel does not
-            first walk every member (1000 sessions cold in cache: ~70 us before
-            the first write).
-        pending: sessions recovering with ``since`` (see :class:`_Recovery`).
-        last_seq: every message of the channel with seq <= ``last_seq`` stored while
-            the node held the channel has been handed to the live set; None until
-            learnt (first live frame, a recovery, or the lookup at creation).
-        catchup: while not None (NATS connection lost, catch-up not done), live
-            frames are buffered here instead of delivered.
-        catchup_since: ``last_seq`` when the connection dropped.
-        catchup_seen: the highest seq the node had delivered on any channel when
-            the connection dropped: everything of this channel up to it arrived.
-    """
-
-    __slots__ = (
-        "batch",
-        "batch_bytes",
-        "boxes",
-        "catchup",
-        "catchup_seen",
-        "catchup_since",
-        "clients",
-        "flight",
-        "flush_scheduled",
-        "last_seq",
-        "late",
-        "pending",
-    )
-
-    def __init__(self) -> None:
-        self.batch: list[str] = []  # live frames not yet handed to the live set
-        self.batch_bytes = 0  # UTF-8 bytes of the batch joined by "\n"
-        self.flush_scheduled = False  # in the hub's dirty list
-        self.flight: Flight | None = None  # earlier batches, still being written
-        # live sessions that joined while the batch had frames: the index of the
-        # first frame they are owed (they were not subscribed for the ones before)
-        self.late: dict[Member, int] = {}
-        self.clients: set[Member] = set()
-        self.boxes: tuple[Outbox, ...] | None = None
-        self.pending: dict[Member, _Recovery] = {}
-        self.last_seq: int | None = None
-        self.catchup: list[tuple[int | None, str, int]] | None = None
-        self.catchup_since: int | None = None
-        self.catchup_seen = 0
-
-
-def encode_message(
-    channel: str, payload: bytes, seq: int | None, pattern: str | None = None
-) -> tuple[str, int]:
-    """Encode one ``message`` frame: returns ``(text, utf8_byte_length)``.
-
-    ``pattern``: the wildcard subscription delivering it (``channel`` is concrete).
-    """
-    data, encoding = payload_to_data(payload)
-    raw = encode_frame(
-        Message(channel=channel, data=data, seq=seq, encoding=encoding, pattern=pattern)
-    )
-    return raw.decode(), len(raw)
-
-
-def encode_stored(key: str, stored: StoredMessage) -> tuple[str, int]:
-    """Encode a replayed message for the subscription ``key`` (a channel or a pattern)."""
-    if is_pattern(key):
-        return encode_message(stored.channel or key, stored.payload, stored.seq, key)
-    return encode_message(key, stored.payload, stored.seq)
-
-
-def _send_frames(session: Member, frames: list[str]) -> None:
-    """Queue ``frames`` (encoded objects, in order) to one session as one text."""
-    if frames:
-        nbytes = sum(utf8_len(f) for f in frames) + len(frames) - 1
-        session.send(frames[0] if len(frames) == 1 else "\n".join(frames), nbytes)
-
-
-class Hub:
+class Hub(OutageRecovery):
     """Local registry of channels, users and sessions for one node.
 
     Args:
@@ -168,6 +75,9 @@ class Hub:
             (``PUSHSVC_COALESCE_BYTES``), so a batch never exceeds one frame's cap.
 
     Attributes:
+        node_id: this node's random id (6 hex digits), the prefix of every client id
+            it serves: connections are addressed by it plus a session secret, never
+            by the public client id alone.
         fan_out_slice: with a write delay, sockets a channel's flush writes per loop
             iteration (:data:`FAN_OUT_SLICE`); 0 = the whole live set at once, which
             is what a hub without a write delay always does.
@@ -175,12 +85,13 @@ class Hub:
 
     def __init__(self, bus: Bus, write_delay: float = 0.0, coalesce_bytes: int = 65536) -> None:
         self.bus = bus
+        self.node_id = os.urandom(3).hex()
         self.write_delay = write_delay
         self._coalesce = coalesce_bytes
         self.fan_out_slice = FAN_OUT_SLICE if write_delay > 0 else 0
-        self._dirty: list[_Channel] = []  # channels with a batch, in the order they got it
+        self._dirty: list[ChannelState] = []  # channels with a batch, in the order they got it
         self._flush_handle: asyncio.Handle | asyncio.TimerHandle | None = None
-        self._channels: dict[str, _Channel] = {}
+        self._channels: dict[str, ChannelState] = {}
         self.users: dict[str, set[Member]] = {}
         self.clients: set[Member] = set()
         self._background: set[asyncio.Task[None]] = set()
@@ -189,6 +100,10 @@ class Hub:
         #: confirmed) or left (unsubscribe, close) a channel. Must not block.
         self.on_join: list[Callable[[Member, str], None]] = []
         self.on_leave: list[Callable[[Member, str], None]] = []
+        #: connection observers (lifecycle events): called with the session once it
+        #: is registered, and once it is gone (after it left its channels). Must not block.
+        self.on_connect: list[Callable[[Member], None]] = []
+        self.on_disconnect: list[Callable[[Member], None]] = []
         # per-message metrics not yet recorded (see _record_metrics)
         self._received = 0
         self._delivered = 0
@@ -271,7 +186,7 @@ class Hub:
         for latency in latencies:
             observe(max(0.0, latency))
 
-    def _deliver(self, state: _Channel, seq: int | None, frame: str, nbytes: int) -> None:
+    def _deliver(self, state: ChannelState, seq: int | None, frame: str, nbytes: int) -> None:
         """Add one encoded frame to the live set's batch; hand it to recovering sessions.
 
         Recovering sessions (``pending``) get it through :meth:`Member.send` once
@@ -348,7 +263,7 @@ class Hub:
             except Exception:  # a bug must not leave the other channels unflushed
                 log.exception("flush of a channel batch failed")
 
-    def _flush_channel(self, state: _Channel, single: bool = True) -> None:
+    def _flush_channel(self, state: ChannelState, single: bool = True) -> None:
         """Hand ``state``'s batch to its live set (see :func:`~pushsvc.core.outbox.fan_out`).
 
         With a write delay, up to ``fan_out_slice`` sessions are written now and a
@@ -371,7 +286,7 @@ class Hub:
         if late:
             sessions = tuple(s.outbox for s in state.clients if s not in late)
             for session, start in late.items():
-                _send_frames(session, batch[start:])
+                send_frames(session, batch[start:])
         else:
             sessions = state.boxes
             if sessions is None:
@@ -391,7 +306,7 @@ class Hub:
         asyncio.get_running_loop().call_soon(self._fly, state, flight)
         flight.write(size)
 
-    def _fly(self, state: _Channel, flight: Flight) -> None:
+    def _fly(self, state: ChannelState, flight: Flight) -> None:
         """Write the next slice of ``flight``; schedule the one after while any is left."""
         if state.flight is not flight:
             return  # finished by _land meanwhile
@@ -405,20 +320,20 @@ class Hub:
         else:
             asyncio.get_running_loop().call_soon(self._fly, state, flight)
 
-    def _land(self, state: _Channel) -> None:
+    def _land(self, state: ChannelState) -> None:
         """Finish ``state``'s flight now (what follows must go out, in order, behind it)."""
         flight, state.flight = state.flight, None
         if flight is not None:
             flight.write(-1)
 
-    def _join(self, state: _Channel, session: Member) -> None:
+    def _join(self, state: ChannelState, session: Member) -> None:
         """Add ``session`` to the live set; it is owed only the batch's frames from now on."""
         if state.batch:
             state.late[session] = len(state.batch)
         state.clients.add(session)
         state.boxes = None
 
-    def _leave(self, state: _Channel, session: Member) -> None:
+    def _leave(self, state: ChannelState, session: Member) -> None:
         """Remove ``session`` from the live set, handing it what the batch owes it first."""
         start = state.late.pop(session, 0)
         member = session in state.clients
@@ -428,141 +343,14 @@ class Hub:
             if owed is not None and not session.closed:
                 session.send(*owed)
         if state.batch and member and not session.closed:
-            _send_frames(session, state.batch[start:])
+            send_frames(session, state.batch[start:])
         state.clients.discard(session)
         state.boxes = None
-
-    # --- NATS outage: suspend, then catch up ------------------------------------------
-    def suspend(self) -> None:
-        """The NATS connection dropped: buffer every channel's live frames until resumed.
-
-        Records each channel's ``last_seq`` as the point to catch up from. Called
-        by the bus (synchronously) on disconnect; a second drop before the catch-up
-        finished keeps the first point.
-        """
-        if not self.bus.history_enabled:
-            return
-        seen = max((s.last_seq or 0 for s in self._channels.values()), default=0)
-        for state in self._channels.values():
-            if state.catchup is None:
-                state.catchup = []
-                state.catchup_since = state.last_seq
-                state.catchup_seen = seen
 
     @property
     def epoch(self) -> str | None:
         """The stream's epoch (None with history off): positions are only valid within it."""
         return self.bus.epoch if self.bus.history_enabled else None
-
-    def stream_reset(self, epoch: str) -> None:
-        """The stream was re-created (new ``epoch``): every position handed out is void.
-
-        Called by the bus (synchronously) whenever it notices, on a reconnect, on
-        its periodic check or while answering a resume. Every session is closed
-        with 1012 so its client reconnects, learns the new epoch from ``welcome``
-        and resumes with ``recovered: false`` and a full replay, instead of
-        filtering the new epoch's (restarted, smaller) sequences as duplicates.
-        """
-        for state in self._channels.values():
-            state.catchup = None
-            state.last_seq = None
-            state.catchup_since = None
-        self.close_all(CLOSE_SERVICE_RESTART, "message stream was reset; resume")
-
-    async def resume(self, reset: bool) -> None:
-        """NATS is back, subscriptions restored, stream verified: fill every channel's gap.
-
-        For each suspended channel (at most ``CATCHUP_CONCURRENCY`` at once) reads
-        the stream after the seq recorded by :meth:`suspend`, delivers what the
-        live set missed in order, then the buffered live frames past it: no gap,
-        no duplicate. When the gap cannot be filled (the stream did not answer
-        ``CATCHUP_ATTEMPTS`` times, or messages expired or were capped meanwhile)
-        the channel's sessions are closed with 1012 so clients resume with
-        ``since`` and learn ``recovered: false``.
-
-        Args:
-            reset: the stream was re-created (NATS lost its store, sequences
-                restarted): every session is closed with 1012 instead.
-        """
-        if reset:
-            self.stream_reset(self.bus.epoch or "")
-            return
-        limit = asyncio.Semaphore(CATCHUP_CONCURRENCY)
-        jobs = [
-            self._catch_up(channel, state, limit)
-            for channel, state in list(self._channels.items())
-            if state.catchup is not None
-        ]
-        if jobs:
-            await asyncio.gather(*jobs)
-
-    async def _catch_up(self, channel: str, state: _Channel, limit: asyncio.Semaphore) -> None:
-        """Deliver what ``channel`` missed while NATS was away, then its buffered frames.
-
-        The stream reads are retried with backoff for up to ``connect_timeout``
-        seconds (a stream leader election after a cluster member died takes a few
-        seconds) before the channel's sessions are told to resume elsewhere.
-        """
-        async with limit:
-            since = state.catchup_since
-            replay: list[StoredMessage] = []
-            recovered = since is not None
-            loop = asyncio.get_running_loop()
-            deadline = loop.time() + self.bus.settings.connect_timeout
-            delay = 0.05
-            while since is not None:
-                if self._channels.get(channel) is not state or state.catchup is None:
-                    return  # every session left meanwhile, or the stream was reset
-                try:
-                    replay = []
-                    after = since
-                    while True:
-                        history = await self.bus.history(channel, after, seen=state.catchup_seen)
-                        replay += history.messages
-                        recovered = recovered and history.recovered
-                        if not history.more or not history.messages:
-                            break
-                        after = history.messages[-1].seq
-                    break
-                except Unavailable as exc:
-                    if loop.time() + delay > deadline:
-                        log.warning("catch-up of %s failed: %s", channel, exc)
-                        recovered = False
-                        break
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, 1.0)
-        if self._channels.get(channel) is not state or state.catchup is None:
-            return
-        if since is not None and not recovered:
-            state.catchup = None
-            for session in (*state.clients, *state.pending):
-                session.close(CLOSE_SERVICE_RESTART, "messages missed during a NATS outage")
-            return
-        buffered, state.catchup = state.catchup, None
-        threshold = since or 0
-        for stored in replay:
-            self._deliver(state, stored.seq, *encode_stored(channel, stored))
-            threshold = stored.seq
-        for seq, frame, nbytes in buffered:
-            if since is None or seq is None or seq > threshold:
-                self._deliver(state, seq, frame, nbytes)
-        metrics.REPLAYED.inc(len(replay))
-        if replay:
-            log.info("caught up %s: %d message(s) missed during the outage", channel, len(replay))
-
-    async def _learn_last_seq(self, channel: str, state: _Channel) -> None:
-        """Set a new channel's ``last_seq`` from the stream (its newest stored message).
-
-        Runs once the channel's NATS subscription is confirmed, so every later
-        message arrives live; without it a channel that had no message yet when
-        NATS went away would have no point to catch up from.
-        """
-        try:
-            seq = await self.bus.channel_last_seq(channel)
-        except Unavailable:
-            return
-        if self._channels.get(channel) is state and state.catchup is None:
-            state.last_seq = max(state.last_seq or 0, seq)
 
     def disconnect(
         self, sub: str | None, jti: str | None, issued_before: float | None = None
@@ -594,6 +382,8 @@ class Hub:
         self.clients.add(session)
         self.users.setdefault(session.principal.sub, set()).add(session)
         metrics.CONNECTIONS.labels(session.transport.name).inc()
+        for connected in self.on_connect:
+            connected(session)
 
     def remove_client(self, session: Member) -> None:
         """Forget ``session``: leave its channels (releasing NATS interest) and its user."""
@@ -608,6 +398,8 @@ class Hub:
                 del self.users[session.principal.sub]
         for channel in list(session.channels):
             self.unsubscribe(session, channel)
+        for disconnected in self.on_disconnect:
+            disconnected(session)
 
     # --- session -> hub ------------------------------------------------------------------
     async def subscribe(
@@ -635,7 +427,7 @@ class Hub:
         metrics.SUBSCRIPTIONS.inc()
         state = self._channels.get(channel)
         if state is None:
-            state = self._channels[channel] = _Channel()
+            state = self._channels[channel] = ChannelState()
             metrics.CHANNELS.inc()
             if self.bus.history_enabled:
                 self._spawn(self._learn_last_seq(channel, state))
@@ -649,7 +441,7 @@ class Hub:
             self._join(state, session)
             session.send_frame(Subscribed(channel=channel, id=req_id, recovered=False))
             return
-        rec = state.pending[session] = _Recovery()
+        rec = state.pending[session] = Seam()
         try:
             history = await self.bus.history(channel, since, epoch=epoch)
         except Unavailable:

@@ -3,7 +3,7 @@
 For channels matching ``PUSHSVC_JOIN_LEAVE_CHANNELS``, when a session subscribes
 (``join``) or unsubscribes or disconnects (``leave``), the node serving it
 core-publishes the encoded frame ``{"type":"join"|"leave", channel, client,
-user, info?}`` to ``<prefix>-events.<channel>`` (never stored in the stream, so
+user, info?}`` to ``<prefix>-joinleave.<channel>`` (never stored in the stream, so
 never in history or replays). Every node holding local subscribers of that
 channel subscribes there (one refcounted NATS subscription per channel, see
 :meth:`Bus.acquire_events <pushsvc.bus.Bus.acquire_events>`) and hands the frame

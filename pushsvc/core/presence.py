@@ -2,8 +2,8 @@
 
 For channels matching ``PUSHSVC_PRESENCE_CHANNELS`` every subscribed session is
 *present*: the node serving it writes one KV entry per (channel, session) into
-the bucket ``PUSHSVC_PRESENCE_BUCKET`` (created by :meth:`Bus.key_value
-<pushsvc.bus.Bus.key_value>`, ``max_age`` = ``PUSHSVC_PRESENCE_TTL`` seconds):
+the bucket ``PUSHSVC_PRESENCE_BUCKET`` (created by :meth:`Bus.bucket
+<pushsvc.bus.Bus.bucket>`, ``max_age`` = ``PUSHSVC_PRESENCE_TTL`` seconds):
 
 - key ``<channel>.<client>``: channel tokens are ``[A-Za-z0-9_-]`` and client
   ids ``<node>-<n>`` (hex and digits), all inside the KV key grammar
@@ -49,14 +49,11 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import msgspec
-import nats.errors
-import nats.js.errors
-from jetstreamext import InvalidResponseError
-from nats.js.kv import KeyValue
 
 from .. import metrics
 from ..auth.tokens import Principal
 from ..bus import Bus, Unavailable
+from ..bus.buckets import Bucket, BucketGone, NoDirectGets
 from ..channels import InvalidChannel, concrete_match, validate_channel
 from ..config.settings import Settings
 from ..protocol import (
@@ -161,9 +158,9 @@ class PresenceRegistry:
         self.node = node
         self.patterns = tuple(settings.presence_channels)
         self.ttl = settings.presence_ttl
-        self._kv: KeyValue | None = None
+        self._kv: Bucket | None = None
         self._local: dict[str, bytes] = {}  # key -> encoded ClientInfo
-        self._opening: asyncio.Task[KeyValue] | None = None
+        self._opening: asyncio.Task[Bucket] | None = None
         self._refresher: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -200,7 +197,7 @@ class PresenceRegistry:
         while self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
 
-    async def _bucket(self) -> KeyValue:
+    async def _bucket(self) -> Bucket:
         """The KV bucket, opened once (concurrent callers share one attempt).
 
         Raises:
@@ -212,8 +209,8 @@ class PresenceRegistry:
             self._opening = asyncio.ensure_future(self._open())
         return await asyncio.shield(self._opening)
 
-    async def _open(self) -> KeyValue:
-        kv, ttl = await self.bus.key_value(self.settings.presence_bucket, self.ttl)
+    async def _open(self) -> Bucket:
+        kv, ttl = await self.bus.bucket(self.settings.presence_bucket, self.ttl)
         self.ttl = ttl or self.ttl
         self._kv = kv
         return kv
@@ -253,13 +250,13 @@ class PresenceRegistry:
         if kv is None or value is None:
             return
         try:
-            await kv.put(key, value, validate_keys=False)
-        except nats.errors.NoRespondersError:
+            await kv.put(key, value)
+        except BucketGone:
             self._lost(kv)
-        except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
+        except Unavailable as exc:
             log.debug("presence put of %s failed (%s); the refresh retries", key, exc)
 
-    def _lost(self, kv: KeyValue) -> None:
+    def _lost(self, kv: Bucket) -> None:
         """Nothing stores ``kv``'s subjects any more (NATS lost its memory store on a
         restart): forget it, so the next refresh creates the bucket again."""
         if self._kv is kv:
@@ -271,8 +268,8 @@ class PresenceRegistry:
         if kv is None:
             return
         try:
-            await kv.delete(key, validate_keys=False)
-        except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
+            await kv.delete(key)
+        except Unavailable as exc:
             # the entry expires within the TTL since nobody refreshes it any more
             log.warning("presence delete of %s failed (%s); it expires within the TTL", key, exc)
 
@@ -343,26 +340,23 @@ class PresenceRegistry:
         users: set[str] = set()
         try:
             async with asyncio.timeout(self.settings.publish_timeout):
-                async for raw in self.bus.scan_kv(self.settings.presence_bucket, f"{channel}.*"):
-                    if (raw.headers or {}).get("KV-Operation") or not raw.data:
+                async for entry in kv.entries(f"{channel}.*"):
+                    if entry.operation or not entry.value:
                         continue  # a delete/purge marker: the session left
                     try:
-                        client = _decode_info.decode(raw.data)
+                        client = _decode_info.decode(entry.value)
                     except msgspec.DecodeError:
-                        log.warning("ignored a malformed presence entry %s", raw.subject)
+                        log.warning("ignored a malformed presence entry %s", entry.key)
                         continue
                     snapshot.clients_total += 1
                     users.add(client.user)
                     if len(snapshot.clients) < limit:
                         snapshot.clients.append(client)
-        except (
-            TimeoutError,
-            nats.errors.Error,
-            nats.js.errors.Error,
-            InvalidResponseError,
-        ) as exc:
-            if isinstance(exc, nats.js.errors.NotFoundError | nats.errors.NoRespondersError):
+        except TimeoutError:
+            raise Unavailable("presence read timed out") from None
+        except Unavailable as exc:
+            if isinstance(exc, BucketGone | NoDirectGets):
                 self._lost(kv)
-            raise Unavailable(f"presence read failed ({type(exc).__name__})") from None
+            raise Unavailable(f"presence read failed ({exc})") from None
         snapshot.users = len(users)
         return snapshot

@@ -24,6 +24,12 @@ takes uvicorn's path, so its refusals (414, 431, a closed connection for a
 malformed request) and pushsvc's fixes for them in :mod:`pushsvc.ws.protocol` stay
 as they were.
 
+It also hands uvicorn's set of live connections to the process's open-file
+budget (:mod:`pushsvc.server.capacity`), which refuses handshakes near the limit,
+and admits new connections through the process's handshake gate (at most
+``HANDSHAKES_IN_FLIGHT`` between accept and an authenticated client; the next
+ones wait with reading paused).
+
 Also: the local and peer addresses are read with ``get_extra_info("sockname")``
 / ``("peername")``, not through the transport's ``socket`` object, which uvloop
 creates on first use (~8 us per connection), and the WebSocket protocol reuses
@@ -41,6 +47,10 @@ from websockets.datastructures import Headers
 from websockets.http11 import MAX_LINE_LENGTH, MAX_NUM_HEADERS, Request
 
 from ..ws.protocol import WebSocketProtocol
+from .capacity import fd_budget, handshake_gate
+
+_FDS = fd_budget()  # counts this process's connections (pushsvc.server.capacity)
+_GATE = handshake_gate()  # bounds the handshakes in flight (pushsvc.server.capacity)
 
 # what websockets' parser (websockets.http11.parse_headers) requires of a header:
 # the name an RFC 9110 5.6.2 token; the value HTAB, SP, VCHAR or obs-text (no CR, LF, NUL)
@@ -58,6 +68,7 @@ class HttpToolsProtocol(_UvicornHttpTools):
 
     _upgrade_checked: list[tuple[bytes, bytes]] | None = None  # headers last asked about
     _upgrade_answer = False
+    gate_held = False  # holds a slot of the handshake gate (pushsvc.server.capacity)
 
     def _should_upgrade(self) -> bool:
         """uvicorn's answer (``Connection: upgrade`` + ``Upgrade: websocket``), once per request.
@@ -71,13 +82,46 @@ class HttpToolsProtocol(_UvicornHttpTools):
         return self._upgrade_answer
 
     def connection_made(self, transport: BaseTransport) -> None:  # type: ignore[override]
-        """As uvicorn's, with addresses from the transport's extras (no ``socket`` object)."""
+        """As uvicorn's, with addresses from the transport's extras (no ``socket`` object);
+        the open-file budget counts uvicorn's connection set."""
         self.connections.add(self)
+        _FDS.watch(self.connections)
         self.transport = transport  # type: ignore[assignment]
         self.flow = FlowControl(transport)  # type: ignore[arg-type]
         self.server = local_address(transport)
         self.client = peer_address(transport)
         self.scheme = "https" if transport.get_extra_info("sslcontext") else "http"
+        _GATE.enter(self)
+
+    def on_headers_complete(self) -> None:
+        """As uvicorn's; a plain HTTP request ends the connection's handshake (gate slot)."""
+        super().on_headers_complete()
+        if self.gate_held and not (self.parser.should_upgrade() and self._should_upgrade()):
+            _GATE.release(self)
+
+    def gate_expired(self) -> None:
+        """No complete request headers within ``HANDSHAKE_TIMEOUT``: close (frees the slot)."""
+        if self.gate_held:
+            _GATE.release(self)
+            self.transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        """As uvicorn's, and the gate slot (if held) goes to the next connection."""
+        _GATE.release(self)
+        super().connection_lost(exc)
+
+    def shutdown(self) -> None:
+        """uvicorn's graceful shutdown of this connection; a stream is ended first.
+
+        uvicorn waits for a response in progress to complete, and a stream
+        (``GET /sse``, ``POST /stream``) never completes by itself: the stream
+        endpoint leaves ``pushsvc_shutdown`` on the request cycle, which ends it
+        with a ``close`` event (1012) before uvicorn's own shutdown.
+        """
+        closer = getattr(self.cycle, "pushsvc_shutdown", None)
+        if closer is not None:
+            closer()
+        super().shutdown()
 
     def handle_websocket_upgrade(self) -> None:
         """Hand the connection to pushsvc's WebSocket protocol with the parsed request.
@@ -92,12 +136,15 @@ class HttpToolsProtocol(_UvicornHttpTools):
                 self.scope["method"], self.scope.get("http_version", "1.1"), self.url, self.headers
             )
         if request is None:
+            _GATE.release(self)  # uvicorn's own upgrade: not followed to the end
             super().handle_websocket_upgrade()
             return
         self.connections.discard(self)
         protocol = self.ws_protocol_class(  # type: ignore[call-arg,misc]
             config=self.config, server_state=self.server_state, app_state=self.app_state
         )
+        # the slot goes with the connection: released when its client is authenticated
+        _GATE.hand_over(self, protocol)
         protocol.upgrade(self.transport, request, self.server, self.client)
         self.transport.set_protocol(protocol)
         # uvicorn drops the parser only in connection_lost, which an upgraded

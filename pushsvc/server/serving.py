@@ -9,15 +9,15 @@ uvicorn (``create_app``/``setup_app``) passes :func:`uvicorn_config` to
 
 from __future__ import annotations
 
+import logging
 import socket
 import sys
 from typing import Any
 
 from ..config.settings import Settings
+from .capacity import raise_nofile_limit
 
-#: RFC 6455 5.5.2 protocol pings: find dead TCP peers even when the application is idle.
-WS_PING_INTERVAL = 20.0  # seconds
-WS_PING_TIMEOUT = 20.0  # seconds
+log = logging.getLogger("pushsvc.server")
 
 
 class ListenError(Exception):
@@ -31,7 +31,9 @@ def uvicorn_config(settings: Settings | None = None) -> dict[str, Any]:
     must be told"): pushsvc's WebSocket protocol class (uvicorn's
     ``websockets-sansio`` with handshake fixes), ``ws_max_size`` =
     ``PUSHSVC_MAX_FRAME_BYTES`` (bigger frames close 1009), no per-message deflate,
-    protocol pings every 20 s with a 20 s timeout, pushsvc's httptools protocol
+    no protocol pings (the heartbeat is pushsvc's own ``ping``/``pong``, which
+    also finds dead TCP peers: one heartbeat per connection, docs/capacity.md),
+    pushsvc's httptools protocol
     (:mod:`pushsvc.server.httpprotocol`: upgrades parsed once), uvloop where
     available, lifespan on, ``PUSHSVC_SHUTDOWN_TIMEOUT`` seconds of graceful
     shutdown (emits in flight finish), and the log level. Host, port and logging
@@ -51,8 +53,8 @@ def uvicorn_config(settings: Settings | None = None) -> dict[str, Any]:
         "ws": "pushsvc.ws.protocol:WebSocketProtocol",
         "ws_max_size": settings.max_frame_bytes,
         "ws_per_message_deflate": False,
-        "ws_ping_interval": WS_PING_INTERVAL,
-        "ws_ping_timeout": WS_PING_TIMEOUT,
+        "ws_ping_interval": None,
+        "ws_ping_timeout": None,
         "http": "pushsvc.server.httpprotocol:HttpToolsProtocol",
         "loop": "uvloop" if sys.platform != "win32" else "asyncio",
         "lifespan": "on",
@@ -63,6 +65,10 @@ def uvicorn_config(settings: Settings | None = None) -> dict[str, Any]:
 
 def listen_socket(host: str, port: int, backlog: int = 2048) -> socket.socket:
     """Bind and listen on ``host:port`` (port 0: any free port) before anything else starts.
+
+    First the process's soft open-file limit goes up to the hard one
+    (:func:`pushsvc.server.capacity.raise_nofile_limit`, logged): every accepted
+    connection is a descriptor, and ``--workers`` processes inherit the limit.
 
     Set up like uvicorn's own listener (``SO_REUSEADDR``; IPv6 when ``host``
     contains ``:``) and handed to uvicorn, so the address ``pushsvc serve`` prints
@@ -82,6 +88,9 @@ def listen_socket(host: str, port: int, backlog: int = 2048) -> socket.socket:
         ListenError: the address cannot be used; the message names it and the
             cause (e.g. "address already in use").
     """
+    before, after = raise_nofile_limit()
+    if after != before:
+        log.info("open-file limit raised from %d to %d", before, after)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:

@@ -21,8 +21,10 @@ Position: ``Last-Event-ID`` (the browser's own reconnect) or ``last_event_id``
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Any
 
 import msgspec
@@ -40,7 +42,7 @@ from ..core.client import Client
 from ..core.hub import Hub
 from ..core.presence import PresenceRegistry
 from ..core.ratelimit import BucketRegistry
-from ..protocol import MAX_EPOCH_LENGTH, SubResume, position_error
+from ..protocol import CLOSE_SERVICE_RESTART, MAX_EPOCH_LENGTH, SubResume, position_error
 from .sessions import StreamSessions
 from .transport import Framing, StreamTransport
 
@@ -181,6 +183,12 @@ class StreamEndpoint:
             self.admission.release(principal.sub)
         self.sessions.add(secret, client)
         transport.reader = asyncio.current_task()
+        cycle = getattr(receive, "__self__", None)  # uvicorn's: ended at its shutdown
+        if cycle is not None:
+            with contextlib.suppress(AttributeError):
+                cycle.pushsvc_shutdown = partial(
+                    client.close, CLOSE_SERVICE_RESTART, "server shutting down"
+                )
         try:
             await started
             while not client.closed:

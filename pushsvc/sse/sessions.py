@@ -13,7 +13,6 @@ Commands of one session are applied in the order the POSTs reach the owning node
 from __future__ import annotations
 
 import asyncio
-import os
 import secrets
 
 import msgspec
@@ -43,11 +42,14 @@ class StreamSessions:
     """This process's stream sessions by secret, and the command relay between processes.
 
     Args:
+        node_id: this process's id (the hub's: hex, a NATS subject token).
+
+    Attributes:
         requests: node-addressed NATS requests (None before the bus starts: local only).
     """
 
-    def __init__(self) -> None:
-        self.node_id = os.urandom(4).hex()
+    def __init__(self, node_id: str) -> None:
+        self.node_id = node_id
         self._clients: dict[str, Client] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self.requests: NodeRequests | None = None

@@ -28,6 +28,7 @@ ASGISend = Callable[[dict[str, Any]], Awaitable[None]]
 ASGIReceive = Callable[[], Awaitable[dict[str, Any]]]
 
 CLOSE_TIMEOUT = 2.0  # seconds to get the close event out before dropping the connection
+LINE_CACHE = 4 * 1024 * 1024  # characters of frames kept framed per wire format (recent ones)
 _MESSAGE = '{"type":"message"'
 _SEQ = '"seq":'
 
@@ -47,6 +48,47 @@ def _seq_of(line: str) -> str | None:
     while j < n and line[j].isdigit():
         j += 1
     return line[i:j] if j > i else None
+
+
+def in_stream_order(text: str) -> str:
+    """``text`` (frames joined by ``\\n``) with each run of ``message`` frames in seq order.
+
+    A connection on several channels is written, in one flush, each channel's batch
+    in turn ([A 98, A 100, B 99]); the stream's event ids are only exact when
+    messages arrive in stream order ([A 98, B 99, A 100]), so the messages between
+    two other frames are sorted by seq (stable; frames without seq keep their
+    place). Other frames (``subscribed`` before a replay, ``error``...) stay put.
+    """
+    lines = text.split("\n")
+    if len(lines) < 2:
+        return text
+    keys: list[int | None] = []
+    last = -1
+    ordered = True
+    for line in lines:
+        seq = _seq_of(line) if line.startswith(_MESSAGE) else None
+        if seq is None:
+            keys.append(None)
+            last = -1
+            continue
+        n = int(seq)
+        if n < last:
+            ordered = False
+        last = n
+        keys.append(n)
+    if ordered:
+        return text
+    out: list[str] = []
+    run: list[tuple[int, int, str]] = []
+    for i, (line, key) in enumerate(zip(lines, keys, strict=True)):
+        if key is None:
+            out.extend(x for _, _, x in sorted(run))
+            run = []
+            out.append(line)
+        else:
+            run.append((key, i, line))
+    out.extend(x for _, _, x in sorted(run))
+    return "\n".join(out)
 
 
 def _type_of(line: str) -> str:
@@ -81,6 +123,11 @@ class Framing:
         self._last_body = b""
         self._last_chunk_text: str | None = None
         self._last_chunk = b""
+        # frame -> its framed text: a connection behind (its own batch, not the shared
+        # one) is written the same frames the fan-out framed already
+        self._lines: dict[str, str] = {}
+        self._lines_epoch: str | None = None
+        self._lines_size = 0  # characters held by _lines
         # one bound method each, created once: the fan-out compares framings by identity
         self.body = self._body
         self.chunked = self._chunked
@@ -108,10 +155,22 @@ class Framing:
 
     def _body(self, text: str) -> bytes:
         if text is not self._last_text:
-            line = self._line
-            self._last_body = "".join([line(x) for x in text.split("\n")]).encode()
+            lines = self._lines
+            epoch = self._epoch()
+            if epoch != self._lines_epoch or self._lines_size > LINE_CACHE:
+                lines.clear()
+                self._lines_size = 0
+                self._lines_epoch = epoch
+            get = lines.get
+            fill = self._fill
+            self._last_body = "".join([get(x) or fill(x) for x in text.split("\n")]).encode()
             self._last_text = text
         return self._last_body
+
+    def _fill(self, frame: str) -> str:
+        framed = self._lines[frame] = self._line(frame)
+        self._lines_size += 2 * len(frame) + 40
+        return framed
 
     def _chunked(self, text: str) -> bytes:
         if text is not self._last_chunk_text:
@@ -201,6 +260,7 @@ class StreamTransport:
         Raises:
             ConnectionResetError: the peer is gone.
         """
+        text = in_stream_order(text)  # this connection's own batch: maybe several channels
         cycle = self._cycle
         if cycle is not None:
             if cycle.disconnected or cycle.transport.is_closing():

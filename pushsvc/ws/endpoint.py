@@ -76,22 +76,23 @@ class WebSocketEndpoint:
 
     async def __call__(self, scope: dict[str, Any], receive: ASGIReceive, send: ASGISend) -> None:
         assert scope["type"] == "websocket"
-        headers = Headers(scope=scope)
         admission = self.admission
-        refusal = admission.check(headers.get("origin"))
+        refusal = admission.check(Headers(scope=scope).get("origin"))
         if refusal is not None:
             await _deny(scope, receive, send, refusal)
             return
         admission.opened()
         try:
-            await self._serve(scope, receive, send, headers)
+            await self._serve(scope, receive, send)
         finally:
             admission.closed()
 
-    async def _serve(
-        self, scope: dict[str, Any], receive: ASGIReceive, send: ASGISend, headers: Headers
-    ) -> None:
-        token = handshake_token(headers, scope.get("query_string", b""), self.settings.auth_cookie)
+    async def _serve(self, scope: dict[str, Any], receive: ASGIReceive, send: ASGISend) -> None:
+        # no Headers kept in this frame: the connection's request headers are freed
+        # once it is accepted (pushsvc.ws.protocol drops the scope's copy)
+        token = handshake_token(
+            Headers(scope=scope), scope.get("query_string", b""), self.settings.auth_cookie
+        )
         principal: Principal | None = None
         if token is not None:
             try:
@@ -183,6 +184,8 @@ async def _run(
     registered) but not yet awaited. Always unregisters the client.
     """
     transport.reader = asyncio.current_task()
+    transport.established()
+    pongs = transport.take_pongs(client.pong)
     try:
         await started
         while True:
@@ -198,11 +201,16 @@ async def _run(
                 text = message.get("text")
                 await client.handle_text(text)
             elif kind == "websocket.disconnect":
+                if not client.closed:  # the peer closed: its code (lifecycle events)
+                    client.close_code = message.get("code", 1005)
+                    client.close_reason = "closed by the client"
                 break
     except asyncio.CancelledError:
         if not client.closed:
             raise
     finally:
+        if pongs:
+            transport.take_pongs(None)
         client.gone()
 
 

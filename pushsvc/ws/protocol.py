@@ -38,6 +38,7 @@ request and response are dropped once the 101 is written.
 
 from __future__ import annotations
 
+import asyncio
 from asyncio import BaseTransport, Transport
 from collections.abc import Coroutine
 from http import HTTPStatus
@@ -45,17 +46,50 @@ from operator import methodcaller
 from typing import Any
 
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+from websockets.frames import Frame
 from websockets.http11 import Request
 from websockets.protocol import Protocol
 
 from ..core.deadlines import deadlines
+from ..server.capacity import handshake_gate
 
 WEBSOCKET_VERSION = "13"  # RFC 6455 4.1 (the only version)
+#: the canonical heartbeat answer (docs/protocol.md, "Heartbeat"), as clients send it
+PONG = b'{"op":"pong"}'
 _SEND_KEEPALIVE_PING = methodcaller("send_keepalive_ping")  # uvicorn's, or an override
 
 
 class WebSocketProtocol(WebSocketsSansIOProtocol):
-    """:class:`WebSocketsSansIOProtocol` that answers and closes rejected handshakes."""
+    """:class:`WebSocketsSansIOProtocol` that answers and closes rejected handshakes.
+
+    Attributes:
+        on_pong: set by the connection's transport
+            (:meth:`pushsvc.ws.transport.WebSocketTransport.take_pongs`):
+            called for a text message that is exactly :data:`PONG`, which then
+            skips uvicorn's ASGI queue, its pause/resume of reading and the
+            session's reader task (the heartbeat's inbound half, once per
+            connection per ``PUSHSVC_PING_INTERVAL``). None: every message goes
+            to the application.
+    """
+
+    on_pong: Any = None
+    gate_held = False  # holds a handshake-gate slot (pushsvc.server.capacity)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        """uvicorn's, with a lighter receive queue and ``writable`` event (same behaviour).
+
+        uvicorn gives every connection an ``asyncio.Queue`` (three deques and an
+        Event with a fourth) and an ``asyncio.Event`` (a fifth deque): ~4 KiB per
+        idle connection, for a queue that holds one message at a time (uvicorn
+        pauses reading while one waits) and an event nobody waits on unless the
+        socket is backed up. :class:`Mailbox` and :class:`Flag` do the same with
+        a list and waiters made on demand (docs/capacity.md, "Where the memory
+        per connection goes").
+        """
+        super().__init__(*args, **kwargs)
+        self.queue = Mailbox()  # type: ignore[assignment]
+        self.writable = Flag()  # type: ignore[assignment]
+        self.writable.set()
 
     def connection_made(self, transport: BaseTransport) -> None:
         """Take the connection from the HTTP protocol, then release that protocol's parser.
@@ -118,6 +152,27 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
         deadlines(self.loop, "ws-ping", _SEND_KEEPALIVE_PING).clear(self)
         super().stop_keepalive()
 
+    def handshake_done(self) -> None:
+        """The application has an authenticated client: free the handshake-gate slot."""
+        handshake_gate().release(self)
+
+    def gate_expired(self) -> None:
+        """Still no authenticated client after ``HANDSHAKE_TIMEOUT``: give the slot back
+        (``PUSHSVC_AUTH_TIMEOUT`` closes a socket that never authenticates)."""
+        handshake_gate().release(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        """As uvicorn's, and the handshake-gate slot (if still held) is freed."""
+        handshake_gate().release(self)
+        super().connection_lost(exc)
+
+    def handle_text(self, event: Frame) -> None:
+        """A text frame: a whole ``{"op":"pong"}`` goes to :attr:`on_pong`, the rest to uvicorn."""
+        if event.fin and self.on_pong is not None and event.data == PONG and not self.close_sent:
+            self.on_pong()
+            return
+        super().handle_text(event)
+
     def data_received(self, data: bytes) -> None:
         """Feed bytes; if the opening handshake was rejected by the parser, answer and close."""
         super().data_received(data)
@@ -172,17 +227,129 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
         uvicorn keeps the ``websockets`` request and response (each with its
         headers: ~20 container objects and their strings) for the life of the
         connection but never reads them after the 101 is written: dropped here,
-        they cost neither idle memory nor garbage-collector passes.
+        they cost neither idle memory nor garbage-collector passes. So do the
+        request headers of the ASGI scope (~0.7 KiB): a WebSocket application
+        reads them before it accepts.
         """
         try:
             await super().send(message)
         finally:
             if self.handshake_complete:
                 self.request = self.response = None  # type: ignore[assignment]
+                # the scope's copy of the request headers (list of byte pairs) too: the
+                # application read them before accepting (pushsvc.ws.endpoint)
+                self.scope["headers"] = []
 
     async def _send_denial_body(self, message: Any) -> None:
         await super().send(message)
         self.handshake_complete = True
+
+
+class Mailbox:
+    """What uvicorn needs of its per-connection receive queue: ``put_nowait``,
+    ``get`` (a coroutine), ``empty``; FIFO, unbounded, several getters served in order.
+
+    An ``asyncio.Queue`` costs ~3 KiB per connection (three deques of 64 slots
+    and an Event with another); this is a list and, while someone waits, a list
+    of futures.
+    """
+
+    __slots__ = ("_items", "_waiters")
+
+    def __init__(self) -> None:
+        self._items: list[Any] = []
+        self._waiters: list[asyncio.Future[None]] | None = None
+
+    def empty(self) -> bool:
+        """True when no message is waiting."""
+        return not self._items
+
+    def qsize(self) -> int:
+        """Messages waiting."""
+        return len(self._items)
+
+    def put_nowait(self, item: Any) -> None:
+        """Append ``item`` and wake the first waiting getter."""
+        self._items.append(item)
+        waiters = self._waiters
+        while waiters:
+            waiter = waiters.pop(0)
+            if not waiter.done():
+                waiter.set_result(None)
+                break
+
+    async def get(self) -> Any:
+        """The oldest message, waiting for one if there is none."""
+        while not self._items:
+            waiter = asyncio.get_running_loop().create_future()
+            if self._waiters is None:
+                self._waiters = []
+            self._waiters.append(waiter)
+            try:
+                await waiter
+            except BaseException:
+                if self._waiters and waiter in self._waiters:
+                    self._waiters.remove(waiter)
+                if self._items and not waiter.cancelled():
+                    self._wake_next()
+                raise
+        return self._items.pop(0)
+
+    def _wake_next(self) -> None:
+        waiters = self._waiters
+        while waiters:
+            waiter = waiters.pop(0)
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+
+
+class Flag:
+    """What uvicorn needs of its ``writable`` event: ``is_set``, ``set``, ``clear`` and
+    ``wait`` (a coroutine awaiting one future, as ``asyncio.Event.wait`` does, so
+    :func:`pushsvc.ws.transport.resume` can drive a send blocked on it).
+
+    No deque until someone waits (an ``asyncio.Event`` allocates one at once:
+    ~0.8 KiB per connection).
+    """
+
+    __slots__ = ("_set", "_waiters")
+
+    def __init__(self) -> None:
+        self._set = False
+        self._waiters: list[asyncio.Future[bool]] | None = None
+
+    def is_set(self) -> bool:
+        """True while set."""
+        return self._set
+
+    def set(self) -> None:
+        """Set it and wake every waiter."""
+        if not self._set:
+            self._set = True
+            waiters, self._waiters = self._waiters, None
+            for waiter in waiters or ():
+                if not waiter.done():
+                    waiter.set_result(True)
+
+    def clear(self) -> None:
+        """Clear it (waiters wait for the next :meth:`set`)."""
+        self._set = False
+
+    async def wait(self) -> bool:
+        """Return True once set (at once if it is)."""
+        if self._set:
+            return True
+        waiter = asyncio.get_running_loop().create_future()
+        if self._waiters is None:
+            self._waiters = []
+        self._waiters.append(waiter)
+        try:
+            await waiter
+            return True
+        finally:
+            if self._waiters and waiter in self._waiters:
+                self._waiters.remove(waiter)
 
 
 def _release_parser(http: Any) -> None:

@@ -138,6 +138,28 @@ class WebSocketTransport:
         self._closer: asyncio.Task[None] | None = None
         self.reader: asyncio.Task[Any] | None = None
 
+    def established(self) -> None:
+        """The client is authenticated: the connection's handshake is over (it frees its
+        slot of the server's handshake gate, :class:`pushsvc.server.capacity.HandshakeGate`)."""
+        done = getattr(self._direct, "handshake_done", None)
+        if done is not None:
+            done()
+
+    def take_pongs(self, callback: Callable[[], None] | None) -> bool:
+        """Hand this connection's canonical pongs to ``callback`` (None: stop).
+
+        With pushsvc's WebSocket protocol (:mod:`pushsvc.ws.protocol`) a text
+        message that is exactly ``{"op":"pong"}`` then never reaches the ASGI
+        queue: no reading pause/resume, no reader task wake-up, no JSON decode:
+        the inbound half of every heartbeat. Other pongs and servers take the
+        command path. Returns True when the protocol took the callback.
+        """
+        direct = self._direct
+        if direct is None or not hasattr(direct, "on_pong"):
+            return False
+        direct.on_pong = callback
+        return True
+
     def can_write(self) -> bool:
         """False while an ASGI send is in flight (the server applies backpressure)."""
         return self._inflight is None
