@@ -35,9 +35,10 @@ from .api.presence import presence_router
 from .api.probes import Readiness, probes_router
 from .api.serverapi import server_api_router
 from .api.streams import streams_router
+from .auth.callouts import Callouts
 from .auth.revocations import RevocationStore
 from .auth.tokens import Authenticator, Revocation, parse_revocation
-from .bus import Bus, Unavailable
+from .bus import Bus, Headers, Unavailable
 from .bus.nodes import NodeRequests
 from .bus.tickets import Tickets
 from .config.nats import NatsRefused, NatsSecurity
@@ -98,6 +99,8 @@ class Node:
             on_control=self._control,
             name=self.connection_name,
         )
+        # connect/subscribe callouts over NATS (PUSHSVC_*_AUTH_SUBJECT; none: off)
+        Callouts(settings, self.bus.requests).install(self.auth)
         self.hub = Hub(
             self.bus, write_delay=settings.write_delay, coalesce_bytes=settings.coalesce_bytes
         )
@@ -186,10 +189,15 @@ class Node:
         return f"{base}/{self.worker}" if self.worker else base
 
     def _hub_dispatch(
-        self, channel: str, payload: bytes, seq: int | None, stamp: float | None
+        self,
+        channel: str,
+        payload: bytes,
+        seq: int | None,
+        stamp: float | None,
+        headers: Headers = None,
     ) -> None:
         """The bus's ``on_message``: hand a live NATS message to the hub."""
-        self.hub.dispatch(channel, payload, seq, stamp)
+        self.hub.dispatch(channel, payload, seq, stamp, headers)
 
     def _control(self, payload: bytes) -> None:
         """A revocation from NATS: refuse the token(s) from now on, close their sessions.

@@ -62,6 +62,15 @@ def validate_channel(name: object) -> str:
     return name
 
 
+def is_valid_channel(name: object) -> bool:
+    """True when :func:`validate_channel` accepts ``name``."""
+    try:
+        validate_channel(name)
+    except InvalidChannel:
+        return False
+    return True
+
+
 def validate_grant(pattern: str) -> str:
     """Return ``pattern`` if it is a valid grant, else raise :class:`InvalidChannel`."""
     if not isinstance(pattern, str) or not pattern or len(pattern) > MAX_CHANNEL_LENGTH:

@@ -64,6 +64,14 @@ def main(argv: list[str] | None = None) -> int:
     token.add_argument("--sub", required=True, help="user id (JWT sub)")
     token.add_argument("--channel", action="append", default=[], help="subscribe grant")
     token.add_argument("--publish", action="append", default=[], help="publish grant")
+    token.add_argument(
+        "--presence", action="append", default=[], help="presence grant (channels whose presence)"
+    )
+    token.add_argument(
+        "--subs", action="append", default=[], help="server-side subscription (channel/pattern)"
+    )
+    token.add_argument("--rpc", action="append", default=[], help="rpc grant (method pattern)")
+    token.add_argument("--info", help='info claim, a JSON object (e.g. \'{"name":"Ann"}\')')
     token.add_argument("--ttl", type=float, default=3600, help="lifetime in seconds")
     token.add_argument("--secret", help="HS256 secret (default PUSHSVC_JWT_SECRET)")
     token.add_argument("--private-key", help="PEM private key for RS256/ES256")
@@ -260,12 +268,17 @@ def _banner(settings: Settings, bundled: bool, generated_secret: bool, json_logs
             "dev",
             channels=[">"],
             publish=[">"],
+            presence=[">"],
+            rpc=[">"],
             ttl=86400,
             audience=settings.jwt_audience,
             issuer=settings.jwt_issuer,
         )
         print(f"  Demo page: {base}/", flush=True)
-        print(f"  Dev token (user 'dev', all channels, 24 h):\n    {token}", flush=True)
+        print(
+            f"  Dev token (user 'dev', all channels, presence and rpc, 24 h):\n    {token}",
+            flush=True,
+        )
         if generated_secret:
             print("  JWT secret generated for this run (set PUSHSVC_JWT_SECRET to keep one)")
 
@@ -368,12 +381,24 @@ def _token(args: argparse.Namespace) -> int:
             raise SettingsError("PUSHSVC_JWT_SECRET", "missing: needed to sign tokens")
         algorithm = args.algorithm or "HS256"
     audience = args.audience or os.environ.get("PUSHSVC_JWT_AUDIENCE")
+    info = None
+    if args.info is not None:
+        try:
+            info = json.loads(args.info)
+        except ValueError:
+            info = None
+        if not isinstance(info, dict):
+            raise SettingsError("--info", 'must be a JSON object, e.g. \'{"name":"Ann"}\'')
     print(
         mint_token(
             key,
             args.sub,
             channels=args.channel,
             publish=args.publish,
+            presence=args.presence,
+            subs=args.subs,
+            rpc=args.rpc,
+            info=info,
             ttl=args.ttl,
             algorithm=algorithm,
             audience=audience,

@@ -101,6 +101,19 @@ AUTH_FAILURES = Counter(
     "Tokens and API keys refused (handshake, auth frame, refresh, emit, history) by reason",
     ["reason"],
 )
+RPC_CALLS = Counter(
+    "pushsvc_rpc_calls_total",
+    "Client RPC calls by method and outcome (ok, error: the service's Pushsvc-Error, "
+    "too_large, timeout, not_found, forbidden, unavailable, limit_exceeded, bad_request); "
+    "method is '-' for calls no service took (not_found, forbidden, ...)",
+    ["method", "outcome"],
+)
+RPC_LATENCY = Histogram(
+    "pushsvc_rpc_duration_seconds",
+    "From a client RPC's request to its service's reply (answered calls), by method",
+    ["method"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
 
 _LIVE_FILE = re.compile(r"gauge_live[a-z]+_(\d+)\.db$")
 

@@ -12,6 +12,7 @@ server encodes is guaranteed to contain no raw newline.
 from __future__ import annotations
 
 import base64
+from collections.abc import Mapping
 from typing import Annotated, Final
 
 import msgspec
@@ -72,6 +73,18 @@ class Disconnect(msgspec.Struct, frozen=True):
         return cls(code, reason, reconnects(code))
 
 
+# --- NATS headers pushsvc stamps (docs/protocol.md, "NATS side") ---------------
+#: the verified user (JWT ``sub``) behind a message a client published or a JWT emit,
+#: and behind an ``rpc`` request; read back into ``publisher.user``
+USER_HEADER: Final = "Pushsvc-User"
+#: the connection (``welcome.client``) that published a message or made an ``rpc`` call
+CLIENT_HEADER: Final = "Pushsvc-Client"
+NODE_HEADER: Final = "Pushsvc-Node"  # the node that took an ``rpc`` call
+INFO_HEADER: Final = "Pushsvc-Info"  # the caller's ``info`` claim (``rpc``)
+#: a connection (``welcome.client``) a message is not delivered to (its own no-echo publish)
+EXCLUDE_HEADER: Final = "Pushsvc-Exclude-Client"
+
+
 # --- error codes carried by ``error`` frames ------------------------------------
 BAD_REQUEST: Final = "bad_request"
 UNAUTHORIZED: Final = "unauthorized"
@@ -80,6 +93,8 @@ INVALID_CHANNEL: Final = "invalid_channel"
 RATE_LIMITED: Final = "rate_limited"
 LIMIT_EXCEEDED: Final = "limit_exceeded"
 UNAVAILABLE: Final = "unavailable"
+NOT_FOUND: Final = "not_found"  # rpc: no service answers the method
+TOO_LARGE: Final = "too_large"  # rpc: the reply (or request) does not fit a frame
 
 RequestId = int | str | None
 MAX_EPOCH_LENGTH: Final = 64  # characters of an ``epoch`` a client may send back
@@ -143,12 +158,15 @@ class Unsubscribe(msgspec.Struct, tag_field="op", tag="unsubscribe"):
     id: RequestId = None
 
 
-class Publish(msgspec.Struct, tag_field="op", tag="publish"):
-    """``{"op":"publish","channel":C,"data":ANY,"id":I?}``; ``data`` is kept as raw JSON."""
+class Publish(msgspec.Struct, tag_field="op", tag="publish", omit_defaults=True):
+    """``{"op":"publish","channel":C,"data":ANY,"id":I?,"echo":B?}``; ``data`` is kept
+    as raw JSON. ``echo: false``: not delivered back to this connection (every other
+    subscriber, the same user's other connections included, gets it)."""
 
     channel: str
     data: msgspec.Raw
     id: RequestId = None
+    echo: bool = True
 
 
 class Refresh(msgspec.Struct, tag_field="op", tag="refresh"):
@@ -179,7 +197,21 @@ class PresenceStats(msgspec.Struct, tag_field="op", tag="presence_stats"):
     id: RequestId = None
 
 
-Command = Auth | Subscribe | Unsubscribe | Publish | Refresh | Pong | Presence | PresenceStats
+class Rpc(msgspec.Struct, tag_field="op", tag="rpc"):
+    """``{"op":"rpc","method":M,"data":ANY?,"id":I}``: a NATS request to ``<prefix>-rpc.<M>``.
+
+    ``method`` follows the channel grammar (no wildcards); ``data`` (default
+    ``null``) is the request body as raw JSON; ``id`` is required (several calls
+    may be in flight; answers come in the order the services reply). Needs an
+    ``rpc`` grant covering ``M``. Answered ``rpc_result`` or ``error``.
+    """
+
+    method: str
+    id: int | str
+    data: msgspec.Raw = msgspec.Raw(b"null")
+
+
+Command = Auth | Subscribe | Unsubscribe | Publish | Refresh | Pong | Presence | PresenceStats | Rpc
 
 
 # --- server frames ----------------------------------------------------------------
@@ -204,15 +236,35 @@ class Welcome(msgspec.Struct, tag_field="type", tag="welcome", omit_defaults=Tru
     session: str | None = None
 
 
+class PublishedBy(msgspec.Struct, omit_defaults=True):
+    """Who published a message, stamped by the server from the NATS headers
+    ``Pushsvc-User`` / ``Pushsvc-Client``: ``user`` (the publisher's JWT ``sub``) and
+    ``client`` (the publishing connection; absent for an emit)."""
+
+    user: str
+    client: str | None = None
+
+
+def publisher_of(headers: Mapping[str, str] | None) -> PublishedBy | None:
+    """The ``publisher`` a NATS message's headers name (``Pushsvc-User``,
+    ``Pushsvc-Client``), or None when it carries no ``Pushsvc-User``."""
+    if not headers:
+        return None
+    user = headers.get(USER_HEADER)
+    return PublishedBy(user, headers.get(CLIENT_HEADER) or None) if user else None
+
+
 class Message(msgspec.Struct, tag_field="type", tag="message", omit_defaults=True):
     """A delivery. ``seq`` is the JetStream stream sequence (absent with history off);
-    ``pattern`` is set when a wildcard subscription delivered it (``channel`` is concrete)."""
+    ``pattern`` is set when a wildcard subscription delivered it (``channel`` is concrete);
+    ``publisher`` when a client (or a JWT emit) published it."""
 
     channel: str
     data: msgspec.Raw
     seq: int | None = None
     encoding: str | None = None
     pattern: str | None = None  # the wildcard subscription that delivered it
+    publisher: PublishedBy | None = None
 
 
 class Ping(msgspec.Struct, tag_field="type", tag="ping"):
@@ -260,6 +312,15 @@ class Refreshed(msgspec.Struct, tag_field="type", tag="refreshed", omit_defaults
 
     exp: float
     id: RequestId = None
+
+
+class RpcResult(msgspec.Struct, tag_field="type", tag="rpc_result", omit_defaults=True):
+    """Answer to ``rpc``: the service's reply body as ``data`` (JSON embedded as is,
+    other text as a string, other bytes base64 with ``encoding: "base64"``)."""
+
+    id: RequestId
+    data: msgspec.Raw
+    encoding: str | None = None
 
 
 NO_INFO: Final = msgspec.UNSET  # an absent ``info`` (omitted when encoding)
@@ -345,6 +406,7 @@ Frame = (
     | PresenceStatsResult
     | Join
     | Leave
+    | RpcResult
     | Close
 )
 

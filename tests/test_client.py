@@ -68,6 +68,7 @@ async def test_subscribe_publish_and_iterate(start_server, channel):
             "channel": channel,
             "data": {"n": 1},
             "seq": seq,
+            "publisher": {"user": "ann", "client": client.welcome.client},  # server-stamped
         }
         await sub.unsubscribe()
         assert channel not in client.subscriptions

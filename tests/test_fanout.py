@@ -599,6 +599,7 @@ class _StubBus:
 class _FakeSession:
     def __init__(self, hub: Hub, name: str, close_on_send: bool = False) -> None:
         self.hub = hub
+        self.id = name  # Member.id (the public client id)
         self.principal = Principal(sub=name, exp=time.time() + 60)
         self.channels: set[str] = set()
         self.closed = False

@@ -430,7 +430,9 @@ async def test_a_subscription_is_live_when_acquire_returns(nats_url, nc):
     """
     got: dict[str, asyncio.Future[int | None]] = {}
 
-    def on_message(channel: str, payload: bytes, seq: int | None, stamp: float | None) -> None:
+    def on_message(
+        channel: str, payload: bytes, seq: int | None, stamp: float | None, publisher: Any
+    ) -> None:
         fut = got.get(channel)
         if fut is not None and not fut.done():
             fut.set_result(seq)

@@ -6,7 +6,12 @@
 - ``Authorization: Bearer <JWT with a matching publish grant | API key>``;
 - ``Idempotency-Key: K`` becomes the NATS header ``Nats-Msg-Id`` (batch item i:
   ``K:i``), so a retried emit inside the dedupe window is stored and delivered once
-  and answered with the original ``seq``.
+  and answered with the original ``seq``;
+- an emit by JWT carries the NATS header ``Pushsvc-User: <sub>`` (delivered as the
+  message's ``publisher``); an emit by API key carries none;
+- ``exclude_client`` (body field, per message) or the request header
+  ``Pushsvc-Exclude-Client: <client>`` names one connection (``welcome.client``)
+  not to deliver to; it becomes the NATS header of the same name.
 
 Answers: 202 ``{"channel", "seq"}`` (batch: ``{"results": [...]}``) only after
 NATS (JetStream, with history on) acknowledged the message. Errors are JSON
@@ -38,6 +43,7 @@ from ..channels import InvalidChannel, validate_channel
 from ..config.settings import Settings
 from ..core.hub import Hub
 from ..core.ratelimit import BucketRegistry
+from ..protocol import EXCLUDE_HEADER, USER_HEADER
 from .errors import HTTPError, json_response
 from .openapi import (
     CHANNEL_SCHEMA,
@@ -52,6 +58,8 @@ from .openapi import (
 )
 
 MAX_BATCH = 1000
+MAX_CLIENT_ID = 64  # characters of an exclude_client (client ids are much shorter)
+_CLIENT_ID_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-")
 
 
 # the schema of POST /emit's body (the route parses it as EmitItem, keeping data raw)
@@ -62,6 +70,13 @@ class EmitMessage(msgspec.Struct):
     data: Annotated[Any, msgspec.Meta(description="the message, any JSON value")] = None
     payload: Annotated[
         Any, msgspec.Meta(description="alias of data (used when data is absent)")
+    ] = None
+    exclude_client: Annotated[
+        str | None,
+        msgspec.Meta(
+            description="a connection (welcome.client) not to deliver to, e.g. the one "
+            "whose action caused the emit (Pusher's socket_id exclusion)"
+        ),
     ] = None
 
 
@@ -98,6 +113,15 @@ IdempotencyKey = Annotated[
         "with the original seq.",
     ),
 ]
+ExcludeClient = Annotated[
+    str | None,
+    Header(
+        alias="Pushsvc-Exclude-Client",
+        json_schema_extra=declare({"type": "string", "maxLength": MAX_CLIENT_ID}),
+        description="A connection (welcome.client) the message is not delivered to "
+        "(a body's exclude_client wins for its message).",
+    ),
+]
 ChannelParam = Annotated[str, Path(json_schema_extra=CHANNEL_SCHEMA)]
 ERRORS = errors(400, 401, 403, 413, 415, 422, 429, 503)
 _EMIT_BODY: dict[str, Any] = {
@@ -132,6 +156,7 @@ class EmitItem(msgspec.Struct):
     channel: str
     data: msgspec.Raw = msgspec.Raw()  # empty when absent
     payload: msgspec.Raw = msgspec.Raw()
+    exclude_client: str | None = None
 
 
 class EmitError(HTTPError):
@@ -156,7 +181,8 @@ def emit_router(
     """
     router = APIRouter()
 
-    async def authorise(request: Request) -> Principal:
+    async def authorise(request: Request) -> tuple[Principal, dict[str, str] | None]:
+        """The emit's principal and the NATS headers naming it (None for an API key)."""
         try:
             credential = bearer_credential(request)
         except HTTPError as exc:  # re-raised as an emit refusal (counted as one)
@@ -170,7 +196,8 @@ def emit_router(
         if wait:
             metrics.RATE_LIMITED.inc()
             raise EmitError(429, "rate_limited", "too many emits", retry_after=wait)
-        return principal
+        stamp = None if auth.is_api_key(credential) else {USER_HEADER: principal.sub}
+        return principal, stamp
 
     async def read_body(request: Request) -> bytes:
         encoding = request.headers.get("content-encoding", "identity").strip().lower()
@@ -206,9 +233,18 @@ def emit_router(
             raise EmitError(403, "forbidden", f"not allowed to publish to {channel}")
         return channel
 
-    async def publish(channel: str, payload: bytes, msg_id: str | None) -> int | None:
+    async def publish(
+        channel: str,
+        payload: bytes,
+        msg_id: str | None,
+        stamp: dict[str, str] | None,
+        exclude: str | None,
+    ) -> int | None:
+        headers = stamp
+        if exclude is not None:
+            headers = {**(stamp or {}), EXCLUDE_HEADER: _client_id(exclude)}
         try:
-            return await hub.publish(channel, payload, msg_id)
+            return await hub.publish(channel, payload, msg_id, headers)
         except Unavailable as exc:
             raise EmitError(503, "unavailable", str(exc), retry_after=exc.retry_after) from None
 
@@ -228,23 +264,30 @@ def emit_router(
         },
         openapi_extra={"requestBody": _EMIT_BODY},
     )
-    async def emit(request: Request, idempotency_key: IdempotencyKey = None) -> Response:
+    async def emit(
+        request: Request,
+        idempotency_key: IdempotencyKey = None,
+        exclude_client: ExcludeClient = None,
+    ) -> Response:
         """Publish one JSON message, or a batch, into NATS.
 
         Answered 202 only once NATS has every message; a batch interrupted by a 503
         says how many items were accepted.
         """
         try:
-            principal = await authorise(request)
+            principal, stamp = await authorise(request)
             body = await read_body(request)
             items, batch = _parse(body)
-            checked = [(check(principal, item.channel), _payload(item)) for item in items]
+            checked = [
+                (check(principal, item.channel), _payload(item), _client_id(item.exclude_client))
+                for item in items
+            ]
             key = idempotency_key
             results: list[EmitResult] = []
-            for i, (channel, payload) in enumerate(checked):
+            for i, (channel, payload, exclude) in enumerate(checked):
                 msg_id = None if key is None else (f"{key}:{i}" if batch else key)
                 try:
-                    seq = await publish(channel, payload, msg_id)
+                    seq = await publish(channel, payload, msg_id, stamp, exclude or exclude_client)
                 except EmitError as exc:
                     if results:  # say exactly what NATS already has
                         exc.args = (f"{exc}; the first {len(results)} messages were accepted",)
@@ -266,14 +309,17 @@ def emit_router(
         openapi_extra={"requestBody": _RAW_BODY},
     )
     async def emit_raw(
-        channel: ChannelParam, request: Request, idempotency_key: IdempotencyKey = None
+        channel: ChannelParam,
+        request: Request,
+        idempotency_key: IdempotencyKey = None,
+        exclude_client: ExcludeClient = None,
     ) -> Response:
         """Publish the raw request body to ``channel``."""
         try:
-            principal = await authorise(request)
+            principal, stamp = await authorise(request)
             channel = check(principal, channel)
             body = await read_body(request)
-            seq = await publish(channel, body, idempotency_key)
+            seq = await publish(channel, body, idempotency_key, stamp, exclude_client)
         except EmitError as exc:
             return exc.response()
         metrics.EMITS.labels("202").inc()
@@ -304,6 +350,21 @@ def _parse(body: bytes) -> tuple[list[EmitItem], bool]:
         raise EmitError(400, "bad_request", str(exc)) from None
     except (msgspec.DecodeError, RecursionError):
         raise EmitError(400, "bad_request", "body must be a JSON object") from None
+
+
+def _client_id(value: str | None) -> str | None:
+    """Check an ``exclude_client`` (body field or header): 1..64 of ``[A-Za-z0-9_.-]``.
+
+    Raises:
+        EmitError: 400 when it is not a possible client id.
+    """
+    if value is None:
+        return None
+    if not 0 < len(value) <= MAX_CLIENT_ID or not _CLIENT_ID_CHARS.issuperset(value):
+        raise EmitError(
+            400, "bad_request", f"exclude_client must be 1..{MAX_CLIENT_ID} of [A-Za-z0-9_.-]"
+        )
+    return value
 
 
 def _payload(item: EmitItem) -> bytes:

@@ -5,7 +5,7 @@ grants cover the channel (the JWT may be a connection token, as for ``/ws``, or 
 emit token with ``PUSHSVC_EMIT_AUDIENCE``/``PUSHSVC_EMIT_TYPE``; a ``publish``
 grant is not enough), or a configured API key (any channel). Answers 200
 ``{"channel", "epoch", "recovered", "last_seq", "more", "messages": [...]}`` (each
-message ``{"seq", "data", "encoding"?}``)
+message ``{"seq", "data", "encoding"?, "publisher"?}``)
 with messages of seq > ``since`` (default 0), oldest first, at most ``limit``
 (default and maximum ``PUSHSVC_HISTORY_SIZE``). ``epoch`` is the stream epoch
 ``since`` belongs to; a position of another epoch (or, without ``epoch``, a
@@ -25,11 +25,11 @@ from fastapi import APIRouter, Path, Query, Request
 from fastapi.responses import Response
 
 from ..auth.credentials import reader
-from ..auth.tokens import Authenticator
+from ..auth.tokens import Authenticator, AuthError
 from ..bus import Bus, Unavailable
 from ..channels import InvalidChannel, validate_channel
 from ..config.settings import Settings
-from ..protocol import MAX_SEQ, payload_to_data, position_error
+from ..protocol import MAX_SEQ, PublishedBy, payload_to_data, position_error, publisher_of
 from .errors import HTTPError, json_response
 from .openapi import CHANNEL_SCHEMA, SECURITY, declare, errors, json_body, ref
 
@@ -40,6 +40,7 @@ class HistoryItem(msgspec.Struct, omit_defaults=True):
     seq: Annotated[int, msgspec.Meta(ge=1)]
     data: Annotated[msgspec.Raw, msgspec.Meta(description="the payload mapped as on /ws")]
     encoding: Literal["base64"] | None = None
+    publisher: PublishedBy | None = None
 
 
 class HistoryPage(msgspec.Struct):
@@ -97,7 +98,12 @@ def history_router(settings: Settings, bus: Bus, auth: Authenticator) -> APIRout
             except InvalidChannel as exc:
                 raise HTTPError(422, "invalid_channel", str(exc)) from None
             if not (principal is None or principal.can_subscribe(channel)):
-                raise HTTPError(403, "forbidden", f"not allowed to read {channel}")
+                try:  # the subscribe callout may allow what the grants do not
+                    allowed = await auth.may_subscribe(principal, None, channel)
+                except AuthError as exc:
+                    raise HTTPError(503, "unavailable", str(exc), retry_after=5) from None
+                if not allowed:
+                    raise HTTPError(403, "forbidden", f"not allowed to read {channel}")
             after = 0 if since is None else _count(since, "since", 0)
             if (problem := position_error(None, epoch)) is not None:
                 raise HTTPError(400, "bad_request", problem)
@@ -112,7 +118,9 @@ def history_router(settings: Settings, bus: Bus, auth: Authenticator) -> APIRout
         items = []
         for m in page.messages:
             data, encoding = payload_to_data(m.payload)
-            items.append(HistoryItem(seq=m.seq, data=data, encoding=encoding))
+            items.append(
+                HistoryItem(m.seq, data, encoding=encoding, publisher=publisher_of(m.headers))
+            )
         body = HistoryPage(
             channel, page.recovered, page.last_seq, page.more, items, epoch=page.epoch
         )

@@ -19,6 +19,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from .. import metrics
+from ..auth.callouts import CalloutUnavailable
 from ..auth.credentials import bearer_credential
 from ..auth.tokens import Authenticator, AuthError
 from ..bus import Unavailable
@@ -94,8 +95,17 @@ def streams_router(
         """Mint a ticket for the bearer token (verified now and again at use)."""
         try:
             token = bearer_credential(request)
+            client = request.client
+            context = {
+                "transport": "sse",
+                "origin": request.headers.get("origin"),
+                "remote": client.host if client else None,
+            }
             try:
-                auth.verify(token)
+                await auth.authenticate(token, context)
+            except CalloutUnavailable as exc:
+                metrics.AUTH_FAILURES.labels(exc.reason).inc()
+                raise HTTPError(503, "unavailable", str(exc), 5) from None
             except AuthError as exc:
                 metrics.AUTH_FAILURES.labels(exc.reason).inc()
                 raise HTTPError(401, "unauthorized", str(exc)) from None

@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import time
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import jwt
@@ -79,6 +80,8 @@ class Principal(msgspec.Struct, frozen=True):
             subscribed to at ``welcome`` without asking.
         info: the JWT ``info`` claim (a JSON object of at most ``MAX_INFO_BYTES``
             bytes) as compact JSON bytes, shown in presence and join/leave; or None.
+        rpc: RPC grants (JWT ``rpc``): method names the holder may call (NATS
+            wildcard patterns over ``<prefix>-rpc.<method>``); none = no RPC.
     """
 
     sub: str
@@ -90,6 +93,11 @@ class Principal(msgspec.Struct, frozen=True):
     presence: tuple[str, ...] = ()
     subs: tuple[str, ...] = ()
     info: bytes | None = None
+    rpc: tuple[str, ...] = ()
+
+    def can_call(self, method: str) -> bool:
+        """True when an ``rpc`` grant covers ``method`` (NATS wildcard rules)."""
+        return any_grant_matches(self.rpc, method)
 
     def can_see_presence(self, channel: str) -> bool:
         """True when a ``presence`` grant covers ``channel`` (same personal-channel rule
@@ -272,6 +280,10 @@ class Authenticator:
         self.cache_hits = 0
         self._revoked_jti: dict[str, tuple[float, float]] = {}  # jti -> (revoked at, until)
         self._revoked_sub: dict[str, tuple[float, float]] = {}  # sub -> (revoked at, until)
+        #: the connect callout (:mod:`pushsvc.auth.callouts`): decides non-JWT credentials
+        self.connect_callout: ConnectCallout | None = None
+        #: the subscribe callout: decides subscriptions the grants do not cover
+        self.subscribe_callout: SubscribeCallout | None = None
 
     def verify(self, token: object, *, purpose: str = "connect") -> Principal:
         """Verify a connection (``purpose="connect"``) or emit (``"emit"``) token.
@@ -395,24 +407,90 @@ class Authenticator:
         except (jwt.InvalidTokenError, ValueError, TypeError, ArithmeticError):
             # ArithmeticError: PyJWT's int() of an "exp"/"nbf" of Infinity (json allows it)
             raise AuthError("token invalid") from None
-        sub = claims.get("sub")
-        if not isinstance(sub, str) or not sub or len(sub) > 128:
-            raise AuthError("token 'sub' must be a non-empty string", "claims")
-        jti = claims.get("jti")
-        try:
-            return Principal(
-                sub=sub,
-                exp=float(claims["exp"]),
-                channels=_grants(claims.get("channels")),
-                publish=_grants(claims.get("publish")),
-                jti=jti if isinstance(jti, str) else None,
-                iat=float(claims["iat"]) if isinstance(claims.get("iat"), int | float) else None,
-                presence=_grants(claims.get("presence")),
-                subs=_subs(claims.get("subs")),
-                info=_info(claims.get("info")),
-            )
-        except InvalidChannel as exc:
-            raise AuthError(f"token grant invalid: {exc}", "grants") from None
+        return principal_of(claims)
+
+    # --- callouts (pushsvc.auth.callouts sets these; None: off) --------------------------
+    async def authenticate(self, credential: object, context: dict[str, str | None]) -> Principal:
+        """A connection's principal: :meth:`verify` for a JWT; otherwise, with
+        ``PUSHSVC_CONNECT_AUTH_SUBJECT``, the connect callout's decision.
+
+        Args:
+            credential: what the connection presented (JWT, cookie, ticket, opaque token).
+            context: ``transport``, ``origin``, ``remote`` (the peer's address) for the
+                callout.
+
+        Raises:
+            AuthError: refused (``reason`` ``callout_denied`` / ``callout_unavailable``
+                for the callout's answers).
+        """
+        callout = self.connect_callout
+        if callout is None or not isinstance(credential, str) or is_jwt(credential):
+            return self.verify(credential)
+        principal = await callout(credential, context)
+        self._check_revoked(principal)
+        return principal
+
+    async def may_subscribe(self, principal: Principal, client: str | None, channel: str) -> bool:
+        """A subscription (or presence/history read) ``principal``'s grants do not cover:
+        with ``PUSHSVC_SUBSCRIBE_AUTH_SUBJECT``, what the subscribe callout answers;
+        else False.
+
+        Raises:
+            AuthError: ``callout_unavailable``: the callout did not answer.
+        """
+        callout = self.subscribe_callout
+        return False if callout is None else await callout(principal, client, channel)
+
+
+ConnectCallout = Callable[[str, dict[str, "str | None"]], Awaitable[Principal]]
+SubscribeCallout = Callable[[Principal, "str | None", str], Awaitable[bool]]
+
+
+def is_jwt(credential: str) -> bool:
+    """True when ``credential`` is shaped as a JWS compact serialization (RFC 7515 7.1), as
+    PyJWT parses it (nothing verified)."""
+    try:
+        return credential.count(".") == 2 and bool(jwt.get_unverified_header(credential))
+    except jwt.InvalidTokenError:
+        return False
+
+
+def principal_of(claims: dict[str, Any], *, default_exp: float | None = None) -> Principal:
+    """The :class:`Principal` a verified token's claims (or a connect callout's
+    answer, same names) describe.
+
+    Args:
+        claims: ``sub`` (required), ``exp`` (Unix seconds; required unless
+            ``default_exp``), ``channels``, ``publish``, ``presence``, ``rpc``,
+            ``subs``, ``info``, ``jti``, ``iat``.
+        default_exp: ``exp`` when the claims have none.
+
+    Raises:
+        AuthError: ``claims`` (bad ``sub``/``exp``/``info``) or ``grants`` (a
+            grant breaks the grammar).
+    """
+    sub = claims.get("sub")
+    if not isinstance(sub, str) or not sub or len(sub) > 128:
+        raise AuthError("token 'sub' must be a non-empty string", "claims")
+    exp = claims.get("exp", default_exp)
+    if not isinstance(exp, int | float) or isinstance(exp, bool) or exp != exp:
+        raise AuthError("token 'exp' must be a number", "claims")
+    jti = claims.get("jti")
+    try:
+        return Principal(
+            sub=sub,
+            exp=float(exp),
+            channels=_grants(claims.get("channels")),
+            publish=_grants(claims.get("publish")),
+            jti=jti if isinstance(jti, str) else None,
+            iat=float(claims["iat"]) if isinstance(claims.get("iat"), int | float) else None,
+            presence=_grants(claims.get("presence")),
+            subs=_subs(claims.get("subs")),
+            info=_info(claims.get("info")),
+            rpc=_grants(claims.get("rpc")),
+        )
+    except InvalidChannel as exc:
+        raise AuthError(f"token grant invalid: {exc}", "grants") from None
 
 
 def _info(value: object) -> bytes | None:
@@ -474,6 +552,10 @@ def mint_token(
     *,
     channels: list[str] | None = None,
     publish: list[str] | None = None,
+    presence: list[str] | None = None,
+    subs: list[str] | None = None,
+    rpc: list[str] | None = None,
+    info: dict[str, Any] | None = None,
     ttl: float = 3600.0,
     algorithm: str = "HS256",
     audience: str | None = None,
@@ -486,7 +568,8 @@ def mint_token(
 
     Args:
         secret: HS* shared secret, or a PEM private key for RS*/ES*.
-        channels / publish: grant patterns (validated).
+        channels / publish / presence / rpc: grant patterns (validated); ``subs``
+            server-side subscriptions; ``info`` a JSON object (the ``info`` claim).
         headers: extra JOSE header fields, e.g. ``{"typ": "pushsvc+jwt"}``.
 
     Raises:
@@ -498,6 +581,11 @@ def mint_token(
         claims["channels"] = [validate_grant(c) for c in channels]
     if publish:
         claims["publish"] = [validate_grant(c) for c in publish]
+    for name, grants in (("presence", presence), ("subs", subs), ("rpc", rpc)):
+        if grants:
+            claims[name] = [validate_grant(c) for c in grants]
+    if info is not None:
+        claims["info"] = info
     if audience:
         claims["aud"] = audience
     if issuer:

@@ -1,7 +1,7 @@
 """The NATS side of a node: :class:`Bus` and the parts it is made of.
 
 The bus never touches sockets. It hands every live message to one callback,
-``on_message(channel, payload, seq, stamp)``, which ``app.py`` wires to the hub.
+``on_message(channel, payload, seq, stamp, headers)``, which ``app.py`` wires to the hub.
 
 Subjects (``prefix`` = ``PUSHSVC_SUBJECT_PREFIX``, default ``push``):
 
@@ -56,7 +56,7 @@ from .requests import (
     request_once,
 )
 from .stream import epoch_of, stream_time
-from .subscriptions import MessageHandler, PatternHandler
+from .subscriptions import Headers, MessageHandler, PatternHandler
 
 __all__ = [
     "ERROR_HEADER",
@@ -65,6 +65,7 @@ __all__ = [
     "ControlHandler",
     "EventHandler",
     "Handler",
+    "Headers",
     "History",
     "MessageHandler",
     "NoResponders",

@@ -41,9 +41,10 @@ class Bus:
 
     Args:
         settings: NATS URL(s), prefix, stream and history settings, timeouts.
-        on_message: called with ``(channel, payload, seq, stamp)`` for every live
-            message of a channel this node holds (``stamp``: stream time, Unix
-            seconds, or None); must not block (it runs on the NATS subscription's
+        on_message: called with ``(channel, payload, seq, stamp, headers)`` for
+            every live message of a channel this node holds (``stamp``: stream time,
+            Unix seconds, or None; ``headers``: the NATS headers or None); must
+            not block (it runs on the NATS subscription's
             task).
         on_control: called with the raw payload of each control message.
         name: the NATS connection name (shown by ``nats server report
@@ -254,7 +255,7 @@ class Bus:
 
     @property
     def on_pattern_message(self) -> PatternHandler | None:
-        """Called with ``(pattern, channel, payload, seq, stamp)`` for every live
+        """Called with ``(pattern, channel, payload, seq, stamp, headers)`` for every live
         message of a wildcard subscription (:meth:`acquire` of a pattern); must
         not block."""
         return self.live.on_pattern_message
@@ -290,12 +291,18 @@ class Bus:
         return self.live.count
 
     # --- publish ---------------------------------------------------------------------
-    async def publish(self, channel: str, payload: bytes, msg_id: str | None = None) -> int | None:
-        """Publish ``payload`` to ``channel``; the stream sequence, or None with history
-        off. See :func:`pushsvc.bus.publish.publish`.
+    async def publish(
+        self,
+        channel: str,
+        payload: bytes,
+        msg_id: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> int | None:
+        """Publish ``payload`` to ``channel`` (with NATS ``headers``); the stream
+        sequence, or None with history off. See :func:`pushsvc.bus.publish.publish`.
 
         Raises:
             Unavailable: not connected, no ack within ``publish_timeout`` s, or
                 JetStream refused the message.
         """
-        return await publish(self.conn, self.streams, channel, payload, msg_id)
+        return await publish(self.conn, self.streams, channel, payload, msg_id, headers)

@@ -22,6 +22,7 @@ async def publish(
     channel: str,
     payload: bytes,
     msg_id: str | None = None,
+    headers: dict[str, str] | None = None,
 ) -> int | None:
     """Publish ``payload`` to ``channel`` and wait until NATS has it.
 
@@ -38,6 +39,7 @@ async def publish(
         channel: a valid channel name (no wildcards).
         payload: the raw message bytes.
         msg_id: ``Nats-Msg-Id`` for JetStream's deduplication, or None.
+        headers: further NATS headers (the publisher's ``Pushsvc-User``...), or None.
 
     Raises:
         Unavailable: not connected, no ack within ``publish_timeout`` s, or
@@ -46,7 +48,8 @@ async def publish(
     nc = conn.client()
     settings = conn.settings
     subject = subject_for(conn.prefix, channel)
-    headers = {"Nats-Msg-Id": msg_id} if msg_id else None
+    if msg_id:
+        headers = {**(headers or {}), "Nats-Msg-Id": msg_id}
     try:
         if conn.history_enabled:
             js = conn.js

@@ -36,12 +36,14 @@ READ_BATCH = 256  # messages per JetStream batch direct get
 
 @dataclass
 class StoredMessage:
-    """A message read back from the stream: stream ``seq``, raw ``payload`` bytes and
-    its concrete ``channel`` (None when not known)."""
+    """A message read back from the stream: stream ``seq``, raw ``payload`` bytes, its
+    concrete ``channel`` (None when not known) and the NATS ``headers`` it was stored
+    with (None: none; pushsvc's own, e.g. ``Pushsvc-User``, are read by the hub)."""
 
     seq: int
     payload: bytes
     channel: str | None = None
+    headers: dict[str, str] | None = None
 
 
 @dataclass
@@ -254,7 +256,9 @@ class Reader:
                         if not messages:
                             pending = int((raw.headers or {}).get("Nats-Num-Pending", 0)) + 1
                         channel = channel_for(self.conn.prefix, raw.subject)
-                        messages.append(StoredMessage(raw.seq or 0, raw.data or b"", channel))
+                        messages.append(
+                            StoredMessage(raw.seq or 0, raw.data or b"", channel, raw.headers)
+                        )
                         if len(messages) >= limit:
                             break
                 return messages, pending

@@ -26,11 +26,15 @@ from .connection import Connection, confirm
 from .errors import Unavailable
 from .stream import stream_time
 
-#: ``(channel, payload, seq, stamp)``: ``stamp`` is the message's stream time (Unix
-#: seconds, from the republished ``Nats-Time-Stamp`` header) or None.
-MessageHandler = Callable[[str, bytes, int | None, float | None], None]
-#: ``(pattern, channel, payload, seq, stamp)``: a message of a wildcard subscription.
-PatternHandler = Callable[[str, str, bytes, int | None, float | None], None]
+#: a message's NATS headers as nats-py gives them (None: no headers): the hub reads
+#: pushsvc's own (``Pushsvc-User``...: :func:`pushsvc.protocol.publisher_of`)
+Headers = dict[str, str] | None
+#: ``(channel, payload, seq, stamp, headers)``: ``stamp`` is the message's stream
+#: time (Unix seconds, from the republished ``Nats-Time-Stamp`` header) or None.
+MessageHandler = Callable[[str, bytes, int | None, float | None, Headers], None]
+#: ``(pattern, channel, payload, seq, stamp, headers)``: a message of a wildcard
+#: subscription.
+PatternHandler = Callable[[str, str, bytes, int | None, float | None, Headers], None]
 
 
 @dataclass
@@ -45,13 +49,14 @@ class LiveSubscriptions:
 
     Args:
         conn: the node's shared :class:`~pushsvc.bus.connection.Connection`.
-        on_message: called with ``(channel, payload, seq, stamp)`` for every live
-            message of a channel held; must not block (it runs on the NATS
-            subscription's task).
+        on_message: called with ``(channel, payload, seq, stamp, headers)`` for
+            every live message of a channel held; must not block (it runs on the
+            NATS subscription's task).
 
     Attributes:
-        on_pattern_message: called with ``(pattern, channel, payload, seq, stamp)``
-            for every live message of a wildcard subscription; must not block.
+        on_pattern_message: called with ``(pattern, channel, payload, seq, stamp,
+            headers)`` for every live message of a wildcard subscription; must
+            not block.
     """
 
     def __init__(self, conn: Connection, on_message: MessageHandler) -> None:
@@ -155,15 +160,15 @@ class LiveSubscriptions:
                 if headers:
                     seq = headers.get("Nats-Sequence")
                     stamp = stream_time(headers.get("Nats-Time-Stamp"))
-                    on_message(channel, msg.data, int(seq) if seq else None, stamp)
+                    on_message(channel, msg.data, int(seq) if seq else None, stamp, headers)
                 else:
-                    on_message(channel, msg.data, None, None)
+                    on_message(channel, msg.data, None, None, None)
                 drained()
 
         else:
 
             async def cb(msg: Msg) -> None:
-                on_message(channel, msg.data, None, None)
+                on_message(channel, msg.data, None, None, msg.headers)
                 drained()
 
         return cb
@@ -197,12 +202,13 @@ class LiveSubscriptions:
                 drained()
                 return
             seq = stamp = None
-            if history and msg.headers:
-                raw = msg.headers.get("Nats-Sequence")
+            headers = msg.headers
+            if history and headers:
+                raw = headers.get("Nats-Sequence")
                 seq = int(raw) if raw else None
-                stamp = stream_time(msg.headers.get("Nats-Time-Stamp"))
+                stamp = stream_time(headers.get("Nats-Time-Stamp"))
             if self.on_pattern_message is not None:
-                self.on_pattern_message(pattern, channel, msg.data, seq, stamp)
+                self.on_pattern_message(pattern, channel, msg.data, seq, stamp, headers)
             drained()
 
         return cb

@@ -28,7 +28,7 @@ from .events import (
     Subscribed,
     Unsubscribed,
 )
-from .messages import Message, Presence, PresenceStats, PresentClient
+from .messages import Message, Presence, PresenceStats, PresentClient, Publisher
 from .subscription import Subscription
 
 __all__ = [
@@ -47,6 +47,7 @@ __all__ = [
     "Presence",
     "PresenceStats",
     "PresentClient",
+    "Publisher",
     "PushsvcError",
     "ServerError",
     "Stopped",

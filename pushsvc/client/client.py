@@ -39,6 +39,7 @@ The wire contract is docs/protocol.md; the rules are pushsvc.js's:
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 from collections.abc import Callable
 from typing import Any
@@ -47,6 +48,7 @@ import msgspec
 import websockets
 
 from .. import protocol as wire
+from ..channels import grant_matches, is_pattern, pattern_reaches
 from ..serverurl import parse_server_url
 from .connection import Connection, TokenSource
 from .dispatch import json_field
@@ -270,8 +272,14 @@ class Client(Connection):
         if sub is not None:
             await sub.unsubscribe()
 
-    async def publish(self, channel: str, data: Any, *, timeout: float | None = None) -> int | None:
+    async def publish(
+        self, channel: str, data: Any, *, echo: bool = True, timeout: float | None = None
+    ) -> int | None:
         """Publish ``data`` (any JSON-encodable value) to ``channel``; needs a ``publish`` grant.
+
+        With ``echo=False`` this connection does not get the message back (every other
+        subscriber does); its ``seq`` is remembered on this client's subscriptions
+        reaching ``channel``, so a resume after a reconnect does not replay it either.
 
         Returns:
             The stream sequence the message got (None with history off), once NATS has it.
@@ -284,10 +292,45 @@ class Client(Connection):
         """
         raw = msgspec.Raw(_encode(data))
         answer = await self._request(
-            lambda id: wire.Publish(channel, raw, id=id), channel=channel, timeout=timeout
+            lambda id: wire.Publish(channel, raw, id=id, echo=echo),
+            channel=channel,
+            timeout=timeout,
         )
         assert isinstance(answer, wire.Published)
+        if not echo and answer.seq is not None:
+            for key, sub in self._subs.items():
+                if key == channel or (
+                    is_pattern(key)
+                    and grant_matches(key, channel)
+                    and pattern_reaches(key, channel)
+                ):
+                    if sub.last_seq is None or answer.seq > sub.last_seq:
+                        sub.own.add(answer.seq)
         return answer.seq
+
+    async def rpc(self, method: str, data: Any = None, *, timeout: float | None = None) -> Any:
+        """Call ``method`` on a backend over NATS (``<prefix>-rpc.<method>``); needs an
+        ``rpc`` grant covering it (docs/protocol.md, "RPC").
+
+        Returns:
+            The service's reply as decoded JSON (a string for other text; ``bytes``
+            for a binary reply).
+
+        Raises:
+            CommandError: ``forbidden``, ``not_found`` (no service), ``unavailable``
+                (no reply within the server's ``PUSHSVC_RPC_TIMEOUT``), ``too_large``,
+                ``limit_exceeded``, ``rate_limited``, or the service's own code.
+            ConnectionLost: the connection dropped before the answer (maybe called).
+            TimeoutError: no answer within ``timeout`` (default ``request_timeout``) s.
+            TypeError: ``data`` is not JSON-encodable.
+        """
+        raw = msgspec.Raw(_encode(data))
+        answer = await self._request(
+            lambda id: wire.Rpc(method, id=id, data=raw), channel=None, timeout=timeout
+        )
+        assert isinstance(answer, wire.RpcResult)
+        value = msgspec.json.decode(answer.data)
+        return base64.b64decode(value) if answer.encoding == "base64" else value
 
     async def presence(self, channel: str, *, timeout: float | None = None) -> Presence:
         """Who is subscribed to ``channel`` on every node; needs a ``presence`` grant.

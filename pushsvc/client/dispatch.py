@@ -15,7 +15,7 @@ from websockets.asyncio.client import ClientConnection
 from .. import protocol as wire
 from .errors import CommandError
 from .events import Connected, Join, Leave, ServerError, Subscribed, Unsubscribed
-from .messages import Message
+from .messages import Message, Publisher
 from .subscription import Subscription
 
 log = logging.getLogger("pushsvc.client")
@@ -86,8 +86,16 @@ class FrameHandlers:
                 log.debug("pushsvc client: duplicate %s seq %d dropped", key, f.seq)
                 return
             sub.last_seq = f.seq
+            if sub.own:  # our own no-echo publishes: replayed after a reconnect, never live
+                mine = f.seq in sub.own
+                sub.own = {s for s in sub.own if s > f.seq}
+                if mine:
+                    sub.duplicates += 1
+                    return
         data = msgspec.json.decode(f.data)
-        await sub._put(Message(f.channel, data, f.seq, sub.epoch, f.pattern, f.encoding))
+        p = f.publisher
+        publisher = None if p is None else Publisher(p.user, p.client)
+        await sub._put(Message(f.channel, data, f.seq, sub.epoch, f.pattern, f.encoding, publisher))
 
     async def _on_welcome(self, ws: ClientConnection, f: wire.Welcome) -> None:
         interval = f.ping_interval if f.ping_interval > 0 else 25.0

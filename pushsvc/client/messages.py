@@ -13,6 +13,15 @@ from typing import Any
 import msgspec
 
 
+class Publisher(msgspec.Struct, frozen=True, omit_defaults=True):
+    """Who published a message, stamped by the server from the publisher's verified
+    token: ``user`` (its JWT ``sub``) and ``client`` (the publishing connection; None
+    for an emit)."""
+
+    user: str
+    client: str | None = None
+
+
 class Message(msgspec.Struct, frozen=True, omit_defaults=True):
     """One delivery (a ``message`` frame of docs/protocol.md), duplicates already dropped.
 
@@ -25,6 +34,7 @@ class Message(msgspec.Struct, frozen=True, omit_defaults=True):
         epoch: the stream epoch ``seq`` belongs to (None when the server sent none).
         pattern: the wildcard subscription that delivered it, or None.
         encoding: ``"base64"`` or None.
+        publisher: who published it (a client's publish, a JWT emit), or None.
     """
 
     channel: str
@@ -33,6 +43,7 @@ class Message(msgspec.Struct, frozen=True, omit_defaults=True):
     epoch: str | None = None
     pattern: str | None = None
     encoding: str | None = None
+    publisher: Publisher | None = None
 
     @property
     def payload(self) -> bytes:
@@ -46,8 +57,9 @@ class Message(msgspec.Struct, frozen=True, omit_defaults=True):
 
     def to_frame(self) -> dict[str, Any]:
         """The ``message`` frame as the server sent it (``type``, ``channel``, ``data``,
-        then ``seq``, ``encoding``, ``pattern`` when present): what ``pushsvc subscribe``
-        prints. ``epoch`` is the client's bookkeeping, not part of the frame."""
+        then ``seq``, ``encoding``, ``pattern``, ``publisher`` when present): what
+        ``pushsvc subscribe`` prints. ``epoch`` is the client's bookkeeping, not part of
+        the frame."""
         frame: dict[str, Any] = {"type": "message", "channel": self.channel, "data": self.data}
         if self.seq is not None:
             frame["seq"] = self.seq
@@ -55,6 +67,8 @@ class Message(msgspec.Struct, frozen=True, omit_defaults=True):
             frame["encoding"] = self.encoding
         if self.pattern is not None:
             frame["pattern"] = self.pattern
+        if self.publisher is not None:
+            frame["publisher"] = msgspec.to_builtins(self.publisher)
         return frame
 
 

@@ -47,7 +47,11 @@ class Subscription:
         epoch: the stream epoch ``last_seq`` belongs to.
         recovered: the last ``subscribed`` frame's ``recovered`` (None: no position
             was sent; False: messages may be missing, reload derived state).
-        duplicates: messages dropped because their ``seq`` was not above ``last_seq``.
+        duplicates: messages dropped because their ``seq`` was not above ``last_seq``
+            (or was one of :attr:`own`).
+        own: seqs of this client's own ``echo=False`` publishes to the channel not yet
+            passed: a replay after a reconnect (a new client id) would hand them
+            back, so they are dropped as duplicates.
         reason: why it ended (``"unsubscribed"`` by the app, the server's reason,
             or the error's code), None while active.
     """
@@ -69,6 +73,7 @@ class Subscription:
         self.epoch = epoch
         self.recovered: bool | None = None
         self.duplicates = 0
+        self.own: set[int] = set()
         self.reason: str | None = None
         self._unsubscribe = unsubscribe
         self._buffer: deque[Message] = deque()

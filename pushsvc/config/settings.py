@@ -112,6 +112,14 @@ class Settings(msgspec.Struct, kw_only=True):
     auto_subscribe_personal: bool = False  # every session is subscribed to user.<sub>
     wildcard_subscriptions: bool = True  # subscribe accepts patterns (orders.*, orders.>)
 
+    # --- client RPC (NATS request/reply on <prefix>-rpc.<method>) -----------------------
+    rpc_timeout: float = 5.0  # s a service has to reply before the call is `unavailable`
+
+    # --- authorisation callouts (NATS requests; pushsvc.auth.callouts) -------------------
+    connect_auth_subject: str | None = None  # decides connections with a non-JWT credential
+    subscribe_auth_subject: str | None = None  # decides subscriptions the token does not grant
+    auth_callout_timeout: float = 2.0  # s a callout has to answer (then: refused)
+
     # --- server API -----------------------------------------------------------
     api_timeout: float = 2.0  # s a cluster-wide server API request waits for every node
     node_bucket: str = "PUSHSVC_NODES"  # JetStream KV bucket of live nodes (server API)
@@ -239,6 +247,8 @@ class Settings(msgspec.Struct, kw_only=True):
             "workers": self.workers,
             "presence_limit": self.presence_limit,
             "shutdown_timeout": self.shutdown_timeout,
+            "rpc_timeout": self.rpc_timeout,
+            "auth_callout_timeout": self.auth_callout_timeout,
             "api_timeout": self.api_timeout,
             "events_ttl": self.events_ttl,
             "ticket_ttl": self.ticket_ttl,
@@ -307,6 +317,13 @@ class Settings(msgspec.Struct, kw_only=True):
                     validate_grant(pattern)
                 except InvalidChannel as exc:
                     raise SettingsError(ENV_PREFIX + name.upper(), str(exc)) from None
+        for name in ("connect_auth_subject", "subscribe_auth_subject"):
+            subject = getattr(self, name)
+            if subject is not None and not _is_subject(subject):
+                raise SettingsError(
+                    ENV_PREFIX + name.upper(),
+                    f"{subject!r} is not a NATS subject (dot-separated tokens, no wildcards)",
+                )
         if self.base_path and (not self.base_path.startswith("/") or self.base_path.endswith("/")):
             raise SettingsError("PUSHSVC_BASE_PATH", "must start with '/' and not end with '/'")
 
@@ -390,6 +407,13 @@ def check_nats_url(url: str, setting: str) -> str:
 def split_servers(url: str) -> list[str]:
     """A comma-separated NATS URL list (``PUSHSVC_NATS_URL``, ``--nats-url``) as URLs."""
     return [u.strip() for u in url.split(",") if u.strip()]
+
+
+def _is_subject(value: str) -> bool:
+    """A NATS subject one can publish to: non-empty dot-separated tokens, no wildcards
+    or whitespace (NATS docs, "Subject-Based Messaging")."""
+    tokens = value.split(".")
+    return all(t and t not in ("*", ">") and t.isprintable() and " " not in t for t in tokens)
 
 
 def _is_token(value: str) -> bool:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from ..bus import StoredMessage
 from ..channels import is_pattern
-from ..protocol import Message, encode_frame, payload_to_data
+from ..protocol import Message, PublishedBy, encode_frame, payload_to_data, publisher_of
 from .flight import Flight
 from .member import Member
 from .outbox import Outbox, utf8_len
@@ -43,6 +43,10 @@ class ChannelState:
         catchup_since: ``last_seq`` when the connection dropped.
         catchup_seen: the highest seq the node had delivered on any channel when
             the connection dropped: everything of this channel up to it arrived.
+        skip: live sessions the batch holds frames for that they must not get (a
+            message naming them in ``Pushsvc-Exclude-Client``: their own no-echo
+            publish): the indexes of those frames; handed the rest through their
+            own buffer at the flush, as ``late`` sessions are.
     """
 
     __slots__ = (
@@ -58,6 +62,7 @@ class ChannelState:
         "last_seq",
         "late",
         "pending",
+        "skip",
     )
 
     def __init__(self) -> None:
@@ -68,34 +73,57 @@ class ChannelState:
         # live sessions that joined while the batch had frames: the index of the
         # first frame they are owed (they were not subscribed for the ones before)
         self.late: dict[Member, int] = {}
+        self.skip: dict[Member, list[int]] = {}
         self.clients: set[Member] = set()
         self.boxes: tuple[Outbox, ...] | None = None
         self.pending: dict[Member, Seam] = {}
         self.last_seq: int | None = None
-        self.catchup: list[tuple[int | None, str, int]] | None = None
+        # (seq, frame, nbytes, the session not to hand it to or None)
+        self.catchup: list[tuple[int | None, str, int, Member | None]] | None = None
         self.catchup_since: int | None = None
         self.catchup_seen = 0
 
 
 def encode_message(
-    channel: str, payload: bytes, seq: int | None, pattern: str | None = None
+    channel: str,
+    payload: bytes,
+    seq: int | None,
+    pattern: str | None = None,
+    publisher: PublishedBy | None = None,
 ) -> tuple[str, int]:
     """Encode one ``message`` frame: returns ``(text, utf8_byte_length)``.
 
-    ``pattern``: the wildcard subscription delivering it (``channel`` is concrete).
+    ``pattern``: the wildcard subscription delivering it (``channel`` is concrete);
+    ``publisher``: who published it (:func:`~pushsvc.protocol.publisher_of` of its
+    NATS headers), or None.
     """
     data, encoding = payload_to_data(payload)
     raw = encode_frame(
-        Message(channel=channel, data=data, seq=seq, encoding=encoding, pattern=pattern)
+        Message(
+            channel=channel,
+            data=data,
+            seq=seq,
+            encoding=encoding,
+            pattern=pattern,
+            publisher=publisher,
+        )
     )
     return raw.decode(), len(raw)
 
 
 def encode_stored(key: str, stored: StoredMessage) -> tuple[str, int]:
     """Encode a replayed message for the subscription ``key`` (a channel or a pattern)."""
+    publisher = publisher_of(stored.headers)
     if is_pattern(key):
-        return encode_message(stored.channel or key, stored.payload, stored.seq, key)
-    return encode_message(key, stored.payload, stored.seq)
+        return encode_message(stored.channel or key, stored.payload, stored.seq, key, publisher)
+    return encode_message(key, stored.payload, stored.seq, None, publisher)
+
+
+def owed_frames(batch: list[str], start: int, skipped: list[int] | None) -> list[str]:
+    """The frames of ``batch`` a session is owed: from ``start``, less ``skipped`` indexes."""
+    if not skipped:
+        return batch[start:]
+    return [f for i, f in enumerate(batch) if i >= start and i not in skipped]
 
 
 def send_frames(session: Member, frames: list[str]) -> None:

@@ -52,6 +52,7 @@ from .hub import Hub
 from .outbox import Outbox, fan_out
 from .presence import PresenceRegistry
 from .ratelimit import TokenBucket
+from .rpc import Calls
 from .transport import Transport
 
 log = logging.getLogger("pushsvc.client")
@@ -104,6 +105,7 @@ class Client(Outbox):
         "_strikes",
         "auth",
         "bucket",
+        "calls",
         "close_code",
         "close_reason",
         "connected_at",
@@ -154,6 +156,7 @@ class Client(Outbox):
         self._strikes = 0  # command refusals in a row on this connection
         # server-side subs to resume (most connections have none: one shared empty map)
         self._resume = dict(resume_subs) if resume_subs else _NO_RESUME
+        self.calls = Calls()  # rpc calls waiting for their service's reply
 
     # --- outbound (send, send_frame, buffered_bytes: the Outbox's) ------------------------
     @property
@@ -213,6 +216,7 @@ class Client(Outbox):
                 },
             )
         self._cancel_timers()
+        self.calls.cancel()
         self._shut()
         self.hub.remove_client(self)
         self.transport.close(Disconnect.of(code, reason))
@@ -226,6 +230,7 @@ class Client(Outbox):
             )
         self.closed = True
         self._cancel_timers()
+        self.calls.cancel()
         self._shut()
         self.hub.remove_client(self)
 
@@ -287,7 +292,7 @@ class Client(Outbox):
         - binary frames, non-JSON, non-objects, unknown ``op``, wrong field types
           and nesting deeper than msgspec allows get ``error`` ``bad_request``
           and cost one command token, so malformed floods are rate limited too;
-        - ``subscribe``/``unsubscribe``/``publish``/``refresh``/``presence`` (and a
+        - ``subscribe``/``unsubscribe``/``publish``/``refresh``/``presence``/``rpc`` (and a
           repeated ``auth``) cost one token of the user's bucket; refused ones get
           ``rate_limited`` with ``retry_after`` seconds and count as strikes;
         - ``pong`` answering a ping is free; an unsolicited one costs a token;

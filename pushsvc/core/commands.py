@@ -1,4 +1,4 @@
-"""Command handlers: subscribe, unsubscribe, publish, presence, refresh, server-side subs.
+"""Command handlers: subscribe, unsubscribe, publish, presence, refresh, rpc, server-side subs.
 
 Transport-agnostic: a WebSocket frame and a ``POST /sse/commands`` entry reach the
 same handler (:func:`handle`) through :meth:`pushsvc.core.client.Client.handle_text`,
@@ -13,15 +13,18 @@ from typing import Protocol
 from .. import metrics
 from ..auth.tokens import Authenticator, AuthError, Principal
 from ..bus import Unavailable
-from ..channels import InvalidChannel, validate_channel
+from ..channels import InvalidChannel, is_valid_channel, validate_channel
 from ..config.settings import Settings
 from ..protocol import (
     BAD_REQUEST,
+    CLIENT_HEADER,
     CLOSE_UNAUTHORIZED,
+    EXCLUDE_HEADER,
     FORBIDDEN,
     INVALID_CHANNEL,
     LIMIT_EXCEEDED,
     UNAVAILABLE,
+    USER_HEADER,
     Command,
     Frame,
     Presence,
@@ -32,6 +35,7 @@ from ..protocol import (
     Published,
     Refresh,
     Refreshed,
+    Rpc,
     SubResume,
     Subscribe,
     Unsubscribe,
@@ -40,6 +44,8 @@ from ..protocol import (
 )
 from .hub import Hub
 from .presence import PresenceRefused, PresenceRegistry
+from .rpc import Calls
+from .rpc import rpc as rpc_call
 
 
 class Connection(Protocol):
@@ -53,6 +59,7 @@ class Connection(Protocol):
     auth: Authenticator
     settings: Settings
     presence: PresenceRegistry | None
+    calls: Calls
 
     def send(self, frame: str, nbytes: int) -> None: ...
     def send_frame(self, frame: Frame) -> None: ...
@@ -72,9 +79,11 @@ async def handle(conn: Connection, cmd: Command) -> None:
     elif isinstance(cmd, Publish):
         await publish(conn, cmd)
     elif isinstance(cmd, Refresh):
-        refresh(conn, cmd)
+        await refresh(conn, cmd)
     elif isinstance(cmd, Presence | PresenceStats):
         await presence(conn, cmd)
+    elif isinstance(cmd, Rpc):
+        rpc_call(conn, cmd)  # answered by the call's own task (pushsvc.core.rpc)
 
 
 async def subscribe(conn: Connection, cmd: Subscribe) -> None:
@@ -90,7 +99,12 @@ async def subscribe(conn: Connection, cmd: Subscribe) -> None:
     except InvalidChannel as exc:
         conn.refuse(INVALID_CHANNEL, str(exc), cmd.id)
         return
-    if not conn.principal.can_subscribe(channel):
+    try:
+        allowed = await may_read(conn, conn.principal, channel)
+    except AuthError as exc:  # the subscribe callout did not answer
+        conn.refuse(UNAVAILABLE, str(exc), cmd.id)
+        return
+    if not allowed:
         conn.refuse(FORBIDDEN, f"not allowed to subscribe to {channel}", cmd.id)
         return
     if channel in conn.channels:
@@ -107,6 +121,18 @@ async def subscribe(conn: Connection, cmd: Subscribe) -> None:
         await conn.hub.subscribe(conn, channel, cmd.since, cmd.id, cmd.epoch)
     except Unavailable as exc:
         conn.refuse(UNAVAILABLE, str(exc), cmd.id)
+
+
+async def may_read(conn: Connection, principal: Principal, channel: str) -> bool:
+    """``principal`` may subscribe to (or read the presence of) ``channel``: its grants
+    cover it, or the subscribe callout (``PUSHSVC_SUBSCRIBE_AUTH_SUBJECT``) says yes.
+
+    Raises:
+        AuthError: the callout did not answer (``callout_unavailable``).
+    """
+    return principal.can_subscribe(channel) or await conn.auth.may_subscribe(
+        principal, conn.id, channel
+    )
 
 
 async def server_subscribe(conn: Connection, channels: list[str]) -> None:
@@ -160,7 +186,14 @@ def unsubscribe(conn: Connection, cmd: Unsubscribe) -> None:
 
 
 async def publish(conn: Connection, cmd: Publish) -> None:
-    """``publish``: answered ``published`` with the stream seq once NATS has it."""
+    """``publish``: answered ``published`` with the stream seq once NATS has it.
+
+    The NATS message carries ``Pushsvc-User`` (the token's ``sub``) and
+    ``Pushsvc-Client`` (this connection), set here and never taken from the
+    client: delivered frames and history reads show them as ``publisher``. With
+    ``echo: false`` it also carries ``Pushsvc-Exclude-Client`` naming this
+    connection, which the hub does not hand it to (history still holds it).
+    """
     try:
         channel = validate_channel(cmd.channel)
     except InvalidChannel as exc:
@@ -169,8 +202,11 @@ async def publish(conn: Connection, cmd: Publish) -> None:
     if not conn.principal.can_publish(channel):
         conn.refuse(FORBIDDEN, f"not allowed to publish to {channel}", cmd.id)
         return
+    stamp = {USER_HEADER: conn.principal.sub, CLIENT_HEADER: conn.id}
+    if not cmd.echo:
+        stamp[EXCLUDE_HEADER] = conn.id
     try:
-        seq = await conn.hub.publish(channel, bytes(cmd.data))
+        seq = await conn.hub.publish(channel, bytes(cmd.data), headers=stamp)
     except Unavailable as exc:
         conn.refuse(UNAVAILABLE, str(exc), cmd.id)
         return
@@ -192,8 +228,18 @@ async def presence(conn: Connection, cmd: Presence | PresenceStats) -> None:
         return
     stats = isinstance(cmd, PresenceStats)
     limit = 0 if stats else conn.settings.presence_limit
+    reader: Principal | None = conn.principal
+    if isinstance(channel, str) and not conn.principal.can_see_presence(channel):
+        try:  # the subscribe callout may allow it (then read without the grant check)
+            if is_valid_channel(channel) and await conn.auth.may_subscribe(
+                conn.principal, conn.id, channel
+            ):
+                reader = None
+        except AuthError as exc:
+            conn.refuse(UNAVAILABLE, str(exc), cmd.id)
+            return
     try:
-        snap = await conn.presence.read_for(conn.principal, channel, limit)
+        snap = await conn.presence.read_for(reader, channel, limit)
     except PresenceRefused as exc:
         conn.refuse(exc.code, str(exc), cmd.id)
         return
@@ -216,8 +262,9 @@ async def presence(conn: Connection, cmd: Presence | PresenceStats) -> None:
     )
 
 
-def refresh(conn: Connection, cmd: Refresh) -> None:
-    """``refresh``: a new token for the same user; channels it no longer grants are left.
+async def refresh(conn: Connection, cmd: Refresh) -> None:
+    """``refresh``: a new token for the same user; channels it no longer grants (nor
+    the subscribe callout allows) are left.
 
     A bad token, or one for another user, closes with 4001.
     """
@@ -232,7 +279,13 @@ def refresh(conn: Connection, cmd: Refresh) -> None:
         return
     conn.reprincipal(principal)
     for channel in sorted(conn.channels):
-        if not principal.can_subscribe(channel):
+        try:
+            allowed = await may_read(conn, principal, channel)
+        except AuthError:  # the callout is away: keep what it allowed before
+            allowed = True
+        if conn.closed:
+            return
+        if not allowed and channel in conn.channels:
             conn.hub.unsubscribe(conn, channel)
             conn.send_frame(Unsubscribed(channel=channel, reason=FORBIDDEN))
     conn.send_frame(Refreshed(exp=principal.exp, id=cmd.id))

@@ -47,12 +47,21 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from .. import metrics
-from ..bus import Bus, Unavailable
+from ..bus import Bus, Headers, Unavailable
 from ..protocol import (
     CLOSE_UNAUTHORIZED,
+    EXCLUDE_HEADER,
     Subscribed,
+    publisher_of,
 )
-from .channelstate import ChannelState, Seam, encode_message, encode_stored, send_frames
+from .channelstate import (
+    ChannelState,
+    Seam,
+    encode_message,
+    encode_stored,
+    owed_frames,
+    send_frames,
+)
 from .flight import FAN_OUT_SLICE, Flight
 from .member import Member
 from .outbox import fan_out
@@ -94,6 +103,7 @@ class Hub(OutageRecovery):
         self._channels: dict[str, ChannelState] = {}
         self.users: dict[str, set[Member]] = {}
         self.clients: set[Member] = set()
+        self._by_id: dict[str, Member] = {}  # client id -> session (Pushsvc-Exclude-Client)
         self._background: set[asyncio.Task[None]] = set()
         #: membership observers (presence, join/leave): each is called with
         #: ``(session, channel)`` when a session has joined (NATS interest
@@ -112,7 +122,12 @@ class Hub(OutageRecovery):
 
     # --- bus -> hub ------------------------------------------------------------------
     def dispatch(
-        self, channel: str, payload: bytes, seq: int | None, stamp: float | None = None
+        self,
+        channel: str,
+        payload: bytes,
+        seq: int | None,
+        stamp: float | None = None,
+        headers: Headers = None,
     ) -> None:
         """Deliver one NATS message to every local subscriber of ``channel``.
 
@@ -126,8 +141,11 @@ class Hub(OutageRecovery):
                 observed in ``pushsvc_delivery_latency_seconds`` (a write delay
                 comes on top). Frames buffered during a NATS outage are not
                 observed (their delay is the outage).
+            headers: its NATS headers or None: ``Pushsvc-User``/``Pushsvc-Client`` become
+                the frame's ``publisher``; the local session ``Pushsvc-Exclude-Client``
+                names does not get it (every other subscriber does).
         """
-        self.dispatch_pattern(channel, channel, payload, seq, stamp)
+        self.dispatch_pattern(channel, channel, payload, seq, stamp, headers)
 
     def dispatch_pattern(
         self,
@@ -136,6 +154,7 @@ class Hub(OutageRecovery):
         payload: bytes,
         seq: int | None,
         stamp: float | None = None,
+        headers: Headers = None,
     ) -> None:
         """Deliver one NATS message of ``channel`` to the local subscribers of ``pattern``.
 
@@ -147,14 +166,18 @@ class Hub(OutageRecovery):
         state = self._channels.get(pattern)
         if state is None:
             return
+        publisher = skip = None
+        if headers:
+            publisher = publisher_of(headers)
+            skip = self._skip_of(headers)
         frame, nbytes = encode_message(
-            channel, payload, seq, None if pattern == channel else pattern
+            channel, payload, seq, None if pattern == channel else pattern, publisher
         )
         self._received += 1
         if state.catchup is not None:
-            state.catchup.append((seq, frame, nbytes))
+            state.catchup.append((seq, frame, nbytes, skip))
         else:
-            self._deliver(state, seq, frame, nbytes)
+            self._deliver(state, seq, frame, nbytes, skip)
             if stamp is not None:
                 self._latencies.append(time.time() - stamp)
         if self._metrics_handle is None:
@@ -186,11 +209,24 @@ class Hub(OutageRecovery):
         for latency in latencies:
             observe(max(0.0, latency))
 
-    def _deliver(self, state: ChannelState, seq: int | None, frame: str, nbytes: int) -> None:
+    def _skip_of(self, headers: Headers) -> Member | None:
+        """The local session a message's ``Pushsvc-Exclude-Client`` header names, if any."""
+        excluded = headers.get(EXCLUDE_HEADER) if headers else None
+        return self._by_id.get(excluded) if excluded else None
+
+    def _deliver(
+        self,
+        state: ChannelState,
+        seq: int | None,
+        frame: str,
+        nbytes: int,
+        skip: Member | None = None,
+    ) -> None:
         """Add one encoded frame to the live set's batch; hand it to recovering sessions.
 
         Recovering sessions (``pending``) get it through :meth:`Member.send` once
-        past their seam, joining the live set then.
+        past their seam, joining the live set then; never to ``skip`` (its
+        ``Pushsvc-Exclude-Client``).
         """
         if seq is not None and (state.last_seq is None or seq > state.last_seq):
             state.last_seq = seq
@@ -208,6 +244,9 @@ class Hub(OutageRecovery):
             else:
                 batch.append(frame)
                 state.batch_bytes = nbytes
+            if skip is not None and skip in state.clients:
+                state.skip.setdefault(skip, []).append(len(state.batch) - 1)
+                delivered -= 1
             if not state.flush_scheduled:
                 state.flush_scheduled = True
                 self._dirty.append(state)
@@ -215,6 +254,8 @@ class Hub(OutageRecovery):
                     self._schedule_flush()
         if state.pending:
             for session, rec in list(state.pending.items()):
+                if session is skip:
+                    continue
                 if rec.buffer is not None:
                     rec.buffer.append((seq, frame, nbytes))
                 elif seq is None or seq > rec.threshold:
@@ -277,16 +318,19 @@ class Hub(OutageRecovery):
         late = state.late
         if late:
             state.late = {}
+        skip = state.skip
+        if skip:
+            state.skip = {}
         if not batch:
             return
         nbytes = state.batch_bytes
         state.batch = []
         state.batch_bytes = 0
         text = batch[0] if len(batch) == 1 else "\n".join(batch)
-        if late:
-            sessions = tuple(s.outbox for s in state.clients if s not in late)
-            for session, start in late.items():
-                send_frames(session, batch[start:])
+        if late or skip:
+            sessions = tuple(s.outbox for s in state.clients if s not in late and s not in skip)
+            for session in {**late, **skip}:
+                send_frames(session, owed_frames(batch, late.get(session, 0), skip.get(session)))
         else:
             sessions = state.boxes
             if sessions is None:
@@ -336,6 +380,7 @@ class Hub(OutageRecovery):
     def _leave(self, state: ChannelState, session: Member) -> None:
         """Remove ``session`` from the live set, handing it what the batch owes it first."""
         start = state.late.pop(session, 0)
+        skipped = state.skip.pop(session, None)
         member = session in state.clients
         flight = state.flight
         if member and flight is not None:
@@ -343,7 +388,7 @@ class Hub(OutageRecovery):
             if owed is not None and not session.closed:
                 session.send(*owed)
         if state.batch and member and not session.closed:
-            send_frames(session, state.batch[start:])
+            send_frames(session, owed_frames(state.batch, start, skipped))
         state.clients.discard(session)
         state.boxes = None
 
@@ -380,6 +425,7 @@ class Hub(OutageRecovery):
     def add_client(self, session: Member) -> None:
         """Register an authenticated session."""
         self.clients.add(session)
+        self._by_id[session.id] = session
         self.users.setdefault(session.principal.sub, set()).add(session)
         metrics.CONNECTIONS.labels(session.transport.name).inc()
         for connected in self.on_connect:
@@ -390,6 +436,8 @@ class Hub(OutageRecovery):
         if session not in self.clients:
             return
         self.clients.discard(session)
+        if self._by_id.get(session.id) is session:
+            del self._by_id[session.id]
         metrics.CONNECTIONS.labels(session.transport.name).dec()
         users = self.users.get(session.principal.sub)
         if users is not None:
@@ -487,13 +535,20 @@ class Hub(OutageRecovery):
                 metrics.CHANNELS.dec()
         self._spawn(self.bus.release(channel))
 
-    async def publish(self, channel: str, payload: bytes, msg_id: str | None = None) -> int | None:
-        """Publish through the bus; returns the stream seq (None with history off).
+    async def publish(
+        self,
+        channel: str,
+        payload: bytes,
+        msg_id: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> int | None:
+        """Publish through the bus (with NATS ``headers``: the publisher's stamp);
+        returns the stream seq (None with history off).
 
         Raises:
             Unavailable: NATS did not take it.
         """
-        return await self.bus.publish(channel, payload, msg_id)
+        return await self.bus.publish(channel, payload, msg_id, headers)
 
     def broadcast(self, channel: str, frame: str, nbytes: int) -> None:
         """Hand one encoded non-message frame (join/leave) to ``channel``'s local sessions.

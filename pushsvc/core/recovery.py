@@ -19,9 +19,10 @@ from collections.abc import Coroutine
 from typing import Any
 
 from .. import metrics
-from ..bus import Bus, StoredMessage, Unavailable
+from ..bus import Bus, Headers, StoredMessage, Unavailable
 from ..protocol import CLOSE_SERVICE_RESTART
 from .channelstate import ChannelState, encode_stored
+from .member import Member
 
 log = logging.getLogger("pushsvc.core.hub")
 
@@ -34,7 +35,17 @@ class OutageRecovery:
     bus: Bus
     _channels: dict[str, ChannelState]
 
-    def _deliver(self, state: ChannelState, seq: int | None, frame: str, nbytes: int) -> None:
+    def _deliver(
+        self,
+        state: ChannelState,
+        seq: int | None,
+        frame: str,
+        nbytes: int,
+        skip: Member | None = None,
+    ) -> None:
+        raise NotImplementedError
+
+    def _skip_of(self, headers: Headers) -> Member | None:
         raise NotImplementedError
 
     def close_all(self, code: int, reason: str) -> None:
@@ -146,11 +157,12 @@ class OutageRecovery:
         buffered, state.catchup = state.catchup, None
         threshold = since or 0
         for stored in replay:
-            self._deliver(state, stored.seq, *encode_stored(channel, stored))
+            frame, nbytes = encode_stored(channel, stored)
+            self._deliver(state, stored.seq, frame, nbytes, self._skip_of(stored.headers))
             threshold = stored.seq
-        for seq, frame, nbytes in buffered:
+        for seq, frame, nbytes, skip in buffered:
             if since is None or seq is None or seq > threshold:
-                self._deliver(state, seq, frame, nbytes)
+                self._deliver(state, seq, frame, nbytes, skip)
         metrics.REPLAYED.inc(len(replay))
         if replay:
             log.info("caught up %s: %d message(s) missed during the outage", channel, len(replay))

@@ -31,6 +31,7 @@ import msgspec
 from starlette.datastructures import Headers, QueryParams
 
 from .. import metrics
+from ..auth.callouts import CalloutUnavailable
 from ..auth.credentials import handshake_token
 from ..auth.tokens import Authenticator, AuthError, Principal
 from ..bus import Unavailable
@@ -236,12 +237,21 @@ class StreamEndpoint:
         if not token:
             metrics.AUTH_FAILURES.labels("missing").inc()
             raise _Refused(401, "unauthorized", "no token or ticket")
+        client = scope.get("client")
+        context = {
+            "transport": self.kind,
+            "origin": headers.get("origin"),
+            "remote": client[0] if client else None,
+        }
         try:
-            principal = self.auth.verify(token)
+            principal = await self.auth.authenticate(token, context)
+        except CalloutUnavailable as exc:  # the app's authorisation service is away
+            metrics.AUTH_FAILURES.labels(exc.reason).inc()
+            raise _Refused(503, "unavailable", str(exc), 5) from None
         except AuthError as exc:
             metrics.AUTH_FAILURES.labels(exc.reason).inc()
             raise _Refused(401, "unauthorized", str(exc)) from None
-        channels = self._channels(principal, channels)
+        channels = await self._channels(principal, channels)
         position = None
         if last_id:
             try:
@@ -250,8 +260,9 @@ class StreamEndpoint:
                 raise _Refused(400, "bad_request", f"last event id: {exc}") from None
         return principal, channels, position
 
-    def _channels(self, principal: Principal, names: list[str]) -> list[str]:
-        """Validate the stream's channels (grammar, wildcards, grants, the cap)."""
+    async def _channels(self, principal: Principal, names: list[str]) -> list[str]:
+        """Validate the stream's channels (grammar, wildcards, grants or the subscribe
+        callout, the cap)."""
         limit = self.settings.max_subscriptions
         if not 1 <= len(names) <= limit:
             raise _Refused(400, "bad_request", f"give 1 to {limit} channels")
@@ -267,7 +278,12 @@ class StreamEndpoint:
             except InvalidChannel as exc:
                 raise _Refused(400, "invalid_channel", str(exc)) from None
             if not principal.can_subscribe(channel):
-                raise _Refused(403, "forbidden", f"not allowed to subscribe to {channel}")
+                try:
+                    allowed = await self.auth.may_subscribe(principal, None, channel)
+                except AuthError as exc:
+                    raise _Refused(503, "unavailable", str(exc), 5) from None
+                if not allowed:
+                    raise _Refused(403, "forbidden", f"not allowed to subscribe to {channel}")
             out.append(channel)
         return list(dict.fromkeys(out))
 

@@ -4,9 +4,11 @@
  *
  * Chat: room R is channel chat.R. Joining subscribes with since: 0 (the history the stream still
  * holds, then live); a message is published with op "publish" as data {user, text, ts} where user
- * is the `sub` of the connection's token (from `welcome`) and ts the sender's clock in ms. pushsvc
- * does not stamp publishers, so the name is what the sender claims; messages without these
- * fields (e.g. `nats pub push.chat.room1 ...`) are shown as they are.
+ * is the `sub` of the connection's token (from `welcome`) and ts the sender's clock in ms. The name
+ * shown is the one pushsvc stamps on the message (`publisher.user`, the sender's verified token
+ * `sub`; the handler's ctx.publisher) whatever data.user claims; only a message without a stamp
+ * (an API-key emit, `nats pub push.chat.room1 ...`, or a client library that does not pass
+ * `publisher` on) falls back to data.user, marked as not verified in its tooltip.
  * Who is here: for the shown room, the users present (client.presence() when the room is
  * joined, then the "join"/"leave" events; `pushsvc serve --dev` turns both on for chat.>). Events
  * arriving while the presence answer is on its way are applied after it, in order.
@@ -216,15 +218,17 @@
     addItem(room, li);
   }
 
-  /** {who, text, ts, sent}: what a chat message says, whatever its publisher sent. */
+  /** {who, verified, text, ts}: what a chat message says; who is the server's stamp when it has one. */
   function describe(data, ctx) {
-    var m = { who: null, text: null, ts: null };
+    var m = { who: null, verified: false, text: null, ts: null };
     if (ctx.encoding === "base64") m.text = "[binary data, base64: " + data.length + " chars]";
     else if (data && typeof data === "object" && !Array.isArray(data)) {
       if (typeof data.user === "string") m.who = data.user;
       if (typeof data.ts === "number" && isFinite(data.ts)) m.ts = data.ts;
       m.text = typeof data.text === "string" ? data.text : JSON.stringify(data);
     } else m.text = typeof data === "string" ? data : JSON.stringify(data);
+    var publisher = ctx.publisher; // {user, client?}: stamped by pushsvc from the sender's token
+    if (publisher && typeof publisher.user === "string") { m.who = publisher.user; m.verified = true; }
     return m;
   }
 
@@ -236,6 +240,7 @@
     if (ctx.seq !== null) { li.dataset.seq = ctx.seq; room.lastSeq = ctx.seq; room.epoch = ctx.epoch || null; }
     meta.className = "meta"; who.className = "who"; text.className = "text";
     who.textContent = m.who !== null ? m.who : "(no name)";
+    who.title = m.verified ? "sender verified by pushsvc (publisher.user)" : "name claimed by the message (not verified)";
     var at = m.ts !== null ? m.ts : Date.now();
     time.dateTime = new Date(at).toISOString();
     time.textContent = clock(at);

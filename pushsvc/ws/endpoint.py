@@ -23,6 +23,7 @@ from typing import Any
 from starlette.datastructures import Headers
 
 from .. import metrics
+from ..auth.callouts import CalloutUnavailable
 from ..auth.credentials import handshake_token
 from ..auth.tokens import Authenticator, AuthError, Principal
 from ..config.settings import Settings
@@ -96,7 +97,13 @@ class WebSocketEndpoint:
         principal: Principal | None = None
         if token is not None:
             try:
-                principal = self.auth.verify(token)
+                principal = await self.auth.authenticate(
+                    token, _context(scope, Headers(scope=scope))
+                )
+            except CalloutUnavailable as exc:  # the app's authorisation service is away
+                _auth_failed(exc, scope, "handshake")
+                await _deny(scope, receive, send, Refusal(503, str(exc), "unavailable", 5))
+                return
             except AuthError as exc:
                 _auth_failed(exc, scope, "handshake")
                 await _deny(scope, receive, send, Refusal(403, str(exc), "unauthorized"))
@@ -164,7 +171,9 @@ class WebSocketEndpoint:
             await _close(send, CLOSE_UNAUTHORIZED, "expected an auth frame")
             return None
         try:
-            principal = self.auth.verify(cmd.token)
+            principal = await self.auth.authenticate(
+                cmd.token, _context(scope, Headers(scope=scope))
+            )
         except AuthError as exc:
             _auth_failed(exc, scope, "auth frame")
             await _close(send, CLOSE_UNAUTHORIZED, str(exc))
@@ -212,6 +221,16 @@ async def _run(
         if pongs:
             transport.take_pongs(None)
         client.gone()
+
+
+def _context(scope: dict[str, Any], headers: Headers) -> dict[str, str | None]:
+    """What the connect callout is told about a WebSocket connection."""
+    client = scope.get("client")
+    return {
+        "transport": "ws",
+        "origin": headers.get("origin"),
+        "remote": client[0] if client else None,
+    }
 
 
 def _auth_failed(exc: AuthError, scope: dict[str, Any], where: str) -> None:
