@@ -77,10 +77,13 @@ async def test_client_api_presence_join_leave_wildcards_server_subs(
             const a = new PushsvcClient({ token: alice });
             a.on("join", (e) => window.events.push(["join", e.user, e.info || null]));
             a.on("leave", (e) => window.events.push(["leave", e.user]));
-            a.subscribe(channel, () => {});
+            const joined = a.subscribe(channel, () => {});
             a.subscribe(tag + ".*", (data, ctx) =>
                 window.wild.push([ctx.channel, ctx.pattern, data]));
             a.connect();
+            // alice must be subscribed before bob joins, or bob's join reaches nobody but bob
+            // (join/leave events are not replayed to later subscribers)
+            await joined.ready;
             const b = new PushsvcClient({ token: bob });
             b.on("connected", (w) => { window.bobSubs = w.subs; });
             b.on("message", (m) => window.bobGot.push([m.channel, m.data, m.seq]));
