@@ -11,7 +11,10 @@ import type {
   PresenceFrame,
   PresenceStatsFrame,
   PublishedFrame,
+  PublishOptions,
+  Publisher,
   PushsvcOptions,
+  RpcResultFrame,
   RefreshedFrame,
   SubscribedFrame,
   SubscribeOptions,
@@ -92,6 +95,7 @@ export class PushsvcClient extends Emitter<ClientEvents> {
   private _stopped = true; // connect() not called yet, close() called, or a terminal close code
   private _hbTimeout: number;
   private _serverSubs = new Map<string, Position>(); // server-side subscription -> position
+  private _own = new Set<string>(); // "<channel>:<seq>" of this client's no-echo publishes
   private _urlChannels = new Set<string>(); // channels the current HTTP stream resumes by its event id
   private _noResume = false; // the last HTTP stream opened with resumed channels was refused
   private _onOnline = () => {
@@ -220,9 +224,36 @@ export class PushsvcClient extends Emitter<ClientEvents> {
     return this._removeSubscription(e, null, true);
   }
 
-  /** Resolves with the `published` frame {id, seq?}; rejects with PushsvcError (not_connected if not connected). */
-  publish(channel: string, data?: unknown): Promise<PublishedFrame> {
-    return this._request({ op: "publish", channel, data: data === undefined ? null : data });
+  /**
+   * Resolves with the `published` frame {id, seq?}; rejects with PushsvcError (not_connected if not connected).
+   * `{echo: false}`: every other subscriber gets it, this connection does not (nor from a later replay).
+   */
+  publish(channel: string, data?: unknown, options?: PublishOptions): Promise<PublishedFrame> {
+    const cmd: { op: string; channel: string; [k: string]: unknown } = { op: "publish", channel, data: data === undefined ? null : data };
+    if (options && options.echo === false) cmd.echo = false;
+    const p = this._request<PublishedFrame>(cmd);
+    if (cmd.echo === false) {
+      p.then((f) => {
+        if (typeof f.seq === "number") this._noteOwn(channel + ":" + f.seq);
+      }, () => {});
+    }
+    return p;
+  }
+
+  /**
+   * Call a backend method over NATS (`<prefix>-rpc.<method>`, needs an `rpc` grant). Resolves with the
+   * responder's data; rejects with PushsvcError (forbidden, not_found, unavailable, too_large, or the
+   * responder's own code).
+   */
+  rpc<T = unknown>(method: string, data?: unknown): Promise<T> {
+    return this._request<RpcResultFrame>({ op: "rpc", method, data: data === undefined ? null : data }).then(
+      (f) => f.data as T,
+    );
+  }
+
+  private _noteOwn(key: string): void {
+    this._own.add(key);
+    if (this._own.size > 1000) this._own.delete(this._own.values().next().value as string);
   }
 
   /** Who is subscribed to a channel, on every node (needs a `presence` grant). */
@@ -528,6 +559,12 @@ export class PushsvcClient extends Emitter<ClientEvents> {
           // a server-side subscription
           PushsvcClient._settlePosition(pos, sf);
           this._emit("subscribed", sf);
+        } else if (!p) {
+          // subscribed by the server API: delivered through on("message") like the token's subs
+          pos = { lastSeq: null, epoch: null };
+          PushsvcClient._settlePosition(pos, sf);
+          this._serverSubs.set(sf.channel, pos);
+          this._emit("subscribed", sf);
         }
         break;
       }
@@ -585,6 +622,7 @@ export class PushsvcClient extends Emitter<ClientEvents> {
     const key = pattern !== null ? pattern : channel; // the subscription it came through
     const e = this._channels.get(key);
     const seq = typeof f.seq === "number" ? f.seq : null;
+    if (seq !== null && this._own.size && this._own.has(channel + ":" + seq)) return; // our no-echo publish
     const pos: Position | null = e || this._serverSubs.get(key) || null; // a server-side subscription may have no handlers
     if (pos && seq !== null) {
       if (pos.lastSeq !== null && seq <= pos.lastSeq) {
@@ -593,7 +631,8 @@ export class PushsvcClient extends Emitter<ClientEvents> {
       }
       pos.lastSeq = seq;
     }
-    const ctx: MessageContext = { channel, seq, encoding: (f.encoding as string) || null, epoch: pos ? pos.epoch : null, pattern };
+    const publisher = (f.publisher as Publisher | undefined) || null;
+    const ctx: MessageContext = { channel, seq, encoding: (f.encoding as string) || null, epoch: pos ? pos.epoch : null, pattern, publisher };
     if (e) {
       for (const s of Array.from(e.subs)) {
         try {
@@ -603,7 +642,7 @@ export class PushsvcClient extends Emitter<ClientEvents> {
         }
       }
     }
-    this._emit("message", { channel, data: f.data, seq, encoding: ctx.encoding, epoch: ctx.epoch, pattern });
+    this._emit("message", { channel, data: f.data, seq, encoding: ctx.encoding, epoch: ctx.epoch, pattern, publisher });
   }
 
   private _scheduleRefresh(exp: unknown, delay?: number): void {
@@ -675,7 +714,8 @@ export class PushsvcClient extends Emitter<ClientEvents> {
     const attempt = this._attempt++;
     const backoff = () => Math.random() * Math.min(BACKOFF_MAX, BACKOFF_BASE * Math.pow(BACKOFF_FACTOR, attempt)) * 1000;
     let delay: number | null;
-    if (code === 4003) delay = null;
+    // 4011 (disconnected by the server) and an app's 4500-4999 stop; 4012 and 4100-4499 reconnect
+    if (code === 4003 || code === 4011 || (code >= 4500 && code <= 4999)) delay = null;
     else if (code === 4001) {
       if (this.getToken) {
         this.token = null;

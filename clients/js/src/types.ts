@@ -123,6 +123,29 @@ export interface MessageContext {
   epoch: string | null;
   /** The wildcard subscription that delivered it, or null. */
   pattern: string | null;
+  /** Who published it, stamped by the server (a client's publish, a JWT emit), or null. */
+  publisher: Publisher | null;
+}
+
+/** The sender of a message, as the server stamped it (never what a client claims). */
+export interface Publisher {
+  user: string;
+  client?: string;
+}
+
+/** Options of publish(). */
+export interface PublishOptions {
+  /** false: not delivered back to this connection (default true). */
+  echo?: boolean;
+}
+
+/** Answer to rpc(): the responder's data. */
+export interface RpcResultFrame {
+  type: "rpc_result";
+  id?: number | string;
+  data: unknown;
+  encoding?: string;
+  [extra: string]: unknown;
 }
 
 /** The `message` event: every delivered (non-duplicate) message. */

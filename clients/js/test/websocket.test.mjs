@@ -3,7 +3,7 @@ import assert from "node:assert/strict";
 import { after, before, describe, test } from "node:test";
 import WebSocket from "ws";
 import { PushsvcClient, PushsvcError, Subscription, UnauthorizedError } from "../dist/index.mjs";
-import { channel, next, startServer, until } from "./server.mjs";
+import { API_KEY, channel, next, startServer, until } from "./server.mjs";
 
 let srv;
 const clients = [];
@@ -70,13 +70,14 @@ describe("websocket", () => {
     await until(() => got.length === 1);
     const [data, ctx] = got[0];
     assert.deepEqual(data, { n: 1 });
-    assert.deepEqual(ctx, { channel: ch, seq: pub.seq, encoding: null, epoch: c.welcome.epoch, pattern: null });
+    const publisher = { user: "bob", client: c.welcome.client }; // stamped by the server
+    assert.deepEqual(ctx, { channel: ch, seq: pub.seq, encoding: null, epoch: c.welcome.epoch, pattern: null, publisher });
 
     const messages = [];
     const off = c.on("message", (m) => messages.push(m));
     const second = await c.publish(ch, "two");
     await until(() => messages.length === 1);
-    assert.deepEqual(messages[0], { channel: ch, data: "two", seq: second.seq, encoding: null, epoch: c.welcome.epoch, pattern: null });
+    assert.deepEqual(messages[0], { channel: ch, data: "two", seq: second.seq, encoding: null, epoch: c.welcome.epoch, pattern: null, publisher });
     off();
     await c.publish(ch, "three");
     await until(() => got.length === 3);
@@ -89,6 +90,61 @@ describe("websocket", () => {
     assert.equal(sub.active, false);
     assert.deepEqual(subStates, ["subscribed", "unsubscribed"]);
     assert.equal(await sub.unsubscribe(), null); // twice: nothing sent
+  });
+
+  test("publish without echo, rpc errors, server API subscribe and disconnect codes", async () => {
+    const ch = channel();
+    const token = await srv.token("dora");
+    const a = client({ token });
+    const b = client({ token }); // the same user's other tab
+    const gotA = [], gotB = [];
+    a.subscribe(ch, (d) => gotA.push(d));
+    const subB = b.subscribe(ch, (d, ctx) => gotB.push([d, ctx.publisher]));
+    a.connect();
+    b.connect();
+    await subB.ready;
+    await until(() => a.state === "connected");
+    const quiet = await a.publish(ch, "quiet", { echo: false });
+    await a.publish(ch, "loud");
+    await until(() => gotB.length === 2 && gotA.length === 1);
+    assert.deepEqual(gotA, ["loud"]); // its own no-echo message never came back
+    assert.deepEqual(gotB.map(([d]) => d), ["quiet", "loud"]);
+    assert.equal(gotB[0][1].user, "dora");
+    assert.equal(typeof quiet.seq, "number");
+
+    // no service answers this method: not_found (the op goes to NATS, `<prefix>-rpc.<method>`)
+    await assert.rejects(a.rpc("nobody.here", { x: 1 }), (e) => e instanceof PushsvcError && ["not_found", "forbidden"].includes(e.code));
+
+    // the server API subscribes b to a channel it never asked for: delivered through on("message")
+    const other = channel();
+    const msgs = [];
+    b.on("message", (m) => m.channel === other && msgs.push(m.data));
+    const api = (op, body) =>
+      fetch(`${srv.base}/api/${op}`, {
+        method: "POST",
+        headers: { Authorization: `Bearer ${API_KEY}`, "Content-Type": "application/json" },
+        body: JSON.stringify(body),
+      }).then((r) => r.json());
+    const subscribed = next(b, "subscribed");
+    assert.equal((await api("subscribe", { client: b.welcome.client, channel: other })).subscribed, 1);
+    assert.equal((await subscribed).channel, other);
+    await srv.emit(other, { via: "api" });
+    await until(() => msgs.length === 1);
+    assert.deepEqual(msgs, [{ via: "api" }]);
+
+    // 4012: reconnect; 4011: stop
+    const closed = next(b, "disconnected");
+    await api("disconnect", { client: b.welcome.client, reconnect: true });
+    const d = await closed;
+    assert.equal(d.code, 4012);
+    assert.equal(d.willReconnect, true);
+    await until(() => b.state === "connected");
+    const stopped = next(b, "disconnected");
+    await api("disconnect", { client: b.welcome.client });
+    const s = await stopped;
+    assert.equal(s.code, 4011);
+    assert.equal(s.willReconnect, false);
+    assert.equal(b.state, "disconnected");
   });
 
   test("two handlers on one channel; client.unsubscribe drops both", async () => {
