@@ -2,27 +2,9 @@
 
 Every place pushsvc talks to NATS (``serve``'s :class:`~pushsvc.bus.Bus`,
 ``pushsvc publish``, ``pushsvc bench``, :class:`~pushsvc.publisher.Publisher`)
-connects through :func:`connect` with a :class:`NatsSecurity`, which turns the
-``PUSHSVC_NATS_*`` settings (or the matching command-line flags, see
-:func:`add_arguments`) into nats-py ``connect()`` keyword arguments:
-
-============================  ======================  ===================================
-setting                       flag                    nats-py ``connect()`` argument
-============================  ======================  ===================================
-``PUSHSVC_NATS_CREDS``        ``--nats-creds``        ``user_credentials`` (.creds file)
-``PUSHSVC_NATS_NKEY``         ``--nats-nkey``         ``nkeys_seed`` (NKey seed file)
-``PUSHSVC_NATS_USER``         ``--nats-user``         ``user``
-``PUSHSVC_NATS_PASSWORD``     ``--nats-password``     ``password``
-``PUSHSVC_NATS_TOKEN``        ``--nats-token``        ``token``
-``PUSHSVC_NATS_TLS_CA``       ``--nats-tls-ca``       ``tls`` (``ssl.SSLContext`` trusting it)
-``PUSHSVC_NATS_TLS_CERT``     ``--nats-tls-cert``     ``tls`` (client certificate, mutual TLS)
-``PUSHSVC_NATS_TLS_KEY``      ``--nats-tls-key``      ``tls`` (its private key)
-============================  ======================  ===================================
-
-The authentication methods are those of the NATS docs ("Securing NATS":
-token, username/password, NKeys, decentralized JWT with ``.creds`` files, TLS
-client certificates). At most one of creds, nkey, user/password, token and
-credentials inside the URL may be used.
+connects through :func:`connect` with a :class:`~pushsvc.config.nats.NatsSecurity`
+(the ``PUSHSVC_NATS_*`` settings as nats-py ``connect()`` arguments: the table is
+in :mod:`pushsvc.config.nats`).
 
 nats-py retries a failing first connect while ``allow_reconnect`` is on and only
 reports each failure to ``error_cb``; :func:`connect` watches those reports and
