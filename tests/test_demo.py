@@ -290,3 +290,30 @@ async def test_who_is_here_follows_presence_and_join_leave(start_server, browser
     await late.close()  # the socket goes away: leave
     await members_are(wide, [alice])
     assert not problems.seen
+
+
+@browser_only
+async def test_chat_over_sse_and_websocket_together(start_server, browser):
+    """The demo's transport choice: a page over SSE and one over WebSocket chat in one
+    room; the sender shown is the one the server stamped."""
+    srv = await start_server(dev=True)
+    problems = Problems()
+    room = f"r{uuid.uuid4().hex[:8]}"
+    ws_page = await open_chat(browser, srv, problems)
+    sse_page = await open_chat(browser, srv, problems)
+    await sse_page.select_option("#transport", "sse")
+    await sse_page.click("#connect")
+    await sse_page.wait_for_function(CONNECTED, timeout=10000)
+    assert await sse_page.evaluate("window.pushsvcDemoClient.transport") == "sse"
+    sse_user = await sse_page.input_value("#user")
+    await join(ws_page, room)
+    await join(sse_page, room)
+    await say(sse_page, "sent over SSE")
+    await wait_for_text(ws_page, "sent over SSE")
+    await say(ws_page, "sent over WebSocket")
+    await wait_for_text(sse_page, "sent over WebSocket")
+    seen = await messages(sse_page)
+    assert [m["text"] for m in seen] == ["sent over SSE", "sent over WebSocket"]
+    assert seen[0]["who"] == sse_user
+    assert await messages(ws_page) == seen
+    assert not problems.seen

@@ -388,7 +388,8 @@
     save("name", name);
     pasted = !!token; wasConnected = false; me = pasted ? null : name;
     note("");
-    var options = { url: wsUrl.href, WebSocket: TappedWebSocket, debug: /[?&]debug\b/.test(location.search) };
+    var options = { url: wsUrl.href, WebSocket: TappedWebSocket, debug: /[?&]debug\b/.test(location.search),
+                    transports: [$("transport").value] };
     if (pasted) options.token = token; // used as it is: a refusal (4001) stops the client
     else options.getToken = function () { return devToken(name); };
     client = new PushsvcClient(options);
