@@ -189,9 +189,9 @@ async def test_rpc_calls_in_flight_are_capped_and_end_with_the_connection(start_
 
 
 def docs_service() -> str:
-    """The nats-py service of docs/operations.md ("A service in Python"), as written."""
-    text = (Path(__file__).resolve().parent.parent / "docs" / "operations.md").read_text()
-    section = text.split("### A service in Python (nats-py)\n", 1)[1]
+    """The nats-py service of docs/backend/rpc.md ("A service in Python"), as written."""
+    text = (Path(__file__).resolve().parent.parent / "docs" / "backend" / "rpc.md").read_text()
+    section = text.split("## A service in Python (nats-py)\n", 1)[1]
     return re.search(r"^```python\n(.*?)^```$", section, flags=re.S | re.M).group(1)
 
 
