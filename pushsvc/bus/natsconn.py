@@ -23,12 +23,11 @@ import contextlib
 import ssl
 from collections.abc import Awaitable, Callable
 from typing import Any
-from urllib.parse import urlsplit
 
 import nats.errors
 from nats.aio.client import Client as NatsClient
 
-from ..config.nats import OPTIONS, NatsRefused, NatsSecurity, NatsUnreachable, display_url
+from ..config.nats import NatsRefused, NatsSecurity, NatsUnreachable, display_url
 
 
 def refusal_reason(exc: BaseException) -> str | None:
@@ -186,26 +185,3 @@ def _current_url(nc: NatsClient, urls: list[str]) -> str:
     if uri is not None:
         return display_url(uri.geturl())
     return ", ".join(display_url(u) for u in urls)
-
-
-def _var(name: str) -> str:
-    return OPTIONS[name][0]
-
-
-def _has_userinfo(url: str) -> bool:
-    parts = urlsplit(url if "://" in url else "nats://" + url)
-    return bool(parts.username or parts.password)
-
-
-def _is_user_seed(text: str) -> bool:
-    """True when ``text`` is one NKey user seed (nats-py reads the whole file as the seed)."""
-    import nkeys
-
-    seed = text.strip()
-    if not seed.startswith("SU"):
-        return False
-    try:
-        nkeys.from_seed(bytearray(seed.encode()))
-    except Exception:
-        return False
-    return True
