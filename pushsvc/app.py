@@ -44,6 +44,7 @@ from .bus.tickets import Tickets
 from .config.nats import NatsRefused, NatsSecurity
 from .config.settings import Settings, default_node_name
 from .core.admission import Admission
+from .core.client import ClientFactory
 from .core.hub import Hub
 from .core.joinleave import JoinLeave
 from .core.presence import PresenceRegistry
@@ -127,29 +128,18 @@ class Node:
         #: this process's open-file budget (connections it can hold; pushsvc.server.capacity)
         self.fds = fd_budget()
         self.admission = Admission(settings, self.hub, self.accepting, self.fds.full)
-        self.endpoint = WebSocketEndpoint(
-            settings,
-            self.hub,
-            self.auth,
-            self.command_buckets,
-            self.admission,
-            presence=self.presence,
+        #: what every transport's endpoint makes its clients with
+        self.clients = ClientFactory(
+            settings, self.hub, self.auth, self.command_buckets, self.presence
         )
+        self.endpoint = WebSocketEndpoint(self.clients, self.admission)
         self._wire_backends(settings)
         # SSE and HTTP-streaming: stream sessions reached by POST /sse/commands on any node
         self.stream_sessions = StreamSessions(self.hub.node_id)
         self.tickets = Tickets(self.bus.kv, settings.ticket_ttl)
         self.stream_endpoints = {
             kind: StreamEndpoint(
-                kind,
-                settings,
-                self.hub,
-                self.auth,
-                self.command_buckets,
-                self.admission,
-                self.stream_sessions,
-                self.tickets,
-                presence=self.presence,
+                kind, self.clients, self.admission, self.stream_sessions, self.tickets
             )
             for kind in ("sse", "stream")
         }

@@ -51,7 +51,7 @@ from .deadlines import deadlines
 from .hub import Hub
 from .outbox import Outbox, fan_out
 from .presence import PresenceRegistry
-from .ratelimit import TokenBucket
+from .ratelimit import BucketRegistry, TokenBucket
 from .rpc import Calls
 from .transport import Transport
 
@@ -390,3 +390,49 @@ class Client(Outbox):
 
     async def _server_subscribe(self, channels: list[str]) -> None:
         await commands.server_subscribe(self, channels)
+
+
+class ClientFactory:
+    """Makes a :class:`Client` for any transport's endpoint: the node's parts every client holds.
+
+    Args:
+        settings / hub / auth / buckets / presence: as for :class:`Client` (``buckets``
+            gives each user's command token bucket).
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        hub: Hub,
+        auth: Authenticator,
+        buckets: BucketRegistry,
+        presence: PresenceRegistry | None = None,
+    ) -> None:
+        self.settings = settings
+        self.hub = hub
+        self.auth = auth
+        self.buckets = buckets
+        self.presence = presence
+
+    def make(
+        self,
+        transport: Transport,
+        principal: Principal,
+        *,
+        resume_subs: Mapping[str, SubResume] | None = None,
+        channels: list[str] | None = None,
+        session: str | None = None,
+    ) -> Client:
+        """A client of ``principal`` over ``transport`` (see :class:`Client` for the rest)."""
+        return Client(
+            transport,
+            principal,
+            self.hub,
+            self.auth,
+            self.buckets.get(principal.sub),
+            self.settings,
+            resume_subs=resume_subs,
+            presence=self.presence,
+            channels=channels,
+            session=session,
+        )

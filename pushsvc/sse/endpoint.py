@@ -33,16 +33,12 @@ from starlette.datastructures import Headers, QueryParams
 from .. import metrics
 from ..auth.callouts import CalloutUnavailable
 from ..auth.credentials import handshake_token
-from ..auth.tokens import Authenticator, AuthError, Principal
+from ..auth.tokens import AuthError, Principal
 from ..bus import Unavailable
 from ..bus.tickets import Tickets
 from ..channels import InvalidChannel, is_pattern, validate_channel, validate_pattern
-from ..config.settings import Settings
 from ..core.admission import USER_LIMIT, Admission, Refusal
-from ..core.client import Client
-from ..core.hub import Hub
-from ..core.presence import PresenceRegistry
-from ..core.ratelimit import BucketRegistry
+from ..core.client import ClientFactory
 from ..protocol import CLOSE_SERVICE_RESTART, MAX_EPOCH_LENGTH, SubResume, position_error
 from .sessions import StreamSessions
 from .transport import Framing, StreamTransport
@@ -89,8 +85,7 @@ class StreamEndpoint:
 
     Args:
         kind: ``"sse"`` or ``"stream"``.
-        settings / hub / auth / buckets / admission / presence: as for
-            :class:`~pushsvc.ws.endpoint.WebSocketEndpoint`.
+        clients / admission: as for :class:`~pushsvc.ws.endpoint.WebSocketEndpoint`.
         sessions: the node's stream sessions (``POST /sse/commands`` finds them).
         tickets: the cluster's single-use tickets.
     """
@@ -98,24 +93,19 @@ class StreamEndpoint:
     def __init__(
         self,
         kind: str,
-        settings: Settings,
-        hub: Hub,
-        auth: Authenticator,
-        buckets: BucketRegistry,
+        clients: ClientFactory,
         admission: Admission,
         sessions: StreamSessions,
         tickets: Tickets,
-        presence: PresenceRegistry | None = None,
     ) -> None:
         self.kind = kind
-        self.settings = settings
-        self.hub = hub
-        self.auth = auth
-        self.buckets = buckets
+        self.clients = clients
+        self.settings = clients.settings
+        self.auth = clients.auth
         self.admission = admission
         self.sessions = sessions
         self.tickets = tickets
-        self.presence = presence
+        hub = clients.hub
         self.framing = Framing(kind, lambda: hub.epoch)
         self.content_type = (
             b"text/event-stream; charset=utf-8" if kind == "sse" else b"application/x-ndjson"
@@ -167,17 +157,8 @@ class StreamEndpoint:
             transport = StreamTransport(self.kind, self.framing, send, receive)
             secret = self.sessions.new_secret()
             resume = {c: position for c in channels} if position is not None else None
-            client = Client(
-                transport,
-                principal,
-                self.hub,
-                self.auth,
-                self.buckets.get(principal.sub),
-                self.settings,
-                resume_subs=resume,
-                presence=self.presence,
-                channels=channels,
-                session=secret,
+            client = self.clients.make(
+                transport, principal, resume_subs=resume, channels=channels, session=secret
             )
             started = client.start()  # registers with the hub at its first step
         finally:

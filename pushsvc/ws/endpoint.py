@@ -25,13 +25,9 @@ from starlette.datastructures import Headers
 from .. import metrics
 from ..auth.callouts import CalloutUnavailable
 from ..auth.credentials import handshake_token
-from ..auth.tokens import Authenticator, AuthError, Principal
-from ..config.settings import Settings
+from ..auth.tokens import AuthError, Principal
 from ..core.admission import USER_LIMIT, Admission, Refusal
-from ..core.client import Client
-from ..core.hub import Hub
-from ..core.presence import PresenceRegistry
-from ..core.ratelimit import BucketRegistry
+from ..core.client import Client, ClientFactory
 from ..protocol import (
     CLOSE_RATE_LIMITED,
     CLOSE_UNAUTHORIZED,
@@ -49,31 +45,17 @@ class WebSocketEndpoint:
     """ASGI app for ``/ws``.
 
     Args:
-        settings: caps, auth timeout, limits, cookie.
-        hub: the node's hub.
-        auth: token verifier.
-        buckets: per-user command token buckets.
+        clients: makes the clients (the node's settings, hub, token verifier, per-user
+            command buckets and presence registry, shared by every transport).
         admission: the node's admission (origin, draining, caps; shared by every
             transport).
-        presence: the node's presence registry, handed to every client (None: the
-            ``presence`` commands are answered ``bad_request``).
     """
 
-    def __init__(
-        self,
-        settings: Settings,
-        hub: Hub,
-        auth: Authenticator,
-        buckets: BucketRegistry,
-        admission: Admission,
-        presence: PresenceRegistry | None = None,
-    ) -> None:
-        self.settings = settings
-        self.hub = hub
-        self.auth = auth
-        self.buckets = buckets
+    def __init__(self, clients: ClientFactory, admission: Admission) -> None:
+        self.clients = clients
+        self.settings = clients.settings
+        self.auth = clients.auth
         self.admission = admission
-        self.presence = presence
 
     async def __call__(self, scope: dict[str, Any], receive: ASGIReceive, send: ASGISend) -> None:
         assert scope["type"] == "websocket"
@@ -125,16 +107,7 @@ class WebSocketEndpoint:
                 principal, resume = authed
                 reserved = principal.sub
             transport = WebSocketTransport(send, receive)
-            client = Client(
-                transport,
-                principal,
-                self.hub,
-                self.auth,
-                self.buckets.get(principal.sub),
-                self.settings,
-                resume_subs=resume,
-                presence=self.presence,
-            )
+            client = self.clients.make(transport, principal, resume_subs=resume)
             # start() registers with the hub at its first step, run with no loop turn
             # after this finally: handing the reservation over leaves no window
             started = client.start()
