@@ -45,3 +45,47 @@ async def resume(coro: Coroutine[Any, Any, None], blocker: Any) -> None:
         return
     finally:
         coro.close()
+
+
+class EagerSender:
+    """At most one eager ASGI send in flight for one connection.
+
+    :meth:`start` runs a send coroutine at once; when it finishes synchronously (the
+    server wrote at once) nothing is held. When it blocks, it is held until
+    :meth:`finish` (the writer awaits it) or :meth:`abandon` (the connection closes:
+    the close frame or event comes next).
+    """
+
+    __slots__ = ("_held",)
+
+    def __init__(self) -> None:
+        self._held: tuple[Coroutine[Any, Any, None], Any] | None = None
+
+    @property
+    def busy(self) -> bool:
+        """True while a send is held in flight."""
+        return self._held is not None
+
+    def start(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Drive ``coro`` until it completes or blocks (then hold it).
+
+        Raises:
+            Exception: what the send raised at once (``OSError``: the peer is gone).
+        """
+        try:
+            blocker = coro.send(None)
+        except StopIteration:
+            return
+        self._held = (coro, blocker)
+
+    async def finish(self) -> None:
+        """Finish the held send, if any (see :func:`resume`)."""
+        held, self._held = self._held, None
+        if held is not None:
+            await resume(*held)
+
+    def abandon(self) -> None:
+        """Drop the held send without completing it."""
+        held, self._held = self._held, None
+        if held is not None:
+            held[0].close()

@@ -18,11 +18,11 @@ here as uvicorn frames them, RFC 9112 7.1); anything else uses eager ASGI
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from ..protocol import PING_FRAME, Close, Disconnect, encode_frame
-from ..server.eager import resume
+from ..server.eager import EagerSender
 
 ASGISend = Callable[[dict[str, Any]], Awaitable[None]]
 ASGIReceive = Callable[[], Awaitable[dict[str, Any]]]
@@ -243,13 +243,13 @@ class StreamTransport:
             None if self._cycle is None else self._cycle.transport
         )
         self.framing = framing.chunked
-        self._inflight: tuple[Coroutine[Any, Any, None], Any] | None = None
+        self._inflight = EagerSender()  # an ASGI body send that hit backpressure
         self._closer: asyncio.Task[None] | None = None
         self.reader: asyncio.Task[Any] | None = None
 
     def can_write(self) -> bool:
         """False while a write waits for the socket (backpressure) or an ASGI send is in flight."""
-        if self._inflight is not None:
+        if self._inflight.busy:
             return False
         cycle = self._cycle
         return cycle is None or not cycle.flow.write_paused
@@ -268,18 +268,14 @@ class StreamTransport:
             cycle.transport.write(self._framing.chunked(text))
             return
         body = self._framing.body(text)
-        coro = self._send({"type": "http.response.body", "body": body, "more_body": True})
-        try:
-            blocker = coro.send(None)
-        except StopIteration:
-            return
-        self._inflight = (coro, blocker)
+        self._inflight.start(
+            self._send({"type": "http.response.body", "body": body, "more_body": True})
+        )
 
     async def drained(self) -> None:
         """Wait for the socket to take the buffered bytes (or finish the ASGI send)."""
-        inflight, self._inflight = self._inflight, None
-        if inflight is not None:
-            await resume(*inflight)
+        if self._inflight.busy:
+            await self._inflight.finish()
             return
         cycle = self._cycle
         if cycle is not None:
@@ -289,9 +285,7 @@ class StreamTransport:
 
     def close(self, disconnect: Disconnect) -> None:
         """Write the ``close`` event and end the body, in the background (bounded)."""
-        inflight, self._inflight = self._inflight, None
-        if inflight is not None:
-            inflight[0].close()
+        self._inflight.abandon()
         body = self._framing.close_event(disconnect)
         self._closer = asyncio.get_running_loop().create_task(self._finish(body))
 

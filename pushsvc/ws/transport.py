@@ -20,11 +20,11 @@ from __future__ import annotations
 import asyncio
 import socket
 import struct
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from ..protocol import Disconnect
-from ..server.eager import resume
+from ..server.eager import EagerSender
 
 try:  # the direct write path applies to uvicorn's websockets-sansio protocol only
     from uvicorn.protocols.websockets.websockets_sansio_impl import (
@@ -133,8 +133,7 @@ class WebSocketTransport:
         self.wire: asyncio.WriteTransport | None = (
             None if self._direct is None else self._direct.transport
         )
-        # an ASGI send that hit backpressure: (its coroutine, what it yielded)
-        self._inflight: tuple[Coroutine[Any, Any, None], Any] | None = None
+        self._inflight = EagerSender()  # an ASGI send that hit backpressure
         self._closer: asyncio.Task[None] | None = None
         self.reader: asyncio.Task[Any] | None = None
 
@@ -162,7 +161,7 @@ class WebSocketTransport:
 
     def can_write(self) -> bool:
         """False while an ASGI send is in flight (the server applies backpressure)."""
-        return self._inflight is None
+        return not self._inflight.busy
 
     def write(self, text: str) -> None:
         """Write one batch: direct when uvicorn would write at once, else an eager ASGI send.
@@ -174,24 +173,15 @@ class WebSocketTransport:
         if direct is not None and can_write_direct(direct):
             direct.transport.write(text_frame(text))
             return
-        coro = self._send({"type": "websocket.send", "text": text})
-        try:
-            blocker = coro.send(None)
-        except StopIteration:
-            return
-        self._inflight = (coro, blocker)
+        self._inflight.start(self._send({"type": "websocket.send", "text": text}))
 
     async def drained(self) -> None:
-        """Finish the ASGI send in flight (see :func:`resume`)."""
-        inflight, self._inflight = self._inflight, None
-        if inflight is not None:
-            await resume(*inflight)
+        """Finish the ASGI send in flight."""
+        await self._inflight.finish()
 
     def close(self, disconnect: Disconnect) -> None:
         """Send the close frame in the background (bounded by ``CLOSE_TIMEOUT`` seconds)."""
-        inflight, self._inflight = self._inflight, None
-        if inflight is not None:
-            inflight[0].close()  # abandon the blocked send: the close frame comes next
+        self._inflight.abandon()  # the blocked send: the close frame comes next
         reason = disconnect.reason.encode()[:_MAX_REASON].decode(errors="ignore")
         loop = asyncio.get_running_loop()
         self._closer = loop.create_task(self._send_close(disconnect.code, reason))
