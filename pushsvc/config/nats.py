@@ -26,14 +26,8 @@ token, username/password, NKeys, decentralized JWT with ``.creds`` files, TLS
 client certificates). At most one of creds, nkey, user/password, token and
 credentials inside the URL may be used.
 
-nats-py retries a failing first connect while ``allow_reconnect`` is on and only
-reports each failure to ``error_cb``; :func:`connect` watches those reports and
-stops at the first one that no retry can cure (authorization violation, TLS
-certificate verification, an unreadable file), raising :class:`NatsRefused`.
-When the connect gives up otherwise (time bound reached, every server tried), it
-raises :class:`NatsUnreachable` naming the URL(s) and the cause of the last
-failed attempt (:func:`connect_failure`), so callers report it in one line.
-Secrets (password, token, seeds, URL passwords) never appear in its messages.
+How a failing connect is reported (:class:`NatsRefused`, :class:`NatsUnreachable`)
+is :func:`pushsvc.bus.natsconn.connect`'s part.
 """
 
 from __future__ import annotations
