@@ -186,7 +186,14 @@ class Settings(msgspec.Struct, kw_only=True):
         Raises:
             SettingsError: naming the first setting that is wrong.
         """
+        self._validate_credentials()
+        self._validate_names()
+        check_port(self.port, "PUSHSVC_PORT", any_free=True)
+        self._validate_numbers()
+        self._validate_access()
 
+    def _validate_credentials(self) -> None:
+        """NATS URL(s) and security, the JWT key or secret and algorithms."""
         if self.nats_url is not None:
             for url in self.nats_servers or [""]:
                 check_nats_url(url, "PUSHSVC_NATS_URL")
@@ -215,17 +222,34 @@ class Settings(msgspec.Struct, kw_only=True):
             raise SettingsError(
                 "PUSHSVC_JWT_ALGORITHMS", "HS* and RS*/ES*/PS* must not be mixed (RFC 8725 3.1)"
             )
+
+    def _validate_names(self) -> None:
+        """Stream, bucket and subject names: NATS tokens (NATS docs, "Subject-Based Messaging")."""
         if self.stream and not self.stream.replace("_", "").replace("-", "").isalnum():
             raise SettingsError("PUSHSVC_STREAM", f"invalid stream name {self.stream!r}")
-        if not _is_token(self.revocation_bucket):
-            raise SettingsError(
-                "PUSHSVC_REVOCATION_BUCKET", f"invalid bucket name {self.revocation_bucket!r}"
-            )
         if not _is_token(self.subject_prefix):
             raise SettingsError(
                 "PUSHSVC_SUBJECT_PREFIX", "must be one token of [A-Za-z0-9_-], e.g. 'push'"
             )
-        check_port(self.port, "PUSHSVC_PORT", any_free=True)
+        names = {
+            "PUSHSVC_REVOCATION_BUCKET": ("bucket", self.revocation_bucket),
+            "PUSHSVC_EVENTS_STREAM": ("stream", self.events_stream),
+            "PUSHSVC_NODE_BUCKET": ("KV bucket", self.node_bucket),
+            "PUSHSVC_PRESENCE_BUCKET": ("KV bucket", self.presence_bucket),
+        }
+        for setting, (what, value) in names.items():
+            if not _is_token(value):
+                raise SettingsError(setting, f"invalid {what} name {value!r}")
+        for name in ("connect_auth_subject", "subscribe_auth_subject"):
+            subject = getattr(self, name)
+            if subject is not None and not _is_subject(subject):
+                raise SettingsError(
+                    ENV_PREFIX + name.upper(),
+                    f"{subject!r} is not a NATS subject (dot-separated tokens, no wildcards)",
+                )
+
+    def _validate_numbers(self) -> None:
+        """Sizes (bytes), rates, counts and durations (seconds) in their ranges."""
         positive = {
             "max_frame_bytes": self.max_frame_bytes,
             "max_emit_bytes": self.max_emit_bytes,
@@ -278,6 +302,11 @@ class Settings(msgspec.Struct, kw_only=True):
             )
         if self.ping_interval < 0.1:
             raise SettingsError("PUSHSVC_PING_INTERVAL", "must be >= 0.1 s")
+        if self.presence_ttl < 1:
+            raise SettingsError("PUSHSVC_PRESENCE_TTL", "must be >= 1 s")
+
+    def _validate_access(self) -> None:
+        """Origins and cookies, API keys, event types, channel patterns, the base path."""
         if self.auth_cookie and not self.allowed_origins:
             raise SettingsError(
                 "PUSHSVC_AUTH_COOKIE",
@@ -291,39 +320,18 @@ class Settings(msgspec.Struct, kw_only=True):
         for entry in self.api_keys:
             if not entry.rsplit(":", 1)[-1]:
                 raise SettingsError("PUSHSVC_API_KEYS", "empty API key")
-        if self.presence_ttl < 1:
-            raise SettingsError("PUSHSVC_PRESENCE_TTL", "must be >= 1 s")
         for kind in self.events:
             if kind not in EVENT_TYPES:
                 raise SettingsError(
                     "PUSHSVC_EVENTS",
                     f"unknown event type {kind!r}; one of {', '.join(EVENT_TYPES)}",
                 )
-        if not _is_token(self.events_stream):
-            raise SettingsError(
-                "PUSHSVC_EVENTS_STREAM", f"invalid stream name {self.events_stream!r}"
-            )
-        if not _is_token(self.node_bucket):
-            raise SettingsError(
-                "PUSHSVC_NODE_BUCKET", f"invalid KV bucket name {self.node_bucket!r}"
-            )
-        if not _is_token(self.presence_bucket):
-            raise SettingsError(
-                "PUSHSVC_PRESENCE_BUCKET", f"invalid KV bucket name {self.presence_bucket!r}"
-            )
         for name in ("presence_channels", "join_leave_channels"):
             for pattern in getattr(self, name):
                 try:
                     validate_grant(pattern)
                 except InvalidChannel as exc:
                     raise SettingsError(ENV_PREFIX + name.upper(), str(exc)) from None
-        for name in ("connect_auth_subject", "subscribe_auth_subject"):
-            subject = getattr(self, name)
-            if subject is not None and not _is_subject(subject):
-                raise SettingsError(
-                    ENV_PREFIX + name.upper(),
-                    f"{subject!r} is not a NATS subject (dot-separated tokens, no wildcards)",
-                )
         if self.base_path and (not self.base_path.startswith("/") or self.base_path.endswith("/")):
             raise SettingsError("PUSHSVC_BASE_PATH", "must start with '/' and not end with '/'")
 
