@@ -21,6 +21,7 @@ import httpx
 import pytest
 from conftest import SECRET, Running, launch
 from helpers import bearer, until
+from nats.js.errors import KeyNotFoundError
 from test_sse import sse
 from wsclient import WSClient
 
@@ -83,6 +84,23 @@ def room() -> str:
 EXPECTED = ["connect", "subscribe", "unsubscribe", "disconnect"]
 
 
+async def until_occupied_by(nc: Any, channel: str, nodes: int) -> None:
+    """Wait until the node bucket's ``o.<channel>`` lists ``nodes`` node ids."""
+    kv = await nc.jetstream().key_value(SETTINGS["node_bucket"])
+
+    async def count() -> int:
+        try:
+            entry = await kv.get(f"o.{channel}")
+        except KeyNotFoundError:
+            return 0
+        return len(json.loads(entry.value or b"[]"))
+
+    deadline = time.monotonic() + 5
+    while await count() != nodes:
+        assert time.monotonic() < deadline, f"o.{channel} never listed {nodes} nodes"
+        await asyncio.sleep(0.02)
+
+
 async def test_every_type_in_order_for_one_websocket_connection(cluster, recorder, room):
     one, _ = cluster
     c = await one.client(one.token("ada", extra={"info": {"name": "Ada"}}))
@@ -126,13 +144,16 @@ async def test_every_type_in_order_for_one_sse_connection(cluster, recorder, roo
     assert bye["code"] == 1006  # the stream's reader went away without a close
 
 
-async def test_occupied_and_vacated_are_cluster_wide(cluster, recorder, room):
+async def test_occupied_and_vacated_are_cluster_wide(cluster, recorder, room, nc):
     one, two = cluster
     a = await one.client(one.token("cy"))
     b = await two.client(two.token("dee"))
     await a.subscribe(room)
     await until(lambda: len(recorder.on(room, "occupied")) == 1)
     await b.subscribe(room)  # the second node: the channel is occupied already
+    # node two records its part asynchronously: were node one to leave first, the
+    # channel would honestly be vacated and occupied again
+    await until_occupied_by(nc, room, 2)
     await a.close()  # node one leaves; node two still holds it
     await until(lambda: len(recorder.on(room, "unsubscribe")) == 1)
     await asyncio.sleep(0.5)
