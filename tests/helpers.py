@@ -6,6 +6,8 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 
+import httpx
+
 
 def bearer(token: str) -> dict[str, str]:
     """``Authorization: Bearer <token>`` header."""
@@ -23,3 +25,11 @@ async def until(check: Callable[[], Awaitable[bool] | bool], within: float = 5.0
             return time.monotonic() - start
         assert time.monotonic() - start < within, "condition not met in time"
         await asyncio.sleep(0.02)
+
+
+async def http_ready(http: httpx.AsyncClient, port: int) -> bool:
+    """True when ``GET /readyz`` on 127.0.0.1:``port`` answers 200 (False: not yet up)."""
+    try:
+        return (await http.get(f"http://127.0.0.1:{port}/readyz")).status_code == 200
+    except httpx.TransportError:
+        return False

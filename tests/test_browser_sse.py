@@ -20,7 +20,7 @@ import httpx
 import pytest
 from browser import CHROMIUM, launch
 from conftest import SECRET
-from helpers import until
+from helpers import http_ready, until
 
 from pushsvc.server.embedded import free_port
 
@@ -142,7 +142,7 @@ async def test_eventsource_on_three_channels_survives_a_sigkilled_node(
     names = [f"{channel}.{k}" for k in range(3)]
     try:
         async with httpx.AsyncClient() as http:
-            await until(lambda: _ready(http, port), within=30)
+            await until(lambda: http_ready(http, port), within=30)
         async with launch() as browser:
             page = await browser.new_page()
             await page.goto(f"{base}/readyz")
@@ -186,10 +186,3 @@ async def test_eventsource_on_three_channels_survives_a_sigkilled_node(
             node_a.kill()
             node_a.wait(timeout=10)
         await proxy.stop()
-
-
-async def _ready(http: httpx.AsyncClient, port: int) -> bool:
-    try:
-        return (await http.get(f"http://127.0.0.1:{port}/readyz")).status_code == 200
-    except httpx.TransportError:
-        return False

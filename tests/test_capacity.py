@@ -23,6 +23,7 @@ import httpx
 import pytest
 import websockets
 from conftest import SECRET
+from helpers import http_ready, until
 
 from pushsvc.auth.tokens import mint_token
 from pushsvc.server.embedded import free_port
@@ -135,6 +136,47 @@ async def test_handshake_gate_holds_new_connections_until_a_slot_frees(start_ser
         await c.close()
     await asyncio.sleep(0.1)
     assert gate.active == before and gate.waiting == 0
+
+
+async def test_under_uvloop_a_queued_connection_is_not_served_before_its_slot(nats_url):
+    # uvloop starts reading after connection_made, so the gate's pause_reading() there
+    # does not hold: before the fix a queued connection was upgraded and authenticated
+    # while still queued, admitted later, and its slot's deadline then closed the live
+    # WebSocket (silent 1006 drops, seen under a bench's churn). `pushsvc serve` runs
+    # uvloop; the test server in this process does not, hence a subprocess
+    from pushsvc.server.capacity import HANDSHAKES_IN_FLIGHT
+
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PUSHSVC_")}
+    env.update(PUSHSVC_JWT_SECRET=SECRET, PUSHSVC_NATS_URL=nats_url, PUSHSVC_LOG_LEVEL="warning")
+    proc = subprocess.Popen(  # noqa: ASYNC220 - the server under test
+        [*PUSHSVC, "serve", "--port", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    silent: list[asyncio.StreamWriter] = []
+    try:
+        async with httpx.AsyncClient() as http:
+            await until(lambda: http_ready(http, port), within=30)
+        for _ in range(HANDSHAKES_IN_FLIGHT):  # every slot held by a peer that says nothing
+            silent.append((await asyncio.open_connection("127.0.0.1", port))[1])
+        await asyncio.sleep(0.2)
+        pending = asyncio.ensure_future(_connect(f"ws://127.0.0.1:{port}/ws", "queued"))
+        await asyncio.sleep(0.5)
+        assert not pending.done()  # queued: no 101 before a slot frees
+        for writer in silent:
+            writer.close()
+        ws = await asyncio.wait_for(pending, 10)
+        await ws.send('{"op":"presence_stats","channel":"x","id":1}')
+        await asyncio.wait_for(ws.recv(), 5)
+        await ws.close()
+    finally:
+        pending_close = [w for w in silent if not w.is_closing()]
+        for writer in pending_close:
+            writer.close()
+        proc.terminate()
+        await asyncio.to_thread(proc.wait, 20)
 
 
 async def test_a_silent_connection_loses_its_gate_slot_after_the_handshake_timeout(

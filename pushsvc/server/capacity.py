@@ -186,11 +186,20 @@ class HandshakeGate:
         return len(self._waiting)
 
     def enter(self, conn: Any) -> None:
-        """A new connection (a protocol with ``transport`` and ``gate_held``): it takes
-        a slot (``gate_held`` True) or waits with reading paused until one frees."""
+        """A new connection (a protocol with ``transport``, ``gate_held`` and
+        ``gate_admitted()``): it takes a slot (``gate_held`` True) or waits with
+        reading paused until one frees (``gate_waiting`` True meanwhile).
+
+        Called from ``connection_made``, where uvloop's ``pause_reading()`` does not
+        hold (it starts reading after ``connection_made`` returns): a waiting
+        protocol keeps what it receives unread until :meth:`release` admits it
+        (:meth:`HttpToolsProtocol.data_received
+        <pushsvc.server.httpprotocol.HttpToolsProtocol.data_received>`).
+        """
         if self.active < self.limit and not self._waiting:
             self._grant(conn)
             return
+        conn.gate_waiting = True
         conn.transport.pause_reading()
         self._waiting.append(conn)
 
@@ -205,10 +214,11 @@ class HandshakeGate:
         waiting = self._waiting
         while waiting and self.active < self.limit:
             nxt = waiting.popleft()
+            nxt.gate_waiting = False
             if nxt.transport.is_closing():
                 continue
             self._grant(nxt)
-            nxt.transport.resume_reading()
+            nxt.gate_admitted()
 
     def hand_over(self, old: Any, new: Any) -> None:
         """The slot of ``old`` (an HTTP protocol) goes to ``new`` (the WebSocket

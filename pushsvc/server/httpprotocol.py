@@ -69,6 +69,8 @@ class HttpToolsProtocol(_UvicornHttpTools):
     _upgrade_checked: list[tuple[bytes, bytes]] | None = None  # headers last asked about
     _upgrade_answer = False
     gate_held = False  # holds a slot of the handshake gate (pushsvc.server.capacity)
+    gate_waiting = False  # queued for a slot: what arrives meanwhile is held unread
+    _held: list[bytes] | None = None  # bytes received while waiting
 
     def _should_upgrade(self) -> bool:
         """uvicorn's answer (``Connection: upgrade`` + ``Upgrade: websocket``), once per request.
@@ -98,6 +100,24 @@ class HttpToolsProtocol(_UvicornHttpTools):
         super().on_headers_complete()
         if self.gate_held and not (self.parser.should_upgrade() and self._should_upgrade()):
             _GATE.release(self)
+
+    def data_received(self, data: bytes) -> None:
+        """As uvicorn's, except while waiting for a handshake-gate slot: the bytes are
+        held (and reading paused again) until :meth:`gate_admitted`."""
+        if self.gate_waiting:
+            if self._held is None:
+                self._held = []
+            self._held.append(data)
+            self.transport.pause_reading()
+            return
+        super().data_received(data)
+
+    def gate_admitted(self) -> None:
+        """The gate gave this connection a slot: read on, starting with what was held."""
+        held, self._held = self._held, None
+        self.transport.resume_reading()
+        if held:
+            self.data_received(b"".join(held))
 
     def gate_expired(self) -> None:
         """No complete request headers within ``HANDSHAKE_TIMEOUT``: close (frees the slot)."""
