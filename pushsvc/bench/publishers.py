@@ -26,7 +26,7 @@ from ..config.settings import split_servers
 from .client import ERROR_SAMPLES
 from .hop import HopProbe
 from .httpclient import HttpConnection
-from .options import BenchError
+from .options import BenchError, sample_payload
 from .system import ssl_context
 from .tokens import emit_token, emitters
 
@@ -54,8 +54,19 @@ class PublishResult:
             self.error_samples.append(text[:300])
 
 
-def _payload_factory(size: int) -> Callable[[int], bytes]:
-    """Return ``make(i)``: the padded JSON payload of message ``i``, stamped now (ns)."""
+def _payload_factory(size: int, sample: bool = False) -> Callable[[int], bytes]:
+    """Return ``make(i)``: the padded JSON payload of message ``i``, stamped now (ns).
+
+    With ``sample``: the shipped order book (:func:`~pushsvc.bench.options.sample_payload`)
+    with ``"i"`` and ``"t"`` added as its first members (``size`` is ignored).
+    """
+    if sample:
+        rest = sample_payload()[1:]  # the object's members after its "{"
+
+        def make_sample(i: int) -> bytes:
+            return b'{"i":%d,"t":%d,%b' % (i, time.time_ns(), rest)
+
+        return make_sample
     pad = b"x" * (size + 64)
 
     def make(i: int) -> bytes:
@@ -145,7 +156,7 @@ class Publisher:
         channels = cfg["channels"]
         res = PublishResult(channels)
         subjects = [f"{cfg['prefix']}.bench.{c}" for c in range(channels)]
-        make = _payload_factory(cfg["size"])
+        make = _payload_factory(cfg["size"], cfg.get("sample", False))
         pacer = _Pacer(cfg["messages"], cfg["rate"], deadline)
         publish = nc.publish
         res.first_ns = time.time_ns()
@@ -178,7 +189,7 @@ class Publisher:
         cfg = self.cfg
         channels = cfg["channels"]
         res = PublishResult(channels)
-        make = _payload_factory(cfg["size"])
+        make = _payload_factory(cfg["size"], cfg.get("sample", False))
         pacer = _Pacer(cfg["messages"], cfg["rate"], deadline)
         paths = [f"{cfg['base']}/emit/{quote(f'bench.{c}')}" for c in range(channels)]
         res.first_ns = time.time_ns()
