@@ -49,6 +49,7 @@ from .core.hub import Hub
 from .core.joinleave import JoinLeave
 from .core.presence import PresenceRegistry
 from .core.ratelimit import BucketRegistry
+from .core.revoke import disconnect_matching
 from .lifecycle.events import LifecycleEvents
 from .lifecycle.lost import NodeLost
 from .lifecycle.occupancy import Occupancy
@@ -209,7 +210,7 @@ class Node:
     def _revoke(self, revocation: Revocation, at: float) -> None:
         """Refuse the revoked token(s) from now on and close their sessions."""
         self.auth.revoke(revocation, at)
-        self.hub.disconnect(revocation.sub, revocation.jti, issued_before=at)
+        disconnect_matching(self.hub.clients, revocation.sub, revocation.jti, issued_before=at)
 
     @property
     def nats_url(self) -> str | None:

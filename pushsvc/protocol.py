@@ -341,6 +341,19 @@ class Close(msgspec.Struct, tag_field="type", tag="close"):
     reconnect: bool
 
 
+class Position(msgspec.Struct, tag_field="type", tag="position"):
+    """A resume point of an SSE / HTTP-streaming response on several channels.
+
+    ``id`` is ``<epoch>:<seq>``: every message of the connection's channels up to
+    ``seq`` has been written before it (the node's watermark,
+    :mod:`pushsvc.core.watermark`). On ``text/event-stream`` it is an id-only block
+    (``id: <epoch>:<seq>`` and a blank line, WHATWG HTML 9.2.6: it sets the last
+    event id and dispatches nothing); on NDJSON this frame as a line.
+    """
+
+    id: str
+
+
 class ClientInfo(msgspec.Struct, omit_defaults=True):
     """One present session: ``client`` id, ``user`` (JWT ``sub``), ``node`` serving it,
     ``info`` (the token's ``info`` claim, a JSON object) when the token had one."""
@@ -408,6 +421,7 @@ Frame = (
     | Leave
     | RpcResult
     | Close
+    | Position
 )
 
 _command_decoder = msgspec.json.Decoder(Command)

@@ -595,6 +595,9 @@ class _StubBus:
     async def release(self, channel: str) -> None:
         self.refs[channel] -= 1
 
+    def drained(self) -> bool:
+        return True
+
 
 class _FakeSession:
     def __init__(self, hub: Hub, name: str, close_on_send: bool = False) -> None:
@@ -606,7 +609,7 @@ class _FakeSession:
         self.close_on_send = close_on_send
         self.got: list[str] = []
         self.outbox = self  # its own outbox, with no direct path: fan_out queues through send()
-        self.transport = SimpleNamespace(name="fake")
+        self.transport = SimpleNamespace(name="fake", watermarks=False)
         self._wire = None
 
     def send(self, frame: str, nbytes: int) -> None:

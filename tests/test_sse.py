@@ -14,6 +14,7 @@ from typing import Any
 
 import httpx
 import pytest
+from helpers import until
 
 
 class Events:
@@ -224,6 +225,27 @@ async def test_http_stream_ndjson_and_mixed_transports_on_one_channel(start_serv
             assert [m["data"]["i"] for m in got] == [0, 1, 2]
             assert all(m["id"].endswith(f":{m['seq']}") for m in got)
             assert [m["data"]["i"] for m in await ws.messages(3)] == [0, 1, 2]
+            # a second channel: messages lose their ids, position lines carry them
+            r = await client.post(
+                srv.base + "/sse/commands",
+                json={
+                    "session": (await events.next("welcome"))["data"]["session"],
+                    "commands": [{"op": "subscribe", "channel": f"{channel}.b", "id": 1}],
+                },
+            )
+            assert r.status_code == 202, r.text
+            await events.next("subscribed")
+            for i in range(3, 7):
+                name = channel if i % 2 else f"{channel}.b"
+                await nc.publish(f"push.{name}", json.dumps({"i": i}).encode())
+            got = [(await events.next("message"))["data"] for _ in range(4)]
+            assert sorted(m["data"]["i"] for m in got) == [3, 4, 5, 6]
+            assert not any("id" in m for m in got)
+            last = max(m["seq"] for m in got)
+            while not (position := (await events.next("position"))["data"]["id"]).endswith(
+                f":{last}"
+            ):
+                assert int(position.rsplit(":", 1)[1]) < last
             # drain: the stream ends with a close frame, code 1012, reconnect
             srv.node.hub.close_all(1012, "service restart")
             close = await events.next("close")
@@ -305,3 +327,71 @@ async def test_slow_sse_consumer_is_closed_4009_and_released_while_others_receiv
         got = [await events.next("message", timeout=30) for _ in range(sent)]
         assert len(got) == sent
     writer.close()
+
+
+async def test_a_stream_on_three_channels_resumes_exactly_from_any_id_it_was_given(
+    start_server, nc, channel
+):
+    """Three plain channels are three NATS subscriptions, which nats-py hands over
+    each in turn, so messages reach the stream out of stream order. The messages
+    carry no id; id-only blocks (the node's watermark) do. Wherever the stream is
+    cut, resuming from the last id the browser kept gives every message it had not
+    got; cut after an id block (where a write ends), none it had."""
+    srv = await start_server()
+    token = srv.token("hal")
+    names = [f"{channel}.{k}" for k in range(3)]
+    total = 300
+    async with sse(srv.base, *names, token=token) as events:
+        for _ in names:
+            await events.next("subscribed")
+        for i in range(total):
+            await nc.publish(f"push.{names[i % 3]}", json.dumps({"i": i}).encode())
+        await nc.flush()
+        await until(
+            lambda: events.raw.count('"type":"message"') == total and events.raw.endswith("\n\n"),
+            within=10,
+        )
+        await asyncio.sleep(0.2)  # the last id block
+        blocks = [b for b in events.raw.split("\n\n") if b and not b.startswith((":", "retry"))]
+    seqs: dict[int, int] = {}  # i -> seq
+    order: list[int] = []  # seqs in the order the stream carried them
+    cuts: list[tuple[int, int, bool]] = []  # (messages received, last id's seq, at an id)
+    last_id = 0
+    for block in blocks:
+        fields = dict(line.split(": ", 1) for line in block.split("\n"))
+        if "data" in fields and "event" not in fields:
+            assert "id" not in fields  # a message of a stream on several channels
+            frame = json.loads(fields["data"])
+            seqs[frame["data"]["i"]] = frame["seq"]
+            order.append(frame["seq"])
+        elif set(fields) == {"id"}:
+            seq = int(fields["id"].rsplit(":", 1)[1])
+            assert seq >= last_id
+            last_id = seq
+        cuts.append((len(order), last_id, set(fields) == {"id"}))
+    assert len(order) == total and cuts[-1][1] == max(order)
+    assert order != sorted(order), "the stream carried them in stream order: nothing was tested"
+    everything = set(order)
+    for received, kept, at_id in cuts:
+        got = set(order[:received])
+        replayed = {s for s in everything if s > kept}
+        assert got | replayed == everything, f"cut after {received}: some lost"
+        if at_id:
+            assert not got & replayed, f"cut after {received}: {sorted(got & replayed)[:5]} twice"
+    # and the server replays exactly that from a kept id
+    received, kept, _ = next(c for c in cuts if 100 < c[0] and c[2])
+    epoch = (
+        blocks
+        and json.loads(
+            next(b for b in blocks if b.startswith("event: welcome")).split("data: ", 1)[1]
+        )["epoch"]
+    )
+    headers = {"Last-Event-ID": f"{epoch}:{kept}"}
+    want = sorted(s for s in everything if s > kept)
+    async with sse(srv.base, *names, token=token, headers=headers) as events:
+        for _ in names:
+            assert (await events.next("subscribed"))["data"]["recovered"] is True
+        again = [await events.next("message") for _ in want]
+        with pytest.raises(TimeoutError):
+            await events.next("message", timeout=0.3)
+    assert sorted(e["data"]["seq"] for e in again) == want

@@ -264,6 +264,12 @@ class Bus:
     def on_pattern_message(self, handler: PatternHandler | None) -> None:
         self.live.on_pattern_message = handler
 
+    def drained(self) -> bool:
+        """True when every live message NATS delivered so far has been handed over
+        (see :meth:`LiveSubscriptions.drained
+        <pushsvc.bus.subscriptions.LiveSubscriptions.drained>`)."""
+        return self.live.drained()
+
     @property
     def on_drained(self) -> Callable[[], None] | None:
         """Called after a live message when its NATS subscription has no other

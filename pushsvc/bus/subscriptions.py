@@ -80,6 +80,19 @@ class LiveSubscriptions:
         live = self._subs.get(channel)
         return live is not None and live.sub is not None
 
+    def drained(self) -> bool:
+        """True when no live subscription has a message waiting in nats-py's queue.
+
+        nats-py parses the connection's messages in the order the server sent them
+        and queues each on its subscription (``Subscription.pending_msgs``); when
+        every queue is empty, every message read so far has been handed to the hub.
+        """
+        for live in self._subs.values():
+            sub = live.sub
+            if sub is not None and sub.pending_msgs:
+                return False
+        return True
+
     @property
     def count(self) -> int:
         """Number of live channel subscriptions held in NATS."""

@@ -34,6 +34,8 @@ class ChannelState:
             live set changes (None then): a message to a settled channel does not
             first walk every member (1000 sessions cold in cache: ~70 us before
             the first write).
+        followers: the live set's members that follow the node's watermark
+            (:mod:`pushsvc.core.watermark`), cached as ``boxes`` is (None: stale).
         pending: sessions recovering with ``since`` (see :class:`Seam`).
         last_seq: every message of the channel with seq <= ``last_seq`` stored while
             the node held the channel has been handed to the live set; None until
@@ -59,6 +61,7 @@ class ChannelState:
         "clients",
         "flight",
         "flush_scheduled",
+        "followers",
         "last_seq",
         "late",
         "pending",
@@ -76,6 +79,7 @@ class ChannelState:
         self.skip: dict[Member, list[int]] = {}
         self.clients: set[Member] = set()
         self.boxes: tuple[Outbox, ...] | None = None
+        self.followers: tuple[Member, ...] | None = None
         self.pending: dict[Member, Seam] = {}
         self.last_seq: int | None = None
         # (seq, frame, nbytes, the session not to hand it to or None)

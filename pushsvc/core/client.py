@@ -187,7 +187,11 @@ class Client(Outbox):
         self._schedule_ping()
         self._schedule_expiry()
         if server_subs:
-            await self._server_subscribe(server_subs)
+            self.hub.watermark.track(self, planned=len(server_subs))
+            try:
+                await self._server_subscribe(server_subs)
+            finally:
+                self.hub.watermark.started(self)
 
     def close(self, code: int, reason: str = "") -> None:
         """Close with ``code`` (see protocol.py); idempotent, never blocks.
@@ -383,6 +387,12 @@ class Client(Outbox):
         if self.settings.auto_subscribe_personal:
             subs.insert(0, personal_channel(self.principal.sub))
         return list(dict.fromkeys([*subs, *self._extra]))
+
+    def resume_all(self, position: SubResume) -> None:
+        """Resume every channel subscribed at ``welcome`` from one stream position
+        (an SSE / HTTP-streaming stream's last event id): the token's server-side
+        subscriptions and the channels the stream opened with. Call before :meth:`start`."""
+        self._resume = dict.fromkeys(self.server_subscriptions(), position)
 
     def resume_position(self, channel: str) -> SubResume | None:
         """The position a server-side subscription to ``channel`` resumes from, if any."""

@@ -29,12 +29,9 @@ no duplicate at the seam between replayed history and live delivery:
 Live frames of one channel arrive in stream order (one republishing stream, one
 NATS subscription), so the threshold check is needed only at the seam.
 
-The same idea covers a NATS outage for the sessions that stay connected: each
-channel remembers the last seq handed to its sessions (``last_seq``); when the
-connection drops (:meth:`Hub.suspend`) live frames are buffered, and once nats-py
-has reconnected and resubscribed (:meth:`Hub.resume`) the hub reads the stream
-after ``last_seq``, delivers what was missed, then the buffered frames past it
-(:mod:`pushsvc.core.recovery`).
+The same idea covers a NATS outage for the sessions that stay connected
+(:mod:`pushsvc.core.recovery`). Connections on several SSE / HTTP-streaming
+channels resume from the node's watermark (:mod:`pushsvc.core.watermark`).
 """
 
 from __future__ import annotations
@@ -49,7 +46,6 @@ from typing import Any
 from .. import metrics
 from ..bus import Bus, Headers, Unavailable
 from ..protocol import (
-    CLOSE_UNAUTHORIZED,
     EXCLUDE_HEADER,
     Subscribed,
     publisher_of,
@@ -66,6 +62,7 @@ from .flight import FAN_OUT_SLICE, Flight
 from .member import Member
 from .outbox import fan_out
 from .recovery import OutageRecovery
+from .watermark import Watermark
 
 log = logging.getLogger("pushsvc.core.hub")
 
@@ -119,6 +116,8 @@ class Hub(OutageRecovery):
         self._delivered = 0
         self._latencies: list[float] = []
         self._metrics_handle: asyncio.Handle | None = None
+        #: the resume point of connections on several channels (SSE, HTTP-streaming)
+        self.watermark = Watermark(self._channels, bus.drained, lambda: self.epoch)
 
     # --- bus -> hub ------------------------------------------------------------------
     def dispatch(
@@ -228,8 +227,11 @@ class Hub(OutageRecovery):
         past their seam, joining the live set then; never to ``skip`` (its
         ``Pushsvc-Exclude-Client``).
         """
-        if seq is not None and (state.last_seq is None or seq > state.last_seq):
-            state.last_seq = seq
+        if seq is not None:
+            if state.last_seq is None or seq > state.last_seq:
+                state.last_seq = seq
+            if seq > self.watermark.seq:
+                self.watermark.seq = seq
         delivered = len(state.clients)
         if delivered:
             batch = state.batch
@@ -264,6 +266,8 @@ class Hub(OutageRecovery):
                     del state.pending[session]
                     self._join(state, session)
                     session.send(frame, nbytes)
+                    if session in self.watermark.followers:
+                        self.watermark.owe((session,))
                     delivered += 1
         self._delivered += delivered
         if self._metrics_handle is None:
@@ -291,6 +295,8 @@ class Hub(OutageRecovery):
         if handle is not None and self.write_delay <= 0:
             handle.cancel()
             self._flush_batches()
+        elif self.watermark.owed:
+            self.watermark.offer()
 
     def _flush_batches(self) -> None:
         """Write every channel's batch (the scheduled flush)."""
@@ -303,6 +309,8 @@ class Hub(OutageRecovery):
                 self._flush_channel(state, single)
             except Exception:  # a bug must not leave the other channels unflushed
                 log.exception("flush of a channel batch failed")
+        if self.watermark.owed:
+            self.watermark.offer()
 
     def _flush_channel(self, state: ChannelState, single: bool = True) -> None:
         """Hand ``state``'s batch to its live set (see :func:`~pushsvc.core.outbox.fan_out`).
@@ -335,6 +343,8 @@ class Hub(OutageRecovery):
             sessions = state.boxes
             if sessions is None:
                 sessions = state.boxes = tuple(s.outbox for s in state.clients)
+        if self.watermark.followers:
+            self.watermark.owe_channel(state)
         flight = state.flight
         if flight is not None:
             if flight.largest() + 1 + nbytes <= self._coalesce:
@@ -375,7 +385,7 @@ class Hub(OutageRecovery):
         if state.batch:
             state.late[session] = len(state.batch)
         state.clients.add(session)
-        state.boxes = None
+        state.boxes = state.followers = None
 
     def _leave(self, state: ChannelState, session: Member) -> None:
         """Remove ``session`` from the live set, handing it what the batch owes it first."""
@@ -390,32 +400,12 @@ class Hub(OutageRecovery):
         if state.batch and member and not session.closed:
             send_frames(session, owed_frames(state.batch, start, skipped))
         state.clients.discard(session)
-        state.boxes = None
+        state.boxes = state.followers = None
 
     @property
     def epoch(self) -> str | None:
         """The stream's epoch (None with history off): positions are only valid within it."""
         return self.bus.epoch if self.bus.history_enabled else None
-
-    def disconnect(
-        self, sub: str | None, jti: str | None, issued_before: float | None = None
-    ) -> int:
-        """Close with 4001 every session matching ``sub`` and/or ``jti``; returns how many.
-
-        With ``issued_before`` (Unix seconds), a ``sub`` match only counts for tokens
-        issued (``iat``) at or before it, as a revocation by ``sub`` refuses them.
-        """
-        closed = 0
-        for session in list(self.clients):
-            p = session.principal
-            if (
-                (sub is None or p.sub == sub)
-                and (jti is None or p.jti == jti)
-                and (issued_before is None or p.iat is None or p.iat <= issued_before)
-            ):
-                session.close(CLOSE_UNAUTHORIZED, "token revoked")
-                closed += 1
-        return closed
 
     # --- session registry ------------------------------------------------------------
     def user_connections(self, sub: str) -> int:
@@ -446,6 +436,7 @@ class Hub(OutageRecovery):
                 del self.users[session.principal.sub]
         for channel in list(session.channels):
             self.unsubscribe(session, channel)
+        self.watermark.forget(session)
         for disconnected in self.on_disconnect:
             disconnected(session)
 
@@ -472,6 +463,7 @@ class Hub(OutageRecovery):
             await self.bus.release(channel)
             return
         session.channels.add(channel)
+        self.watermark.track(session)
         metrics.SUBSCRIPTIONS.inc()
         state = self._channels.get(channel)
         if state is None:
@@ -516,6 +508,8 @@ class Hub(OutageRecovery):
         rec.threshold = threshold
         if history is not None and (state.last_seq is None or threshold > state.last_seq):
             state.last_seq = threshold  # the live set has everything up to the seam too
+        if session in self.watermark.followers:
+            self.watermark.owe((session,))  # its replay carried no ids
         metrics.REPLAYED.inc(len(replay))
 
     def unsubscribe(self, session: Member, channel: str) -> None:
@@ -523,6 +517,7 @@ class Hub(OutageRecovery):
         if channel not in session.channels:
             return
         session.channels.discard(channel)
+        self.watermark.track(session)
         for left in self.on_leave:
             left(session, channel)
         metrics.SUBSCRIPTIONS.dec()

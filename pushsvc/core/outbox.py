@@ -162,6 +162,13 @@ class Outbox:
         self._writer: asyncio.Task[None] | None = None
         self.closed = False
 
+    def reframe(self, direct: bool) -> None:
+        """The transport's framing changed: take it, and let :func:`fan_out` write
+        straight to the wire (``direct``) or only through this outbox (so what the
+        hub sends after a batch, a watermark, goes out in the same write)."""
+        self.framing = self.transport.framing
+        self._wire = self.transport.wire if direct else None
+
     def close(self, code: int, reason: str = "") -> None:
         """Close the connection with ``code`` (the client overrides it); here: stop writing."""
         self.closed = True

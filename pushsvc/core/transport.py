@@ -31,12 +31,22 @@ class Transport(Protocol):
         expects_pong: True when the protocol's heartbeat needs an answer
             (WebSocket ``ping`` frames); False when the write path and TCP find a
             dead peer (SSE comments).
+        watermarks: True when the connection resumes from one id (SSE's
+            ``Last-Event-ID``, HTTP-streaming's ``last_event_id``): on several
+            channels its messages then carry no id and the node's watermark
+            follows them (:mod:`pushsvc.core.watermark`).
     """
 
     name: str
     framing: Callable[[str], bytes]
     wire: asyncio.WriteTransport | None
     expects_pong: bool
+    watermarks: bool
+
+    def use_watermarks(self, on: bool) -> None:
+        """Frame messages without ids and ``position`` frames as the id (on), or
+        each message with its own id (off); replaces :attr:`framing`."""
+        ...
 
     def can_write(self) -> bool:
         """True while a :meth:`write` would not add to a backlog (open, not under backpressure)."""

@@ -107,6 +107,7 @@ class StreamEndpoint:
         self.tickets = tickets
         hub = clients.hub
         self.framing = Framing(kind, lambda: hub.epoch)
+        self.unmarked = Framing(kind, lambda: hub.epoch, ids=False)
         self.content_type = (
             b"text/event-stream; charset=utf-8" if kind == "sse" else b"application/x-ndjson"
         )
@@ -154,12 +155,11 @@ class StreamEndpoint:
             if self.kind == "stream":
                 first = ""
             await send({"type": "http.response.body", "body": first.encode(), "more_body": True})
-            transport = StreamTransport(self.kind, self.framing, send, receive)
+            transport = StreamTransport(self.kind, self.framing, self.unmarked, send, receive)
             secret = self.sessions.new_secret()
-            resume = {c: position for c in channels} if position is not None else None
-            client = self.clients.make(
-                transport, principal, resume_subs=resume, channels=channels, session=secret
-            )
+            client = self.clients.make(transport, principal, channels=channels, session=secret)
+            if position is not None:
+                client.resume_all(position)
             started = client.start()  # registers with the hub at its first step
         finally:
             self.admission.release(principal.sub)

@@ -9,6 +9,12 @@ WebSocket (docs/protocol.md, "SSE" and "HTTP-streaming"):
 - ``application/x-ndjson``: one frame object per line; a ``message`` carries an
   ``id`` field with the same cursor.
 
+A connection on several channels gets its messages without ids and, instead, the
+node's watermark (:mod:`pushsvc.core.watermark`): an id-only block ``id:
+<epoch>:<seq>`` and a blank line (which sets the browser's last event id without
+dispatching an event, WHATWG HTML 9.2.6), or on NDJSON a ``position`` line. Each
+kind has two :class:`Framing` objects, with and without per-message ids.
+
 Writes go straight to the connection's asyncio transport when the server is
 uvicorn's httptools protocol with a chunked response (the body's chunks framed
 here as uvicorn frames them, RFC 9112 7.1); anything else uses eager ASGI
@@ -30,6 +36,7 @@ ASGIReceive = Callable[[], Awaitable[dict[str, Any]]]
 CLOSE_TIMEOUT = 2.0  # seconds to get the close event out before dropping the connection
 LINE_CACHE = 4 * 1024 * 1024  # characters of frames kept framed per wire format (recent ones)
 _MESSAGE = '{"type":"message"'
+_POSITION = '{"type":"position","id":"'
 _SEQ = '"seq":'
 
 
@@ -50,47 +57,6 @@ def _seq_of(line: str) -> str | None:
     return line[i:j] if j > i else None
 
 
-def in_stream_order(text: str) -> str:
-    """``text`` (frames joined by ``\\n``) with each run of ``message`` frames in seq order.
-
-    A connection on several channels is written, in one flush, each channel's batch
-    in turn ([A 98, A 100, B 99]); the stream's event ids are only exact when
-    messages arrive in stream order ([A 98, B 99, A 100]), so the messages between
-    two other frames are sorted by seq (stable; frames without seq keep their
-    place). Other frames (``subscribed`` before a replay, ``error``...) stay put.
-    """
-    lines = text.split("\n")
-    if len(lines) < 2:
-        return text
-    keys: list[int | None] = []
-    last = -1
-    ordered = True
-    for line in lines:
-        seq = _seq_of(line) if line.startswith(_MESSAGE) else None
-        if seq is None:
-            keys.append(None)
-            last = -1
-            continue
-        n = int(seq)
-        if n < last:
-            ordered = False
-        last = n
-        keys.append(n)
-    if ordered:
-        return text
-    out: list[str] = []
-    run: list[tuple[int, int, str]] = []
-    for i, (line, key) in enumerate(zip(lines, keys, strict=True)):
-        if key is None:
-            out.extend(x for _, _, x in sorted(run))
-            run = []
-            out.append(line)
-        else:
-            run.append((key, i, line))
-    out.extend(x for _, _, x in sorted(run))
-    return "\n".join(out)
-
-
 def _type_of(line: str) -> str:
     """The ``type`` of an encoded frame (msgspec writes the tag field first)."""
     return line[9 : line.index('"', 9)]
@@ -107,6 +73,9 @@ class Framing:
     Args:
         kind: ``"sse"`` (event stream) or ``"stream"`` (NDJSON).
         epoch: returns the stream's current epoch (ids are ``<epoch>:<seq>``).
+        ids: True: every ``message`` carries its own id (a connection on one
+            channel or pattern); False: messages carry none and ``position``
+            frames (the watermark) carry the id (a connection on several).
 
     Attributes:
         body: batch text -> body bytes (no transfer coding).
@@ -115,8 +84,9 @@ class Framing:
             identity), so a fan-out frames a batch once for all connections.
     """
 
-    def __init__(self, kind: str, epoch: Callable[[], str | None]) -> None:
+    def __init__(self, kind: str, epoch: Callable[[], str | None], ids: bool = True) -> None:
         self.kind = kind
+        self.ids = ids
         self._epoch = epoch
         self._line = self._sse_line if kind == "sse" else self._ndjson_line
         self._last_text: str | None = None
@@ -138,16 +108,18 @@ class Framing:
 
     def _sse_line(self, line: str) -> str:
         if line.startswith(_MESSAGE):
-            seq = _seq_of(line)
+            seq = _seq_of(line) if self.ids else None
             if seq is not None:
                 return f"id: {self.cursor(seq)}\ndata: {line}\n\n"
             return f"data: {line}\n\n"
         if line == PING_FRAME:
             return ":\n\n"
+        if line.startswith(_POSITION):  # an id-only block: no event is dispatched
+            return f"id: {line[len(_POSITION) : -2]}\n\n"
         return f"event: {_type_of(line)}\ndata: {line}\n\n"
 
     def _ndjson_line(self, line: str) -> str:
-        if line.startswith(_MESSAGE):
+        if self.ids and line.startswith(_MESSAGE):
             seq = _seq_of(line)
             if seq is not None:
                 return f'{{"id":"{self.cursor(seq)}",{line[1:]}\n'
@@ -213,6 +185,8 @@ class StreamTransport:
     Args:
         name: ``"sse"`` or ``"stream"`` (metrics label).
         framing: the node's :class:`Framing` for that kind.
+        unmarked: the node's :class:`Framing` of that kind without per-message ids
+            (a connection on several channels: :meth:`use_watermarks`).
         send / receive: the ASGI callables of the request, after the response
             started (headers and the first body bytes sent).
 
@@ -221,11 +195,13 @@ class StreamTransport:
     """
 
     expects_pong = False
+    watermarks = True
 
     __slots__ = (
         "_closer",
         "_cycle",
         "_framing",
+        "_framings",
         "_inflight",
         "_send",
         "framing",
@@ -234,9 +210,12 @@ class StreamTransport:
         "wire",
     )
 
-    def __init__(self, name: str, framing: Framing, send: ASGISend, receive: ASGIReceive) -> None:
+    def __init__(
+        self, name: str, framing: Framing, unmarked: Framing, send: ASGISend, receive: ASGIReceive
+    ) -> None:
         self.name = name
         self._framing = framing
+        self._framings = (framing, unmarked)
         self._send = send
         self._cycle = direct_cycle(receive)
         self.wire: asyncio.WriteTransport | None = (
@@ -246,6 +225,11 @@ class StreamTransport:
         self._inflight = EagerSender()  # an ASGI body send that hit backpressure
         self._closer: asyncio.Task[None] | None = None
         self.reader: asyncio.Task[Any] | None = None
+
+    def use_watermarks(self, on: bool) -> None:
+        """Frame messages without ids (on: several channels) or with their own (off)."""
+        self._framing = self._framings[1 if on else 0]
+        self.framing = self._framing.chunked
 
     def can_write(self) -> bool:
         """False while a write waits for the socket (backpressure) or an ASGI send is in flight."""
@@ -260,7 +244,6 @@ class StreamTransport:
         Raises:
             ConnectionResetError: the peer is gone.
         """
-        text = in_stream_order(text)  # this connection's own batch: maybe several channels
         cycle = self._cycle
         if cycle is not None:
             if cycle.disconnected or cycle.transport.is_closing():

@@ -130,6 +130,7 @@ class WebSocketTransport:
 
     name = "ws"
     expects_pong = True
+    watermarks = False  # every message carries its channel's seq; no stream-wide id
     framing = staticmethod(text_frame)
 
     __slots__ = ("_closer", "_direct", "_inflight", "_receive", "_send", "reader", "wire")
@@ -166,6 +167,9 @@ class WebSocketTransport:
             return False
         direct.on_pong = callback
         return True
+
+    def use_watermarks(self, on: bool) -> None:
+        """Not used: a WebSocket client resumes per channel (``subscribe`` ``since``)."""
 
     def can_write(self) -> bool:
         """False while an ASGI send is in flight (the server applies backpressure)."""
