@@ -223,7 +223,13 @@ class Client(asyncio.Protocol):
         now = time.time_ns()
         self.w.wire_bytes += len(data)
         if self.raw:
-            if self.counting and not self.partial and len(data) > 4 and data[0] == _FIN_TEXT:
+            first = data[0]
+            if (
+                self.counting
+                and not self.partial
+                and len(data) > 4
+                and (first == _FIN_TEXT or (first == _FIN_RSV1_TEXT and self.w.deflate))
+            ):
                 # the common read: one whole final text frame (RFC 6455 section 5.2)
                 # holding the next message in order. Its accounting is done inline,
                 # with no list or call per message, so the clients of one process
@@ -234,9 +240,12 @@ class Client(asyncio.Protocol):
                 elif length == 127:
                     head = 0  # a 64-bit length: large, left to the general path
                 if head and head + length == len(data):
+                    payload = data[head:]
                     try:
-                        line = _decode_line(data[head:])
-                    except (msgspec.DecodeError, msgspec.ValidationError):
+                        if first == _FIN_RSV1_TEXT:  # compressed (RFC 7692 7.2.2)
+                            payload = zlib.decompressobj(-15).decompress(payload + _TAIL)
+                        line = _decode_line(payload)
+                    except (msgspec.DecodeError, msgspec.ValidationError, zlib.error):
                         line = None
                     if (
                         line is not None
