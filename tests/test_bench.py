@@ -388,6 +388,29 @@ async def test_reconnect_and_server_cpu_figures(start_server, nats_url):
     assert report["server_cpu_s"] >= report["server_cpu_ms_per_connection"] * 20 / 1e3, report
 
 
+async def test_churn_reconnects_clients_that_resume_with_nothing_lost(start_server, nats_url):
+    # the soak's churn on a small scale: 100 % per minute is 10 % every 6 s; each
+    # churned client subscribes with since = its last seq and the replay fills the gap
+    srv = await start_server()
+    code, report, err = await run_bench(
+        srv,
+        nats_url,
+        "--clients",
+        "20",
+        "--rate",
+        "50",
+        "--messages",
+        "350",
+        "--churn",
+        "100",
+        "--server-pid",
+        str(os.getpid()),
+    )
+    assert_clean(code, report, err, expected=20 * 350)  # none lost, none twice
+    assert report["churned"] >= 2 and report["churn_failed"] == 0, report  # 2 per 6 s tick
+    assert [set(x) for x in report["soak_samples"]] == [{"t", "rss_mib", "fds"}], report
+
+
 async def test_source_addresses_idle_and_broadcast(start_server, nats_url):
     # the capacity run's flags on a small scale: clients from three loopback addresses,
     # a quiet second in which only heartbeats flow, then two broadcast rounds
@@ -435,6 +458,8 @@ BAD_ARGUMENTS = [
     (["--size", "2000000"], "--size must be <= 1048576"),
     (["--rate", "-1"], "--rate must be >= 0"),
     (["--connect-rate", "-5"], "--connect-rate must be >= 0"),
+    (["--churn", "150", "--rate", "10"], "--churn must be a percentage"),
+    (["--churn", "1"], "--churn needs --rate > 0"),
     (["--timeout", "0"], "--timeout and --duration-limit must be > 0"),
     (["--duration-limit", "-1"], "--timeout and --duration-limit must be > 0"),
     (["--procs", "0"], "--procs must be >= 1"),

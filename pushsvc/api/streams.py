@@ -15,7 +15,7 @@ from __future__ import annotations
 import secrets
 
 import msgspec
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Request, Security
 from fastapi.responses import Response
 
 from .. import metrics
@@ -26,8 +26,9 @@ from ..bus import Unavailable
 from ..bus.tickets import Tickets
 from ..config.settings import Settings
 from ..core.admission import Admission
-from ..sse.sessions import StreamSessions
+from ..sse.sessions import CommandBatch, StreamSessions
 from .errors import HTTPError, json_response
+from .openapi import JWT_SCHEME, errors, json_body, ref
 
 
 class Ticket(msgspec.Struct):
@@ -59,7 +60,16 @@ def streams_router(
         summary="Commands for an SSE / HTTP-streaming connection",
         status_code=202,
         response_model=None,
-        include_in_schema=False,  # documented in docs/protocol.md (SSE)
+        responses={
+            202: json_body(ref(Accepted), "The session's node took the commands"),
+            **errors(400, 403, 404, 413, 503),
+        },
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": ref(CommandBatch)}},
+            }
+        },
     )
     async def commands(request: Request) -> Response:
         """Apply commands to a stream session; the answers arrive on its stream."""
@@ -89,7 +99,8 @@ def streams_router(
         operation_id="sseTicket",
         summary="A single-use ticket for GET /sse",
         response_model=None,
-        include_in_schema=False,  # documented in docs/protocol.md (SSE)
+        dependencies=[Security(JWT_SCHEME)],
+        responses={200: json_body(ref(Ticket), "A single-use ticket"), **errors(401, 503)},
     )
     async def ticket(request: Request) -> Response:
         """Mint a ticket for the bearer token (verified now and again at use)."""

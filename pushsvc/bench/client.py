@@ -140,6 +140,7 @@ class _Line(msgspec.Struct, gc=False):
 
     type: str = ""
     data: _Payload | None = None
+    seq: int | None = None
     code: Any = None
     message: Any = None
 
@@ -185,6 +186,8 @@ class Client(asyncio.Protocol):
         "lost",
         "waiting",
         "waiter",
+        "last_seq",
+        "since",
     )
 
     def __init__(self, worker: Tally, gid: int, token: str, stalled: bool) -> None:
@@ -203,6 +206,8 @@ class Client(asyncio.Protocol):
         self.lost = loop.create_future()
         self.waiting = "open"
         self.waiter: asyncio.Future[None] = loop.create_future()
+        self.last_seq: int | None = None  # stream seq of the last message (a resume's since)
+        self.since: int | None = None  # subscribe from this seq (a churned client's resume)
         self.next_i = self.chan  # next in-order global message index on this channel
         self.early: set[int] | None = None  # indices that came early; None while none
         self.unique = 0
@@ -254,6 +259,7 @@ class Client(asyncio.Protocol):
                         and line.type == "message"
                         and not self.early
                     ):
+                        self.last_seq = line.seq
                         w = self.w
                         if w.stride == 1 and w.lat_room > 1:
                             lat = now - d.t
@@ -437,9 +443,11 @@ class Client(asyncio.Protocol):
                 else:
                     ids.append(d.i)
                     ts.append(d.t)
+                seq = line.seq
             else:
                 self._on_control(line.type, line.code, line.message)
         if ids is not None and self.counting:
+            self.last_seq = seq
             self._on_messages(ids, ts, now)
 
     def _on_text_slow(self, data: bytes, now: int) -> None:
@@ -463,6 +471,8 @@ class Client(asyncio.Protocol):
                 if isinstance(d, dict) and type(d.get("i")) is int and type(d.get("t")) is int:
                     ids.append(d["i"])
                     ts.append(d["t"])
+                    if type(obj.get("seq")) is int:
+                        self.last_seq = obj["seq"]
                 else:
                     self.w.error(f"client {self.gid}: foreign message {raw[:80]!r}")
             else:

@@ -27,7 +27,7 @@ from .client import ERROR_SAMPLES
 from .options import BenchError
 from .publishers import Publisher, PublishResult
 from .report import latency_ms
-from .system import add_pipe_reader, cpu_seconds, run_loop, server_sample
+from .system import add_pipe_reader, cpu_seconds, open_files, run_loop, server_sample
 from .tokens import emitters
 from .worker import worker_entry
 
@@ -248,12 +248,14 @@ class Coordinator:
         if cfg["server_pid"]:
             self.server_pub = server_sample(cfg["server_pid"])
         pub_start = time.time_ns()
+        soak = asyncio.ensure_future(self._soak()) if cfg["churn"] else None
         if subscribed:
             pub = await publisher.publish(self.work_deadline)
         else:
             pub = PublishResult(cfg["channels"])
             pub.error("no client subscribed: nothing published")
         pub_end = time.time_ns()
+        samples = await _finish(soak)
         # 3. wait for deliveries
         self.phase = "delivering"
         self.expected_total = sum(map(int.__mul__, chan_clients, pub.per_channel))
@@ -272,6 +274,10 @@ class Coordinator:
         )
         report = self._report_base(connect_seconds, subscribed, pub, pub_start, pub_end, results)
         report.update(idle)
+        if soak is not None:
+            report["churned"] = sum(m.stats["churned"] for m in results.values())
+            report["churn_failed"] = sum(m.stats["churn_failed"] for m in results.values())
+            report["soak_samples"] = samples
         if cfg["broadcast"]:
             report["broadcast_ms"] = broadcast_ms(results, pub.sent, report["latency_ms"])
             self._broadcast_cpu(report, server_mid, pub_start)
@@ -305,6 +311,33 @@ class Coordinator:
             self._server_report(report, server_mid, subscribed + stalled_ready)
         report["elapsed_seconds"] = round(time.monotonic() - self.t0, 3)
         return report
+
+    async def _soak(self) -> list[dict[str, float]]:
+        """``--churn``: while publishing, a tenth of the per-minute churn every 6 s; with a
+        server pid, its RSS (MiB) and open files every 30 s (the soak's flat lines).
+
+        Returns the samples: {"t": seconds since the publish began, "rss_mib", "fds"}.
+        """
+        cfg = self.cfg
+        pid = cfg["server_pid"]
+        samples: list[dict[str, float]] = []
+        t0 = time.monotonic()
+        tick = 0
+        try:
+            while True:
+                if pid and tick % 5 == 0 and (now := server_sample(pid)) is not None:
+                    samples.append(
+                        {
+                            "t": round(time.monotonic() - t0, 1),
+                            "rss_mib": round(now["rss"] / 1024, 1),
+                            "fds": open_files(pid),
+                        }
+                    )
+                await asyncio.sleep(6.0)
+                tick += 1
+                self._broadcast(pipe.Churn(cfg["churn"] / 100 / 10))
+        except asyncio.CancelledError:
+            return samples
 
     async def _idle_phase(self, conns: int) -> dict[str, Any]:
         """``--idle``: nothing published for that many seconds; heartbeats, server CPU and RSS.
@@ -549,3 +582,11 @@ def run_bench(cfg: dict[str, Any]) -> dict[str, Any]:
         raise
     finally:
         coordinator.reap_workers()
+
+
+async def _finish(task: asyncio.Task[list[dict[str, float]]] | None) -> list[dict[str, float]]:
+    """Stop the soak task (if any) and return its samples."""
+    if task is None:
+        return []
+    task.cancel()
+    return await task

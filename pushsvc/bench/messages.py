@@ -6,7 +6,7 @@ monotonic seconds (``until``, deadlines) or ``time.time_ns()`` nanoseconds
 (``*_ns``), durations seconds.
 
 Coordinator -> worker: :class:`Connect`, :class:`Published`, :class:`Stop`,
-:class:`Close`, :class:`Reconnect`, :class:`Mark`, :class:`Exit`.
+:class:`Close`, :class:`Reconnect`, :class:`Churn`, :class:`Mark`, :class:`Exit`.
 Worker -> coordinator: :class:`Up`, :class:`Progress`, :class:`Ready`, :class:`Marked`,
 :class:`Done`, :class:`Result`, :class:`Closed`, :class:`Reconnected`, :class:`Bye`.
 """
@@ -54,6 +54,13 @@ class Reconnect(msgspec.Struct):
     until: float
 
 
+class Churn(msgspec.Struct):
+    """Reconnect ``fraction`` of the normal clients now, each resuming from its last
+    seq (``subscribe`` with ``since``). Not answered: counts come with the results."""
+
+    fraction: float
+
+
 class Mark(msgspec.Struct):
     """Report the heartbeats received so far. Answered :class:`Marked`."""
 
@@ -64,7 +71,7 @@ class Exit(msgspec.Struct):
     close_s: float = 0.5
 
 
-Command = Connect | Mark | Published | Stop | Close | Reconnect | Exit
+Command = Connect | Mark | Published | Stop | Close | Reconnect | Churn | Exit
 
 # --- worker -> coordinator -------------------------------------------------------------
 

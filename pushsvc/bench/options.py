@@ -160,6 +160,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="after the run, close all clients and reconnect them at once (same tokens)",
     )
     add(
+        "--churn",
+        type=float,
+        default=0.0,
+        metavar="PCT",
+        help="while publishing, reconnect PCT%% of the clients per minute (a tenth every "
+        "6 s), each resuming with subscribe since its last seq: a soak with churn; with "
+        "--server-pid, server RSS and open files are sampled every 30 s",
+    )
+    add(
         "--stall",
         type=int,
         default=0,
@@ -206,6 +215,10 @@ def build_config(args: argparse.Namespace) -> dict[str, Any]:
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be >= 1")
     messages = _messages(args)
+    if not 0 <= args.churn <= 100:
+        raise ValueError("--churn must be a percentage, 0 to 100")
+    if args.churn and (args.rate <= 0 or args.transport != "ws" or args.vs_floor or args.floor):
+        raise ValueError("--churn needs --rate > 0 (a steady publish) and --transport ws")
     for name in ("stall", "size"):
         if getattr(args, name) < 0:
             raise ValueError(f"--{name} must be >= 0")
@@ -279,6 +292,7 @@ def build_config(args: argparse.Namespace) -> dict[str, Any]:
         "duration_limit": float(args.duration_limit),
         "reconnect": bool(args.reconnect),
         "stall": args.stall,
+        "churn": args.churn,
         "server_pid": args.server_pid,
         "json": bool(args.json),
         "floor": bool(args.floor),

@@ -112,6 +112,17 @@ def format_report(r: dict[str, Any]) -> str:
             f"  reconnect     {_secs(r['reconnect_seconds'])}  ({r['reconnected']} ok, "
             f"{r['reconnect_errors']} errors)"
         )
+    if "churned" in r:
+        samples = r["soak_samples"]
+        line = f"  churn         {r['churned']} reconnected and resumed, {r['churn_failed']} failed"
+        if samples:
+            rss = [x["rss_mib"] for x in samples]
+            fds = [x["fds"] for x in samples]
+            line += (
+                f"; server RSS MiB {rss[0]} -> {rss[-1]} (min {min(rss)}, max {max(rss)}), "
+                f"open files {fds[0]} -> {fds[-1]} (max {max(fds)}), {len(samples)} samples"
+            )
+        lines.append(line)
     if "stalled_closed_codes" in r:
         lines.append(
             f"  stalled       closed {_codes(r['stalled_closed_codes'])}, "

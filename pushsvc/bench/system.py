@@ -175,3 +175,11 @@ def listening_pid(port: int) -> int | None:
     parent_of = {child: ppid for ppid, kids in parents.items() for child in kids}
     roots = [p for p in owners if parent_of.get(p) not in owners]
     return min(roots or owners)
+
+
+def open_files(pid: int) -> int:
+    """Open file descriptors of ``pid`` (entries of /proc/<pid>/fd, proc(5)); -1 unreadable."""
+    try:
+        return len(os.listdir(f"/proc/{pid}/fd"))
+    except OSError:
+        return -1

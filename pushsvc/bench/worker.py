@@ -51,6 +51,10 @@ class Worker(Tally):
         self.stalled: list[Client] = []
         self.done_sent = False
         self.wire_at_ready = 0
+        self._churns: set[asyncio.Task[None]] = set()
+        self._churn_next = 0  # the next client to churn (round robin)
+        self.churned = 0  # clients reconnected and resumed by --churn
+        self.churn_failed = 0
 
     # plumbing ------------------------------------------------------------------
     def send(self, msg: pipe.Answer) -> None:
@@ -107,6 +111,9 @@ class Worker(Tally):
                     self.send(pipe.Closed())
                 elif isinstance(cmd, pipe.Reconnect):
                     await self._reconnect(until=cmd.until)
+                elif isinstance(cmd, pipe.Churn):
+                    self._churns.add(task := asyncio.ensure_future(self._churn(cmd.fraction)))
+                    task.add_done_callback(self._churns.discard)
                 elif isinstance(cmd, pipe.Exit):
                     close_s = cmd.close_s
                     break
@@ -181,7 +188,10 @@ class Worker(Tally):
                 client.send_obj({"op": "auth", "token": client.token})
                 await welcome
                 subscribed = client.expect("subscribed")
-                client.send_obj({"op": "subscribe", "channel": client.channel})
+                sub: dict[str, Any] = {"op": "subscribe", "channel": client.channel}
+                if client.since is not None:
+                    sub["since"] = client.since
+                client.send_obj(sub)
                 await subscribed
         except _Ready:
             pass
@@ -270,6 +280,8 @@ class Worker(Tally):
             "stride": self.stride,
             "lat_max": self.lat_max,
             "closes": dict(self.closes),
+            "churned": self.churned,
+            "churn_failed": self.churn_failed,
             "msg_lat": self.msg_lat.tobytes() if self.msg_lat is not None else b"",
         }
         self.lat_done = array.array("q")
@@ -293,6 +305,39 @@ class Worker(Tally):
         for c in live:
             if not c.lost.done():
                 c.abort()
+
+    async def _churn(self, fraction: float) -> None:
+        """Reconnect ``fraction`` of the normal clients (round robin), each resuming.
+
+        The old connection's counters pass to the new one, which subscribes with
+        ``since`` = the last seq counted: the replay brings what it missed, and the
+        run's unique/duplicate accounting shows whether anything was lost or twice.
+        """
+        clients = self.clients
+        count = min(len(clients), round(len(clients) * fraction))
+        start = self._churn_next
+        picked = [(start + k) % len(clients) for k in range(count)] if clients else []
+        self._churn_next = (start + count) % max(1, len(clients))
+        until = self.cfg["hard_deadline"]
+
+        async def one(index: int) -> None:
+            old = clients[index]
+            old.counting = False  # from here its deliveries count on the new connection
+            new = self._client(old.gid, old.token, stalled=False)
+            new.next_i, new.early, new.unique = old.next_i, old.early, old.unique
+            new.since = new.last_seq = old.last_seq
+            old.close()
+            await _wait_lost([old], 2.0)
+            if not old.lost.done():
+                old.abort()
+            self.subscribed -= 1
+            clients[index] = new
+            if await self._setup(new, time.monotonic(), until):
+                self.churned += 1
+            else:
+                self.churn_failed += 1
+
+        await asyncio.gather(*(one(i) for i in picked))
 
     async def _reconnect(self, until: float) -> None:
         """Reconnect every (normal) client at once with its token, report errors and end time."""

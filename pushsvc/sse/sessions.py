@@ -13,6 +13,7 @@ Commands of one session are applied in the order the POSTs reach the owning node
 from __future__ import annotations
 
 import asyncio
+import re
 import secrets
 
 import msgspec
@@ -22,11 +23,13 @@ from ..bus.nodes import NodeRequests, NoResponder
 from ..core.client import Client
 
 OP = "commands"
+_NODE_ID = re.compile(r"[0-9a-f]{6}")  # Hub.node_id: 3 random bytes as hex
 REQUEST_TIMEOUT = 5.0  # seconds for the owning node to take a POST's commands
 
 
 class CommandBatch(msgspec.Struct, forbid_unknown_fields=True):
-    """The body of ``POST /sse/commands``."""
+    """The body of ``POST /sse/commands``: the stream's ``session`` (``welcome.session``)
+    and command objects as on WebSocket (docs/protocol.md, "Commands")."""
 
     session: str
     commands: list[msgspec.Raw]
@@ -76,6 +79,8 @@ class StreamSessions:
         """
         batch = msgspec.json.decode(body, type=CommandBatch)
         node, _, _ = batch.session.partition(".")
+        if not _NODE_ID.fullmatch(node):
+            return 404  # not a session this cluster made (and not a NATS subject token)
         if node == self.node_id or self.requests is None:
             return await self._local(batch)
         try:
