@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import random
 import time
 from collections.abc import Callable
 from typing import Any
@@ -57,14 +59,16 @@ class PublishResult:
 def _payload_factory(size: int, sample: bool = False) -> Callable[[int], bytes]:
     """Return ``make(i)``: the padded JSON payload of message ``i``, stamped now (ns).
 
-    With ``sample``: the shipped order book (:func:`~pushsvc.bench.options.sample_payload`)
-    with ``"i"`` and ``"t"`` added as its first members (``size`` is ignored).
+    With ``sample``: one of :data:`SAMPLE_VARIANTS` versions of the shipped order
+    book (:func:`sample_variants`) in turn, with ``"i"`` and ``"t"`` added as its
+    first members (``size`` is ignored).
     """
     if sample:
-        rest = sample_payload()[1:]  # the object's members after its "{"
+        rests = [v[1:] for v in sample_variants()]  # the members after each "{"
+        k = len(rests)
 
         def make_sample(i: int) -> bytes:
-            return b'{"i":%d,"t":%d,%b' % (i, time.time_ns(), rest)
+            return b'{"i":%d,"t":%d,%b' % (i, time.time_ns(), rests[i % k])
 
         return make_sample
     pad = b"x" * (size + 64)
@@ -74,6 +78,38 @@ def _payload_factory(size: int, sample: bool = False) -> Callable[[int], bytes]:
         return head + pad[: max(0, size - len(head) - 2)] + b'"}'
 
     return make
+
+
+SAMPLE_VARIANTS = 64  # distinct order books a --sample run cycles through
+
+
+def sample_variants(n: int = SAMPLE_VARIANTS) -> list[bytes]:
+    """``n`` versions of the sample order book, as a feed would send them one after another.
+
+    Version ``k`` has the sample's prices, its update ids moved on by ``64 k``
+    and every level's quantity drawn again (seeded by ``k``, same format: 8
+    decimals, 3-5 significant), so consecutive messages differ as real depth
+    updates do and a batch of them does not compress as one book repeated.
+    Version 0 is the sample itself.
+    """
+    base = sample_payload()
+    book = json.loads(base)
+    out = [base]
+    for k in range(1, n):
+        rng = random.Random(k)
+        variant = dict(book)
+        for key in ("U", "u"):
+            if isinstance(book.get(key), int):
+                variant[key] = book[key] + 64 * k
+        for side in ("b", "a"):
+            levels = book.get(side)
+            if isinstance(levels, list):
+                variant[side] = [
+                    [price, f"{round(rng.uniform(0.0001, 3.0), rng.choice((3, 4, 5))):.8f}"]
+                    for price, _ in levels
+                ]
+        out.append(json.dumps(variant, separators=(",", ":")).encode())
+    return out
 
 
 class _Pacer:
