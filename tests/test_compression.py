@@ -11,6 +11,7 @@ the same channel. Real uvicorn, real NATS, real sockets.
 from __future__ import annotations
 
 import json
+import os
 from importlib import resources
 from typing import Any
 
@@ -52,7 +53,10 @@ class Recorder:
 async def deflate_client(srv: Running, **offer: Any) -> tuple[WSClient, Recorder]:
     """A client offering permessage-deflate (``offer``: the factory's parameters)."""
     ws = await websockets.connect(
-        srv.ws_url, extensions=[ClientPerMessageDeflateFactory(**offer)], compression=None
+        srv.ws_url,
+        extensions=[ClientPerMessageDeflateFactory(**offer)],
+        compression=None,
+        max_size=None,
     )
     assert len(ws.protocol.extensions) == 1, "permessage-deflate was not negotiated"
     recorder = Recorder(ws.protocol.extensions[0])
@@ -111,6 +115,19 @@ async def test_a_burst_coalesces_into_compressed_frames(srv, nc, channel):
     assert "".join(deflated.raw_frames[-len(recorder.frames) :])  # every frame inflated
     for c in (deflated, plain):
         await c.close()
+
+
+async def test_large_compressed_frames_carry_64_bit_lengths(srv, nc, channel):
+    """A message whose compressed payload is over 65535 bytes: a 64-bit length
+    (RFC 6455 5.2), inflated to the exact message."""
+    deflated, recorder = await deflate_client(srv)
+    await deflated.subscribe(channel)
+    data = {"blob": os.urandom(200_000).hex()}  # hex: compresses to about half, > 64 KiB
+    await nc.publish(f"push.{channel}", json.dumps(data).encode())
+    assert (await deflated.messages(1))[0]["data"] == data
+    rsv1, wire = recorder.frames[-1]
+    assert rsv1 and 65535 < len(wire) < len(deflated.raw_frames[-1])
+    await deflated.close()
 
 
 async def test_a_smaller_server_window_is_honoured(srv, nc, channel):
