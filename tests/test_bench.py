@@ -791,6 +791,31 @@ async def test_compression_both_prints_both_rows_and_ratios(start_server, nats_u
     assert "lost 0" in out and "failed runs 0" in out, out
 
 
+async def test_heap_measures_both_kinds():
+    """``python -m pushsvc.bench.heap`` (docs/benchmarks.md, "Compression") runs as written."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "pushsvc.bench.heap",
+        "--clients",
+        "5",
+        "--rounds",
+        "1",
+        "--idle",
+        "0.5",
+        "--json",
+        env=clean_env(),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), RUN_TIMEOUT)
+    assert proc.returncode == 0, (out, err)
+    result = json.loads(out)
+    assert result["clean"] and set(result["bytes_per_connection"]) == {"off", "deflate"}
+    wire = {r["kind"]: r["wire_bytes_per_delivery"] for r in result["runs"]}
+    assert wire["deflate"] < 0.5 * wire["off"]  # the deflate clients did negotiate it
+
+
 async def test_vs_floor_json_and_failing_runs_exit_1(start_server, nats_url):
     srv = await start_server()
     code, report, err = await run_bench(
