@@ -137,7 +137,7 @@ async def launch(
         http="pushsvc.server.httpprotocol:HttpToolsProtocol",
         ws="pushsvc.ws.protocol:WebSocketProtocol",
         ws_max_size=settings.max_frame_bytes,
-        ws_per_message_deflate=False,
+        ws_per_message_deflate=settings.compression == "deflate",
         lifespan="on",
         log_level="warning",
         **(uvicorn_options or {}),

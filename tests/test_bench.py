@@ -451,6 +451,8 @@ async def test_source_addresses_idle_and_broadcast(start_server, nats_url):
 
 BAD_ARGUMENTS = [
     (["--clients", "0"], "--clients must be >= 1"),
+    (["--compression", "deflate", "--transport", "sse"], "--compression applies to WebSocket"),
+    (["--compression", "both", "--vs-floor"], "--compression both compares plain runs"),
     (["--channels", "0"], "--channels must be >= 1"),
     (["--messages", "-1"], "--messages must be >= 0"),
     (["--size", "2000000"], "--size must be <= 1048576"),
@@ -739,6 +741,79 @@ async def test_vs_floor_prints_both_rows_and_ratios(start_server, nats_url):
     assert "nats hop: p50 " in out and "pushsvc p50 less the hop" in out, out
     # the server runs in this test's process, found as the one listening on --url's port
     assert f"server pid {os.getpid()}" in out, out
+
+
+async def test_compressed_clients_decode_every_frame(start_server, nats_url):
+    """--compression deflate --sample: clients negotiate permessage-deflate and inflate
+    the shared compressed frames; the order book costs a fraction of its bytes."""
+    srv = await start_server(compression="deflate")
+    common = ("--clients", "6", "--messages", "40", "--rate", "400", "--sample")
+    code, plain, err = await run_bench(srv, nats_url, *common)
+    assert_clean(code, plain, err, expected=6 * 40)
+    code, packed, err = await run_bench(srv, nats_url, *common, "--compression", "deflate")
+    assert_clean(code, packed, err, expected=6 * 40)
+    assert plain["compression"] == "off" and packed["compression"] == "deflate"
+    assert plain["size"] > 1900  # the sample, ~2 KiB
+    assert packed["wire_bytes_per_delivery"] < 0.5 * plain["wire_bytes_per_delivery"]
+
+
+async def test_compression_both_prints_both_rows_and_ratios(start_server, nats_url):
+    srv = await start_server(compression="deflate")
+    code, out, err = await bench(
+        "--compression",
+        "both",
+        "--sample",
+        "--rounds",
+        "1",
+        "--url",
+        srv.base,
+        "--nats-url",
+        nats_url,
+        "--prefix",
+        srv.settings.subject_prefix,
+        "--secret",
+        SECRET,
+        "--clients",
+        "8",
+        "--messages",
+        "30",
+        "--rate",
+        "300",
+        "--procs",
+        "1",
+        "--quiet",
+    )
+    assert code == 0, (out, err)
+    rows = {line.split()[0]: line.split()[1:] for line in out.splitlines()[2:5]}
+    assert set(rows) == {"off", "deflate", "ratio"}, out
+    assert all(len(cells) == 5 for cells in rows.values()), out
+    assert float(rows["ratio"][0].rstrip("x")) < 0.5, out  # wire bytes per delivery
+    assert "lost 0" in out and "failed runs 0" in out, out
+
+
+async def test_heap_measures_both_kinds():
+    """``python -m pushsvc.bench.heap`` (docs/benchmarks.md, "Compression") runs as written."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "pushsvc.bench.heap",
+        "--clients",
+        "5",
+        "--rounds",
+        "1",
+        "--idle",
+        "0.5",
+        "--json",
+        env=clean_env(),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), RUN_TIMEOUT)
+    assert proc.returncode == 0, (out, err)
+    result = json.loads(out)
+    assert result["clean"] and set(result["bytes_per_connection"]) == {"off", "deflate"}
+    wire = {r["kind"]: r["wire_bytes_per_delivery"] for r in result["runs"]}
+    assert wire["deflate"] < 0.5 * wire["off"]  # the deflate clients did negotiate it
 
 
 async def test_vs_floor_json_and_failing_runs_exit_1(start_server, nats_url):

@@ -405,7 +405,8 @@ async def test_oversized_frame_closes_1009(start_server, nc):
 
 
 async def test_permessage_deflate_is_never_negotiated(start_server, nc):
-    """Compression bombs cannot be negotiated: a client offering deflate gets none."""
+    """With PUSHSVC_COMPRESSION off (the default) a client offering deflate gets none
+    (the deflate case and its 1009 for bombs: tests/test_compression.py)."""
     srv = await start_server()
     c = await WSClient.connect(srv.ws_url, srv.token(), compression="deflate")
     assert c.ws.response.headers.get("Sec-WebSocket-Extensions") is None

@@ -107,6 +107,10 @@ def test_uvicorn_config_is_what_serve_uses():
     # one heartbeat per connection: pushsvc's ping/pong, no RFC 6455 protocol pings
     assert cfg["ws_ping_interval"] is None and cfg["ws_ping_timeout"] is None
     uvicorn.Config(FastAPI(), **cfg)  # valid uvicorn arguments
+    # PUSHSVC_COMPRESSION=deflate: negotiated (pushsvc.ws.protocol imposes no context takeover)
+    assert uvicorn_config(Settings.load(env={}, jwt_secret="x", compression="deflate"))[
+        "ws_per_message_deflate"
+    ]
     docs = Path(__file__).resolve().parent.parent / "docs"
     embedding = docs / "backend" / "embedding.md"
     ops = docs / "operations" / "deploying.md"

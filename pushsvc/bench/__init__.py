@@ -36,7 +36,12 @@ client is on and reports, per round, publish to last delivery::
 
 Modes: the default run against ``--url``; ``--floor`` (:mod:`.floor`), the
 machine's raw TCP fan-out; ``--vs-floor`` (:mod:`.vsfloor`), both alternately
-for ``--rounds`` rounds, side by side with their ratios.
+for ``--rounds`` rounds, side by side with their ratios; ``--compression both``
+(:mod:`.vscompression`), clients without and with permessage-deflate
+alternately against one ``PUSHSVC_COMPRESSION=deflate`` server, side by side.
+``--compression deflate`` alone makes every client offer permessage-deflate
+(RFC 7692) and inflate what it gets; ``--sample`` publishes the shipped ~2 KiB
+order book instead of padding.
 
 Example (server on 127.0.0.1:8000 with the same secret)::
 
@@ -69,7 +74,9 @@ round: publish to the last delivery), p50, p99 (across connections)} and with
 A few more keys help diagnosis: procs, subscribed, failed_clients, published,
 publish_errors, publish_throttled (emits retried after 429), expected, unique, frames
 (WebSocket frames that carried deliveries: deliveries / frames is the server's
-batching), error_samples, elapsed_seconds.
+batching), compression, wire_bytes and wire_bytes_per_delivery (bytes the clients
+read from their sockets after subscribing), with ``--server-pid``
+server_cpu_us_per_delivery, error_samples, elapsed_seconds.
 
 Exit code: 0 when every client subscribed and got every message exactly once
 with no error, 1 otherwise, 2 for bad arguments (or no way to get tokens).
@@ -78,7 +85,9 @@ Modules, each importing only ones listed before it (no cycle): ``system``
 (processes, /proc), ``options`` (flags), ``httpclient`` (HTTP/1.1 over h11),
 ``tokens``, ``client`` (the WebSocket client protocol), ``worker`` (client
 processes), ``report``, ``hop`` (the NATS hop), ``publishers``, ``coordinator``,
-``floor``, ``vsfloor``; this one ties them up.
+``floor``, ``vsfloor``, ``vscompression``; this one ties them up. ``heap``
+(``python -m pushsvc.bench.heap``, live heap per idle connection with and
+without compression) imports none of them.
 """
 
 from __future__ import annotations
@@ -94,6 +103,7 @@ from .options import BenchError, add_arguments, build_config
 from .report import exit_code, format_report
 from .system import raise_nofile_limit
 from .tokens import fetch_dev_tokens
+from .vscompression import format_vs_compression, run_vs_compression, vs_compression_exit_code
 from .vsfloor import format_vs_floor, run_vs_floor, vs_floor_exit_code
 
 __all__ = ["add_arguments", "main"]
@@ -125,7 +135,11 @@ def main(args: argparse.Namespace) -> int:
             print(f"pushsvc bench: {exc}", file=sys.stderr)
             return 2
     try:
-        if cfg["vs_floor"]:
+        if cfg["compression"] == "both":
+            report = run_vs_compression(cfg)
+            code = vs_compression_exit_code(report)
+            text = format_vs_compression
+        elif cfg["vs_floor"]:
             report = run_vs_floor(cfg)
             code = vs_floor_exit_code(report)
             text = format_vs_floor

@@ -12,6 +12,13 @@ process share.
 
 Each payload is ``{"i": <message index>, "t": <time.time_ns() at publish>, ...}``
 (see :mod:`pushsvc.bench.publishers`); latency is receive time minus ``t``.
+
+With ``--compression deflate`` a client offers permessage-deflate (RFC 7692,
+negotiated by the ``websockets`` library) and inflates the server's compressed
+frames (RSV1) itself on the fast path: each is a whole message compressed with
+no context carried over (the server imposes ``server_no_context_takeover``), so a
+fresh raw inflater per frame decodes it (RFC 7692 7.2.2). Every client counts the
+bytes it reads from its socket (:attr:`Tally.wire_bytes`).
 """
 
 from __future__ import annotations
@@ -20,11 +27,13 @@ import array
 import asyncio
 import contextlib
 import time
+import zlib
 from collections import Counter
 from typing import Any
 
 import msgspec
 from websockets.client import ClientProtocol
+from websockets.extensions.permessage_deflate import ClientPerMessageDeflateFactory
 from websockets.frames import Frame, Opcode
 from websockets.protocol import State
 from websockets.uri import WebSocketURI
@@ -34,6 +43,9 @@ SAMPLE_CAP = 2_000_000  # latency samples kept over all workers
 ERROR_SAMPLES = 10  # error messages kept for the report
 
 _PONG = b'{"op":"pong"}'
+_FIN_TEXT = 0x81  # FIN + text (RFC 6455 5.2)
+_FIN_RSV1_TEXT = 0xC1  # FIN + RSV1 (compressed, RFC 7692 6) + text
+_TAIL = b"\x00\x00\xff\xff"  # removed by the sender after its sync flush (RFC 7692 7.2.2)
 _TEXT = Opcode.TEXT
 _PING = Opcode.PING
 _OPEN = State.OPEN
@@ -54,6 +66,9 @@ class Tally:
         self.uri = uri
         self.n_channels: int = cfg["channels"]
         self.n_messages: int = cfg["messages"]
+        #: offer permessage-deflate and inflate RSV1 frames (``--compression deflate``)
+        self.deflate: bool = cfg.get("compression") == "deflate"
+        self.wire_bytes = 0  # bytes read from the sockets (WebSocket frames, handshakes)
         self.subscribed = 0  # clients currently subscribed (progress display)
         self.last_ready_ns = 0  # when the latest client got its "subscribed" (time_ns)
         self.failed = 0
@@ -203,15 +218,23 @@ class Client(asyncio.Protocol):
     # asyncio.Protocol ---------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
-        proto = ClientProtocol(self.w.uri, max_size=MAX_WS_MESSAGE)
+        extensions = [ClientPerMessageDeflateFactory()] if self.w.deflate else None
+        proto = ClientProtocol(self.w.uri, extensions=extensions, max_size=MAX_WS_MESSAGE)
         self.proto = proto
         proto.send_request(proto.connect())
         self._flush()
 
     def data_received(self, data: bytes) -> None:
         now = time.time_ns()
+        self.w.wire_bytes += len(data)
         if self.raw:
-            if self.counting and not self.partial and len(data) > 4 and data[0] == 0x81:
+            first = data[0]
+            if (
+                self.counting
+                and not self.partial
+                and len(data) > 4
+                and (first == _FIN_TEXT or (first == _FIN_RSV1_TEXT and self.w.deflate))
+            ):
                 # the common read: one whole final text frame (RFC 6455 section 5.2)
                 # holding the next message in order. Its accounting is done inline,
                 # with no list or call per message, so the clients of one process
@@ -222,9 +245,12 @@ class Client(asyncio.Protocol):
                 elif length == 127:
                     head = 0  # a 64-bit length: large, left to the general path
                 if head and head + length == len(data):
+                    payload = data[head:]
                     try:
-                        line = _decode_line(data[head:])
-                    except (msgspec.DecodeError, msgspec.ValidationError):
+                        if first == _FIN_RSV1_TEXT:  # compressed (RFC 7692 7.2.2)
+                            payload = zlib.decompressobj(-15).decompress(payload + _TAIL)
+                        line = _decode_line(payload)
+                    except (msgspec.DecodeError, msgspec.ValidationError, zlib.error):
                         line = None
                     if (
                         line is not None
@@ -260,8 +286,9 @@ class Client(asyncio.Protocol):
         """Split server frames without the sans-I/O parser (the hot path of a run).
 
         Server-to-client frames are unmasked (RFC 6455 section 5.1), so a complete
-        final text frame is a 2-, 4- or 10-byte header (section 5.2) and its payload.
-        Those are handled here; at the first frame of any other kind (close,
+        final text frame is a 2-, 4- or 10-byte header (section 5.2) and its payload
+        (inflated first when RSV1 says it is compressed, with permessage-deflate
+        negotiated). Those are handled here; at the first frame of any other kind (close,
         control, fragment) everything from that frame on goes to the websockets
         protocol, which is at a frame boundary because it has been fed nothing
         since the handshake. This keeps the generator's CPU per delivery a fraction
@@ -272,9 +299,13 @@ class Client(asyncio.Protocol):
             self.partial = b""
         end = len(data)
         pos = 0
+        inflate = self.w.deflate
         while end - pos >= 2:
             length = data[pos + 1]
-            if length > 127 or data[pos] != 0x81:  # masked, or not a final text frame
+            first = data[pos]
+            if length > 127 or not (
+                first == _FIN_TEXT or (first == _FIN_RSV1_TEXT and inflate)
+            ):  # masked, or not a final text frame
                 self.raw = False
                 self._proto_received(data[pos:], now)
                 return
@@ -293,7 +324,10 @@ class Client(asyncio.Protocol):
             if stop > end:
                 break
             if not self.discard:
-                self._on_text(data[pos + head : stop], now)
+                payload = data[pos + head : stop]
+                if first == _FIN_RSV1_TEXT:
+                    payload = zlib.decompressobj(-15).decompress(payload + _TAIL)
+                self._on_text(payload, now)
             pos = stop
         if pos < end:
             self.partial = data[pos:]

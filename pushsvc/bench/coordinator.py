@@ -451,6 +451,13 @@ class Coordinator:
             "expected": expected,
             "deliveries": delivered,
             "frames": sum(s["frames"] for s in stats),
+            "compression": cfg.get("compression", "off"),
+            "wire_bytes": sum(s.get("wire_bytes", 0) for s in stats),
+            "wire_bytes_per_delivery": round(
+                sum(s.get("wire_bytes", 0) for s in stats) / delivered, 1
+            )
+            if delivered
+            else None,
             "unique": unique,
             "deliveries_per_s": round(delivered / span, 1) if span > 0 else 0.0,
             "latency_ms": latency_ms(stats),
@@ -521,6 +528,9 @@ class Coordinator:
             # publish to last delivery: the delivery path only, handshakes left out
             cpu = (mid["cpu"] - start["cpu"]) / report["frames"]
             report["server_cpu_us_per_frame"] = round(cpu * 1e6, 2)
+            if report["deliveries"]:
+                per = (mid["cpu"] - start["cpu"]) / report["deliveries"]
+                report["server_cpu_us_per_delivery"] = round(per * 1e6, 3)
         report["server_procs"] = int(before["procs"])
         if after is None:
             report["server_exited"] = True

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import os
+from importlib import resources
 from typing import Any
 
 from ..config import nats as natsconn
@@ -22,6 +23,8 @@ EMIT_CONCURRENCY = 16  # default parallel emit POSTs (one HTTP connection and em
 MESSAGES = 1000  # default --messages
 BROADCAST_ROUNDS = 5  # --broadcast without a number
 BROADCAST_INTERVAL = 1.0  # seconds between two --broadcast rounds
+COMPRESSION_CHOICES = ("off", "deflate", "both")
+SAMPLE = "samples/orderbook.json"  # --sample, in this package
 
 
 class BenchError(Exception):
@@ -73,6 +76,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"messages published in total (default {MESSAGES}; with --broadcast, one per round)",
     )
     add("--size", type=int, default=100, help="payload size in bytes (default 100)")
+    add(
+        "--sample",
+        action="store_true",
+        help="publish the shipped ~2 KiB order book (pushsvc/bench/samples/orderbook.json, "
+        "a realistic JSON market-data message) instead of padding to --size",
+    )
+    add(
+        "--compression",
+        choices=COMPRESSION_CHOICES,
+        default="off",
+        help="WebSocket clients offer permessage-deflate (deflate) or not (off, default); "
+        "'both' alternates off and deflate runs --rounds times against the same server "
+        "(PUSHSVC_COMPRESSION=deflate) and prints wire bytes and server CPU per delivery "
+        "side by side with their ratios",
+    )
     add("--rate", type=float, default=0.0, help="publish rate, messages/s (0 = max; default)")
     add("--via", choices=("nats", "emit"), default="nats", help="publish path (default nats)")
     add(
@@ -217,6 +235,12 @@ def build_config(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError("--emit-concurrency must be >= 1")
     if args.rounds < 1:
         raise ValueError("--rounds must be >= 1")
+    if args.compression != "off" and args.transport != "ws":
+        raise ValueError("--compression applies to WebSocket clients: use --transport ws")
+    if args.compression == "both" and (args.vs_floor or args.floor or args.reconnect):
+        raise ValueError(
+            "--compression both compares plain runs: no --floor/--vs-floor/--reconnect"
+        )
     if args.vs_floor and (args.reconnect or args.stall):
         raise ValueError("--vs-floor compares plain runs: --reconnect and --stall do not apply")
     if not args.prefix or any(c in args.prefix for c in " .*>\t\r\n"):
@@ -252,7 +276,9 @@ def build_config(args: argparse.Namespace) -> dict[str, Any]:
         "transport": args.transport,
         "channels": args.channels,
         "messages": messages,
-        "size": args.size,
+        "size": sample_size() if args.sample else args.size,
+        "sample": bool(args.sample),
+        "compression": args.compression,
         "rate": 1.0 / BROADCAST_INTERVAL if args.broadcast else float(args.rate),
         "via": args.via,
         "emit_concurrency": args.emit_concurrency,
@@ -274,6 +300,16 @@ def build_config(args: argparse.Namespace) -> dict[str, Any]:
         "rounds": args.rounds,
         "progress": not (args.quiet or args.json),
     }
+
+
+def sample_payload() -> bytes:
+    """The shipped sample message: a ~2 KiB order-book update (JSON object, one line)."""
+    return (resources.files(__package__) / SAMPLE).read_bytes().strip()
+
+
+def sample_size() -> int:
+    """Bytes of a ``--sample`` payload as published: the sample plus the bench's stamps."""
+    return len(sample_payload()) + len(b'"i":0000,"t":1796609444318512000,')
 
 
 def _messages(args: argparse.Namespace) -> int:

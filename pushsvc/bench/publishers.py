@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import random
 import time
 from collections.abc import Callable
 from typing import Any
@@ -26,7 +28,7 @@ from ..config.settings import split_servers
 from .client import ERROR_SAMPLES
 from .hop import HopProbe
 from .httpclient import HttpConnection
-from .options import BenchError
+from .options import BenchError, sample_payload
 from .system import ssl_context
 from .tokens import emit_token, emitters
 
@@ -54,8 +56,21 @@ class PublishResult:
             self.error_samples.append(text[:300])
 
 
-def _payload_factory(size: int) -> Callable[[int], bytes]:
-    """Return ``make(i)``: the padded JSON payload of message ``i``, stamped now (ns)."""
+def _payload_factory(size: int, sample: bool = False) -> Callable[[int], bytes]:
+    """Return ``make(i)``: the padded JSON payload of message ``i``, stamped now (ns).
+
+    With ``sample``: one of :data:`SAMPLE_VARIANTS` versions of the shipped order
+    book (:func:`sample_variants`) in turn, with ``"i"`` and ``"t"`` added as its
+    first members (``size`` is ignored).
+    """
+    if sample:
+        rests = [v[1:] for v in sample_variants()]  # the members after each "{"
+        k = len(rests)
+
+        def make_sample(i: int) -> bytes:
+            return b'{"i":%d,"t":%d,%b' % (i, time.time_ns(), rests[i % k])
+
+        return make_sample
     pad = b"x" * (size + 64)
 
     def make(i: int) -> bytes:
@@ -63,6 +78,38 @@ def _payload_factory(size: int) -> Callable[[int], bytes]:
         return head + pad[: max(0, size - len(head) - 2)] + b'"}'
 
     return make
+
+
+SAMPLE_VARIANTS = 64  # distinct order books a --sample run cycles through
+
+
+def sample_variants(n: int = SAMPLE_VARIANTS) -> list[bytes]:
+    """``n`` versions of the sample order book, as a feed would send them one after another.
+
+    Version ``k`` has the sample's prices, its update ids moved on by ``64 k``
+    and every level's quantity drawn again (seeded by ``k``, same format: 8
+    decimals, 3-5 significant), so consecutive messages differ as real depth
+    updates do and a batch of them does not compress as one book repeated.
+    Version 0 is the sample itself.
+    """
+    base = sample_payload()
+    book = json.loads(base)
+    out = [base]
+    for k in range(1, n):
+        rng = random.Random(k)
+        variant = dict(book)
+        for key in ("U", "u"):
+            if isinstance(book.get(key), int):
+                variant[key] = book[key] + 64 * k
+        for side in ("b", "a"):
+            levels = book.get(side)
+            if isinstance(levels, list):
+                variant[side] = [
+                    [price, f"{round(rng.uniform(0.0001, 3.0), rng.choice((3, 4, 5))):.8f}"]
+                    for price, _ in levels
+                ]
+        out.append(json.dumps(variant, separators=(",", ":")).encode())
+    return out
 
 
 class _Pacer:
@@ -145,7 +192,7 @@ class Publisher:
         channels = cfg["channels"]
         res = PublishResult(channels)
         subjects = [f"{cfg['prefix']}.bench.{c}" for c in range(channels)]
-        make = _payload_factory(cfg["size"])
+        make = _payload_factory(cfg["size"], cfg.get("sample", False))
         pacer = _Pacer(cfg["messages"], cfg["rate"], deadline)
         publish = nc.publish
         res.first_ns = time.time_ns()
@@ -178,7 +225,7 @@ class Publisher:
         cfg = self.cfg
         channels = cfg["channels"]
         res = PublishResult(channels)
-        make = _payload_factory(cfg["size"])
+        make = _payload_factory(cfg["size"], cfg.get("sample", False))
         pacer = _Pacer(cfg["messages"], cfg["rate"], deadline)
         paths = [f"{cfg['base']}/emit/{quote(f'bench.{c}')}" for c in range(channels)]
         res.first_ns = time.time_ns()

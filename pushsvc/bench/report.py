@@ -64,6 +64,9 @@ def format_report(r: dict[str, Any]) -> str:
         + ")",
         f"  deliveries    {r['deliveries']} of {r['expected']} expected  "
         f"({r['deliveries_per_s']:,.0f}/s, {r['frames']} frames)",
+        f"  wire          {r.get('wire_bytes', 0):,} B read after subscribing, "
+        f"{r.get('wire_bytes_per_delivery') or 0:,.1f} B per delivery "
+        f"(compression {r.get('compression', 'off')})",
         f"  latency ms    p50 {ms(lat['p50'])}  p90 {ms(lat['p90'])}  p99 {ms(lat['p99'])}  "
         f"max {ms(lat['max'])}",
         *_hop_line(r.get("nats_hop_ms")),
@@ -85,6 +88,8 @@ def format_report(r: dict[str, Any]) -> str:
             per.append(f"{r['server_cpu_ms_per_connection']:.3f} ms per connection")
         if "server_cpu_us_per_frame" in r:
             per.append(f"{r['server_cpu_us_per_frame']:.2f} us per frame delivering")
+        if "server_cpu_us_per_delivery" in r:
+            per.append(f"{r['server_cpu_us_per_delivery']:.2f} us per delivery")
         if "server_cpu_ms_per_reconnect" in r:
             per.append(f"{r['server_cpu_ms_per_reconnect']:.3f} ms per reconnect")
         if per:

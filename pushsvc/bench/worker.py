@@ -50,6 +50,7 @@ class Worker(Tally):
         self.clients: list[Client] = []
         self.stalled: list[Client] = []
         self.done_sent = False
+        self.wire_at_ready = 0
         self._churns: set[asyncio.Task[None]] = set()
         self._churn_next = 0  # the next client to churn (round robin)
         self.churned = 0  # clients reconnected and resumed by --churn
@@ -243,6 +244,7 @@ class Worker(Tally):
         per_channel = [0] * self.n_channels
         for c in self.clients:
             per_channel[c.chan] += 1
+        self.wire_at_ready = self.wire_bytes  # what the handshakes and answers took
         gc.collect()
         gc.freeze()  # the clients live until the end: keep them out of GC passes
         self.send(
@@ -269,6 +271,7 @@ class Worker(Tally):
         stats = {
             "delivered": self.delivered,
             "frames": self.frames,
+            "wire_bytes": self.wire_bytes - self.wire_at_ready,
             "unique": self.unique,
             "expected": self.expected,
             "dups": self.dups,

@@ -26,6 +26,8 @@ from .nats import NatsSecurity, display_url
 ENV_PREFIX = "PUSHSVC_"
 #: lifecycle event types (``PUSHSVC_EVENTS``; docs/server-api.md, "Lifecycle events")
 EVENT_TYPES = ("connect", "disconnect", "subscribe", "unsubscribe", "occupied", "vacated")
+#: ``PUSHSVC_COMPRESSION`` values (docs/protocol.md, "Compression")
+COMPRESSION_MODES = ("off", "deflate")
 MAX_WRITE_DELAY = 1.0  # seconds: a longer hold would stall interactive channels
 
 
@@ -90,6 +92,10 @@ class Settings(msgspec.Struct, kw_only=True):
     send_queue_bytes: int = 1048576
     send_timeout: float = 10.0
     coalesce_bytes: int = 65536
+    #: WebSocket permessage-deflate (RFC 7692): ``off`` or ``deflate`` (compressed once
+    #: per batch, shared by every connection that negotiated it; pushsvc.ws.deflate)
+    compression: str = "off"
+    compression_min_bytes: int = 512  # bytes: smaller batches go out uncompressed
     write_delay: float = 0.0  # seconds a channel's messages are held to coalesce (0 = none)
     allowed_origins: list[str] = msgspec.field(default_factory=list)
 
@@ -281,6 +287,7 @@ class Settings(msgspec.Struct, kw_only=True):
         for name, value in positive.items():
             if value <= 0:
                 raise SettingsError(ENV_PREFIX + name.upper(), f"must be > 0, got {value}")
+        self._validate_compression()
         if self.drain_delay < 0:
             raise SettingsError("PUSHSVC_DRAIN_DELAY", "must be >= 0 (0 = close at once)")
         if self.log_format not in ("text", "json"):
@@ -304,6 +311,19 @@ class Settings(msgspec.Struct, kw_only=True):
             raise SettingsError("PUSHSVC_PING_INTERVAL", "must be >= 0.1 s")
         if self.presence_ttl < 1:
             raise SettingsError("PUSHSVC_PRESENCE_TTL", "must be >= 1 s")
+
+    def _validate_compression(self) -> None:
+        """``compression`` is one of :data:`COMPRESSION_MODES`; the threshold is >= 0 bytes."""
+        if self.compression not in COMPRESSION_MODES:
+            raise SettingsError(
+                "PUSHSVC_COMPRESSION",
+                f"must be one of {', '.join(COMPRESSION_MODES)}, got {self.compression!r}",
+            )
+        if self.compression_min_bytes < 0:
+            raise SettingsError(
+                "PUSHSVC_COMPRESSION_MIN_BYTES",
+                f"must be >= 0 bytes (0 compresses every batch), got {self.compression_min_bytes}",
+            )
 
     def _validate_access(self) -> None:
         """Origins and cookies, API keys, event types, channel patterns, the base path."""

@@ -30,7 +30,9 @@ def uvicorn_config(settings: Settings | None = None) -> dict[str, Any]:
     The same values ``pushsvc serve`` uses (see docs/operations.md, "What uvicorn
     must be told"): pushsvc's WebSocket protocol class (uvicorn's
     ``websockets-sansio`` with handshake fixes), ``ws_max_size`` =
-    ``PUSHSVC_MAX_FRAME_BYTES`` (bigger frames close 1009), no per-message deflate,
+    ``PUSHSVC_MAX_FRAME_BYTES`` (bigger frames close 1009), per-message deflate
+    only with ``PUSHSVC_COMPRESSION=deflate`` (then negotiated without context
+    takeover, :mod:`pushsvc.ws.deflate`),
     no protocol pings (the heartbeat is pushsvc's own ``ping``/``pong``, which
     also finds dead TCP peers: one heartbeat per connection, docs/capacity.md),
     pushsvc's httptools protocol
@@ -52,7 +54,7 @@ def uvicorn_config(settings: Settings | None = None) -> dict[str, Any]:
     return {
         "ws": "pushsvc.ws.protocol:WebSocketProtocol",
         "ws_max_size": settings.max_frame_bytes,
-        "ws_per_message_deflate": False,
+        "ws_per_message_deflate": settings.compression == "deflate",
         "ws_ping_interval": None,
         "ws_ping_timeout": None,
         "http": "pushsvc.server.httpprotocol:HttpToolsProtocol",

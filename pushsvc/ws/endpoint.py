@@ -36,7 +36,7 @@ from ..protocol import (
     SubResume,
     decode_command,
 )
-from .transport import ASGIReceive, ASGISend, WebSocketTransport
+from .transport import ASGIReceive, ASGISend, WebSocketTransport, websocket_transport
 
 log = logging.getLogger("pushsvc.ws.endpoint")
 
@@ -106,7 +106,12 @@ class WebSocketEndpoint:
                     return
                 principal, resume = authed
                 reserved = principal.sub
-            transport = WebSocketTransport(send, receive)
+            transport = websocket_transport(
+                send,
+                receive,
+                compression=self.settings.compression,
+                min_bytes=self.settings.compression_min_bytes,
+            )
             client = self.clients.make(transport, principal, resume_subs=resume)
             # start() registers with the hub at its first step, run with no loop turn
             # after this finally: handing the reservation over leaves no window

@@ -52,6 +52,7 @@ from websockets.protocol import Protocol
 
 from ..core.deadlines import deadlines
 from ..server.capacity import handshake_gate
+from .deflate import SERVER_FACTORY
 
 WEBSOCKET_VERSION = "13"  # RFC 6455 4.1 (the only version)
 #: the canonical heartbeat answer (docs/protocol.md, "Heartbeat"), as clients send it
@@ -87,6 +88,9 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
         per connection goes").
         """
         super().__init__(*args, **kwargs)
+        if self.config.ws_per_message_deflate:  # PUSHSVC_COMPRESSION=deflate (uvicorn_config)
+            # shared frames (pushsvc.ws.deflate): no context on either side, RFC 7692 7.1.1
+            self.conn.available_extensions = [SERVER_FACTORY]
         self.queue = Mailbox()  # type: ignore[assignment]
         self.writable = Flag()  # type: ignore[assignment]
         self.writable.set()

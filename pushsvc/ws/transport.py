@@ -3,10 +3,13 @@
 :class:`WebSocketTransport` is what the connection core
 (:mod:`pushsvc.core.transport`) writes to. Two ways a batch reaches the socket:
 
-- **direct** (uvicorn's websockets-sansio protocol, no extension negotiated):
-  the batch is framed once (:func:`text_frame`, RFC 6455 5.2, built by the
-  ``websockets`` library; the same bytes uvicorn would write) and written to the
-  connection's asyncio transport, with no ASGI send coroutine;
+- **direct** (uvicorn's websockets-sansio protocol, no extension negotiated, or
+  pushsvc's shared permessage-deflate, :mod:`pushsvc.ws.deflate`): the batch is
+  framed once (:func:`text_frame`, RFC 6455 5.2, built by the ``websockets``
+  library; the same bytes uvicorn would write; or compressed once,
+  :class:`~pushsvc.ws.deflate.DeflateFraming`, on a
+  :class:`DeflateWebSocketTransport`) and written to the connection's asyncio
+  transport, with no ASGI send coroutine;
 - **ASGI**: any other server, or a direct connection under backpressure (uvicorn's
   ``writable`` event clear) or closing: the ASGI ``websocket.send`` coroutine is
   started *eagerly* (``coro.send(None)``); when the server writes at once (the
@@ -25,6 +28,7 @@ from typing import Any
 
 from ..protocol import Disconnect
 from ..server.eager import EagerSender
+from .deflate import SERVER_WINDOW_BITS, DeflateFraming, deflate_framing, shared_deflate
 
 try:  # the direct write path applies to uvicorn's websockets-sansio protocol only
     from uvicorn.protocols.websockets.websockets_sansio_impl import (
@@ -88,13 +92,17 @@ def abort_connection(receive: ASGIReceive) -> bool:
 def direct_protocol(receive: ASGIReceive) -> Any:
     """uvicorn's websockets-sansio protocol behind ``receive``, if frames can bypass ASGI.
 
-    It needs uvicorn's sans-I/O protocol with no extension negotiated (per-message
-    deflate off); any other server uses the ASGI path.
+    It needs uvicorn's sans-I/O protocol with no extension negotiated, or only
+    pushsvc's shared permessage-deflate (no context kept by the server, so a
+    plain or a shared compressed frame written past ``websockets`` is right,
+    :func:`pushsvc.ws.deflate.shared_deflate`); any other server or extension uses
+    the ASGI path.
     """
     proto = getattr(receive, "__self__", None)
     if _SansIOProtocol is None or not isinstance(proto, _SansIOProtocol):
         return None
-    if proto.conn.extensions:
+    extensions = proto.conn.extensions
+    if extensions and shared_deflate(extensions) is None:
         return None
     return proto
 
@@ -215,3 +223,62 @@ class WebSocketTransport:
         abort_connection(self._receive)
         if self.reader is not None and not self.reader.done():
             self.reader.cancel()
+
+
+class DeflateWebSocketTransport(WebSocketTransport):
+    """A :class:`WebSocketTransport` whose connection negotiated shared permessage-deflate.
+
+    Its ``framing`` is the process's :class:`~pushsvc.ws.deflate.DeflateFraming`
+    for the negotiated window: the fan-out compresses a batch once for every such
+    connection (RFC 7692 7.1.1.1, ``server_no_context_takeover``). A separate
+    class, so connections without compression keep the plain class's path and
+    its module-level framing untouched.
+
+    Args:
+        send / receive: the ASGI callables of the *accepted* WebSocket.
+        framing: the shared compressed framing (:func:`websocket_transport` picks it).
+    """
+
+    __slots__ = ("framing",)
+
+    def __init__(self, send: ASGISend, receive: ASGIReceive, framing: DeflateFraming) -> None:
+        super().__init__(send, receive)
+        self.framing = framing  # type: ignore[misc]
+
+    def write(self, text: str) -> None:
+        """As :meth:`WebSocketTransport.write`, the direct write compressed by ``framing``.
+
+        Raises:
+            OSError: the peer is gone (the ASGI server's ``send`` raised it).
+        """
+        direct = self._direct
+        if direct is not None and can_write_direct(direct):
+            direct.transport.write(self.framing(text))
+            return
+        self._inflight.start(self._send({"type": "websocket.send", "text": text}))
+
+
+def websocket_transport(
+    send: ASGISend, receive: ASGIReceive, *, compression: str = "off", min_bytes: int = 512
+) -> WebSocketTransport:
+    """The transport for an accepted WebSocket: compressed when both sides agreed.
+
+    Args:
+        send / receive: the ASGI callables of the *accepted* WebSocket.
+        compression: ``PUSHSVC_COMPRESSION`` (``off`` or ``deflate``).
+        min_bytes: ``PUSHSVC_COMPRESSION_MIN_BYTES``: smaller batches stay uncompressed.
+
+    Returns:
+        A :class:`DeflateWebSocketTransport` when ``compression`` is ``deflate`` and
+        the handshake negotiated pushsvc's shared permessage-deflate
+        (:data:`pushsvc.ws.deflate.SERVER_FACTORY`) on uvicorn's sans-I/O protocol;
+        else a plain :class:`WebSocketTransport` (uncompressed frames, which are
+        valid on a connection that negotiated the extension too: RFC 7692 6).
+    """
+    if compression == "deflate":
+        proto = direct_protocol(receive)
+        ext = None if proto is None else shared_deflate(proto.conn.extensions)
+        if ext is not None:
+            bits = min(ext.local_max_window_bits, SERVER_WINDOW_BITS)
+            return DeflateWebSocketTransport(send, receive, deflate_framing(bits, min_bytes))
+    return WebSocketTransport(send, receive)
