@@ -44,6 +44,17 @@ class Accepted(msgspec.Struct):
     accepted: int
 
 
+_COMMANDS_RESPONSES = {
+    202: json_body(ref(Accepted), "The session's node took the commands"),
+    **errors(400, 403, 404, 413, 503),
+}
+_COMMANDS_BODY = {
+    "required": True,
+    "content": {"application/json": {"schema": ref(CommandBatch)}},
+}
+_TICKET_RESPONSES = {200: json_body(ref(Ticket), "A single-use ticket"), **errors(401, 503)}
+
+
 def streams_router(
     settings: Settings,
     auth: Authenticator,
@@ -60,16 +71,8 @@ def streams_router(
         summary="Commands for an SSE / HTTP-streaming connection",
         status_code=202,
         response_model=None,
-        responses={
-            202: json_body(ref(Accepted), "The session's node took the commands"),
-            **errors(400, 403, 404, 413, 503),
-        },
-        openapi_extra={
-            "requestBody": {
-                "required": True,
-                "content": {"application/json": {"schema": ref(CommandBatch)}},
-            }
-        },
+        responses=_COMMANDS_RESPONSES,
+        openapi_extra={"requestBody": _COMMANDS_BODY},
     )
     async def commands(request: Request) -> Response:
         """Apply commands to a stream session; the answers arrive on its stream."""
@@ -100,7 +103,7 @@ def streams_router(
         summary="A single-use ticket for GET /sse",
         response_model=None,
         dependencies=[Security(JWT_SCHEME)],
-        responses={200: json_body(ref(Ticket), "A single-use ticket"), **errors(401, 503)},
+        responses=_TICKET_RESPONSES,
     )
     async def ticket(request: Request) -> Response:
         """Mint a ticket for the bearer token (verified now and again at use)."""
