@@ -20,6 +20,7 @@ import httpx
 import nats
 import pytest
 import uvicorn
+from helpers import SESSION_HISTORY_TTL
 from wsclient import WSClient
 
 from pushsvc import Settings, create_app
@@ -126,6 +127,7 @@ async def launch(
         "jwt_secret": SECRET,
         "nats_url": session_nats,
         "port": free_port(),
+        "history_ttl": SESSION_HISTORY_TTL,
     }
     values.update(overrides)
     settings = Settings.load(env={}, **values)

@@ -3,10 +3,27 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import Awaitable, Callable
 
 import httpx
+
+#: ``max_age`` (seconds) of the session NATS's shared stream, for every node on it.
+#: The suite runs longer than the 300 s default: a stream with that max age expires
+#: the first tests' messages, and a later ``since=0`` read is then honestly answered
+#: ``recovered: false``. A node with another value would re-configure the stream.
+SESSION_HISTORY_TTL = 3600.0
+
+
+def node_env(**extra: str) -> dict[str, str]:
+    """Environment for a ``pushsvc`` subprocess: this process's variables without
+    ``PUSHSVC_*``, then ``PUSHSVC_HISTORY_TTL`` = :data:`SESSION_HISTORY_TTL` (the
+    shared stream keeps its max age), then ``extra``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PUSHSVC_")}
+    env["PUSHSVC_HISTORY_TTL"] = str(SESSION_HISTORY_TTL)
+    env.update(extra)
+    return env
 
 
 def bearer(token: str) -> dict[str, str]:

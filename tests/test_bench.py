@@ -43,6 +43,7 @@ from typing import Any, Self
 
 import pytest
 from conftest import SECRET
+from helpers import SESSION_HISTORY_TTL
 from websockets.frames import Frame, Opcode
 from websockets.uri import parse_uri
 
@@ -893,6 +894,7 @@ async def test_readme_measure_it_runs_as_written(nats_url, tmp_path):
         "PUSHSVC_PORT": str(port),
         "PUSHSVC_URL": f"http://127.0.0.1:{port}",
         "PUSHSVC_NATS_URL": nats_url,
+        "PUSHSVC_HISTORY_TTL": str(SESSION_HISTORY_TTL),
     }
     script = "set -e\n" + small_runs(measure_it_block())
     proc = await asyncio.create_subprocess_exec(

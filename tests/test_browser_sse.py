@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -20,7 +19,7 @@ import httpx
 import pytest
 from browser import CHROMIUM, launch
 from conftest import SECRET
-from helpers import http_ready, until
+from helpers import http_ready, node_env, until
 
 from pushsvc.server.embedded import free_port
 
@@ -122,7 +121,7 @@ async def test_eventsource_on_three_channels_survives_a_sigkilled_node(
     channel from it: each message once."""
     b = await start_server(sse_retry=0.3)
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PUSHSVC_")}
+    env = node_env()
     env.update(
         PUSHSVC_NATS_URL=nats_url,
         PUSHSVC_JWT_SECRET=SECRET,

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import re
 import resource
 import subprocess
@@ -23,7 +22,7 @@ import httpx
 import pytest
 import websockets
 from conftest import SECRET
-from helpers import http_ready, until
+from helpers import http_ready, node_env, until
 
 from pushsvc.auth.tokens import mint_token
 from pushsvc.server.embedded import free_port
@@ -47,7 +46,7 @@ async def _connect(url: str, sub: str) -> websockets.ClientConnection:
 
 async def test_serve_raises_the_limit_logs_capacity_and_refuses_503_near_it(nats_url):
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PUSHSVC_")}
+    env = node_env()
     env.update(PUSHSVC_JWT_SECRET=SECRET, PUSHSVC_NATS_URL=nats_url, PUSHSVC_LOG_LEVEL="info")
     proc = subprocess.Popen(  # noqa: ASYNC220 - the server under test, read from a thread
         [*PUSHSVC, "serve", "--port", str(port)],
@@ -147,7 +146,7 @@ async def test_under_uvloop_a_queued_connection_is_not_served_before_its_slot(na
     from pushsvc.server.capacity import HANDSHAKES_IN_FLIGHT
 
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PUSHSVC_")}
+    env = node_env()
     env.update(PUSHSVC_JWT_SECRET=SECRET, PUSHSVC_NATS_URL=nats_url, PUSHSVC_LOG_LEVEL="warning")
     proc = subprocess.Popen(  # noqa: ASYNC220 - the server under test
         [*PUSHSVC, "serve", "--port", str(port)],

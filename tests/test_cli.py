@@ -13,6 +13,7 @@ import time
 
 import httpx
 import pytest
+from helpers import node_env
 from wsclient import WSClient
 
 from pushsvc.server.embedded import free_port
@@ -172,7 +173,7 @@ def test_ports_are_1_to_65535(args, env, setting):
 async def test_port_0_is_any_free_port_and_the_banner_says_which(nats_url):
     proc = subprocess.Popen(  # noqa: ASYNC220 - the server under test, read from a thread
         [*PUSHSVC, "serve", "--port", "0"],
-        env=clean_env(PUSHSVC_JWT_SECRET="s", PUSHSVC_NATS_URL=nats_url),
+        env=node_env(PUSHSVC_JWT_SECRET="s", PUSHSVC_NATS_URL=nats_url),
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,

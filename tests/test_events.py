@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -20,7 +19,7 @@ from typing import Any
 import httpx
 import pytest
 from conftest import SECRET, Running, launch
-from helpers import bearer, until
+from helpers import bearer, node_env, until
 from nats.js.errors import KeyNotFoundError
 from test_sse import sse
 from wsclient import WSClient
@@ -178,7 +177,7 @@ async def test_a_sigkilled_node_s_connections_are_reported_once(cluster, recorde
     lonely = f"lonely{TAG}.room"  # only the doomed node's clients
     shared = f"shared{TAG}.room"  # also a survivor's client
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PUSHSVC_")}
+    env = node_env()
     for key, value in SETTINGS.items():
         env[f"PUSHSVC_{key.upper()}"] = ",".join(value) if isinstance(value, list) else value
     env.update(

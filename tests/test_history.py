@@ -173,6 +173,27 @@ async def test_since_older_than_ttl(start_server, channel):
     await c.nothing(0.2)
 
 
+async def test_another_channel_at_its_cap_loses_nothing_of_this_one(start_server, http, channel):
+    """A busy channel at its per-channel cap moves the stream's first sequence: a
+    quiet channel's messages are all still there, so its reads stay recovered."""
+    prefix, stream = unique("hcap")
+    srv = await start_server(subject_prefix=prefix, stream=stream, history_size=5)
+    async with Publisher(srv.settings.nats_url, prefix=prefix) as pub:
+        for n in range(12):
+            await pub.publish(f"{channel}.busy", {"n": n})  # its first 7 are removed
+        quiet = [await pub.publish(channel, {"q": n}) for n in range(2)]
+    r = await http.get(f"{srv.base}/history/{channel}", headers=bearer(srv.token()))
+    assert r.status_code == 200, r.text
+    page = r.json()
+    assert [m["seq"] for m in page["messages"]] == quiet and page["recovered"] is True
+    c = await srv.client()
+    await c.subscribe(channel, since=0, recovered=True)
+    assert [m["seq"] for m in await c.messages(2)] == quiet
+    # the busy channel itself did lose messages after since=0: said so
+    await c.subscribe(f"{channel}.busy", since=0, recovered=False)
+    assert len(await c.messages(5)) == 5
+
+
 async def test_since_past_the_stream_is_another_epoch(start_server, nc, channel):
     """Without an epoch, a since beyond the stream's last seq cannot be of this epoch."""
     srv = await start_server()

@@ -26,6 +26,7 @@ import nats
 import pytest
 import websockets
 from conftest import SECRET
+from helpers import node_env
 from wsclient import WSClient
 
 from pushsvc.auth.tokens import mint_token
@@ -42,7 +43,7 @@ class Serve:
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.ws_url = f"ws://127.0.0.1:{self.port}/ws"
-        full = {k: v for k, v in os.environ.items() if not k.startswith("PUSHSVC_")}
+        full = node_env()
         full.pop("PROMETHEUS_MULTIPROC_DIR", None)
         full.update(
             PUSHSVC_JWT_SECRET=SECRET,

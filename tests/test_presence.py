@@ -7,7 +7,6 @@ node as a subprocess with its own bucket and a 2 s TTL.
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import subprocess
 import sys
@@ -17,6 +16,7 @@ from typing import Any
 
 import httpx
 from conftest import SECRET
+from helpers import node_env
 from wsclient import WSClient
 
 from pushsvc.server.embedded import free_port
@@ -186,7 +186,7 @@ async def test_sigkilled_node_entries_expire_within_the_ttl(start_server, nats_u
     settings = {"presence_bucket": bucket, "presence_ttl": 2, **PRESENCE}
     srv = await start_server(**settings)
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PUSHSVC_")}
+    env = node_env()
     env.update(
         PUSHSVC_NATS_URL=nats_url,
         PUSHSVC_JWT_SECRET=SECRET,

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -22,7 +21,7 @@ from typing import Any
 import httpx
 import pytest
 from conftest import SECRET, Running, launch
-from helpers import bearer, until
+from helpers import bearer, node_env, until
 from test_sse import sse
 from wsclient import WSClient
 
@@ -248,7 +247,7 @@ async def test_http_refusals(cluster):
 async def test_a_killed_node_is_missing_then_not_waited_for(cluster, nats_url):
     one, _ = cluster
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PUSHSVC_")}
+    env = node_env()
     env.update(
         {
             f"PUSHSVC_{k.upper()}": ",".join(v) if isinstance(v, list) else str(v)
@@ -307,7 +306,7 @@ async def test_a_killed_node_is_missing_then_not_waited_for(cluster, nats_url):
 
 async def pushsvc_api(nats_url: str, *args: str) -> tuple[int, str, str]:
     """Run ``pushsvc api ARGS`` as a user would (a subprocess; the loop keeps serving)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PUSHSVC_")}
+    env = node_env()
     env.update(PUSHSVC_NATS_URL=nats_url, PUSHSVC_SUBJECT_PREFIX=PREFIX)
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -375,7 +374,7 @@ async def test_python_subscriber_reconnects_or_stops_as_the_code_says(cluster, r
     """``pushsvc subscribe`` (the Python client in this package) follows the table."""
     one, two = cluster
     sub = f"u{uuid.uuid4().hex[:6]}"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PUSHSVC_")}
+    env = node_env()
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
