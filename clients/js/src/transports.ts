@@ -108,6 +108,9 @@ export class WebSocketTransport implements Transport {
     const ws = this.ws;
     this.detach();
     if (ws) {
+      // closing a CONNECTING socket fails its handshake with an error event; the
+      // `ws` package (Node) throws an error event that has no listener
+      ws.onerror = () => {};
       try {
         ws.close(code, reason);
       } catch {

@@ -1,5 +1,6 @@
 // Every public API call of the package over WebSocket, against a real `pushsvc serve --dev`.
 import assert from "node:assert/strict";
+import { createServer } from "node:net";
 import { after, before, describe, test } from "node:test";
 import WebSocket from "ws";
 import { PushsvcClient, PushsvcError, Subscription, UnauthorizedError } from "../dist/index.mjs";
@@ -218,6 +219,31 @@ describe("websocket", () => {
     await assert.rejects(c.publish(ch, 1), (e) => e.code === "forbidden" && e.channel === ch && typeof e.id === "number");
     await assert.rejects(c.subscribe("bad..name", () => {}).ready, (e) => e.code === "invalid_channel");
     assert.equal(c.connected, true); // refusals never close the connection
+  });
+
+  test("close() while the WebSocket handshake is in flight: no uncaught error", async () => {
+    // a listener that accepts and never answers: the `ws` socket stays CONNECTING
+    const held = [];
+    const silent = createServer((s) => held.push(s));
+    await new Promise((r) => silent.listen(0, "127.0.0.1", r));
+    const crashes = [];
+    const onCrash = (e) => crashes.push(e);
+    process.on("uncaughtException", onCrash);
+    try {
+      const c = client({ url: `http://127.0.0.1:${silent.address().port}`, token: await srv.token("ivy") });
+      const tried = next(c, "transport");
+      c.connect();
+      await tried;
+      await until(() => held.length === 1);
+      c.close();
+      await new Promise((r) => setTimeout(r, 200));
+      assert.equal(c.state, "disconnected");
+      assert.deepEqual(crashes.map(String), []);
+    } finally {
+      process.off("uncaughtException", onCrash);
+      for (const s of held) s.destroy();
+      silent.close();
+    }
   });
 
   test("types are checked at run time too", () => {
