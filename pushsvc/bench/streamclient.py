@@ -2,8 +2,9 @@
 
 The same accounting as the WebSocket :class:`~pushsvc.bench.client.Client`
 (its :meth:`_on_text` gets the frames' JSON joined by ``\\n``); only the wire
-differs: one HTTP/1.1 request, then a chunked body (RFC 9112 7.1) of
-``text/event-stream`` events (WHATWG HTML 9.2) or NDJSON lines. Heartbeats need
+differs: one HTTP/1.1 request, then a chunked body (RFC 9112 7.1, decoded by
+httptools, uvicorn's own parser) of ``text/event-stream`` events (WHATWG HTML
+9.2) or NDJSON lines, taken a complete line at a time. Heartbeats need
 no answer. The request carries the token (``Authorization: Bearer``) and the
 channel, so ``subscribed`` is the one answer to wait for.
 """
@@ -13,23 +14,30 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import time
 from typing import Any
 from urllib.parse import quote
 
+import httptools
+
 from .client import Client, SetupError, Tally
+
+_DATA = re.compile(rb"^data: (.*)$", re.MULTILINE)  # an event's data lines (one per frame)
 
 
 class StreamClient(Client):
     """One SSE / HTTP-streaming client (``kind`` ``"sse"`` or ``"stream"``)."""
 
-    __slots__ = ("body", "closed_code", "head", "kind")
+    __slots__ = ("closed_code", "kind", "parser", "pieces", "refused", "rest")
 
     def __init__(self, worker: Tally, gid: int, token: str, stalled: bool, kind: str) -> None:
         super().__init__(worker, gid, token, stalled)
         self.kind = kind
-        self.head = b""  # response bytes until the end of the headers (None after)
-        self.body = b""  # undecoded chunked bytes
+        self.parser = httptools.HttpResponseParser(self)
+        self.pieces: list[bytes] = []  # body bytes of the current read
+        self.rest = b""  # the body's last line so far, not ended by \n yet
+        self.refused = False
         self.closed_code = 1006
         self.waiting = "subscribed"
 
@@ -56,44 +64,35 @@ class StreamClient(Client):
 
     def data_received(self, data: bytes) -> None:
         now = time.time_ns()
-        if self.head is not None:
-            self.head += data
-            end = self.head.find(b"\r\n\r\n")
-            if end < 0:
-                return
-            status = self.head.split(b"\r\n", 1)[0]
-            data, self.head = self.head[end + 4 :], None
-            if b" 200 " not in status + b" ":
-                self._wake(SetupError(f"stream refused: {status.decode(errors='replace')}"))
-                return
-        self.body += data
-        payload = self._dechunk()
-        if payload and not self.discard:
-            self._on_payload(payload, now)
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            self._wake(SetupError(f"stream: not an HTTP/1.1 response ({exc})"))
+            self.close()
+            return
+        if not self.pieces:
+            return
+        payload = self.rest + b"".join(self.pieces)
+        self.pieces.clear()
+        cut = payload.rfind(b"\n") + 1
+        self.rest = payload[cut:]
+        if cut and not self.discard:
+            self._on_payload(payload[:cut], now)
 
-    def _dechunk(self) -> bytes:
-        """Take the complete chunks off ``body``; their data, concatenated."""
-        out = []
-        buf = self.body
-        pos = 0
-        while True:
-            eol = buf.find(b"\r\n", pos)
-            if eol < 0:
-                break
-            size = int(buf[pos:eol].split(b";", 1)[0], 16)
-            start = eol + 2
-            if len(buf) < start + size + 2:
-                break
-            out.append(buf[start : start + size])
-            pos = start + size + 2
-            if size == 0:
-                break
-        self.body = buf[pos:]
-        return b"".join(out)
+    # httptools callbacks -------------------------------------------------------
+    def on_headers_complete(self) -> None:
+        status = self.parser.get_status_code()
+        if status != 200:
+            self.refused = True
+            self._wake(SetupError(f"stream refused: HTTP {status}"))
+
+    def on_body(self, body: bytes) -> None:
+        if not self.refused:
+            self.pieces.append(body)
 
     def _on_payload(self, payload: bytes, now: int) -> None:
         if self.kind == "sse":
-            lines = [line[6:] for line in payload.split(b"\n") if line.startswith(b"data: ")]
+            lines = _DATA.findall(payload)  # in C: about half the cost of a split and filter
         else:
             lines = [line for line in payload.split(b"\n") if line]
         if lines:
