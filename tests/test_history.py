@@ -174,8 +174,9 @@ async def test_since_older_than_ttl(start_server, channel):
 
 
 async def test_another_channel_at_its_cap_loses_nothing_of_this_one(start_server, http, channel):
-    """A busy channel at its per-channel cap moves the stream's first sequence: a
-    quiet channel's messages are all still there, so its reads stay recovered."""
+    """A busy channel at its per-channel cap moves the stream's first sequence: in a
+    stream younger than its max age nothing can have expired, so a quiet channel's
+    reads stay recovered."""
     prefix, stream = unique("hcap")
     srv = await start_server(subject_prefix=prefix, stream=stream, history_size=5)
     async with Publisher(srv.settings.nats_url, prefix=prefix) as pub:

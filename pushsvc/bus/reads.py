@@ -11,7 +11,7 @@ head expired, the channel hit its cap, or the position belongs to another epoch.
 from __future__ import annotations
 
 import asyncio
-import datetime
+import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass, field
@@ -30,7 +30,7 @@ from nats.js.api import RawStreamMsg, StreamInfo
 from ..channels import channel_for, is_pattern, pattern_reaches, subject_for
 from .connection import Connection
 from .errors import Unavailable
-from .stream import Streams
+from .stream import Streams, created_at
 
 READ_BATCH = 256  # messages per JetStream batch direct get
 CLOCK_MARGIN = 2.0  # s: this node's clock against the NATS server's, for max-age checks
@@ -100,6 +100,28 @@ async def scan(
             return
 
 
+def may_have_expired(position: int, info: StreamInfo) -> bool:
+    """True when a message stored after stream sequence ``position`` may have been
+    removed by the stream's max age (``PUSHSVC_HISTORY_TTL``); ``info`` is the
+    stream's info, read just now.
+
+    Only when the stream's first sequence is past ``position + 1``, which also
+    happens when *another* channel reaches its per-channel cap
+    (``max_msgs_per_subject``: JetStream removes that channel's oldest messages,
+    and none of this one's). What was stored at ``position`` is gone then, and
+    its time with it, so the only bound on when the messages after it were
+    stored is the stream's creation: none can have expired while the stream is
+    younger than the max age (less :data:`CLOCK_MARGIN` s for this node's clock
+    against the NATS server's). In an older stream the answer is True: the
+    server cannot tell the cap of a busy channel from the expiry of this one's.
+    """
+    max_age = info.config.max_age or 0.0
+    if info.state.first_seq <= position + 1 or max_age <= 0:
+        return False
+    created = created_at(info)
+    return created is None or time.time() - created > max_age - CLOCK_MARGIN
+
+
 class Reader:
     """Reads of the history stream for one node.
 
@@ -146,12 +168,10 @@ class Reader:
         position of this epoch can be).
 
         ``recovered`` is also False when something after ``since`` may be gone: the
-        stream's first sequence is past ``since + 1`` and what was stored at
-        ``since`` is older than the max age (see :meth:`_may_have_expired`: another
-        channel at its cap also moves the first sequence, and loses nothing of this
-        one), or the channel is at its per-channel cap and every retained message
-        is newer than ``since``. JetStream would silently start at its first
-        sequence in both cases.
+        stream's first sequence is past ``since + 1`` and the stream is older than
+        the max age (see :func:`may_have_expired`), or the channel is at its
+        per-channel cap and every retained message is newer than ``since``.
+        JetStream would silently start at its first sequence in both cases.
 
         Reads use stream info and JetStream batch direct gets (ADR-31), answered by
         the stream's replicas without creating a consumer, so they work while the
@@ -202,19 +222,16 @@ class Reader:
             return History([], not stale, state.last_seq, epoch=current, since=since)
         subjects = state.subjects or {}
         count = sum(subjects.values()) if wildcard else subjects.get(subject, 0)
+        position = max(since, seen)
         if count == 0:
-            intact = state.first_seq <= max(since, seen) + 1 or not (
-                await self._may_have_expired(max(since, seen), info)
-            )
+            intact = not may_have_expired(position, info)
             return History([], not stale and intact, state.last_seq, epoch=current, since=since)
         messages, pending = await self._read(subject, since, limit)
         if pending > len(messages) or s.stream_replicas <= 1:
             pass
         elif await self._lagged(subject, messages[-1].seq if messages else since):
             messages, pending = await self._read(subject, since, limit, retry=True)
-        lost_by_age = state.first_seq > max(since, seen) + 1 and await self._may_have_expired(
-            max(since, seen), info
-        )
+        lost_by_age = may_have_expired(position, info)
         lost_by_cap = count >= s.history_size and pending >= count
         fetched = len(messages)
         if wildcard:
@@ -230,40 +247,6 @@ class Reader:
             epoch=current,
             since=since,
         )
-
-    async def _may_have_expired(self, position: int, info: StreamInfo) -> bool:
-        """True when a message stored after stream sequence ``position`` may have been
-        removed by the stream's max age (``PUSHSVC_HISTORY_TTL``).
-
-        Called when the stream's first sequence is past ``position + 1``. That also
-        happens when *another* channel reaches its per-channel cap
-        (``max_msgs_per_subject``): JetStream then removes that channel's oldest
-        messages, and none of this one's. Max age removes messages oldest first, and
-        stored times grow with sequences, so a message after ``position`` can only
-        have expired when what was stored at ``position`` (for 0, or when that
-        message is gone: the stream's creation) is older than the max age now,
-        less :data:`CLOCK_MARGIN` s for this node's clock against the server's.
-        Stored times come from the NATS server (``Nats-Time-Stamp``); one direct
-        get, on this path only.
-        """
-        max_age = info.config.max_age or 0.0
-        if max_age <= 0:
-            return False
-        stored = info.created
-        if position > 0:
-            js = self.conn.js
-            assert js is not None
-            try:
-                msg = await js.get_msg(self.conn.settings.stream, seq=position, direct=True)
-                stored = msg.time or stored
-            except (nats.errors.Error, nats.js.errors.Error, TimeoutError):
-                pass  # gone (or unreadable): the stream's creation bounds it
-        if stored is None:
-            return True
-        if stored.tzinfo is None:
-            stored = stored.replace(tzinfo=datetime.UTC)
-        age = (datetime.datetime.now(datetime.UTC) - stored).total_seconds()
-        return age > max_age - CLOCK_MARGIN
 
     async def _read(
         self, subject: str, since: int, limit: int, *, retry: bool = False

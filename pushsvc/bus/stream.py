@@ -57,13 +57,25 @@ def epoch_of(info: StreamInfo) -> str | None:
     same value, including nodes started after the reset, and operators'
     ``nats stream add`` gets an epoch too. Clients treat it as opaque.
     """
-    created = info.created
+    created = _created(info)
     if created is None:
         return None
-    if created.tzinfo is None:
-        created = created.replace(tzinfo=datetime.UTC)
     micros = (created - _UNIX_EPOCH) // datetime.timedelta(microseconds=1)
     return format(micros, "x")
+
+
+def created_at(info: StreamInfo) -> float | None:
+    """When the stream was created (``created`` in its info, by the NATS server's
+    clock), as Unix seconds; None when the info does not say."""
+    created = _created(info)
+    return None if created is None else created.timestamp()
+
+
+def _created(info: StreamInfo) -> datetime.datetime | None:
+    created = info.created
+    if created is not None and created.tzinfo is None:
+        created = created.replace(tzinfo=datetime.UTC)
+    return created
 
 
 class Streams:
