@@ -43,7 +43,7 @@ from typing import Any, Self
 
 import pytest
 from conftest import SECRET
-from helpers import SESSION_HISTORY_TTL
+from helpers import node_env
 from websockets.frames import Frame, Opcode
 from websockets.uri import parse_uri
 
@@ -888,14 +888,12 @@ async def test_readme_measure_it_runs_as_written(nats_url, tmp_path):
     # it (README: PUSHSVC_PORT for the server, PUSHSVC_URL and PUSHSVC_NATS_URL for
     # the client commands) points it at a free port and the tests' NATS.
     port = free_port()
-    env = {
-        **clean_env(),
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-        "PUSHSVC_PORT": str(port),
-        "PUSHSVC_URL": f"http://127.0.0.1:{port}",
-        "PUSHSVC_NATS_URL": nats_url,
-        "PUSHSVC_HISTORY_TTL": str(SESSION_HISTORY_TTL),
-    }
+    env = node_env(
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        PUSHSVC_PORT=str(port),
+        PUSHSVC_URL=f"http://127.0.0.1:{port}",
+        PUSHSVC_NATS_URL=nats_url,
+    )
     script = "set -e\n" + small_runs(measure_it_block())
     proc = await asyncio.create_subprocess_exec(
         "bash",
