@@ -631,3 +631,41 @@ async def test_upgraded_connections_leave_no_garbage_cycles(start_server, nc, ch
         assert len(srv.node.hub.clients) == 20
     finally:
         gc.enable()
+
+
+async def test_closed_websockets_leave_no_garbage_cycles(start_server, nc, channel):
+    """A WebSocket that is gone -- closed by the client, by the server, or its TCP
+    aborted -- is freed at once, not by the cyclic GC.
+
+    ``pushsvc serve`` makes full collections rare; before the fix each closed
+    connection left its ``websockets`` protocol in a cycle with its frame parser,
+    and RSS grew ~1.7 KiB with every reconnect (docs/capacity.md, "Soak").
+    """
+    from websockets.server import ServerProtocol
+
+    srv = await start_server()
+    gc.collect()
+    gc.disable()  # nothing may be freed here except by reference counting
+    try:
+        clients = [await srv.client(srv.token(f"u{i}")) for i in range(12)]
+        for c in clients:
+            await c.subscribe(channel)
+        await asyncio.sleep(0.05)
+        assert sum(isinstance(o, ServerProtocol) for o in gc.get_objects()) == 12
+        for c in clients[:4]:
+            await c.close()  # closing handshake from the client
+        for c in clients[4:8]:
+            c.ws.transport.abort()  # TCP reset, no close frame
+        for c in clients[8:]:
+            await c.ws.send("x" * (srv.settings.max_frame_bytes + 1))  # server closes 1009
+            assert await c.closed() == 1009
+        for _ in range(100):
+            if not srv.node.hub.clients:
+                break
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.1)
+        assert not srv.node.hub.clients
+        leftover = [o for o in gc.get_objects() if isinstance(o, ServerProtocol)]
+        assert leftover == []
+    finally:
+        gc.enable()

@@ -21,13 +21,16 @@ against uvicorn 0.54 / websockets 17:
    ``Sec-WebSocket-Version: 13`` so that the client can retry with a version the
    server speaks.
 
-And one memory/CPU fix: the HTTP protocol object that read the upgrade request
+And two memory/CPU fixes. First, the HTTP protocol object that read the upgrade request
 (uvicorn's ``HttpToolsProtocol``) stays in a reference cycle with its
 ``httptools`` parser after the upgrade (uvicorn breaks it only in
 ``connection_lost``, which an upgraded connection never calls on it), so every
 WebSocket left ~5 KiB of garbage for the cyclic collector; in a reconnect storm
 those objects reach the oldest generation and full collections were most of
 the server's CPU per connection. The cycle is broken right after the upgrade.
+Second, the ``websockets`` frame parser (a generator) and its protocol object
+stay in a cycle after the TCP connection is gone; it is closed in
+``connection_lost`` (:func:`_close_frame_parser`).
 
 With :class:`pushsvc.server.httpprotocol.HttpToolsProtocol` as uvicorn's ``http``
 protocol, :meth:`WebSocketProtocol.upgrade` takes the request ``httptools``
@@ -166,9 +169,11 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
         handshake_gate().release(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        """As uvicorn's, and the handshake-gate slot (if still held) is freed."""
+        """As uvicorn's; the handshake-gate slot (if still held) is freed and the
+        ``websockets`` frame parser is closed (:func:`_close_frame_parser`)."""
         handshake_gate().release(self)
         super().connection_lost(exc)
+        _close_frame_parser(self.conn)
 
     def handle_text(self, event: Frame) -> None:
         """A text frame: a whole ``{"op":"pong"}`` goes to :attr:`on_pong`, the rest to uvicorn."""
@@ -354,6 +359,27 @@ class Flag:
         finally:
             if self._waiters and waiter in self._waiters:
                 self._waiters.remove(waiter)
+
+
+def _close_frame_parser(conn: Protocol) -> None:
+    """Close the ``websockets`` frame parser of a connection whose TCP is gone.
+
+    ``Protocol.parse`` (or ``discard`` after a closing handshake) is a generator
+    that holds the protocol object, which holds it back: a cycle that ends only
+    when EOF is fed to the parser, and uvicorn never feeds it (its
+    ``eof_received`` does nothing). Each closed connection then left its
+    ``ServerProtocol``, reader, parser generators and close frames (~1.7 KiB) for
+    a full collection, which ``pushsvc serve``'s collector settings make rare:
+    RSS grew with every reconnect (docs/capacity.md, "Soak"). Closing the
+    generator ends it now (``GeneratorExit`` is no ``Exception``: ``parse``
+    catches none of it), and reference counting frees the rest. A frame the
+    parser refused (e.g. over ``ws_max_size``: 1009) left its exception in
+    ``parser_exc``, whose traceback holds the ``parse`` frame and so the
+    protocol: the traceback is dropped, the exception kept.
+    """
+    conn.parser.close()
+    if conn.parser_exc is not None:
+        conn.parser_exc.__traceback__ = None
 
 
 def _release_parser(http: Any) -> None:
