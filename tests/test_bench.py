@@ -118,6 +118,7 @@ def assert_clean(code: int, report: dict[str, Any], err: str, expected: int) -> 
     """Every client subscribed and got each of its messages exactly once, without errors."""
     context = f"status {code}, report {report}, stderr {err}"
     assert report["failed_clients"] == 0, context
+    assert report["cut"] is None, context
     assert report["subscribed"] == report["clients"], context
     assert report["published"] == report["messages"], context
     assert report["expected"] == expected, context
@@ -410,6 +411,30 @@ async def test_churn_reconnects_clients_that_resume_with_nothing_lost(start_serv
     assert_clean(code, report, err, expected=20 * 350)  # none lost, none twice
     assert report["churned"] >= 2 and report["churn_failed"] == 0, report  # 2 per 6 s tick
     assert [set(x) for x in report["soak_samples"]] == [{"t", "rss_mib", "fds"}], report
+
+
+async def test_a_run_the_duration_limit_cuts_is_reported_cut_not_lost(start_server, nats_url):
+    # 1000 messages at 10/s cannot be published in 4 s: the report says the limit cut
+    # the publish, and what was published still arrived (a short wait for it)
+    srv = await start_server()
+    code, report, err = await run_bench(
+        srv,
+        nats_url,
+        "--clients",
+        "5",
+        "--rate",
+        "10",
+        "--messages",
+        "1000",
+        "--duration-limit",
+        "4",
+    )
+    assert code == 1, err
+    assert report["cut"] == "publish", report
+    assert 0 < report["published"] < 1000, report
+    assert report["expected"] == 5 * report["published"], report
+    assert report["lost"] == 0 and report["duplicated"] == 0, report
+    assert report["errors"] == 0, report
 
 
 async def test_source_addresses_idle_and_broadcast(start_server, nats_url):

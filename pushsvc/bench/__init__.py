@@ -53,7 +53,9 @@ Example (server on 127.0.0.1:8000 with the same secret)::
 Report keys (text and ``--json``): clients, channels, messages, size, via,
 connect_seconds, connect_rate (connections/s), publish_seconds, deliveries,
 deliveries_per_s (deliveries / seconds from first publish to last delivery),
-latency_ms {p50, p90, p99, max}, lost, duplicated, errors, closes (close code ->
+latency_ms {p50, p90, p99, max}, lost, duplicated, errors, cut (None, or what
+``--duration-limit`` cut short: "publish" or "deliveries"; then deliveries still in
+flight count as lost and the exit code is 1), closes (close code ->
 count, for closes the bench did not start), generator_cpu_s, tokens ("secret" or
 "dev" for /dev/token); with ``--via nats`` at a ``--rate``: nats_hop_ms {subject,
 messages, p50, p99} (publish to a plain NATS subscriber of the subject pushsvc
@@ -114,7 +116,8 @@ def main(args: argparse.Namespace) -> int:
 
     Returns:
         0 when every client subscribed and received every message exactly once
-        without errors, 1 when something was lost, duplicated or failed, 2 when
+        without errors, 1 when something was lost, duplicated or failed or the
+        duration limit cut the run short, 2 when
         the arguments are invalid or no tokens can be had (the reason is printed
         on stderr), 130 when interrupted.
     """

@@ -260,10 +260,13 @@ class Coordinator:
         self.phase = "delivering"
         self.expected_total = sum(map(int.__mul__, chan_clients, pub.per_channel))
         self._broadcast(pipe.Published(pub.per_channel))
-        wait = min(self._left(self.work_deadline), cfg["timeout"])
+        # a publish the duration limit cut still gets a short wait for what is in flight
+        grace = min(2.0, 0.25 * self.reserve)
+        wait = min(max(self._left(self.work_deadline), grace), cfg["timeout"])
         self._check_done()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.all_done.wait(), wait)
+        cut = _cut(cfg, pub, delivered=self.all_done.is_set(), waited=wait)
         server_mid = server_sample(cfg["server_pid"]) if cfg["server_pid"] else None
         # 4. results
         self.phase = "stopping"
@@ -273,6 +276,9 @@ class Coordinator:
             pipe.Result, self._left(self.deadline - 0.5 * self.reserve, drain_s + 1.0)
         )
         report = self._report_base(connect_seconds, subscribed, pub, pub_start, pub_end, results)
+        report["cut"] = cut
+        if cut and report["lost"]:
+            report["error_samples"].insert(0, _cut_sample(cfg, cut, pub))
         report.update(idle)
         if soak is not None:
             report["churned"] = sum(m.stats["churned"] for m in results.values())
@@ -590,3 +596,27 @@ async def _finish(task: asyncio.Task[list[dict[str, float]]] | None) -> list[dic
         return []
     task.cancel()
     return await task
+
+
+def _cut(cfg: dict[str, Any], pub: PublishResult, *, delivered: bool, waited: float) -> str | None:
+    """What ``--duration-limit`` cut short: ``"publish"`` (not every message was
+    published), ``"deliveries"`` (the wait for deliveries ended before
+    ``--timeout``) or None (the run did all it was asked to)."""
+    if pub.sent + pub.errors < cfg["messages"] and not pub.error_samples:
+        return "publish"
+    if not delivered and waited < cfg["timeout"]:
+        return "deliveries"
+    return None
+
+
+def _cut_sample(cfg: dict[str, Any], cut: str, pub: PublishResult) -> str:
+    """The error sample of a cut run: missing deliveries may still have been in flight."""
+    what = (
+        f"the publish after {pub.sent} of {cfg['messages']} messages"
+        if cut == "publish"
+        else "the wait for deliveries"
+    )
+    return (
+        f"--duration-limit {cfg['duration_limit']:g} s cut {what}: deliveries still in "
+        "flight are counted as lost; rerun with a longer --duration-limit"
+    )

@@ -152,7 +152,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--duration-limit",
         type=float,
         default=120.0,
-        help="hard cap on the whole run (each run of --vs-floor), seconds (default 120)",
+        help="hard cap on the whole run (each run of --vs-floor), seconds (default 120); "
+        "a run it cuts short reports cut and exits 1",
     )
     add(
         "--reconnect",

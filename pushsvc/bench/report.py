@@ -33,13 +33,15 @@ def latency_ms(stats: list[dict[str, Any]]) -> dict[str, float | None]:
 
 
 def exit_code(report: dict[str, Any]) -> int:
-    """0 when every client subscribed and got every message exactly once without errors, else 1."""
+    """0 when every client subscribed and got every message exactly once without errors
+    and ``--duration-limit`` cut nothing short, else 1."""
     bad = (
         report["failed_clients"]
         or report["lost"]
         or report["duplicated"]
         or report["errors"]
         or report.get("reconnect_errors")
+        or report.get("cut")
     )
     return 1 if bad else 0
 
@@ -70,7 +72,8 @@ def format_report(r: dict[str, Any]) -> str:
         f"  latency ms    p50 {ms(lat['p50'])}  p90 {ms(lat['p90'])}  p99 {ms(lat['p99'])}  "
         f"max {ms(lat['max'])}",
         *_hop_line(r.get("nats_hop_ms")),
-        f"  lost          {r['lost']}   duplicated {r['duplicated']}   errors {r['errors']}",
+        f"  lost          {r['lost']}   duplicated {r['duplicated']}   errors {r['errors']}"
+        + (f"   (run cut by --duration-limit: {r['cut']})" if r.get("cut") else ""),
         f"  closes        {_codes(r['closes'])}",
         f"  generator cpu {r['generator_cpu_s']:.2f} s",
     ]
