@@ -23,6 +23,7 @@ from collections.abc import Awaitable, Callable
 
 import nats.errors
 import nats.js.errors
+from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StorageType, StreamConfig
 
 from .connection import Connection
@@ -49,6 +50,7 @@ class LifecycleBus:
         self.conn = conn
         self.prefix = f"{conn.prefix}-events"
         self._watchers: list[asyncio.Task[None]] = []
+        self._pulls: list[JetStreamContext.PullSubscription] = []  # expiry consumers
 
     def subject(self, kind: str) -> str:
         """``<prefix>-events.<kind>``."""
@@ -151,11 +153,25 @@ class LifecycleBus:
                     except nats.errors.Error:
                         pass
 
+        self._pulls.append(psub)
         self._watchers.append(asyncio.ensure_future(loop()))
 
     async def stop(self) -> None:
-        """Stop fetching expiry markers (the durable consumer stays for the others)."""
+        """Stop fetching expiry markers (the durable consumer stays for the others).
+
+        The pull subscriptions' inboxes are unsubscribed too: an answer to the
+        fetch the stop cancelled (a message, or JetStream's 408 at the fetch's
+        expiry) would otherwise wait in the inbox's queue, and the connection's
+        drain waits for that queue to empty, up to its whole timeout (and then
+        nats-py logs its cancelled drain as an ERROR).
+        """
         for task in self._watchers:
             task.cancel()
         await asyncio.gather(*self._watchers, return_exceptions=True)
         self._watchers = []
+        for psub in self._pulls:
+            try:
+                await psub.unsubscribe()
+            except nats.errors.Error:
+                pass  # closing or closed: the server forgets the inbox anyway
+        self._pulls = []
