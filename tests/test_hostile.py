@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import gc
 import hashlib
 import hmac
@@ -17,6 +18,8 @@ import json
 import logging
 import socket
 import time
+from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import jwt
@@ -25,6 +28,7 @@ import websockets
 from conftest import SECRET
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from helpers import until
 from hostile import Bystander, LogCapture
 from wsclient import WSClient
 
@@ -610,6 +614,26 @@ async def test_broken_handshakes_are_answered_and_shutdown_still_works(start_ser
     assert "ERROR" not in logs.text, logs.text
 
 
+@contextlib.contextmanager
+def refcounting_only() -> Iterator[None]:
+    """Inside the block nothing is freed except by reference counting (cyclic GC off)."""
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
+async def subscribed_clients(srv: Any, channel: str, n: int) -> list[WSClient]:
+    """``n`` authenticated WebSocket clients (users u0..), each subscribed to ``channel``."""
+    clients = [await srv.client(srv.token(f"u{i}")) for i in range(n)]
+    for c in clients:
+        await c.subscribe(channel)
+    await asyncio.sleep(0.05)
+    return clients
+
+
 async def test_upgraded_connections_leave_no_garbage_cycles(start_server, nc, channel):
     """The HTTP protocol object that read an upgrade is freed at once, not by the cyclic GC.
 
@@ -619,18 +643,11 @@ async def test_upgraded_connections_leave_no_garbage_cycles(start_server, nc, ch
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
     srv = await start_server()
-    gc.collect()
-    gc.disable()  # nothing may be freed here except by reference counting
-    try:
-        clients = [await srv.client(srv.token(f"u{i}")) for i in range(20)]
-        for c in clients:
-            await c.subscribe(channel)
-        await asyncio.sleep(0.05)
+    with refcounting_only():
+        await subscribed_clients(srv, channel, 20)
         leftover = [o for o in gc.get_objects() if isinstance(o, HttpToolsProtocol)]
         assert leftover == []
         assert len(srv.node.hub.clients) == 20
-    finally:
-        gc.enable()
 
 
 async def test_closed_websockets_leave_no_garbage_cycles(start_server, nc, channel):
@@ -644,13 +661,8 @@ async def test_closed_websockets_leave_no_garbage_cycles(start_server, nc, chann
     from websockets.server import ServerProtocol
 
     srv = await start_server()
-    gc.collect()
-    gc.disable()  # nothing may be freed here except by reference counting
-    try:
-        clients = [await srv.client(srv.token(f"u{i}")) for i in range(12)]
-        for c in clients:
-            await c.subscribe(channel)
-        await asyncio.sleep(0.05)
+    with refcounting_only():
+        clients = await subscribed_clients(srv, channel, 12)
         assert sum(isinstance(o, ServerProtocol) for o in gc.get_objects()) == 12
         for c in clients[:4]:
             await c.close()  # closing handshake from the client
@@ -659,13 +671,7 @@ async def test_closed_websockets_leave_no_garbage_cycles(start_server, nc, chann
         for c in clients[8:]:
             await c.ws.send("x" * (srv.settings.max_frame_bytes + 1))  # server closes 1009
             assert await c.closed() == 1009
-        for _ in range(100):
-            if not srv.node.hub.clients:
-                break
-            await asyncio.sleep(0.02)
-        await asyncio.sleep(0.1)
-        assert not srv.node.hub.clients
+        await until(lambda: not srv.node.hub.clients, within=2.0)
+        await asyncio.sleep(0.1)  # the last connection_lost calls
         leftover = [o for o in gc.get_objects() if isinstance(o, ServerProtocol)]
         assert leftover == []
-    finally:
-        gc.enable()
