@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gc
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 
 import httpx
 
@@ -29,6 +31,17 @@ def node_env(**extra: str) -> dict[str, str]:
 def bearer(token: str) -> dict[str, str]:
     """``Authorization: Bearer <token>`` header."""
     return {"Authorization": f"Bearer {token}"}
+
+
+@contextlib.contextmanager
+def refcounting_only() -> Iterator[None]:
+    """Inside the block nothing is freed except by reference counting (cyclic GC off)."""
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
 
 
 async def until(check: Callable[[], Awaitable[bool] | bool], within: float = 5.0) -> float:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import gc
 import hashlib
 import hmac
@@ -18,7 +17,6 @@ import json
 import logging
 import socket
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -28,7 +26,7 @@ import websockets
 from conftest import SECRET
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from helpers import until
+from helpers import refcounting_only, until
 from hostile import Bystander, LogCapture
 from wsclient import WSClient
 
@@ -612,17 +610,6 @@ async def test_broken_handshakes_are_answered_and_shutdown_still_works(start_ser
     assert bystander.close_code == 1012
     assert "Traceback" not in logs.text, logs.text
     assert "ERROR" not in logs.text, logs.text
-
-
-@contextlib.contextmanager
-def refcounting_only() -> Iterator[None]:
-    """Inside the block nothing is freed except by reference counting (cyclic GC off)."""
-    gc.collect()
-    gc.disable()
-    try:
-        yield
-    finally:
-        gc.enable()
 
 
 async def subscribed_clients(srv: Any, channel: str, n: int) -> list[WSClient]:

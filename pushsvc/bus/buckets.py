@@ -13,14 +13,14 @@ from collections.abc import AsyncIterator
 
 import nats.errors
 import nats.js.errors
-from jetstreamext import InvalidResponseError
 from nats.js.kv import KeyValue
 
 from .connection import Connection
+from .directget import InvalidResponse
 from .errors import Unavailable
 from .reads import scan
 
-_NATS_ERRORS = (nats.errors.Error, nats.js.errors.Error, InvalidResponseError, TimeoutError)
+_NATS_ERRORS = (nats.errors.Error, nats.js.errors.Error, InvalidResponse, TimeoutError)
 
 
 class BucketGone(Unavailable):
@@ -92,12 +92,10 @@ class Bucket:
             BucketGone: the bucket's stream is gone.
             Unavailable: NATS or JetStream failed.
         """
-        js = self._conn.js
-        if js is None:
-            raise Unavailable("NATS is not connected")
+        nc = self._conn.client()
         prefix = f"$KV.{self.name}."
         try:
-            async for raw in scan(js, f"KV_{self.name}", prefix + keys):
+            async for raw in scan(nc, f"KV_{self.name}", prefix + keys):
                 operation = (raw.headers or {}).get("KV-Operation")
                 subject = raw.subject or ""
                 yield Entry(subject[len(prefix) :], raw.data or None, operation)

@@ -15,12 +15,12 @@ from collections.abc import AsyncIterator, Callable
 
 import nats.errors
 import nats.js.errors
-from jetstreamext import InvalidResponseError
 from nats.js.api import KeyValueConfig, RawStreamMsg, StorageType
 from nats.js.kv import KeyValue
 
 from .buckets import Bucket
 from .connection import Connection
+from .directget import InvalidResponse
 from .errors import Unavailable
 from .reads import scan
 
@@ -121,11 +121,11 @@ class KeyValueStore:
         included (header ``KV-Operation``), for the caller to skip.
 
         Raises:
-            (while iterating) nats.errors.Error, nats.js.errors.Error,
-            InvalidResponseError: see :func:`~pushsvc.bus.reads.scan`.
+            Unavailable: NATS is not connected.
+            (while iterating) nats.errors.Error, InvalidResponse: see
+            :func:`~pushsvc.bus.reads.scan`.
         """
-        assert self.conn.js is not None
-        return scan(self.conn.js, f"KV_{bucket}", f"$KV.{bucket}.{keys}")
+        return scan(self.conn.client(), f"KV_{bucket}", f"$KV.{bucket}.{keys}")
 
     async def put(
         self, bucket: str, key: str, value: bytes, *, ttl: float | None, msg_id: str
@@ -180,7 +180,7 @@ class KeyValueStore:
             TimeoutError,
             nats.errors.Error,
             nats.js.errors.Error,
-            InvalidResponseError,
+            InvalidResponse,
         ) as exc:
             raise Unavailable(f"bucket {bucket} read failed ({type(exc).__name__})") from None
         return found

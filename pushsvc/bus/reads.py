@@ -18,17 +18,13 @@ from dataclasses import dataclass, field
 
 import nats.errors
 import nats.js.errors
-from jetstreamext import (
-    BatchUnsupportedError,
-    InvalidResponseError,
-    NoMessagesError,
-    get_batch,
-)
+from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from nats.js.api import RawStreamMsg, StreamInfo
 
 from ..channels import channel_for, is_pattern, pattern_reaches, subject_for
 from .connection import Connection
+from .directget import BatchUnsupported, InvalidResponse, get_batch
 from .errors import Unavailable
 from .stream import Streams, created_at
 
@@ -73,29 +69,29 @@ class History:
 
 
 async def scan(
-    js: JetStreamContext, stream: str, subject: str, *, after: int = 0, batch: int = 1024
+    nc: NATS, stream: str, subject: str, *, after: int = 0, batch: int = 1024
 ) -> AsyncIterator[RawStreamMsg]:
     """Every message of ``stream`` on ``subject`` (wildcards allowed) with a sequence
     greater than ``after``, oldest first.
 
-    JetStream batch direct gets (ADR-31), page by page until none is pending:
-    no consumer, so no meta leader and no "initial values done" marker to
-    trust. The stream needs ``allow_direct``.
+    JetStream batch direct gets (ADR-31, :func:`~pushsvc.bus.directget.get_batch`),
+    page by page until none is pending: no consumer, so no meta leader and no
+    "initial values done" marker to trust. The stream needs ``allow_direct``.
 
     Raises:
         nats.errors.NoRespondersError: the stream has no ``allow_direct``.
-        nats.errors.Error, nats.js.errors.Error, InvalidResponseError: NATS or
-            JetStream failed; callers bound the time.
+        nats.errors.Error, InvalidResponse, BatchUnsupported: NATS or JetStream
+            failed (see :mod:`~pushsvc.bus.directget`); callers bound the time.
     """
     while True:
         left = 0
-        try:
-            async for raw in get_batch(js, stream, batch=batch, seq=after + 1, subject=subject):
+        async with aclosing(
+            get_batch(nc, stream, batch=batch, seq=after + 1, subject=subject)
+        ) as page:
+            async for raw in page:
                 left = int((raw.headers or {}).get("Nats-Num-Pending", 0))
                 after = raw.seq or after
                 yield raw
-        except NoMessagesError:
-            return
         if not left:
             return
 
@@ -258,11 +254,10 @@ class Reader:
         one + 1), which may exceed ``limit``.
 
         Raises:
-            Unavailable: no answer within ``publish_timeout`` s (after one retry
-                when ``retry``).
+            Unavailable: NATS is not connected, or no answer within
+                ``publish_timeout`` s (after one retry when ``retry``).
         """
-        js = self.conn.js
-        assert js is not None
+        nc = self.conn.client()
         s = self.conn.settings
         messages: list[StoredMessage] = []
         pending = 0
@@ -275,7 +270,7 @@ class Reader:
                 async with (
                     asyncio.timeout(s.publish_timeout),
                     aclosing(
-                        scan(js, s.stream, subject, after=since, batch=min(limit, READ_BATCH))
+                        scan(nc, s.stream, subject, after=since, batch=min(limit, READ_BATCH))
                     ) as stored,
                 ):
                     async for raw in stored:
@@ -288,12 +283,12 @@ class Reader:
                         if len(messages) >= limit:
                             break
                 return messages, pending
-            except BatchUnsupportedError:
+            except BatchUnsupported:
                 raise Unavailable("history needs nats-server 2.11 or later") from None
             except (
                 nats.errors.Error,
                 nats.js.errors.Error,
-                InvalidResponseError,
+                InvalidResponse,
                 TimeoutError,
             ) as e:
                 error = e
