@@ -14,12 +14,14 @@ import time
 import uuid
 from typing import Any
 
+import nats.errors
 import nats.js.errors
 import pytest
 from helpers import bearer, refcounting_only
 
 from pushsvc import Publisher, Settings
 from pushsvc.bus import Bus, Unavailable
+from pushsvc.bus.reads import scan
 
 
 def unique(tag: str) -> tuple[str, str]:
@@ -366,6 +368,29 @@ async def test_history_endpoint(start_server, http, nc, channel):
     for params in ({"since": -1}, {"limit": 0}, {"since": "x"}, {"limit": "1.5"}):
         r = await http.get(url, params=params, headers=h)
         assert r.status_code == 400 and r.json()["error"] == "bad_request", params
+
+
+async def test_scan_pages_through_batches_and_refuses_a_stream_without_direct_gets(nc):
+    """``scan`` (batch direct gets, ADR-31) reads one subject of a stream past a
+    sequence, page by page; a stream without ``allow_direct`` answers "no responders"."""
+    prefix, stream = unique("scan")
+    js = nc.jetstream()
+    await js.add_stream(name=stream, subjects=[f"{prefix}.>"], storage="memory", allow_direct=True)
+    await js.add_stream(name=stream + "_ND", subjects=[f"{prefix}nd.>"], storage="memory")
+    try:
+        acks = [await js.publish(f"{prefix}.{'ab'[n % 2]}", b"%d" % n) for n in range(15)]
+        a_seqs = [ack.seq for n, ack in enumerate(acks) if n % 2 == 0]
+        read = [(raw.seq, raw.data) async for raw in scan(nc, stream, f"{prefix}.a", batch=3)]
+        assert read == [(seq, b"%d" % (2 * i)) for i, seq in enumerate(a_seqs)]
+        after = a_seqs[4]
+        read = [raw.seq async for raw in scan(nc, stream, f"{prefix}.*", after=after, batch=2)]
+        assert read == [ack.seq for ack in acks if ack.seq > after]
+        assert [raw async for raw in scan(nc, stream, f"{prefix}.none")] == []
+        with pytest.raises(nats.errors.NoRespondersError):
+            [raw async for raw in scan(nc, stream + "_ND", f"{prefix}nd.a")]
+    finally:
+        await js.delete_stream(stream)
+        await js.delete_stream(stream + "_ND")
 
 
 async def test_history_reads_leave_no_garbage_cycles(start_server, http, channel):
