@@ -168,10 +168,9 @@ class EmitError(HTTPError):
         return super().response()
 
 
-def emit_router(
-    settings: Settings, hub: Hub, auth: Authenticator, buckets: BucketRegistry
-) -> APIRouter:
-    """Build the emit routes.
+class Emits:
+    """The steps of one emit, in order: :meth:`authorise`, :meth:`read_body`,
+    :meth:`check` each channel, :meth:`publish`. Each refusal is an :class:`EmitError`.
 
     Args:
         settings: ``max_emit_bytes`` (bytes) and limits.
@@ -179,27 +178,45 @@ def emit_router(
         auth: verifies API keys and emit JWTs.
         buckets: per-principal emit token buckets.
     """
-    router = APIRouter()
 
-    async def authorise(request: Request) -> tuple[Principal, dict[str, str] | None]:
-        """The emit's principal and the NATS headers naming it (None for an API key)."""
+    def __init__(
+        self, settings: Settings, hub: Hub, auth: Authenticator, buckets: BucketRegistry
+    ) -> None:
+        self.settings = settings
+        self.hub = hub
+        self.auth = auth
+        self.buckets = buckets
+
+    async def authorise(self, request: Request) -> tuple[Principal, dict[str, str] | None]:
+        """The emit's principal and the NATS headers naming it (None for an API key).
+
+        Raises:
+            EmitError: 400 malformed ``Authorization``, 401 no or bad credential,
+                429 the principal's token bucket is empty.
+        """
         try:
             credential = bearer_credential(request)
         except HTTPError as exc:  # re-raised as an emit refusal (counted as one)
             raise EmitError(exc.status, exc.code, str(exc)) from None
         try:
-            principal = auth.verify_emit(credential)
+            principal = self.auth.verify_emit(credential)
         except AuthError as exc:
             metrics.AUTH_FAILURES.labels(exc.reason).inc()
             raise EmitError(401, "unauthorized", str(exc)) from None
-        wait = buckets.take(principal.sub)
+        wait = self.buckets.take(principal.sub)
         if wait:
             metrics.RATE_LIMITED.inc()
             raise EmitError(429, "rate_limited", "too many emits", retry_after=wait)
-        stamp = None if auth.is_api_key(credential) else {USER_HEADER: principal.sub}
+        stamp = None if self.auth.is_api_key(credential) else {USER_HEADER: principal.sub}
         return principal, stamp
 
-    async def read_body(request: Request) -> bytes:
+    async def read_body(self, request: Request) -> bytes:
+        """The request body, at most ``max_emit_bytes`` bytes (chunked bodies too).
+
+        Raises:
+            EmitError: 413 too large, 415 a ``Content-Encoding`` other than identity,
+                400 the client went away mid-body.
+        """
         encoding = request.headers.get("content-encoding", "identity").strip().lower()
         if encoding not in ("identity", ""):
             raise EmitError(
@@ -208,7 +225,7 @@ def emit_router(
                 "Content-Encoding not supported: send the body uncompressed",
                 headers={"Accept-Encoding": "identity"},
             )
-        limit = settings.max_emit_bytes
+        limit = self.settings.max_emit_bytes
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > limit:
             raise EmitError(413, "too_large", f"body larger than {limit} bytes")
@@ -224,7 +241,13 @@ def emit_router(
             raise EmitError(400, "bad_request", "client disconnected mid-body") from None
         return b"".join(chunks)
 
+    @staticmethod
     def check(principal: Principal, channel: str) -> str:
+        """``channel``, validated, if ``principal`` may publish to it.
+
+        Raises:
+            EmitError: 422 invalid channel, 403 no publish grant for it.
+        """
         try:
             channel = validate_channel(channel)
         except InvalidChannel as exc:
@@ -234,19 +257,67 @@ def emit_router(
         return channel
 
     async def publish(
+        self,
         channel: str,
         payload: bytes,
         msg_id: str | None,
         stamp: dict[str, str] | None,
         exclude: str | None,
     ) -> int | None:
+        """Publish one message; its stream sequence (None with history off).
+
+        Raises:
+            EmitError: 503 (with ``Retry-After``) when NATS did not take it.
+        """
         headers = stamp
         if exclude is not None:
             headers = {**(stamp or {}), EXCLUDE_HEADER: _client_id(exclude)}
         try:
-            return await hub.publish(channel, payload, msg_id, headers)
+            return await self.hub.publish(channel, payload, msg_id, headers)
         except Unavailable as exc:
             raise EmitError(503, "unavailable", str(exc), retry_after=exc.retry_after) from None
+
+    async def publish_items(
+        self,
+        principal: Principal,
+        stamp: dict[str, str] | None,
+        items: list[EmitItem],
+        batch: bool,
+        key: str | None,
+        exclude_client: str | None,
+    ) -> list[EmitResult]:
+        """Check every item's channel, then publish the items in order.
+
+        ``key`` (the ``Idempotency-Key``) becomes each message's ``Nats-Msg-Id``:
+        ``K`` for a single message, ``K:i`` for batch item ``i``.
+
+        Raises:
+            EmitError: from :meth:`check` (nothing published then) or :meth:`publish`
+                (its message says how many items NATS already has).
+        """
+        checked = [
+            (self.check(principal, item.channel), _payload(item), _client_id(item.exclude_client))
+            for item in items
+        ]
+        results: list[EmitResult] = []
+        for i, (channel, payload, exclude) in enumerate(checked):
+            msg_id = None if key is None else (f"{key}:{i}" if batch else key)
+            try:
+                seq = await self.publish(channel, payload, msg_id, stamp, exclude or exclude_client)
+            except EmitError as exc:
+                if results:  # say exactly what NATS already has
+                    exc.args = (f"{exc}; the first {len(results)} messages were accepted",)
+                raise
+            results.append(EmitResult(channel, seq))
+        return results
+
+
+def emit_router(
+    settings: Settings, hub: Hub, auth: Authenticator, buckets: BucketRegistry
+) -> APIRouter:
+    """Build the emit routes (arguments: see :class:`Emits`)."""
+    router = APIRouter()
+    steps = Emits(settings, hub, auth, buckets)
 
     @router.post(
         "/emit",
@@ -275,24 +346,11 @@ def emit_router(
         says how many items were accepted.
         """
         try:
-            principal, stamp = await authorise(request)
-            body = await read_body(request)
-            items, batch = _parse(body)
-            checked = [
-                (check(principal, item.channel), _payload(item), _client_id(item.exclude_client))
-                for item in items
-            ]
-            key = idempotency_key
-            results: list[EmitResult] = []
-            for i, (channel, payload, exclude) in enumerate(checked):
-                msg_id = None if key is None else (f"{key}:{i}" if batch else key)
-                try:
-                    seq = await publish(channel, payload, msg_id, stamp, exclude or exclude_client)
-                except EmitError as exc:
-                    if results:  # say exactly what NATS already has
-                        exc.args = (f"{exc}; the first {len(results)} messages were accepted",)
-                    raise
-                results.append(EmitResult(channel, seq))
+            principal, stamp = await steps.authorise(request)
+            items, batch = _parse(await steps.read_body(request))
+            results = await steps.publish_items(
+                principal, stamp, items, batch, idempotency_key, exclude_client
+            )
         except EmitError as exc:
             return exc.response()
         metrics.EMITS.labels("202").inc(len(results))
@@ -316,10 +374,10 @@ def emit_router(
     ) -> Response:
         """Publish the raw request body to ``channel``."""
         try:
-            principal, stamp = await authorise(request)
-            channel = check(principal, channel)
-            body = await read_body(request)
-            seq = await publish(channel, body, idempotency_key, stamp, exclude_client)
+            principal, stamp = await steps.authorise(request)
+            channel = steps.check(principal, channel)
+            body = await steps.read_body(request)
+            seq = await steps.publish(channel, body, idempotency_key, stamp, exclude_client)
         except EmitError as exc:
             return exc.response()
         metrics.EMITS.labels("202").inc()
