@@ -199,14 +199,7 @@ class Reader:
         limit = limit or s.history_size
         subject = subject_for(self.conn.prefix, channel)
         wildcard = is_pattern(channel)
-        stream = s.stream
-        try:
-            info = await js.stream_info(stream, subjects_filter=subject)
-        except nats.js.errors.NotFoundError:
-            raise Unavailable(f"stream {stream} does not exist (being re-created)") from None
-        except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
-            raise Unavailable(f"history read failed ({type(exc).__name__})") from None
-        self.streams.note(info)
+        info = await self._stream_info(js, subject)
         current = self.streams.epoch
         state = info.state
         stale = (epoch is not None and epoch != current) or (
@@ -222,27 +215,48 @@ class Reader:
         if count == 0:
             intact = not may_have_expired(position, info)
             return History([], not stale and intact, state.last_seq, epoch=current, since=since)
-        messages, pending = await self._read(subject, since, limit)
-        if pending > len(messages) or s.stream_replicas <= 1:
-            pass
-        elif await self._lagged(subject, messages[-1].seq if messages else since):
-            messages, pending = await self._read(subject, since, limit, retry=True)
-        lost_by_age = may_have_expired(position, info)
-        lost_by_cap = count >= s.history_size and pending >= count
-        fetched = len(messages)
+        messages, pending = await self._read_from_leader(subject, since, limit)
+        more = pending > len(messages)
+        # a pattern: any of its channels may be at its cap; personal channels stay out
+        cap = s.history_size
+        capped = any(n >= cap for n in subjects.values()) if wildcard else count >= cap
         if wildcard:
-            # a pattern: any of its channels may be at its cap; personal channels stay out
-            cap = s.history_size
-            lost_by_cap = pending >= count and any(n >= cap for n in subjects.values())
             messages = [m for m in messages if m.channel and pattern_reaches(channel, m.channel)]
-        return History(
-            messages,
-            not (stale or lost_by_age or lost_by_cap),
-            state.last_seq,
-            pending > fetched,
-            epoch=current,
-            since=since,
-        )
+        intact = not (stale or may_have_expired(position, info) or (capped and pending >= count))
+        return History(messages, intact, state.last_seq, more, epoch=current, since=since)
+
+    async def _stream_info(self, js: JetStreamContext, subject: str) -> StreamInfo:
+        """The stream's info with the per-subject counts of ``subject`` (wildcards
+        allowed), noted in :attr:`streams` (its epoch).
+
+        Raises:
+            Unavailable: the stream does not exist, or NATS/JetStream failed.
+        """
+        stream = self.conn.settings.stream
+        try:
+            info = await js.stream_info(stream, subjects_filter=subject)
+        except nats.js.errors.NotFoundError:
+            raise Unavailable(f"stream {stream} does not exist (being re-created)") from None
+        except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
+            raise Unavailable(f"history read failed ({type(exc).__name__})") from None
+        self.streams.note(info)
+        return info
+
+    async def _read_from_leader(
+        self, subject: str, since: int, limit: int
+    ) -> tuple[list[StoredMessage], int]:
+        """:meth:`_read`; with replicas, read again when the answer (possibly a
+        follower's) lagged the stream leader (:meth:`_lagged`).
+
+        Raises:
+            Unavailable: see :meth:`_read`.
+        """
+        messages, pending = await self._read(subject, since, limit)
+        if pending > len(messages) or self.conn.settings.stream_replicas <= 1:
+            return messages, pending
+        if await self._lagged(subject, messages[-1].seq if messages else since):
+            return await self._read(subject, since, limit, retry=True)
+        return messages, pending
 
     async def _read(
         self, subject: str, since: int, limit: int, *, retry: bool = False
