@@ -120,14 +120,8 @@ async def connect(
     connected = False
     nc = NatsClient()
 
-    def refusal(exc: BaseException) -> str | None:
-        reason = refusal_reason(exc)
-        if reason is not None and reason.startswith("authorization"):
-            reason += f" (sent: {security.describe(urls)})"
-        return reason
-
     async def on_error(exc: Exception) -> None:
-        reason = refusal(exc)
+        reason = _refusal(exc, security, urls)
         if reason is not None and not refused.done() and not task.done():
             # only while the first connect runs: later refusals (on reconnect) are
             # reported to error_cb like any other error
@@ -149,27 +143,29 @@ async def connect(
         task.cancel()
         await _close_quietly(nc, task)
         raise
-    if task in done and task.exception() is None:
+    failed = task.exception() if task in done else None
+    if task in done and failed is None:
         connected = True
         return nc
-    exc: BaseException | None
-    if task in done:
-        exc = task.exception()
-        assert exc is not None
-        reason = refusal(exc)
-        await _close_quietly(nc, task)
-        if refused.done():
-            raise refused.result()
-        if reason is not None:
-            raise NatsRefused(_current_url(nc, urls), reason) from None
-    else:
-        exc = TimeoutError(f"no NATS connection within {timeout:g} s")
+    if failed is None:  # not connected within the time bound
         task.cancel()
-        await _close_quietly(nc, task)
-        if refused.done():
-            raise refused.result()
+    exc = failed or TimeoutError(f"no NATS connection within {timeout:g} s")
+    reason = _refusal(failed, security, urls) if failed is not None else None
+    await _close_quietly(nc, task)
+    if refused.done():
+        raise refused.result()
+    if reason is not None:
+        raise NatsRefused(_current_url(nc, urls), reason) from None
     shown = ", ".join(display_url(u) for u in urls)
     raise NatsUnreachable(shown, connect_failure(exc, attempts), timeout) from None
+
+
+def _refusal(exc: BaseException, security: NatsSecurity, urls: list[str]) -> str | None:
+    """:func:`refusal_reason`, naming what was sent for an authorization failure."""
+    reason = refusal_reason(exc)
+    if reason is not None and reason.startswith("authorization"):
+        reason += f" (sent: {security.describe(urls)})"
+    return reason
 
 
 async def _close_quietly(nc: NatsClient, task: asyncio.Future[Any]) -> None:
