@@ -9,9 +9,10 @@ then an empty ``204 EOB`` status ends the batch. ``404`` means nothing matched;
 ``503`` that nobody answers (no ``allow_direct``). NATS docs, "JetStream Direct
 Get"; ADR-31 "JetStream Direct Get".
 
-The replies are gathered by a *callback* subscription on a fresh inbox. The
-request/reply libraries (``jetstreamext.get_batch`` over ``natsext.request_many``)
-subscribe without a callback; nats-py gives such a subscription a message
+The replies are gathered by :func:`~pushsvc.bus.requests.reply_inbox` (a
+*callback* subscription on a fresh inbox). The request/reply libraries
+(``jetstreamext.get_batch`` over ``natsext.request_many``) subscribe without a
+callback; nats-py gives such a subscription a message
 iterator that refers back to it, and the pair outlives the unsubscribe as a
 reference cycle (~3.7 KiB per read, measured with a census of ``gc.get_objects``)
 that only a full collection frees, which ``pushsvc serve`` runs rarely
@@ -29,7 +30,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js.api import DEFAULT_PREFIX, RawStreamMsg
 
-from .connection import Connection
+from .requests import reply_inbox
 
 #: seconds a whole batch may take when the caller sets no tighter bound
 BATCH_TIMEOUT = 30.0
@@ -99,17 +100,10 @@ async def get_batch(
         nats.errors.Error: NATS refused the subscription or the request.
         InvalidResponse, BatchUnsupported: see the classes.
     """
-    replies: asyncio.Queue[Msg] = asyncio.Queue()
-
-    async def cb(msg: Msg) -> None:
-        replies.put_nowait(msg)
-
-    inbox = nc.new_inbox()
     request = json.dumps({"batch": batch, "seq": seq, "next_by_subj": subject}).encode()
     deadline = asyncio.get_running_loop().time() + timeout
-    sub = await nc.subscribe(inbox, cb=cb)
-    try:
-        await nc.publish(f"{DEFAULT_PREFIX}.DIRECT.GET.{stream}", request, reply=inbox)
+    api = f"{DEFAULT_PREFIX}.DIRECT.GET.{stream}"
+    async with reply_inbox(nc, api, request) as replies:
         while True:
             # the deadline wraps each wait, never a yield (the caller runs between yields)
             try:
@@ -121,5 +115,3 @@ async def get_batch(
             if stored is None:
                 return
             yield stored
-    finally:
-        await Connection.unsubscribe(sub)

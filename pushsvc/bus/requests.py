@@ -18,16 +18,20 @@ failures are :class:`NoResponders`, :class:`RequestTimeout` (both
   gathers replies until ``expected`` distinct responders answered or ``timeout``
   seconds passed (scatter-gather: whoever did not answer is the caller's
   ``missing``).
+- :func:`reply_inbox` is the mechanism under it (and under batch direct gets):
+  one request, its replies in a queue.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
 import nats.errors
+from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
@@ -200,29 +204,47 @@ class Requests:
             Unavailable: NATS is not connected or refused the publish.
         """
         nc = self.conn.client()
-        inbox = nc.new_inbox()
         replies: list[Reply] = []
-        done = asyncio.get_running_loop().create_future()
-
-        async def cb(msg: Msg) -> None:
-            replies.append(Reply(msg.data, dict(msg.headers or {})))
-            if expected is not None and len(replies) >= expected and not done.done():
-                done.set_result(None)
-
         try:
-            sub = await nc.subscribe(inbox, cb=cb)
-            try:
-                await nc.publish(subject, data, reply=inbox, headers=headers)
-                if expected is None or expected > 0:
-                    try:
-                        await asyncio.wait_for(done, timeout)
-                    except TimeoutError:
-                        pass
-            finally:
-                await Connection.unsubscribe(sub)
+            async with reply_inbox(nc, subject, data, headers=headers) as inbox:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(timeout):
+                        while expected is None or len(replies) < expected:
+                            msg = await inbox.get()
+                            replies.append(Reply(msg.data, dict(msg.headers or {})))
         except (nats.errors.Error, OSError) as exc:
             raise Unavailable(f"request to {subject} failed ({type(exc).__name__})") from None
-        return list(replies)
+        return replies
+
+
+@contextlib.asynccontextmanager
+async def reply_inbox(
+    nc: NatsClient, subject: str, data: bytes, *, headers: dict[str, str] | None = None
+) -> AsyncIterator[asyncio.Queue[Msg]]:
+    """Publish one request to ``subject`` with a fresh inbox as its reply subject;
+    inside the block, its replies arrive in the queue, in order, for as long as the
+    block runs (then the inbox is unsubscribed). For requests with several replies:
+    :meth:`Requests.scatter`, batch direct gets (:mod:`~pushsvc.bus.directget`).
+
+    The inbox has a *callback* subscription: nats-py gives a subscription without
+    one a message iterator that refers back to it, and the pair outlives the
+    unsubscribe as a reference cycle that only a full collection frees.
+
+    Raises:
+        nats.errors.Error: NATS refused the subscription or the publish.
+    """
+    replies: asyncio.Queue[Msg] = asyncio.Queue()
+
+    async def cb(msg: Msg) -> None:
+        replies.put_nowait(msg)
+
+    inbox = nc.new_inbox()
+    sub = await nc.subscribe(inbox, cb=cb)
+    try:
+        await nc.publish(subject, data, reply=inbox, headers=headers)
+        yield replies
+    finally:
+        await Connection.unsubscribe(sub)
 
 
 async def request_once(
