@@ -49,8 +49,8 @@ class LifecycleBus:
     def __init__(self, conn: Connection) -> None:
         self.conn = conn
         self.prefix = f"{conn.prefix}-events"
-        self._watchers: list[asyncio.Task[None]] = []
-        self._pulls: list[JetStreamContext.PullSubscription] = []  # expiry consumers
+        # each expiry consumer's fetch loop and its pull subscription
+        self._watchers: list[tuple[asyncio.Task[None], JetStreamContext.PullSubscription]] = []
 
     def subject(self, kind: str) -> str:
         """``<prefix>-events.<kind>``."""
@@ -153,8 +153,7 @@ class LifecycleBus:
                     except nats.errors.Error:
                         pass
 
-        self._pulls.append(psub)
-        self._watchers.append(asyncio.ensure_future(loop()))
+        self._watchers.append((asyncio.ensure_future(loop()), psub))
 
     async def stop(self) -> None:
         """Stop fetching expiry markers (the durable consumer stays for the others).
@@ -165,13 +164,12 @@ class LifecycleBus:
         drain waits for that queue to empty, up to its whole timeout (and then
         nats-py logs its cancelled drain as an ERROR).
         """
-        for task in self._watchers:
+        watchers, self._watchers = self._watchers, []
+        for task, _ in watchers:
             task.cancel()
-        await asyncio.gather(*self._watchers, return_exceptions=True)
-        self._watchers = []
-        for psub in self._pulls:
+        await asyncio.gather(*(task for task, _ in watchers), return_exceptions=True)
+        for _, psub in watchers:
             try:
                 await psub.unsubscribe()
             except nats.errors.Error:
                 pass  # closing or closed: the server forgets the inbox anyway
-        self._pulls = []
