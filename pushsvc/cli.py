@@ -28,6 +28,7 @@ from . import logs
 from ._version import __version__
 from .config import nats as natsconfig
 from .config.settings import ENV_PREFIX, Settings, SettingsError, check_nats_url, split_servers
+from .server.heaptrim import start_heap_trimmer
 
 log = logging.getLogger("pushsvc")
 
@@ -252,8 +253,8 @@ def _serve(args: argparse.Namespace) -> int:
         from .app import create_app, serve_app
 
         app = serve_app(create_app(settings))
-        tune_gc()
-        server = uvicorn.Server(uvicorn.Config(app, **config))
+        server = uvicorn.Server(uvicorn.Config(app, **config))  # logging configured here
+        tune_process(settings)
         server.run(sockets=[sock])
         return 0 if server.started else 1
     finally:
@@ -354,9 +355,22 @@ def app_from_env() -> Any:
     """uvicorn factory for ``--workers N``: each worker builds its app from the environment."""
     from .app import create_app, serve_app
 
-    app = serve_app(create_app(Settings.load()))
-    tune_gc()
+    settings = Settings.load()
+    app = serve_app(create_app(settings))
+    tune_process(settings)
     return app
+
+
+def tune_process(settings: Settings) -> None:
+    """What ``pushsvc serve`` sets up in each worker process, once its app is built.
+
+    The collector's thresholds (:func:`tune_gc`) and the heap trimmer
+    (:func:`pushsvc.server.heaptrim.start_heap_trimmer`, every
+    ``PUSHSVC_HEAP_TRIM_INTERVAL`` seconds). Both act on the whole process, so an
+    app that embeds pushsvc decides on them itself (docs/backend/embedding.md).
+    """
+    tune_gc()
+    start_heap_trimmer(settings.heap_trim_interval)
 
 
 GC_OLDEST_THRESHOLD = 1000  # CPython's default is 10

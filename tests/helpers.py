@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import glob
 import os
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -26,6 +27,15 @@ def node_env(**extra: str) -> dict[str, str]:
     env["PUSHSVC_HISTORY_TTL"] = str(SESSION_HISTORY_TTL)
     env.update(extra)
     return env
+
+
+def thread_names(pid: int) -> list[str]:
+    """The OS names of a process's threads (``/proc/<pid>/task/*/comm``, what ``top -H`` shows)."""
+    names = []
+    for path in glob.glob(f"/proc/{pid}/task/*/comm"):
+        with contextlib.suppress(FileNotFoundError), open(path) as f:  # a thread may end
+            names.append(f.read().strip())
+    return names
 
 
 def bearer(token: str) -> dict[str, str]:

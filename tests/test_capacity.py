@@ -22,7 +22,7 @@ import httpx
 import pytest
 import websockets
 from conftest import SECRET
-from helpers import http_ready, node_env, until
+from helpers import http_ready, node_env, thread_names, until
 
 from pushsvc.auth.tokens import mint_token
 from pushsvc.server.embedded import free_port
@@ -74,6 +74,9 @@ async def test_serve_raises_the_limit_logs_capacity_and_refuses_503_near_it(nats
         assert f"open-file limit raised from {SOFT} to {HARD}" in log, log
         assert f"limit {HARD}" in log and "32 kept spare" in log, log
         assert 100 < capacity < HARD - 32, log
+        # the heap trimmer runs (pushsvc.server.heaptrim), in a thread of its own
+        assert "free heap memory goes back to the OS every 60 s" in log, log
+        assert "pushsvc-trim" in thread_names(proc.pid), thread_names(proc.pid)
         url = f"ws://127.0.0.1:{port}/ws"
         for k in range(0, capacity, 25):  # in groups: every handshake is a connection
             clients += await asyncio.gather(

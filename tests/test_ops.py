@@ -26,7 +26,7 @@ import nats
 import pytest
 import websockets
 from conftest import SECRET
-from helpers import node_env
+from helpers import node_env, thread_names
 from wsclient import WSClient
 
 from pushsvc.auth.tokens import mint_token
@@ -156,6 +156,8 @@ async def test_workers_metrics_report_the_whole_server(monitored_nats, channel):
         # one connection per worker, named after the node and the worker
         assert len(names) == 2 and all(re.fullmatch(r"pushsvc/edge-7/\d+", n) for n in names)
         assert names[0] != names[1]
+        for name in names:  # each worker trims its own heap (pushsvc.server.heaptrim)
+            assert "pushsvc-trim" in thread_names(int(name.rsplit("/", 1)[1])), name
         tokens = [srv.token(f"u{i}") for i in range(200)]
         clients = await connect_many(srv.ws_url, tokens, channel)
         # session ids start with a per-process prefix: both workers hold sockets

@@ -56,6 +56,10 @@ def test_env_and_overrides():
         ({"PUSHSVC_JWT_SECRET": "x", "PUSHSVC_DRAIN_DELAY": "-1"}, "PUSHSVC_DRAIN_DELAY"),
         ({"PUSHSVC_JWT_SECRET": "x", "PUSHSVC_SHUTDOWN_TIMEOUT": "0"}, "PUSHSVC_SHUTDOWN_TIMEOUT"),
         ({"PUSHSVC_JWT_SECRET": "x", "PUSHSVC_NODE_NAME": "a b"}, "PUSHSVC_NODE_NAME"),
+        (
+            {"PUSHSVC_JWT_SECRET": "x", "PUSHSVC_HEAP_TRIM_INTERVAL": "-1"},
+            "PUSHSVC_HEAP_TRIM_INTERVAL",
+        ),
         ({"PUSHSVC_JWT_SECRET": "x", "PUSHSVC_COMPRESSION": "gzip"}, "PUSHSVC_COMPRESSION"),
         (
             {"PUSHSVC_JWT_SECRET": "x", "PUSHSVC_COMPRESSION_MIN_BYTES": "-1"},

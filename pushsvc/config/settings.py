@@ -139,6 +139,7 @@ class Settings(msgspec.Struct, kw_only=True):
     drain_delay: float = 0.0  # /readyz answers 503 this long after SIGTERM before closing
     log_level: str = "info"
     log_format: str = "text"  # text | json
+    heap_trim_interval: float = 60.0  # s between malloc_trim(3) calls of `serve` (0 = off)
 
     @classmethod
     def load(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -300,6 +301,8 @@ class Settings(msgspec.Struct, kw_only=True):
                 "must be 1..64 characters of [A-Za-z0-9_.-] (it names the NATS connection, "
                 "log lines and the pushsvc_info metric)",
             )
+        if self.heap_trim_interval < 0:
+            raise SettingsError("PUSHSVC_HEAP_TRIM_INTERVAL", "must be >= 0 s (0 turns it off)")
         if self.history_ttl < 0:
             raise SettingsError("PUSHSVC_HISTORY_TTL", "must be >= 0 (0 turns history off)")
         if not 0 <= self.write_delay <= MAX_WRITE_DELAY:
