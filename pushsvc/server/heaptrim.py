@@ -3,18 +3,18 @@
 CPython takes objects of up to 512 bytes from its own arenas (pymalloc, which
 unmaps an arena once it is empty) and everything larger from the C library's
 ``malloc``: coalesced batches, read buffers, the tables of big dicts and
-sets (one entry per connection). glibc gives memory back to the OS only from the top of its heap (above
-``M_TRIM_THRESHOLD``, mallopt(3)); pages freed in the middle stay resident.
-Under connection churn the heap's free part grows in holes between live
-blocks, so the process's RSS climbs for a while although nothing it uses
-grows. ``malloc_trim(0)`` releases every whole free page of the heap
+sets (one entry per connection). glibc gives memory back to the OS only from
+the top of its heap (above ``M_TRIM_THRESHOLD``, mallopt(3)); pages freed in
+the middle stay resident. Under connection churn the heap's free part grows
+in holes between live blocks, so the process's RSS climbs for a while although
+nothing it uses grows. ``malloc_trim(0)`` releases every whole free page of the heap
 (``MADV_DONTNEED``, glibc 2.8 and later); the next use of such a page costs a
 page fault.
 
 Measured (docs/capacity.md, "Where the warm-up went"): 19,000 connections, 1 %
 churn a minute, 15 minutes. Without trimming, glibc's heap grew from 70.3 to
-73.3 MiB resident with 64.8 -> 66.1 MiB in use. With a trim every 60 s its resident
-size stayed at 69.1-69.2 MiB from the second minute on; one trim took 0.3-0.7 ms
+73.3 MiB resident with 64.8 -> 66.1 MiB in use. With a trim every 60 s its
+resident size stayed at 69.1-69.2 MiB from the second minute on; one trim took 0.3-0.7 ms
 (at most 11 ms) in a thread that does not hold the GIL (ctypes releases it).
 
 ``pushsvc serve`` starts the trimmer in each worker (``PUSHSVC_HEAP_TRIM_INTERVAL``,
